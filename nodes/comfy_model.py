@@ -1,0 +1,110 @@
+"""The seam between opensora_lib's DiTs and ComfyUI's model machinery.
+
+An Open-Sora DiT becomes a `comfy.model_base.BaseModel` (ModelType.FLOW) whose `diffusion_model` is the
+library model built with `comfy.ops`, wrapped in a (Core)ModelPatcher. That gives the memory manager,
+weight casting, fp8 storage, low-VRAM streaming, LoRA patching and core samplers to the pack for free.
+
+Core's FLOW sampling is x_t = sigma*noise + (1-sigma)*x0 with the model returning v = noise - x0 (CONST).
+Open-Sora 2.0 predicts exactly that; 1.x predicts x0 - noise on t = 1000*sigma, so its wrapper negates.
+"""
+
+from __future__ import annotations
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models_base
+import torch
+
+from ..opensora_lib.stdit3 import STDiT3, STDiT3Config
+
+PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+class OpenSoraLatent12(comfy.latent_formats.LatentFormat):
+    """1.2 VAE latents are already normalised by the VAE (shift/scale), so no further scaling here."""
+
+    latent_channels = 4
+    latent_dimensions = 3
+
+
+class OpenSoraLatent13(comfy.latent_formats.LatentFormat):
+    latent_channels = 16
+    latent_dimensions = 3
+
+
+LATENT_FORMATS = {"1.2": OpenSoraLatent12, "1.3": OpenSoraLatent13}
+
+
+class ComfySTDiT3(STDiT3):
+    """STDiT3 called the way BaseModel calls a diffusion model; returns core's velocity convention."""
+
+    def __init__(self, config: STDiT3Config, dtype=None, device=None, operations=None, **_ignored):
+        super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
+        mask = kwargs.pop("attention_mask", None)
+        out = STDiT3.forward(self, x, timesteps, context.unsqueeze(1) if context.ndim == 3 else context,
+                             mask=mask, **kwargs)
+        channels = x.shape[1]
+        return -out[:, :channels]  # 1.x predicts x0 - noise; core's CONST expects noise - x0
+
+
+class OpenSoraModelConfig(comfy.supported_models_base.BASE):
+    unet_extra_config = {}
+    sampling_settings = {"multiplier": 1000.0, "shift": 1.0}
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+    memory_usage_factor = 2.0
+
+    def __init__(self, unet_config: dict, latent_format):
+        self.latent_format = latent_format
+        super().__init__(unet_config)
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return OpenSoraModel(self, device=device)
+
+
+class OpenSoraModel(comfy.model_base.BaseModel):
+    """BaseModel around STDiT3; extra_conds forwards Open-Sora's conditioning as DiT kwargs."""
+
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfySTDiT3)
+        self.opensora_version = model_config.unet_config["version"]
+
+    def extra_conds(self, **kwargs):
+        import comfy.conds
+
+        out = {}
+        cross = kwargs.get("cross_attn")
+        if cross is not None:
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross)
+        for name in ("attention_mask", "fps", "height", "width", "cond", "cond_mask", "y_null", "x_mask"):
+            value = kwargs.get(name)
+            if value is not None:
+                out[name] = comfy.conds.CONDRegular(value) if torch.is_tensor(value) else comfy.conds.CONDConstant(value)
+        mask_index = kwargs.get("mask_index")
+        if mask_index is not None:
+            out["mask_index"] = comfy.conds.CONDConstant(tuple(mask_index))
+        return out
+
+
+def build_stdit3_patcher(sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+    """Build the ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    params = sum(v.numel() for v in sd.values())
+    supported = OpenSoraModelConfig.supported_inference_dtypes
+    if weight_dtype is None:
+        weight_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
+    model_config = OpenSoraModelConfig({"config": config, "version": version}, LATENT_FORMATS[version])
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model_config.unet_config["dtype"] = weight_dtype
+    model = model_config.get_model(device=offload_device)
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "rope.freqs"]  # a constant the official file may or may not carry
+    if missing or unexpected:
+        raise ValueError(f"STDiT3 checkpoint does not match the {version} model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return PatcherClass(model, load_device=load_device, offload_device=offload_device)

@@ -1,0 +1,104 @@
+"""Prompt encoding: Open-Sora's prompt text rules, T5 (and CLIP-L for 2.0) -> native CONDITIONING."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import comfy.model_management
+import torch
+
+from ..opensora_lib import prompts
+from .common import CATEGORY
+
+log = logging.getLogger("OpenSora")
+
+CAMERA_MOTIONS = ["none", "pan right", "pan left", "tilt up", "tilt down", "zoom in", "zoom out", "static"]
+
+
+@dataclass
+class TextEncoder:
+    """What flows along an OPENSORA_TEXT_ENCODER link."""
+
+    version: str
+    t5: object
+    t5_patcher: object
+    clip: object = None
+    clip_patcher: object = None
+
+    def encode_t5(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        comfy.model_management.load_models_gpu([self.t5_patcher])
+        y, mask, truncated = self.t5.encode(texts)
+        if truncated:
+            log.warning("OpenSora: %d prompt(s) longer than %d T5 tokens were truncated, as the official code does", truncated, self.t5.max_length)
+        device = comfy.model_management.intermediate_device()
+        return y.float().to(device), mask.to(device)
+
+    def encode_clip(self, texts: list[str]) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([self.clip_patcher])
+        return self.clip.encode(texts).float().to(comfy.model_management.intermediate_device())
+
+
+def text_conditioning(encoder: TextEncoder, text: str) -> list:
+    """One prompt as native CONDITIONING in the layout the Open-Sora model wrappers read."""
+    if encoder.version == "2.0":
+        t5, _ = encoder.encode_t5([text])
+        pooled = encoder.encode_clip([text])
+        return [[t5, {"pooled_output": pooled, "opensora_version": "2.0", "opensora_text": text}]]
+    y, mask = encoder.encode_t5([text])
+    return [[y[:, 0], {"attention_mask": mask, "opensora_version": encoder.version, "opensora_text": text}]]
+
+
+def null_conditioning(version: str) -> list:
+    """1.x without a negative prompt: the DiT's learned null caption, masked by the positive prompt (Q1)."""
+    return [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": version}]]
+
+
+class OpenSoraEncodePrompt:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": ("OPENSORA_TEXT_ENCODER", {"tooltip": "From Load Open-Sora Text Encoder."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video shows. Cleaned and suffixed exactly as the official code does for the encoder's version."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid. Empty: 1.x uses the model's learned null caption (the official default), 2.0 encodes the empty string."}),
+            },
+            "optional": {
+                "aesthetic_score": ("FLOAT", {"default": 6.5, "min": -1.0, "max": 10.0, "step": 0.1, "tooltip": "1.x aesthetic score added to the prompt (1.2 as a number, 1.3 as words). -1: none. Official defaults: 6.5 (1.2), 7.0 (1.3 i2v)."}),
+                "motion_score": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "tooltip": "1.x motion (optical-flow) score added to the prompt. -1: none."}),
+                "camera_motion": (CAMERA_MOTIONS, {"default": "none", "tooltip": "1.x camera motion text added to the prompt."}),
+                "motion_score_v2": ("INT", {"default": 4, "min": 1, "max": 15, "tooltip": "2.0 motion score appended as ' N motion score.' (official default 4)."}),
+                "fps": ("INT", {"default": 24, "min": 1, "max": 120, "tooltip": "2.0: frames per second written into the prompt (' 24 FPS.'); keep it equal to the saved video's fps."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+    CATEGORY = f"{CATEGORY}/conditioning"
+    DESCRIPTION = "Encode a prompt and a negative prompt with Open-Sora's text rules into native CONDITIONING."
+
+    def encode(self, text_encoder, prompt, negative_prompt, aesthetic_score=6.5, motion_score=-1.0, camera_motion="none", motion_score_v2=4, fps=24):
+        if not prompt.strip():
+            raise ValueError("The prompt is empty: describe the video to generate.")
+        version = text_encoder.version
+        if version == "2.0":
+            positive = text_conditioning(text_encoder, prompts.prompt_text_v2(prompt, fps=fps, motion_score=motion_score_v2))
+            return (positive, text_conditioning(text_encoder, negative_prompt))
+        text = prompts.prompt_text_v1(
+            prompt,
+            version,
+            aes=None if aesthetic_score < 0 else aesthetic_score,
+            flow=None if motion_score < 0 else motion_score,
+            camera_motion=None if camera_motion == "none" else camera_motion,
+        )
+        positive = text_conditioning(text_encoder, text)
+        if negative_prompt.strip():
+            negative = text_conditioning(text_encoder, prompts.prompt_text_v1(negative_prompt, version))
+        else:
+            negative = null_conditioning(version)
+        return (positive, negative)
+
+
+NODE_CLASS_MAPPINGS = {"OpenSoraEncodePrompt": OpenSoraEncodePrompt}
+NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraEncodePrompt": "Open-Sora Encode Prompt"}

@@ -1,0 +1,67 @@
+"""The 1.x VAEs under ComfyUI's memory manager (core's VAE class cannot build them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import torch
+
+from ..opensora_lib.vae_v12 import OpenSoraVAEv12, VAEv12Config
+from ..opensora_lib.vae_v13 import OpenSoraVAEv13, VAEv13Config
+from .common import wrap_module
+
+BUILDERS = {"vae_v12": ("1.2", VAEv12Config, OpenSoraVAEv12), "vae_v13": ("1.3", VAEv13Config, OpenSoraVAEv13)}
+
+
+@dataclass
+class OpenSoraVAE:
+    """What flows along an OPENSORA_VAE link."""
+
+    version: str
+    model: torch.nn.Module
+    patcher: comfy.model_patcher.ModelPatcher
+    dtype: torch.dtype
+
+    def _ready(self) -> tuple[torch.nn.Module, torch.device]:
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.model, self.patcher.load_device
+
+    def encode(self, pixels: torch.Tensor, sample_posterior: bool = True, noise=None) -> torch.Tensor:
+        """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device)."""
+        model, device = self._ready()
+        z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
+        return z.float().to(comfy.model_management.intermediate_device())
+
+    def decode(self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0) -> torch.Tensor:
+        """Normalised latent -> [B,3,T,H,W] in [-1,1]."""
+        model, device = self._ready()
+        kwargs = {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size else {}
+        if self.version == "1.2":
+            frames = model.decode(latent.to(device, self.dtype), num_frames=num_frames, **kwargs)
+        else:
+            frames = model.decode(latent.to(device, self.dtype), **kwargs)
+        return frames.float().to(comfy.model_management.intermediate_device())
+
+
+def read_folder_config(path: str) -> dict:
+    config_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if config_file and os.path.isfile(config_file):
+        with open(config_file) as f:
+            return json.load(f)
+    return {}
+
+
+def build_vae(info, sd: dict, dtype: torch.dtype, path: str | None = None) -> OpenSoraVAE:
+    version, config_class, model_class = BUILDERS[info.family]
+    config = config_class.from_dict({**(info.config or {}), **(read_folder_config(path) if path else {})})
+    model = model_class(config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"VAE {version} checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(dtype).eval()
+    return OpenSoraVAE(version, model, wrap_module(model, "vae"), dtype)
