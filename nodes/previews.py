@@ -1,0 +1,60 @@
+"""Latent previews during sampling, sent through ComfyUI's progress hook (canvas + websocket).
+
+2.0 latents use the HunyuanVideo latent->RGB factors core ships. The 1.x VAEs have no published factors,
+so their preview projects the latent channels of the first frame onto their three principal components:
+cheap, and it shows the layout of the video as it forms. Honours --preview-method none.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+MAX_SIZE = 512
+
+
+def previews_enabled() -> bool:
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return False
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def to_rgb(frame: torch.Tensor, factors=None, bias=None) -> torch.Tensor:
+    """[C, H, W] latent frame -> [H, W, 3] in 0..1."""
+    channels = frame.shape[0]
+    flat = frame.reshape(channels, -1).T.float()  # [HW, C]
+    if factors is not None and len(factors) == channels:
+        rgb = flat @ torch.tensor(factors, dtype=torch.float32)
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=torch.float32)
+        rgb = (rgb + 1) / 2
+    else:
+        centered = flat - flat.mean(0, keepdim=True)
+        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+        rgb = centered @ vh[: min(3, channels)].T
+        if rgb.shape[1] < 3:
+            rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1])], dim=1)
+        low, high = rgb.min(0).values, rgb.max(0).values
+        rgb = (rgb - low) / (high - low).clamp_min(1e-6)
+    return rgb.clamp(0, 1).reshape(*frame.shape[1:], 3)
+
+
+def previewer_for(model):
+    """A callable latent [B,C,T,H,W] -> ("JPEG", PIL image, max size) for ProgressBar, or None."""
+    if not previews_enabled():
+        return None
+    latent_format = model.model.latent_format
+    factors = getattr(latent_format, "latent_rgb_factors", None)
+    bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+
+    def preview(latent: torch.Tensor):
+        rgb = to_rgb(latent[0, :, 0].detach().float().cpu(), factors, bias)
+        image = Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
+        scale = max(1, 256 // max(image.size))
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        return ("JPEG", image, MAX_SIZE)
+
+    return preview

@@ -1,0 +1,167 @@
+"""Sampling nodes: the reference samplers as one node, plus GUIDER and SIGMAS for core's SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import torch
+
+from ..opensora_lib import rflow
+from ..opensora_lib.schedules import rflow_timesteps
+from ..opensora_lib.stdit3 import STDiT3
+from .common import CATEGORY, Progress
+from .latent import video_info
+from .previews import previewer_for
+
+
+def model_version(model) -> str:
+    version = getattr(model.model, "opensora_version", None)
+    if version is None:
+        raise ValueError("This MODEL is not an Open-Sora DiT: load it with Load Open-Sora DiT.")
+    return version
+
+
+def check_versions(model, latent: dict) -> dict:
+    info = video_info(latent)
+    version = model_version(model)
+    if info["version"] != version:
+        raise ValueError(f"The latent was made for Open-Sora {info['version']} but the model is Open-Sora {version}.")
+    return info
+
+
+def text_of(conditioning: list, what: str) -> tuple[torch.Tensor | None, dict]:
+    if not conditioning:
+        raise ValueError(f"The {what} conditioning is empty.")
+    tensor, meta = conditioning[0]
+    if meta.get("opensora_null_caption"):
+        return None, meta
+    if "attention_mask" not in meta:
+        raise ValueError(f"The {what} conditioning has no T5 attention mask: encode it with Open-Sora Encode Prompt.")
+    return tensor, meta
+
+
+def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlowText:
+    """Positive T5 states + mask; negative prompt, or the learned null caption (masked by the positive, Q1)."""
+    y, meta = text_of(positive, "positive")
+    if y is None:
+        raise ValueError("The positive conditioning is the null caption; connect the positive output.")
+    y_null = model.model.diffusion_model.y_embedder.y_embedding.to(device, dtype)[None, None]
+    text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
+    negative_y, negative_meta = text_of(negative, "negative")
+    if negative_y is not None:
+        text.negative_y = negative_y.to(device, dtype)[:, None]
+        text.negative_mask = negative_meta["attention_mask"].to(device)
+    return text
+
+
+def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
+    reference = latent.get("opensora_reference")
+    if reference is None:
+        return None
+    ref = reference["latent"].to(z.device, z.dtype)
+    placed = torch.zeros_like(z)
+    index = reference["mask_index"]
+    frames = min(len(index), ref.shape[2]) if reference["cond_type"] == "v2v_head" else len(index)
+    for slot, frame in enumerate(index[:frames]):
+        placed[:, :, frame] = ref[:, :, min(slot, ref.shape[2] - 1)]
+    return rflow.ReferenceConditioning(placed, list(index))
+
+
+def dit_caller(model):
+    """The raw official-signature STDiT3 forward, fed in the model's compute dtype."""
+    dm = model.model.diffusion_model
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+
+    def call(x, timestep, **kwargs):
+        cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in ("height", "width", "fps") else v) for k, v in kwargs.items()}
+        return STDiT3.forward(dm, x.to(dtype), timestep, **cast)
+
+    return call
+
+
+class OpenSoraSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
+                "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
+                "negative": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt (null caption or negative prompt)."}),
+                "latent": ("LATENT", {"tooltip": "From Open-Sora Empty Latent Video (optionally through Encode Reference)."}),
+                "seed": ("INT", {"default": 1024, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Seed of the initial noise (drawn as ComfyUI draws it, so core samplers with the same seed start from the same noise)."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Sampling steps (official: 30)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3). 1.0 runs one pass per step."}),
+            },
+            "optional": {
+                "image_cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "1.3 image guidance scale for i2v / v2v (official v2v config: 5.0)."}),
+                "oscillation": ("BOOLEAN", {"default": True, "tooltip": "1.3 oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps."}),
+                "image_oscillation": ("BOOLEAN", {"default": True, "tooltip": "Oscillation guidance for the image scale."}),
+                "scale_image_weight": ("BOOLEAN", {"default": True, "tooltip": "1.3 i2v: image guidance ramps up along the video and down over the steps."}),
+                "sdedit": ("BOOLEAN", {"default": True, "tooltip": "1.3 i2v: re-noise the conditioned frames from the reference at every step."}),
+                "flaw_fix": ("BOOLEAN", {"default": True, "tooltip": "1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on)."}),
+                "timestep_transform": ("BOOLEAN", {"default": True, "tooltip": "Resolution- and length-dependent timestep shift (official on)."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = f"{CATEGORY}/sampling"
+    DESCRIPTION = "Open-Sora's reference rectified-flow sampler with every official option, progress, previews and interruption."
+
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, image_cfg=5.0, oscillation=True, image_oscillation=True,
+               scale_image_weight=True, sdedit=True, flaw_fix=True, timestep_transform=True):
+        info = check_versions(model, latent)
+        comfy.model_management.load_models_gpu([model])
+        device = model.load_device
+        dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
+        version = info["version"]
+        v13 = version == "1.3"
+        options = rflow.RFlowOptions(
+            num_steps=steps, cfg_scale=cfg, version=version, use_timestep_transform=timestep_transform,
+            use_oscillation_guidance=oscillation and v13, use_flaw_fix=flaw_fix and v13, image_cfg_scale=image_cfg,
+            use_oscillation_guidance_for_image=image_oscillation and v13, scale_image_weight=scale_image_weight and v13,
+            use_sdedit=sdedit and v13,
+        )
+        generator = torch.Generator().manual_seed(seed + 1)
+
+        def noise(shape, noise_dtype, noise_device):
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)
+
+        out = rflow.sample_rflow(
+            dit_caller(model), z, v1_text(model, positive, negative, device, dtype), options,
+            height=info["height"], width=info["width"], num_frames=info["num_frames"], fps=info.get("fps"),
+            cond=v1_reference(latent, z), noise=noise, callback=Progress(steps, previewer_for(model)),
+        )
+        result = {k: v for k, v in latent.items() if k != "opensora_reference"}
+        result["samples"] = out.float().to(comfy.model_management.intermediate_device())
+        return (result,)
+
+
+class OpenSoraSigmas:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "latent": ("LATENT", {"tooltip": "From Open-Sora Empty Latent Video: its size and length set the shift."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Sampling steps."}),
+            },
+            "optional": {
+                "timestep_transform": ("BOOLEAN", {"default": True, "tooltip": "Apply Open-Sora's resolution- and length-dependent shift."}),
+            },
+        }
+
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "sigmas"
+    CATEGORY = f"{CATEGORY}/sampling"
+    DESCRIPTION = "Open-Sora's timestep schedule as SIGMAS (sigma = t/1000, ending at 0) for core custom samplers."
+
+    def sigmas(self, latent, steps, timestep_transform=True):
+        info = video_info(latent)
+        t = rflow_timesteps(steps, info["height"], info["width"], info["num_frames"], info["version"],
+                            use_timestep_transform=timestep_transform)
+        return (torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float(),)
+
+
+NODE_CLASS_MAPPINGS = {"OpenSoraSampler": OpenSoraSampler, "OpenSoraSigmas": OpenSoraSigmas}
+NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraSampler": "Open-Sora Sampler", "OpenSoraSigmas": "Open-Sora Sigmas"}
