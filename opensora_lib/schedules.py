@@ -90,8 +90,12 @@ def rflow_timesteps(
     version: str,
     use_timestep_transform: bool = True,
     bf16_inputs: bool = False,
+    use_discrete_timesteps: bool = False,
 ) -> torch.Tensor:
-    """The N float32 timesteps (0..1000) the 1.x RFlow sampler feeds the model; step i ends at t[i+1] or 0."""
+    """The N float32 timesteps (0..1000) the 1.x RFlow sampler feeds the model; step i ends at t[i+1] or 0.
+
+    `use_discrete_timesteps` rounds the base values to integers before the transform (off in every config).
+    """
     version = _check_version(version)
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a whole number >= 1, got {num_steps}")
@@ -99,7 +103,10 @@ def rflow_timesteps(
     _check_size(height, width, num_frames)
     temporal_factor_v1(int(num_frames), version)
     # Python-float base values, then float32, as torch.tensor([t]) does in the reference.
-    base = torch.tensor([(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)], dtype=torch.float32)
+    base_values = [(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)]
+    if use_discrete_timesteps:
+        base_values = [float(round(value)) for value in base_values]
+    base = torch.tensor(base_values, dtype=torch.float32)
     if not use_timestep_transform:
         return base
     return timestep_transform_v1(base, height, width, num_frames, version, bf16_inputs=bf16_inputs)

@@ -1,0 +1,332 @@
+"""Open-Sora 1.x image / video conditioning for the RFlow sampler.
+
+* 1.2 mask strategies: "loop,ref_id,ref_start,target_start,length,edit_ratio" groups joined by ';'
+  (`parse_mask_strategy`, `apply_mask_strategy`), indices in latent frames, optionally snapped to `align`.
+* 1.3 cond types (i2v_head / i2v_tail / i2v_loop / v2v_head) or any frame placement
+  (`reference_conditioning`, `place_references`), giving the sampler's mask_index conditioning.
+* Long videos by chained extension (`sample_long_video`): every later chunk is conditioned on the last
+  `condition_frame_length` latent frames of the previous one, and those frames are dropped when joining.
+
+Reference latents are tensors [C, T, H, W] (shared by the batch) or [B, C, T, H, W] (B may be 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .rflow import (
+    Callback,
+    FrameMaskConditioning,
+    NoiseFn,
+    ReferenceConditioning,
+    RFlowOptions,
+    RFlowText,
+    default_noise,
+    sample_rflow,
+)
+
+MASK_STRATEGY_FORMAT = "loop,ref_id,ref_start,target_start,length,edit_ratio"
+MASK_STRATEGY_FIELDS = ("loop", "ref_id", "ref_start", "target_start", "length", "edit_ratio")
+COND_TYPES = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head")
+CONDITION_FRAME_LENGTH = 5
+
+
+@dataclass(frozen=True)
+class MaskStrategy:
+    """One group of a 1.2 mask strategy; missing trailing fields take these defaults (as the reference)."""
+
+    loop: int = 0
+    reference_index: int = 0
+    reference_start: int = 0
+    target_start: int = 0
+    length: int = 1
+    edit_ratio: float = 0.0
+
+
+def parse_mask_strategy(text: str | None) -> list[MaskStrategy]:
+    """Parse "0,0,0,0,1,0;0,1,0,-1,1,0.5"-style strings; an empty string means no conditioning."""
+    if text is None or text.strip() == "":
+        return []
+    strategies = []
+    for number, group in enumerate(text.split(";"), start=1):
+        fields = group.split(",")
+        where = f"mask strategy group {number} ({group!r})"
+        if len(fields) > len(MASK_STRATEGY_FIELDS):
+            raise ValueError(f"{where} has {len(fields)} fields; at most 6 are allowed: {MASK_STRATEGY_FORMAT}")
+        values: list[float] = []
+        for name, raw in zip(MASK_STRATEGY_FIELDS, fields):
+            try:
+                values.append(float(raw) if name == "edit_ratio" else int(raw))
+            except ValueError:
+                kind = "a number in [0, 1]" if name == "edit_ratio" else "an integer"
+                raise ValueError(
+                    f"{where}: {name} must be {kind}, got {raw.strip()!r} ({MASK_STRATEGY_FORMAT})"
+                ) from None
+        strategy = MaskStrategy(*values)
+        if strategy.loop < 0 or strategy.reference_index < 0:
+            raise ValueError(
+                f"{where}: loop and ref_id must be >= 0, got {strategy.loop} and {strategy.reference_index}"
+            )
+        if strategy.length < 1:
+            raise ValueError(f"{where}: length must be >= 1 latent frame, got {strategy.length}")
+        if not 0.0 <= strategy.edit_ratio <= 1.0:
+            raise ValueError(
+                f"{where}: edit_ratio must be in [0, 1] (0 = keep, 1 = regenerate), got {strategy.edit_ratio}"
+            )
+        strategies.append(strategy)
+    return strategies
+
+
+def snap_to_alignment(value: int, align: int, limit: int) -> int:
+    """Round a frame index to a multiple of `align`, rounding up only when that stays below `limit`."""
+    steps = value // align
+    if value % align > align / 2 and steps < limit // align - 1:
+        steps += 1
+    return steps * align
+
+
+def _batched(reference: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if reference.dim() == 4:
+        reference = reference[None]
+    if reference.dim() != 5 or reference.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must be [C, T, H, W] or [B, C, T, H, W] with B in (1, {batch}), got {tuple(reference.shape)}"
+        )
+    return reference.expand(batch, *reference.shape[1:])
+
+
+def _check_reference(reference: torch.Tensor, latent_shape: Sequence[int], name: str) -> None:
+    if reference.shape[1] != latent_shape[1] or reference.shape[3:] != tuple(latent_shape[3:]):
+        raise ValueError(
+            f"{name} has channels/size {reference.shape[1]} x {tuple(reference.shape[3:])}, the latent has "
+            f"{latent_shape[1]} x {tuple(latent_shape[3:])}; encode the reference at the target size"
+        )
+
+
+def apply_mask_strategy(
+    z: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    strategies: str | Sequence[str] | Sequence[MaskStrategy],
+    loop_index: int = 0,
+    align: int | None = None,
+) -> tuple[torch.Tensor, FrameMaskConditioning | None]:
+    """Write the reference frames into a copy of z and build the per-frame edit-ratio mask.
+
+    `strategies` is one string for the whole batch or one per batch item. Returns (z, None) when no frame is
+    conditioned: an all-ones mask changes nothing (the sampler then skips the mask path).
+    """
+    if z.dim() != 5:
+        raise ValueError(f"z must be [B, C, T, H, W], got shape {tuple(z.shape)}")
+    batch, frames = z.shape[0], z.shape[2]
+    if isinstance(strategies, str) or (strategies and isinstance(strategies[0], MaskStrategy)):
+        strategies = [strategies] * batch
+    if len(strategies) != batch:
+        raise ValueError(f"got {len(strategies)} mask strategies for a batch of {batch}")
+    if align is not None and align < 1:
+        raise ValueError(f"align must be >= 1 or None, got {align}")
+    refs = [_batched(r, batch, f"reference {k}") for k, r in enumerate(references)]
+    for k, ref in enumerate(refs):
+        _check_reference(ref, z.shape, f"reference {k}")
+
+    z = z.clone()
+    frame_mask = torch.ones(batch, frames, dtype=torch.float32, device=z.device)
+    for item, item_strategies in enumerate(strategies):
+        parsed = parse_mask_strategy(item_strategies) if isinstance(item_strategies, str) else list(item_strategies)
+        for strategy in parsed:
+            if strategy.loop != loop_index:
+                continue
+            if strategy.reference_index >= len(refs):
+                raise ValueError(
+                    f"mask strategy uses ref_id {strategy.reference_index} but only {len(refs)} reference(s) were given"
+                )
+            ref = refs[strategy.reference_index][item]
+            ref_frames = ref.shape[1]
+            ref_start = strategy.reference_start + (ref_frames if strategy.reference_start < 0 else 0)
+            target_start = strategy.target_start + (frames if strategy.target_start < 0 else 0)
+            if align is not None:
+                ref_start = snap_to_alignment(ref_start, align, ref_frames)
+                target_start = snap_to_alignment(target_start, align, frames)
+            if not 0 <= ref_start < ref_frames:
+                raise ValueError(f"ref_start {strategy.reference_start} is outside the reference's {ref_frames} frames")
+            if not 0 <= target_start < frames:
+                raise ValueError(f"target_start {strategy.target_start} is outside the latent's {frames} frames")
+            length = min(strategy.length, frames - target_start, ref_frames - ref_start)
+            z[item, :, target_start : target_start + length] = ref[:, ref_start : ref_start + length].to(z.dtype)
+            frame_mask[item, target_start : target_start + length] = strategy.edit_ratio
+    if bool((frame_mask == 1).all()):
+        return z, None
+    return z, FrameMaskConditioning(frame_mask)
+
+
+def place_references(
+    latent_shape: Sequence[int],
+    references: Sequence[torch.Tensor],
+    placements: Sequence[tuple[int, int, int]],
+) -> ReferenceConditioning:
+    """Put reference frames at any latent frames: placements are (reference index, reference frame, target frame);
+    negative frames count from the end."""
+    batch, _, frames = latent_shape[:3]
+    refs = [_batched(r, batch, f"reference {k}") for k, r in enumerate(references)]
+    if not refs:
+        raise ValueError("reference conditioning needs at least one reference latent")
+    latent = torch.zeros(tuple(latent_shape), dtype=refs[0].dtype, device=refs[0].device)
+    mask_index = []
+    for ref_id, ref_frame, target in placements:
+        if not 0 <= ref_id < len(refs):
+            raise ValueError(f"placement uses reference {ref_id} but {len(refs)} reference(s) were given")
+        ref = refs[ref_id]
+        _check_reference(ref, latent_shape, f"reference {ref_id}")
+        if not -ref.shape[2] <= ref_frame < ref.shape[2]:
+            raise ValueError(f"reference frame {ref_frame} is outside reference {ref_id}'s {ref.shape[2]} frames")
+        if not -frames <= target < frames:
+            raise ValueError(f"target frame {target} is outside the latent's {frames} frames")
+        latent[:, :, target % frames] = ref[:, :, ref_frame]
+        mask_index.append(target % frames)
+    return ReferenceConditioning(latent, sorted(set(mask_index)))
+
+
+def cond_type_placements(
+    cond_type: str,
+    latent_frames: int,
+    reference_lengths: Sequence[int],
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+    head: bool = True,
+    tail: bool = True,
+) -> list[tuple[int, int, int]]:
+    """The 1.3 cond types as placements. `head` / `tail` switch the two ends off for chained chunks."""
+    if cond_type not in COND_TYPES:
+        raise ValueError(f"unknown cond_type {cond_type!r}; allowed: {', '.join(COND_TYPES)}")
+    if not reference_lengths:
+        raise ValueError(f"cond_type {cond_type!r} needs a reference latent")
+    last = latent_frames - 1
+    if cond_type == "v2v_head":
+        count = min(condition_frame_length, reference_lengths[0], latent_frames)
+        return [(0, k, k) for k in range(count)] if head else []
+    placements = []
+    if head and cond_type in ("i2v_head", "i2v_loop"):
+        placements.append((0, 0, 0))
+    if tail and cond_type == "i2v_tail":
+        placements.append((0, -1, last))
+    if tail and cond_type == "i2v_loop":
+        # One reference: its last frame (the image itself); two: the first frame of the second one.
+        placements.append((0, -1, last) if len(reference_lengths) == 1 else (1, 0, last))
+    return placements
+
+
+def reference_conditioning(
+    cond_type: str,
+    references: Sequence[torch.Tensor],
+    latent_shape: Sequence[int],
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+) -> ReferenceConditioning:
+    """1.3 i2v / v2v conditioning for one generation: i2v_head [0], i2v_tail [T-1], i2v_loop [0, T-1],
+    v2v_head the first min(condition_frame_length, reference length, T) frames."""
+    lengths = [(r.shape[1] if r.dim() == 4 else r.shape[2]) for r in references]
+    placements = cond_type_placements(cond_type, latent_shape[2], lengths, condition_frame_length)
+    return place_references(latent_shape, references, placements)
+
+
+def sample_long_video(
+    model,
+    texts: RFlowText | Sequence[RFlowText],
+    options: RFlowOptions,
+    *,
+    latent_shape: Sequence[int],
+    num_loops: int,
+    height: int,
+    width: int,
+    num_frames: int,
+    fps: float | None = None,
+    references: Sequence[torch.Tensor] = (),
+    mask_strategy: str | Sequence[str] = "",
+    align: int | None = None,
+    cond_type: str | None = None,
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+    condition_frame_edit: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    noise: NoiseFn | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Generate `num_loops` chunks, each conditioned on the last `condition_frame_length` latent frames of the
+    previous one, and join them along time (dropping the repeated frames): T + (num_loops - 1)(T - cfl) frames.
+
+    Without `cond_type` the chaining is the 1.x mask-strategy way (the previous chunk becomes a new reference
+    with edit ratio `condition_frame_edit`; `mask_strategy` groups with loop index k apply to chunk k). With a
+    1.3 `cond_type` it is the mask_index way: chunk k > 0 conditions on frames 0..cfl-1, and the i2v_tail /
+    i2v_loop end frame is applied to the last chunk only. `texts` is one prompt or one per chunk. Each chunk
+    starts from a fresh `noise(latent_shape, dtype, device)` draw. The reference works on decoded-then-re-encoded
+    video for 1.2; this chains latents directly, as 1.3 does.
+    """
+    if num_loops < 1:
+        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    latent_shape = tuple(int(s) for s in latent_shape)
+    if len(latent_shape) != 5:
+        raise ValueError(f"latent_shape must be (B, C, T, H, W), got {latent_shape}")
+    frames = latent_shape[2]
+    if num_loops > 1 and not 1 <= condition_frame_length < frames:
+        raise ValueError(
+            f"condition_frame_length must be between 1 and {frames - 1} (the chunk has {frames} latent frames), "
+            f"got {condition_frame_length}"
+        )
+    if cond_type is not None and any(
+        parse_mask_strategy(s) for s in ([mask_strategy] if isinstance(mask_strategy, str) else mask_strategy)
+    ):
+        raise ValueError("use either cond_type (1.3 mask_index conditioning) or mask_strategy, not both")
+    if isinstance(texts, RFlowText):
+        texts = [texts]
+    if len(texts) not in (1, num_loops):
+        raise ValueError(f"got {len(texts)} texts for {num_loops} loops; give one, or one per loop")
+    noise = noise or default_noise
+    device = torch.device(device) if device is not None else texts[0].y.device
+    batch = latent_shape[0]
+    strategies = [mask_strategy] * batch if isinstance(mask_strategy, str) else list(mask_strategy)
+    lengths = [(r.shape[1] if r.dim() == 4 else r.shape[2]) for r in references]
+    all_references = list(references)
+
+    chunks: list[torch.Tensor] = []
+    for loop in range(num_loops):
+        text = texts[loop] if len(texts) > 1 else texts[0]
+        z = noise(latent_shape, dtype, device)
+        last_loop = loop == num_loops - 1
+        if cond_type is None:
+            if loop > 0:
+                all_references.append(chunks[-1])
+                added = f"{loop},{len(all_references) - 1},-{condition_frame_length},0,{condition_frame_length},{condition_frame_edit}"
+                strategies = [f"{s};{added}" if s else added for s in strategies]
+            z, cond = apply_mask_strategy(z, all_references, strategies, loop_index=loop, align=align)
+        elif loop == 0:
+            placements = cond_type_placements(cond_type, frames, lengths, condition_frame_length, tail=last_loop)
+            cond = place_references(latent_shape, references, placements) if placements else None
+        else:
+            previous = chunks[-1][:, :, frames - condition_frame_length :]
+            placements = [(0, k, k) for k in range(condition_frame_length)]
+            if cond_type in ("i2v_tail", "i2v_loop") and last_loop:
+                # The reference applies i2v_loop's end frame to every later chunk (operator precedence);
+                # only the last chunk should end on it.
+                ends = cond_type_placements(cond_type, frames, lengths, condition_frame_length, head=False)
+                placements += [(ref_id + 1, ref_frame, target) for ref_id, ref_frame, target in ends]
+            cond = place_references(latent_shape, [previous, *references], placements)
+
+        def chunk_callback(info: dict, loop: int = loop) -> None:
+            callback({**info, "loop": loop, "loops": num_loops})
+
+        sample = sample_rflow(
+            model,
+            z,
+            text,
+            options,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            fps=fps,
+            cond=cond,
+            noise=noise,
+            callback=chunk_callback if callback is not None else None,
+        )
+        chunks.append(sample)
+    joined = [chunks[0]] + [chunk[:, :, condition_frame_length:] for chunk in chunks[1:]]
+    return torch.cat(joined, dim=2)
