@@ -1,0 +1,300 @@
+"""Sizes, frame counts, latent shapes and the reference-image resize (opensora_lib.sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opensora_lib import sizes
+from opensora_lib.fixtures.size_tables import _is_sizes_table, run_sizes_table
+
+FIXTURES = Path(__file__).parent / "fixtures" / "opensora"
+
+
+# ----------------------------------------------------------------------------- golden table
+
+
+def _run_table() -> list:
+    # The table runner itself (run_path would also import every other runner module of the package).
+    path = FIXTURES / "sizes.json"
+    table = json.loads(path.read_text())
+    assert _is_sizes_table(table)
+    return run_sizes_table(path, table)
+
+
+def test_sizes_table_matches_official():
+    comparisons = _run_table()
+    failed = [f"{c.name}: {c.detail}" for c in comparisons if not c.passed]
+    assert not failed, failed
+    names = {c.name for c in comparisons}
+    # every version and every kind of entry was recomputed
+    assert len(comparisons) >= 170
+    for name in (
+        "v1.2/256/by_ratio_string_H_to_W",
+        "v1.3/720p_16d/by_raw_ratio_key",
+        "v1.3/latent_frames/decoded_frames",
+    ):
+        assert name in names
+    for name in ("v2.0/768px/training_true", "v2.0/latent_frames/non_causal_latent_T", "v1.2/named_frame_counts"):
+        assert name in names
+
+
+def test_sizes_table_runner_detects_a_wrong_value(monkeypatch):
+    real = sizes.latent_frames
+    monkeypatch.setattr(sizes, "latent_frames", lambda v, n, **kw: real(v, n, **kw) + (n == 113))
+    failed = [c for c in _run_table() if not c.passed]
+    assert {c.name for c in failed} >= {"v1.2/latent_frames/latent_T", "v1.3/latent_frames/latent_T"}
+    assert "113" in failed[0].detail
+
+
+# ----------------------------------------------------------------------------- image sizes
+
+
+@pytest.mark.parametrize(
+    ("version", "resolution", "ratio", "expected"),
+    [
+        ("1.2", "720p", "9:16", (720, 1280)),  # 1.x strings are H:W: "9:16" is landscape
+        ("1.2", "720p", "16:9", (1280, 720)),
+        ("1.3", "720p", "3:4", (832, 1110)),
+        ("1.3", "720p_16d", "3:4", (832, 1104)),
+        ("1.3", "360p", "0.56", (360, 640)),  # raw key, 1.3 only
+        ("1.3", "256", "1:2", (176, 352)),
+        ("1.2", "256", "12:25", (176, 368)),
+        ("2.0", "256px", "16:9", (192, 336)),  # 2.0 strings are W:H
+        ("2.0", "256px", "9:16", (336, 192)),
+        ("2.0", "768px", "2.39:1", (496, 1184)),
+        ("2.0", "768px", "1.85:1", (560, 1040)),
+        ("2.0", "720p", "9:16", (1280, 720)),
+    ],
+)
+def test_image_size(version, resolution, ratio, expected):
+    assert sizes.image_size(version, resolution, ratio) == expected
+
+
+def test_v2_sizes_at_768px_match_the_reference_table():
+    table = {
+        "16:9": (576, 1024),
+        "9:16": (1024, 576),
+        "1:1": (768, 768),
+        "2:1": (544, 1072),
+        "4:3": (656, 880),
+        "3:2": (624, 928),
+    }
+    for ratio, size in table.items():
+        assert sizes.image_size("2.0", "768px", ratio) == size
+
+
+def test_v2_any_px_name_and_training_variant():
+    height, width = sizes.image_size("2.0", "384px", "1:1")
+    assert (height, width) == (384, 384)
+    assert sizes.num_pixels("2.0", "720p") == 921600
+    # training=True (the T2I first-frame path) nudges sizes and drops ratios that repeat a size
+    assert sizes.image_size("2.0", "256px", "2.39:1", training=True) == (160, 400)
+    with pytest.raises(ValueError, match="repeat a size"):
+        sizes.image_size("2.0", "256px", "1.85:1", training=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("1.2", "720p", "0.56"), "H:W"),  # 1.2 rejects raw keys
+        (("1.2", "256", "1:2"), "not defined"),  # official 1.2 key "0.5" vs map "0.50"
+        (("1.3", "720p", "7:3"), "choose one of"),
+        (("1.3", "900p", "9:16"), "unknown resolution"),
+        (("2.0", "256px", "1:3"), "W:H"),
+        (("2.0", "abc", "16:9"), "NNNpx"),
+        (("2.0", "0px", "16:9"), "NNNpx"),
+        (("2.0", "8px", "16:9"), "too small"),
+        (("1.4", "720p", "9:16"), "1.2, 1.3, 2.0"),
+    ],
+)
+def test_image_size_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        sizes.image_size(*args)
+
+
+def test_listings():
+    assert len(sizes.aspect_ratios("1.2")) == 17
+    assert sizes.aspect_ratios("1.3", "256") == ["12:25", "1:2", "1:1", "2:1"]
+    assert sizes.aspect_ratios("1.2", "256") == ["12:25"]
+    assert len(sizes.aspect_ratios("2.0")) == 15 and "1:2.39" in sizes.aspect_ratios("2.0")
+    assert "720p_16d" in sizes.resolutions("1.3") and "720p_16d" not in sizes.resolutions("1.2")
+    assert sizes.raw_ratio_keys("1.2", "720p") == [] and "0.56" in sizes.raw_ratio_keys("1.3", "720p")
+    assert sizes.resolutions("2.0")[:2] == ["256px", "768px"]
+
+
+def test_round_and_validate_size():
+    assert sizes.round_size("2.0", 200, 301) == (208, 304)
+    assert sizes.round_size("1.3", 201, 301) == (201, 301)
+    sizes.validate_size("1.2", 240, 426)
+    sizes.validate_size("2.0", 192, 336)
+    with pytest.raises(ValueError, match="multiples of 16.*208x304"):
+        sizes.validate_size("2.0", 200, 301)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        sizes.validate_size("2.0", 192, 336, autoencoder="dc_ae")
+    with pytest.raises(ValueError, match="between 16 and 8192"):
+        sizes.validate_size("1.3", 8, 64)
+    with pytest.raises(ValueError, match="integer"):
+        sizes.validate_size("1.3", 64.0, 64)
+
+
+# ----------------------------------------------------------------------------- frames and latents
+
+
+def test_frame_rules():
+    for n in (1, 17, 18, 51, 816):
+        sizes.validate_num_frames("1.2", n)
+    for n in (1, 17, 113, 129, 801):
+        sizes.validate_num_frames("1.3", n)
+    for n in (1, 5, 97, 129):
+        sizes.validate_num_frames("2.0", n)
+    for n in (1, 4, 128):
+        sizes.validate_num_frames("2.0", n, autoencoder="dc_ae")
+    assert sizes.allowed_num_frames("1.3")[:8] == [1, 17, 33, 49, 65, 81, 97, 113]
+    assert sizes.allowed_num_frames("2.0")[-1] == 129 and 128 not in sizes.allowed_num_frames("2.0")
+
+
+@pytest.mark.parametrize(
+    ("version", "frames", "message"),
+    [
+        ("1.2", 2, "num_frames // 17"),
+        ("1.2", 16, "17 to 816"),
+        ("1.2", 817, "17 to 816"),
+        ("1.3", 50, "17, 33, 49, 65, 81, 97, 113"),
+        ("1.3", 16, "16k\\+1"),
+        ("1.3", 817, "up to 801"),
+        ("2.0", 8, "4k\\+1"),
+        ("2.0", 133, "129"),
+        ("2.0", 0, ">= 1"),
+    ],
+)
+def test_frame_errors(version, frames, message):
+    with pytest.raises(ValueError, match=message):
+        sizes.validate_num_frames(version, frames)
+
+
+def test_frame_errors_for_types_and_dc_ae():
+    with pytest.raises(ValueError, match="integer"):
+        sizes.validate_num_frames("1.3", 17.0)
+    with pytest.raises(ValueError, match="integer"):
+        sizes.validate_num_frames("1.3", True)
+    with pytest.raises(ValueError, match="DC-AE"):
+        sizes.validate_num_frames("2.0", 129, autoencoder="dc_ae")
+    with pytest.raises(ValueError, match="autoencoder"):
+        sizes.validate_num_frames("2.0", 129, autoencoder="vae")
+
+
+def test_frame_warning_beyond_training():
+    assert sizes.num_frames_warning("1.3", 113) is None
+    assert "113" in sizes.num_frames_warning("1.3", 129)
+    assert sizes.num_frames_warning("2.0", 129) is None
+
+
+def test_named_frame_counts():
+    assert sizes.parse_num_frames("1.2", "4s") == 102
+    assert sizes.parse_num_frames("1.3", "16x") == 816
+    assert sizes.parse_num_frames("2.0", "129") == 129
+    with pytest.raises(ValueError, match="or one of 1x, 2x"):
+        sizes.parse_num_frames("1.3", "3s")
+    with pytest.raises(ValueError, match="integer"):
+        sizes.parse_num_frames("2.0", "4s")
+
+
+def test_latent_shapes_and_tokens():
+    # 1.3 720p, 113 frames: 35 latent frames of 90x160, 45x80 = 3600 tokens per frame
+    assert sizes.latent_shape("1.3", 113, 720, 1280) == (35, 90, 160)
+    assert sizes.tokens_per_frame("1.3", 720, 1280) == 3600
+    assert sizes.tokens_per_frame("1.3", 360, 640) == 23 * 40  # odd latent H is padded
+    assert sizes.latent_shape("1.3", 17, 832, 1110) == (5, 104, 139)  # 1.3 rounds up
+    assert sizes.latent_shape("1.2", 51, 240, 426) == (15, 30, 53)  # 1.2 floors
+    assert sizes.tokens_per_frame("1.2", 240, 426) == 15 * 27
+    assert sizes.latent_shape("2.0", 129, 192, 336) == (33, 24, 42)
+    assert sizes.tokens_per_frame("2.0", 192, 336) == 252
+    assert sizes.tokens_per_frame("2.0", 576, 1024) == 2304
+    assert sizes.latent_shape("2.0", 128, 256, 256, autoencoder="dc_ae") == (32, 8, 8)
+    assert sizes.latent_shape("2.0", 1, 768, 768) == (1, 96, 96)
+    with pytest.raises(ValueError, match="16k\\+1"):
+        sizes.latent_shape("1.3", 20, 720, 1280)
+
+
+def test_v13_decode_rule():
+    assert sizes.decode_latent_frames("1.3", 113) == 35
+    assert sizes.decoded_frames("1.3", 113) == 119  # official 1.3 returns 17 frames per 5 latents
+    assert sizes.decoded_frames("1.3", 1) == 0  # the official script cannot decode an image
+    assert sizes.decoded_frames("1.2", 102) == 102
+    assert sizes.decoded_frames("2.0", 129) == 129
+
+
+def test_size_rules_are_json_and_consistent():
+    for version in sizes.VERSIONS:
+        rules = json.loads(json.dumps(sizes.size_rules(version)))
+        assert rules["version"] == version
+        frames = rules["frames"]
+        sizes.validate_num_frames(version, frames["max"])
+        with pytest.raises(ValueError):
+            sizes.validate_num_frames(version, frames["max"] + frames["step"])
+        for resolution in rules["resolutions"]:
+            for ratio, size in rules["sizes"][resolution].items():
+                assert tuple(size) == sizes.image_size(version, resolution, ratio)
+    assert sizes.size_rules("1.3")["aspect_ratio_order"] == "H:W"
+    assert sizes.size_rules("2.0")["aspect_ratio_order"] == "W:H"
+    assert sizes.size_rules("1.3")["frames"]["trained_max"] == 113
+    assert sizes.size_rules("2.0")["first_frame_sizes"]["256px"]["1.85:1"] is None
+    assert sizes.size_rules("2.0")["first_frame_sizes"]["256px"]["2.39:1"] == [160, 400]
+    for version in sizes.VERSIONS:
+        defaults = sizes.size_rules(version)["defaults"]
+        sizes.image_size(version, defaults["resolution"], defaults["aspect_ratio"])
+        sizes.validate_num_frames(version, defaults["num_frames"])
+
+
+# ----------------------------------------------------------------------------- reference images
+
+
+def _to_unit(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).float() / 255.0
+
+
+def test_resize_crop_crops_centre_without_resizing():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(4, 8, 3), dtype=np.uint8)
+    out = sizes.resize_crop(_to_unit(pixels), 4, 4)
+    assert out.shape == (1, 3, 4, 4)
+    expected = torch.from_numpy(pixels[:, 2:6]).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert torch.allclose(out[0], expected, atol=1e-6)
+    # round-half-to-even offset: 5 -> 4 columns starts at column 0 (round(0.5) == 0)
+    odd = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    out = sizes.resize_crop(_to_unit(odd), 4, 4)
+    assert torch.allclose(out[0], torch.from_numpy(odd[:, :4]).permute(2, 0, 1).float() / 255 * 2 - 1, atol=1e-6)
+
+
+def test_resize_crop_follows_pil_bicubic_fill():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    # 30x50 -> fill 64x64: scale 64/30 on H, width round(50 * 64/30) = 107, left offset round(21.5) = 22
+    resized = np.array(Image.fromarray(pixels).resize((107, 64), Image.BICUBIC))[:, 22:86]
+    expected = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    out = sizes.resize_crop(_to_unit(pixels), 64, 64)
+    assert torch.equal(out[0], expected)
+    assert torch.equal(sizes.resize_crop(Image.fromarray(pixels), 64, 64)[0], expected)
+    torch_path = sizes.resize_crop(_to_unit(pixels), 64, 64, method="torch")
+    diff = (torch_path - out).abs() * 127.5
+    assert diff.max() <= 1.0 + 1e-4
+    assert (diff > 0.01).float().mean() < 0.01
+
+
+def test_resize_crop_batch_and_errors():
+    torch.manual_seed(0)
+    batch = torch.rand(3, 20, 30, 3)
+    out = sizes.resize_crop(batch, 16, 16)
+    assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="IMAGE tensor"):
+        sizes.resize_crop(torch.rand(3, 20, 30), 16, 16)
+    with pytest.raises(ValueError, match="method"):
+        sizes.resize_crop(batch, 16, 16, method="nearest")
+    with pytest.raises(ValueError, match="height"):
+        sizes.resize_crop(batch, 0, 16)
