@@ -1,0 +1,463 @@
+"""Open-Sora 1.2 video VAE (`VideoAutoencoderPipeline` / `OpenSoraVAE_V1_2`) in plain torch.
+
+Pipeline: a 2-D KL-VAE on every frame (x8 spatially, latent scaled by the hard-coded 0.18215, quirk Q11), then a
+causal "MAGVIT-v2 style" temporal VAE on the 4-channel latents (x4 in time), applied per chunk of 17 frames; the
+final latent is normalised per channel with the checkpoint's `shift` / `scale` buffers. Reference:
+`opensora/models/vae/vae.py` and `vae_temporal.py` at v1.2.0. Parameter names equal the released checkpoint keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vae_kl2d import AutoencoderKL2D, AutoencoderKLConfig, split_moments, tiled_apply
+
+Noise = Callable[[tuple, torch.dtype, torch.device], torch.Tensor]
+
+_TEMPORAL_ACTIVATIONS = {"swish": F.silu, "relu": F.relu}
+_TEMPORAL_TYPES = {"VAE_Temporal", "VAE_Temporal_SD"}
+# keys of the official configs that only concern loading / training, not the forward maths
+_LOADER_KEYS_2D = {"type", "from_pretrained", "subfolder", "cache_dir", "local_files_only"}
+_LOADER_KEYS_PIPELINE = {"from_pretrained", "freeze_vae_2d", "local_files_only", "model_type", "architectures"}
+
+
+def _check_keys(values: dict, allowed: set, ignored: set, what: str) -> None:
+    unknown = sorted(k for k in values if k not in allowed and k not in ignored and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(allowed)}")
+
+
+@dataclass
+class VAETemporalConfig:
+    """`VAE_Temporal` constructor fields; defaults = `VAE_Temporal_SD` (the released temporal VAE)."""
+
+    in_out_channels: int = 4
+    latent_embed_dim: int = 4
+    embed_dim: int = 4
+    filters: int = 128
+    num_res_blocks: int = 4
+    channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    num_groups: int = 32
+    activation_fn: str = "swish"
+
+    def __post_init__(self) -> None:
+        self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
+        self.temporal_downsample = tuple(bool(d) for d in self.temporal_downsample)
+        if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
+            raise ValueError(
+                f"temporal_downsample needs {len(self.channel_multipliers) - 1} entries (one per level transition), "
+                f"got {len(self.temporal_downsample)}"
+            )
+        if self.activation_fn not in _TEMPORAL_ACTIVATIONS:
+            raise ValueError(
+                f"activation_fn {self.activation_fn!r} not supported; allowed: {sorted(_TEMPORAL_ACTIVATIONS)}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VAETemporalConfig:
+        kind = values.get("type", "VAE_Temporal")
+        if kind not in _TEMPORAL_TYPES:
+            raise ValueError(f"temporal VAE type {kind!r} not supported; allowed: {sorted(_TEMPORAL_TYPES)}")
+        known = {f.name for f in fields(cls)}
+        _check_keys(values, known, {"type", "from_pretrained"}, "temporal VAE")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def time_downsample_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+
+@dataclass
+class VAEv12Config:
+    """`VideoAutoencoderPipelineConfig` + `OpenSoraVAE_V1_2` fields; defaults = the released VAE 1.2."""
+
+    vae_2d: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
+    vae_temporal: VAETemporalConfig = field(default_factory=VAETemporalConfig)
+    micro_frame_size: int | None = 17
+    micro_batch_size: int | None = 4
+    shift: float | tuple[float, ...] = (-0.10, 0.34, 0.27, 0.98)
+    scale: float | tuple[float, ...] = (3.85, 2.32, 2.33, 3.06)
+    spatial_scaling_factor: float = 0.18215  # hard-coded in the reference, not the SDXL 0.13025 (quirk Q11)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vae_2d, dict):
+            self.vae_2d = AutoencoderKLConfig.from_dict(self.vae_2d)
+        if isinstance(self.vae_temporal, dict):
+            self.vae_temporal = VAETemporalConfig.from_dict(self.vae_temporal)
+        if self.vae_temporal.in_out_channels != self.vae_2d.latent_channels:
+            raise ValueError(
+                f"vae_temporal.in_out_channels ({self.vae_temporal.in_out_channels}) must equal "
+                f"vae_2d.latent_channels ({self.vae_2d.latent_channels})"
+            )
+        for name in ("micro_frame_size", "micro_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("shift", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence):
+                value = tuple(float(v) for v in value)
+                if len(value) != self.vae_temporal.embed_dim:
+                    raise ValueError(
+                        f"{name} needs {self.vae_temporal.embed_dim} values (one per channel), got {value}"
+                    )
+                setattr(self, name, value)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VAEv12Config:
+        """From an official-style dict (case.json model_config); `vae_2d` may carry the AutoencoderKL fields."""
+        known = {f.name for f in fields(cls)}
+        _check_keys(values, known, _LOADER_KEYS_PIPELINE | {"cal_loss"}, "VideoAutoencoderPipeline")
+        if values.get("cal_loss"):
+            raise ValueError("cal_loss=True (training mode) is not supported")
+        kwargs = {k: v for k, v in values.items() if k in known}
+        vae_2d = dict(values.get("vae_2d") or {})
+        if "micro_batch_size" in vae_2d:  # the reference passes it to the 2-D wrapper
+            kwargs["micro_batch_size"] = vae_2d.pop("micro_batch_size")
+        if "scaling_factor_hardcoded" in vae_2d:
+            kwargs["spatial_scaling_factor"] = float(vae_2d.pop("scaling_factor_hardcoded"))
+        kind = vae_2d.pop("type", "VideoAutoencoderKL")
+        if kind != "VideoAutoencoderKL":
+            raise ValueError(f"vae_2d type {kind!r} not supported; allowed: ['VideoAutoencoderKL']")
+        kwargs["vae_2d"] = AutoencoderKLConfig.from_dict({k: v for k, v in vae_2d.items() if k not in _LOADER_KEYS_2D})
+        kwargs["vae_temporal"] = VAETemporalConfig.from_dict(values.get("vae_temporal") or {})
+        return cls(**kwargs)
+
+
+def _ops(operations):
+    return operations if operations is not None else nn
+
+
+def _check_noise(sample: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if tuple(sample.shape) != tuple(shape):
+        raise ValueError(f"noise callable returned shape {tuple(sample.shape)}, expected {tuple(shape)}")
+    return sample
+
+
+def _noise_2d(shape, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device)  # diffusers draws on the target device
+
+
+def _noise_temporal(shape, dtype, device) -> torch.Tensor:
+    return torch.randn(shape).to(device=device, dtype=dtype)  # the reference draws float32 on the CPU
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d padded with zeros at the front in time only (causal) and symmetrically in space."""
+
+    def __init__(
+        self, chan_in, chan_out, kernel_size, time_stride=1, bias=True, dtype=None, device=None, operations=None
+    ):
+        super().__init__()
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, kt - time_stride, 0)
+        self.conv = _ops(operations).Conv3d(
+            chan_in, chan_out, (kt, kh, kw), stride=(time_stride, 1, 1), bias=bias, dtype=dtype, device=device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.padding) if any(self.padding) else x)
+
+
+class ResBlock3D(nn.Module):
+    def __init__(self, in_channels, filters, num_groups, act, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = _ops(operations)
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.act = act
+        self.norm1 = ops.GroupNorm(num_groups, in_channels, dtype=dtype, device=device)
+        self.conv1 = CausalConv3d(in_channels, filters, 3, bias=False, **kw)
+        self.norm2 = ops.GroupNorm(num_groups, filters, dtype=dtype, device=device)
+        self.conv2 = CausalConv3d(filters, filters, 3, bias=False, **kw)
+        self.conv3 = CausalConv3d(in_channels, filters, 1, bias=False, **kw) if in_channels != filters else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        return h + (self.conv3(x) if self.conv3 is not None else x)
+
+
+class TemporalEncoder(nn.Module):
+    def __init__(self, config: VAETemporalConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = _ops(operations)
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        act, groups, blocks = _TEMPORAL_ACTIVATIONS[config.activation_fn], config.num_groups, config.num_res_blocks
+        widths = [config.filters * m for m in config.channel_multipliers]
+        self.act = act
+        self.conv_in = CausalConv3d(config.in_out_channels, config.filters, 3, bias=False, **kw)
+        self.block_res_blocks = nn.ModuleList()
+        self.conv_blocks = nn.ModuleList()
+        previous = config.filters
+        for level, width in enumerate(widths):
+            res = [ResBlock3D(previous if i == 0 else width, width, groups, act, **kw) for i in range(blocks)]
+            self.block_res_blocks.append(nn.ModuleList(res))
+            previous = width if blocks else previous
+            if level < len(widths) - 1:
+                # an Identity (no keys) where time is not downsampled, as in the reference
+                downsample = config.temporal_downsample[level]
+                self.conv_blocks.append(
+                    CausalConv3d(previous, width, 3, time_stride=2, **kw) if downsample else nn.Identity()
+                )
+                previous = width
+        self.res_blocks = nn.ModuleList(
+            ResBlock3D(previous if i == 0 else widths[-1], widths[-1], groups, act, **kw) for i in range(blocks)
+        )
+        self.norm1 = ops.GroupNorm(groups, widths[-1], dtype=dtype, device=device)
+        self.conv2 = CausalConv3d(widths[-1], 2 * config.latent_embed_dim, 1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level, res_blocks in enumerate(self.block_res_blocks):
+            for block in res_blocks:
+                x = block(x)
+            if level < len(self.conv_blocks):
+                x = self.conv_blocks[level](x)
+        for block in self.res_blocks:
+            x = block(x)
+        return self.conv2(self.act(self.norm1(x)))
+
+
+class TemporalDecoder(nn.Module):
+    def __init__(self, config: VAETemporalConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = _ops(operations)
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        act, groups, blocks = _TEMPORAL_ACTIVATIONS[config.activation_fn], config.num_groups, config.num_res_blocks
+        widths = [config.filters * m for m in config.channel_multipliers]
+        self.act = act
+        self.time_strides = [2 if d else 1 for d in config.temporal_downsample]
+        self.conv1 = CausalConv3d(config.latent_embed_dim, widths[-1], 3, **kw)
+        self.res_blocks = nn.ModuleList(ResBlock3D(widths[-1], widths[-1], groups, act, **kw) for _ in range(blocks))
+        # modules are indexed by level (0 = finest) but run from the coarsest level down, as in the reference
+        self.block_res_blocks = nn.ModuleList()
+        for level, width in enumerate(widths):
+            incoming = widths[min(level + 1, len(widths) - 1)]
+            res = [ResBlock3D(incoming if i == 0 else width, width, groups, act, **kw) for i in range(blocks)]
+            self.block_res_blocks.append(nn.ModuleList(res))
+        self.conv_blocks = nn.ModuleList(
+            CausalConv3d(widths[level], widths[level] * 2, 3, **kw) if stride == 2 else nn.Identity()
+            for level, stride in enumerate(self.time_strides, start=1)
+        )
+        self.norm1 = ops.GroupNorm(groups, widths[0], dtype=dtype, device=device)
+        self.conv_out = CausalConv3d(widths[0], config.in_out_channels, 3, **kw)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(z)
+        for block in self.res_blocks:
+            x = block(x)
+        for level in reversed(range(len(self.block_res_blocks))):
+            for block in self.block_res_blocks[level]:
+                x = block(x)
+            if level > 0 and self.time_strides[level - 1] == 2:
+                x = self.conv_blocks[level - 1](x)
+                # depth to time: channels are (C, 2) with the time phase fastest
+                batch, channels, frames, height, width = x.shape
+                x = x.view(batch, channels // 2, 2, frames, height, width).transpose(2, 3)
+                x = x.reshape(batch, channels // 2, frames * 2, height, width)
+        return self.conv_out(self.act(self.norm1(x)))
+
+
+class VAETemporal(nn.Module):
+    """Causal temporal VAE on 2-D latents [B, C, T, h, w]; time is front-padded to a multiple of 4."""
+
+    def __init__(self, config: VAETemporalConfig, dtype=None, device=None, operations=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.config = config
+        self.factor = config.time_downsample_factor
+        self.encoder = TemporalEncoder(config, **kw)
+        self.quant_conv = CausalConv3d(2 * config.latent_embed_dim, 2 * config.embed_dim, 1, **kw)
+        self.post_quant_conv = CausalConv3d(config.embed_dim, config.latent_embed_dim, 1, **kw)
+        self.decoder = TemporalDecoder(config, **kw)
+
+    def time_padding(self, num_frames: int) -> int:
+        return -num_frames % self.factor
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames + self.time_padding(num_frames)) // self.factor
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, h, w] -> posterior [mean, logvar] along channels, T' = ceil(T / 4)."""
+        padding = self.time_padding(x.shape[2])
+        if padding:  # zeros in front, as the reference's pad_at_dim
+            x = F.pad(x, (0, 0, 0, 0, padding, 0))
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = self.decoder(self.post_quant_conv(z))
+        return x[:, :, self.time_padding(num_frames) :]  # drop the frames that stood for the front padding
+
+
+class SpatialVAE(nn.Module):
+    """`VideoAutoencoderKL`: the 2-D VAE run on frames in micro-batches, with optional spatial tiling."""
+
+    def __init__(self, config: VAEv12Config, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.module = AutoencoderKL2D(config.vae_2d, dtype=dtype, device=device, operations=operations)
+        self.micro_batch_size = config.micro_batch_size
+        self.scaling_factor = config.spatial_scaling_factor
+        self.factor = config.vae_2d.downsample_factor
+        self.tile_size: int | None = None  # pixels; None = untiled (the parity path)
+        self.tile_overlap = 0
+
+    def _micro_batches(self, count: int) -> range:
+        return range(0, count, self.micro_batch_size or count)
+
+    def _moments(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.tile_size is None:
+            return self.module.encode_moments(frames)
+        return tiled_apply(
+            self.module.encode_moments, frames, self.tile_size, self.tile_overlap, 1 / self.factor, align=self.factor
+        )
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.tile_size is None:
+            return self.module.decode(latents)
+        tile, overlap = self.tile_size // self.factor, self.tile_overlap // self.factor
+        return tiled_apply(self.module.decode, latents, tile, overlap, self.factor)
+
+    def encode(self, x: torch.Tensor, sample_posterior: bool = True, noise: Noise | None = None) -> torch.Tensor:
+        """Video [B, 3, T, H, W] -> scaled 2-D latents [B, 4, T, H//8, W//8]; one posterior draw per micro-batch."""
+        batch, frames = x.shape[0], x.shape[2]
+        pixels = x.transpose(1, 2).flatten(0, 1)
+        noise = noise or _noise_2d
+        out = None
+        for start in self._micro_batches(pixels.shape[0]):
+            mean, std = split_moments(self._moments(pixels[start : start + (self.micro_batch_size or len(pixels))]))
+            if sample_posterior:
+                mean = mean + std * _check_noise(noise(mean.shape, mean.dtype, mean.device), mean.shape)
+            if out is None:
+                out = mean.new_empty(pixels.shape[0], *mean.shape[1:])
+            out[start : start + mean.shape[0]] = mean * self.scaling_factor
+        return out.unflatten(0, (batch, frames)).transpose(1, 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled 2-D latents [B, 4, T, h, w] -> frames [B, 3, T, 8h, 8w] (a transposed view)."""
+        batch, frames = z.shape[0], z.shape[2]
+        latents = z.transpose(1, 2).flatten(0, 1)
+        out = None
+        for start in self._micro_batches(latents.shape[0]):
+            chunk = self._decode(latents[start : start + (self.micro_batch_size or len(latents))] / self.scaling_factor)
+            if out is None:
+                out = chunk.new_empty(latents.shape[0], *chunk.shape[1:])
+            out[start : start + chunk.shape[0]] = chunk
+        return out.unflatten(0, (batch, frames)).transpose(1, 2)
+
+
+class OpenSoraVAEv12(nn.Module):
+    """The Open-Sora 1.2 VAE: video [B, 3, T, H, W] in [-1, 1] <-> normalised latent [B, 4, T', H/8, W/8]."""
+
+    def __init__(self, config: VAEv12Config | None = None, dtype=None, device=None, operations=None):
+        super().__init__()
+        config = config or VAEv12Config()
+        self.config = config
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.spatial_vae = SpatialVAE(config, **kw)
+        self.temporal_vae = VAETemporal(config.vae_temporal, **kw)
+        self.micro_frame_size = config.micro_frame_size
+        for name in ("scale", "shift"):
+            value = torch.tensor(getattr(config, name), dtype=dtype or torch.float32, device=device)
+            self.register_buffer(name, value.view(1, -1, 1, 1, 1) if value.ndim else value)
+
+    @property
+    def micro_latent_frames(self) -> int | None:
+        return None if self.micro_frame_size is None else self.temporal_vae.latent_frames(self.micro_frame_size)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent length for a pixel frame count: 5 per full 17-frame chunk + ceil(rest / 4)."""
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        if self.micro_frame_size is None:
+            return self.temporal_vae.latent_frames(num_frames)
+        full, rest = divmod(num_frames, self.micro_frame_size)
+        return full * self.micro_latent_frames + (self.temporal_vae.latent_frames(rest) if rest else 0)
+
+    def enable_tiling(self, tile_size: int = 256, overlap: int = 64) -> None:
+        """Run the per-frame 2-D VAE on overlapping tiles (pixels) blended linearly; approximate, saves memory."""
+        factor = self.spatial_vae.factor
+        if tile_size % factor or overlap % factor or tile_size < 2 * factor:
+            raise ValueError(f"tile_size and overlap must be multiples of {factor}, tile_size >= {2 * factor}")
+        if not 0 <= overlap < tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size), got overlap={overlap}, tile_size={tile_size}")
+        self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = tile_size, overlap
+
+    def disable_tiling(self) -> None:
+        self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = None, 0
+
+    def _chunks(self, length: int, size: int | None) -> range:
+        return range(0, length, size or length)
+
+    def encode_temporal_moments(self, x_z: torch.Tensor) -> list[torch.Tensor]:
+        """Temporal posterior parameters per micro-frame chunk of the scaled 2-D latents."""
+        size = self.micro_frame_size
+        return [
+            self.temporal_vae.encode_moments(x_z[:, :, i : i + (size or x_z.shape[2])])
+            for i in self._chunks(x_z.shape[2], size)
+        ]
+
+    def encode(self, x: torch.Tensor, sample_posterior: bool = True, noise: Noise | None = None) -> torch.Tensor:
+        """Video [B, 3, T, H, W] in [-1, 1] -> normalised latent [B, 4, latent_frames(T), H//8, W//8].
+
+        `noise(shape, dtype, device)` supplies every posterior draw in the reference order: the 2-D posterior per
+        micro-batch of frames, then the temporal posterior per 17-frame chunk. None draws with torch.randn.
+        """
+        self._check_video(x)
+        x_z = self.spatial_vae.encode(x, sample_posterior, noise)
+        size, latents = self.micro_frame_size, []
+        for i in self._chunks(x_z.shape[2], size):
+            mean, std = split_moments(self.temporal_vae.encode_moments(x_z[:, :, i : i + (size or x_z.shape[2])]))
+            if sample_posterior:
+                draw = (noise or _noise_temporal)(mean.shape, mean.dtype, mean.device)
+                mean = mean + std * _check_noise(draw, mean.shape)
+            latents.append(mean)
+        z = torch.cat(latents, dim=2) if len(latents) > 1 else latents[0]
+        return (z - self.shift.to(z.dtype)) / self.scale.to(z.dtype)
+
+    def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] in about [-1, 1]."""
+        self._check_latent(z, num_frames)
+        z = z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+        size, step, parts = self.micro_frame_size, self.micro_latent_frames, []
+        remaining = num_frames
+        for i in self._chunks(z.shape[2], step):
+            frames = min(size, remaining) if size else remaining
+            parts.append(self.temporal_vae.decode(z[:, :, i : i + (step or z.shape[2])], num_frames=frames))
+            remaining -= frames
+        x_z = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        return self.spatial_vae.decode(x_z)
+
+    def _check_video(self, x: torch.Tensor) -> None:
+        channels, factor = self.config.vae_2d.in_channels, self.spatial_vae.factor
+        if not isinstance(x, torch.Tensor) or x.ndim != 5:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"encode expects a video tensor [B, {channels}, T, H, W], got {shape}")
+        if x.shape[1] != channels:
+            raise ValueError(
+                f"encode expects {channels} channels at dim 1 ([B, C, T, H, W]), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"encode expects a floating-point video in [-1, 1], got dtype {x.dtype}")
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < factor or x.shape[4] < factor:
+            raise ValueError(f"encode needs B >= 1, T >= 1 and H, W >= {factor}; got shape {tuple(x.shape)}")
+
+    def _check_latent(self, z: torch.Tensor, num_frames: int) -> None:
+        channels = self.config.vae_temporal.embed_dim
+        if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != channels:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"decode expects a latent [B, {channels}, T, h, w], got {shape}")
+        expected = self.latent_frames(num_frames)
+        if expected != z.shape[2]:
+            upper = 4 * z.shape[2] + (self.micro_frame_size or 0)  # a latent frame never stands for more than 4
+            valid = [n for n in range(1, upper + 1) if self.latent_frames(n) == z.shape[2]]
+            allowed = f"{valid[0]}..{valid[-1]}" if valid else "none"
+            raise ValueError(
+                f"num_frames={num_frames} needs {expected} latent frames but z has {z.shape[2]}; "
+                f"for {z.shape[2]} latent frames num_frames must be in {allowed}"
+            )
