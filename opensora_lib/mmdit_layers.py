@@ -1,0 +1,282 @@
+"""Building blocks of the Open-Sora 2.0 MMDiT (Flux-derived): embedders, RoPE, QK RMSNorm, blocks.
+
+Parameter names are the official checkpoint keys. Token tensors inside attention are kept as
+[B, L, heads, head_dim] (the natural view of a Linear output); SDPA receives them as [B, heads, L, D]
+views, so no copy is made for the layout change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+
+LAYER_NORM_EPS = 1e-6
+RMS_NORM_EPS = 1e-6
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding [N, dim] of times in [0, 1] (scaled by 1000 first), cos half then sin half."""
+    t = time_factor * t  # in t's own dtype, as the reference (bf16 times are rounded here)
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    freqs = torch.exp(-math.log(max_period) * exponent)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding.to(t.dtype) if t.is_floating_point() else embedding
+
+
+@dataclass
+class RotaryTables:
+    """cos / sin of the 3-axis RoPE angles, [B or 1, L, 1, head_dim / 2] in float32.
+
+    half_split=True is the Liger / Llama layout of Open-Sora v2 (dim j pairs with dim j + D/2);
+    False is BFL Flux's interleaved layout (dim 2k pairs with 2k + 1).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    half_split: bool = True
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate x [B, L, heads, head_dim]; computed in float32, returned in x's dtype."""
+        xf = x.float()
+        if self.half_split:
+            x1, x2 = xf.chunk(2, dim=-1)
+            out = torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1)
+        else:
+            pairs = xf.unflatten(-1, (-1, 2))
+            x1, x2 = pairs[..., 0], pairs[..., 1]
+            out = torch.stack((x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+
+def rotary_tables(ids: Tensor, axes_dim: list[int], theta: float, half_split: bool = True) -> RotaryTables:
+    """RoPE tables for positions ids [B, L, n_axes]; axis a uses axes_dim[a] dims, omega = theta^(-2k/d_a)."""
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        # The half-split reference builds omega in float32, the interleaved one in float64.
+        omega_dtype = torch.float32 if half_split else torch.float64
+        scale = torch.arange(0, dim, 2, dtype=omega_dtype, device=ids.device) / dim
+        omega = 1.0 / (theta**scale)
+        angles.append(ids[..., axis].to(omega_dtype)[..., None] * omega)
+    angle = torch.cat(angles, dim=-1)[:, :, None, :]  # [B, L, 1, D/2]
+    return RotaryTables(angle.cos().float(), angle.sin().float(), half_split)
+
+
+def rope_attention(q: Tensor, k: Tensor, v: Tensor, pe: RotaryTables) -> Tensor:
+    """Attention over [B, L, heads, D] q/k/v with RoPE on q and k; returns [B, L, heads * D]."""
+    q, k = pe.apply(q), pe.apply(k)
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift, LayerNorm without affine parameters."""
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) + shift
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        operations = operations or nn
+        self.in_layer = operations.Linear(in_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+        self.out_layer = operations.Linear(hidden_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable `scale` (the checkpoint's name, so not operations.RMSNorm's `weight`)."""
+
+    def __init__(self, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain.
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)).to(x.dtype)
+        return (normed * self.scale.to(device=x.device, dtype=x.dtype)).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.query_norm = RMSNorm(dim, dtype=dtype, device=device)
+        self.key_norm = RMSNorm(dim, dtype=dtype, device=device)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Projection weights of one stream of a double block (the joint attention runs in the block)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, fused_qkv: bool, dtype=None, device=None, operations=None
+    ):
+        super().__init__()
+        operations = operations or nn
+        self.num_heads = num_heads
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = operations.Linear(dim, dim * 3, bias=qkv_bias, dtype=dtype, device=device)
+        else:
+            self.q_proj = operations.Linear(dim, dim, bias=qkv_bias, dtype=dtype, device=device)
+            self.k_proj = operations.Linear(dim, dim, bias=qkv_bias, dtype=dtype, device=device)
+            self.v_proj = operations.Linear(dim, dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.norm = QKNorm(dim // num_heads, dtype=dtype, device=device)
+        self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (RMS-normed), v as [B, L, heads, head_dim]."""
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        else:
+            q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))
+            k = self.k_proj(x).unflatten(-1, (self.num_heads, -1))
+            v = self.v_proj(x).unflatten(-1, (self.num_heads, -1))
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim: int, double: bool, dtype=None, device=None, operations=None):
+        super().__init__()
+        operations = operations or nn
+        self.multiplier = 6 if double else 3
+        self.lin = operations.Linear(dim, self.multiplier * dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        """(shift, scale, gate) for the attention branch [+ the same for the MLP branch], each [B, 1, dim]."""
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+
+
+def _mlp(hidden_size: int, mlp_hidden: int, dtype, device, operations) -> nn.Sequential:
+    # Sequential so that the keys are the official `.0` / `.2`.
+    return nn.Sequential(
+        operations.Linear(hidden_size, mlp_hidden, bias=True, dtype=dtype, device=device),
+        nn.GELU(approximate="tanh"),
+        operations.Linear(mlp_hidden, hidden_size, bias=True, dtype=dtype, device=device),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate img / txt weights, one joint attention over concat[txt, img]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool = False,
+        fused_qkv: bool = True,
+        dtype=None,
+        device=None,
+        operations=None,
+    ):
+        super().__init__()
+        operations = operations or nn
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        factory = dict(dtype=dtype, device=device, operations=operations)
+        self.img_mod = Modulation(hidden_size, double=True, **factory)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, fused_qkv, **factory)
+        self.img_mlp = _mlp(hidden_size, mlp_hidden, dtype, device, operations)
+        self.txt_mod = Modulation(hidden_size, double=True, **factory)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias, fused_qkv, **factory)
+        self.txt_mlp = _mlp(hidden_size, mlp_hidden, dtype, device, operations)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: RotaryTables) -> tuple[Tensor, Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        joint = rope_attention(
+            torch.cat((txt_q, img_q), dim=1),
+            torch.cat((txt_k, img_k), dim=1),
+            torch.cat((txt_v, img_v), dim=1),
+            pe,
+        )
+        txt_len = txt.shape[1]
+        txt_attn, img_attn = joint[:, :txt_len], joint[:, txt_len:]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP on concat[txt, img]; v and the MLP input share one projection (v_mlp)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        fused_qkv: bool = True,
+        dtype=None,
+        device=None,
+        operations=None,
+    ):
+        super().__init__()
+        operations = operations or nn
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.fused_qkv = fused_qkv
+        factory = dict(dtype=dtype, device=device)
+        if fused_qkv:
+            self.linear1 = operations.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim, **factory)
+        else:
+            # Always with bias: the reference ignores qkv_bias here.
+            self.q_proj = operations.Linear(hidden_size, hidden_size, **factory)
+            self.k_proj = operations.Linear(hidden_size, hidden_size, **factory)
+            self.v_mlp = operations.Linear(hidden_size, hidden_size + self.mlp_hidden_dim, **factory)
+        self.linear2 = operations.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, **factory)
+        self.norm = QKNorm(hidden_size // num_heads, **factory)
+        self.modulation = Modulation(hidden_size, double=False, operations=operations, **factory)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: RotaryTables) -> Tensor:
+        shift, scale, gate = self.modulation(vec)
+        x_mod = modulate(x, shift, scale)
+        if self.fused_qkv:
+            qkv, mlp = self.linear1(x_mod).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        else:
+            q = self.q_proj(x_mod).unflatten(-1, (self.num_heads, -1))
+            k = self.k_proj(x_mod).unflatten(-1, (self.num_heads, -1))
+            v, mlp = self.v_mlp(x_mod).split([self.hidden_size, self.mlp_hidden_dim], dim=-1)
+            v = v.unflatten(-1, (self.num_heads, -1))
+        q, k = self.norm(q, k, v)
+        attn = rope_attention(q, k, v, pe)
+        out = self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=2))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        operations = operations or nn
+        self.linear = operations.Linear(
+            hidden_size, patch_size * patch_size * out_channels, bias=True, dtype=dtype, device=device
+        )
+        # Sequential so that the key is the official `adaLN_modulation.1`.
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), operations.Linear(hidden_size, 2 * hidden_size, bias=True, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
+        return self.linear(modulate(x, shift[:, None, :], scale[:, None, :]))
