@@ -1,0 +1,106 @@
+"""The pack's web extension in the real ComfyUI frontend (headless Chromium), and its size-rules route.
+
+The browser test opens the frontend the `comfy_server` fixture serves, loads every UI workflow in
+workflows/, and drives an Open-Sora Empty Latent Video node: derived values must follow the widgets,
+1.3 with 50 frames must show a warning and a badge, a valid count must clear them, and the page's
+evaluation of the server's rules must agree with opensora_lib.sizes. Screenshot: artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+import types
+import urllib.error
+
+import pytest
+from browser_check import CASES, REPO, assess, check_frontend, find_browser, known_frontend_error, ui_workflows
+
+from opensora_lib import sizes
+
+ARTIFACTS = REPO / "artifacts" / "browser"
+
+
+def load_web_routes():
+    """nodes/web_routes.py as a package module, without running nodes/__init__.py (which needs ComfyUI)."""
+    for name, path in (("opensora_pack", REPO), ("opensora_pack.nodes", REPO / "nodes")):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(path)]
+            sys.modules[name] = package
+    return importlib.import_module("opensora_pack.nodes.web_routes")
+
+
+def test_size_rules_route_serves_sizes_rules_and_registers_once():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    web_routes = load_web_routes()
+    assert web_routes.REGISTERED is False  # no PromptServer here: importing did nothing
+    routes = web.RouteTableDef()
+    assert web_routes.register(routes) is True
+    assert web_routes.register(routes) is True
+    assert [route.path for route in routes] == ["/opensora/size_rules"]
+
+    async def fetch():
+        app = web.Application()
+        app.add_routes(routes)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/opensora/size_rules")
+            return response.status, await response.json()
+
+    status, body = asyncio.run(fetch())
+    assert status == 200
+    assert sorted(body) == sorted(sizes.VERSIONS)
+    for version in sizes.VERSIONS:
+        assert body[version] == json.loads(json.dumps(sizes.size_rules(version)))
+
+
+@pytest.mark.browser
+def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
+    find_browser()  # a clear FileNotFoundError naming scripts/install_browser.sh when Chromium is missing
+    try:
+        rules = comfy_server.get_json("/api/opensora/size_rules")
+    except urllib.error.HTTPError as error:
+        pytest.fail(f"GET /api/opensora/size_rules answered {error.code}: nodes/__init__.py must import web_routes")
+    assert sorted(rules) == sorted(sizes.VERSIONS)
+
+    report = check_frontend(comfy_server.url, screenshot=ARTIFACTS / "opensora_node.png")
+    print(f"screenshot: {report['screenshot']}")
+    for workflow in report["workflows"]:
+        print(f"screenshot: {workflow['screenshot']} ({workflow['workflow']}, {workflow['nodes']} nodes)")
+    ignored = [known_frontend_error(text) for text in report["console_errors"] if known_frontend_error(text)]
+    if ignored:
+        print(f"ignored known frontend errors (also on a bare ComfyUI): {sorted(set(ignored))}")
+
+    assert assess(report) == []
+
+    # Every UI workflow loaded with all node types registered (checked inside check_frontend).
+    expected_workflows = [path.name for path in ui_workflows(REPO / "workflows")]
+    assert [w["workflow"] for w in report["workflows"]] == expected_workflows
+
+    # The displayed text follows num_frames, with Python's numbers: 49 -> 97 frames on 1.3 360p 9:16.
+    steps = report["steps"]
+    height, width = sizes.image_size("1.3", "360p", "9:16")
+    for name, frames in (("49 frames (1.3, 360p 9:16)", 49), ("97 frames", 97), ("65 frames", 65)):
+        t, h, w = sizes.latent_shape("1.3", frames, height, width)
+        per_frame = sizes.tokens_per_frame("1.3", height, width)
+        shown = steps[name]
+        assert shown["rows"]["pixels"] == [f"pixels {width}×{height} (W×H, 360p 9:16)"]
+        assert f"latent {t}×{h}×{w} " in shown["rows"]["latent"][0]
+        assert f"{t * per_frame:,} total" in shown["rows"]["tokens"][0]
+        assert f"{frames / 24:.2f} s" in shown["rows"]["duration"][0]
+    assert steps["49 frames (1.3, 360p 9:16)"]["text"] != steps["97 frames"]["text"]
+
+    # 50 frames: red warning row and badge; 65 clears both.
+    bad, good = steps["50 frames"], steps["65 frames"]
+    assert bad["invalid"] and bad["badge"] and bad["badgeShown"]
+    assert any("50 frames" in row and "16k+1" in row for row in bad["rows"]["warning"])
+    assert not good["invalid"] and not good["badge"] and "warning" not in good["rows"]
+
+    # The page evaluates the rules exactly as Python computes them, errors included.
+    assert len(report["cases"]) == len(CASES)
+    assert sum(case["python"]["valid"] for case in report["cases"]) >= 10
+    assert sum(not case["python"]["valid"] for case in report["cases"]) >= 8

@@ -1,0 +1,303 @@
+// Open-Sora web extension: live derived values and warnings on "Open-Sora Empty Latent Video".
+//
+// Shows pixel size, latent size, tokens and duration as the widgets change, and a red warning, outline
+// and title badge for what the chosen version cannot take, before the user queues. The numbers come
+// from the server's rules (GET /opensora/size_rules), evaluated by opensora_rules.js.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { compileRule, derive } from "./opensora_rules.js";
+
+export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
+export const RULES_ROUTE = "/opensora/size_rules";
+const INFO_WIDGET = "opensora_info";
+const INPUT_NAMES = ["version", "resolution", "aspect_ratio", "num_frames", "batch_size", "width", "height", "fps"];
+const COLORS = { text: "#c8d0c8", label: "#8a948a", error: "#ff5a5a", note: "#f0b43c" };
+
+// ---------------------------------------------------------------------------------------------
+// Loading the rules
+// ---------------------------------------------------------------------------------------------
+
+let rulesPromise = null;
+const state = { rules: null, failure: null };
+
+export function loadRules() {
+  if (!rulesPromise) {
+    rulesPromise = (async () => {
+      try {
+        const response = await api.fetchApi(RULES_ROUTE, { cache: "no-store" });
+        if (!response.ok) throw new Error(`GET ${RULES_ROUTE} answered ${response.status}`);
+        state.rules = await response.json();
+      } catch (error) {
+        // A warning, not an error: the graph stays usable, the node says what is missing.
+        state.failure = `Open-Sora size rules unavailable (${error.message})`;
+        console.warn(`[Open-Sora] ${state.failure}`);
+      }
+      refreshAll();
+      return state.rules;
+    })();
+  }
+  return rulesPromise;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node side
+// ---------------------------------------------------------------------------------------------
+
+function formatNumber(value) {
+  return value == null ? "?" : Number(value).toLocaleString("en-US");
+}
+
+/** The value a widget stands for, following a link to a primitive node when the input is connected. */
+function inputValue(node, name) {
+  const widget = node.widgets?.find((w) => w.name === name);
+  const index = node.inputs?.findIndex((input) => input.name === name || input.widget?.name === name) ?? -1;
+  const linked = index >= 0 && node.inputs[index].link != null;
+  if (linked) {
+    const source = typeof node.getInputNode === "function" ? node.getInputNode(index) : null;
+    const sourceWidget = source?.widgets?.find((w) => w.name === "value") ?? source?.widgets?.[0];
+    if (sourceWidget) return sourceWidget.value;
+    return undefined;
+  }
+  return widget?.value;
+}
+
+function readValues(node) {
+  const values = {};
+  for (const name of INPUT_NAMES) values[name] = inputValue(node, name);
+  // Optional inputs that are missing mean their defaults, as on the Python side.
+  values.width ??= 0;
+  values.height ??= 0;
+  values.fps ??= 24;
+  values.batch_size ??= 1;
+  return values;
+}
+
+function line(role, text, color) {
+  const row = document.createElement("div");
+  row.dataset.role = role;
+  row.textContent = text;
+  row.style.color = color;
+  row.style.whiteSpace = "normal";
+  row.style.overflowWrap = "anywhere";
+  return row;
+}
+
+function describe(node) {
+  const values = readValues(node);
+  const missing = INPUT_NAMES.filter((name) => values[name] === undefined);
+  if (state.failure) return { rows: [["warning", `⚠ ${state.failure}`, COLORS.error]], derived: null, invalid: false };
+  if (!state.rules) return { rows: [["status", "loading Open-Sora size rules...", COLORS.label]], derived: null, invalid: false };
+  if (missing.length) {
+    return { rows: [["status", `derived values need ${missing.join(", ")} (connected to a non-primitive input)`, COLORS.label]], derived: null, invalid: false };
+  }
+  const derived = derive(state.rules, values);
+  const rows = [];
+  const [t, h, w] = derived.latent ?? [null, null, null];
+  if (derived.pixels) rows.push(["pixels", `pixels ${derived.pixels[0]}×${derived.pixels[1]} (W×H, ${derived.sizeSource})`, COLORS.text]);
+  if (derived.latent) {
+    const channels = derived.channels ? `, ${derived.channels} ch` : "";
+    rows.push(["latent", `latent ${t ?? "?"}×${h}×${w} (T×H×W${channels})`, COLORS.text]);
+    rows.push(["tokens", `tokens ${formatNumber(derived.tokensPerFrame)} / frame, ${formatNumber(derived.tokens)} total`, COLORS.text]);
+  }
+  if (derived.seconds != null) {
+    rows.push(["duration", `duration ${derived.seconds.toFixed(2)} s (${values.num_frames} frames at ${values.fps} fps)`, COLORS.text]);
+  }
+  for (const error of derived.errors) rows.push(["warning", `⚠ ${error}`, COLORS.error]);
+  for (const note of derived.notes) rows.push(["note", `• ${note}`, COLORS.note]);
+  return { rows, derived, invalid: derived.errors.length > 0 };
+}
+
+function signature(node) {
+  return JSON.stringify([readValues(node), !!state.rules, state.failure]);
+}
+
+const BADGE_TEXT = "⚠ invalid for Open-Sora";
+
+function makeBadge(node) {
+  const Badge = globalThis.LGraphBadge;
+  if (typeof Badge !== "function" || !Array.isArray(node.badges)) return null;
+  const badge = new Badge({ text: "", fgColor: "#ffffff", bgColor: "#b3261e" });
+  node.badges.push(() => badge); // empty text = not drawn
+  return badge;
+}
+
+const LINE_HEIGHT = 15;
+const CHAR_WIDTH = 6.7; // 11px monospace
+
+/** Height the info text needs at the node's current width (long warnings wrap). */
+function infoHeight(node, element) {
+  const rows = [...element.children];
+  // Laid out on the page: the rows' own heights (not the container's, which the frontend stretches).
+  const measured = rows.reduce((sum, row) => sum + row.offsetHeight, 0);
+  if (element.isConnected && measured > 0) return 8 + measured;
+  // Not laid out yet: estimate, leaving room for word wrapping.
+  const perLine = Math.max(20, Math.floor((0.85 * ((node.size?.[0] ?? 300) - 28)) / CHAR_WIDTH));
+  let lines = 0;
+  for (const row of rows) lines += Math.max(1, Math.ceil(row.textContent.length / perLine));
+  return 8 + LINE_HEIGHT * Math.max(1, lines);
+}
+
+function addInfoWidget(node) {
+  const element = document.createElement("div");
+  element.className = "opensora-info";
+  Object.assign(element.style, {
+    font: "11px monospace",
+    lineHeight: `${LINE_HEIGHT}px`,
+    padding: "2px 4px",
+    color: COLORS.text,
+    boxSizing: "border-box",
+    overflow: "hidden",
+    pointerEvents: "none",
+  });
+  let widget = null;
+  if (typeof node.addDOMWidget === "function") {
+    widget = node.addDOMWidget(INFO_WIDGET, "opensora_info", element, {
+      serialize: false, // display only: no workflow value, nothing in the API prompt
+      hideOnZoom: false,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => infoHeight(node, element),
+    });
+  } else if (typeof node.addCustomWidget === "function") {
+    // Frontends without DOM widgets: draw the same lines on the canvas.
+    widget = node.addCustomWidget({
+      name: INFO_WIDGET,
+      type: "opensora_info",
+      value: "",
+      options: { serialize: false },
+      draw(ctx, _node, width, y) {
+        ctx.save();
+        ctx.font = "11px monospace";
+        let offset = y + 12;
+        for (const row of element.children) {
+          ctx.fillStyle = row.style.color || COLORS.text;
+          ctx.fillText(row.textContent, 10, offset, width - 20);
+          offset += LINE_HEIGHT;
+        }
+        ctx.restore();
+      },
+      computeSize: (width) => [width, infoHeight(node, element)],
+    });
+  }
+  if (widget) widget.serialize = false;
+  return { element, widget };
+}
+
+function refresh(node, force = false, configuring = false) {
+  const info = node.opensora;
+  if (!info) return;
+  const current = signature(node);
+  if (!force && current === info.signature) return;
+  info.signature = current;
+  const { rows, derived, invalid } = describe(node);
+  info.element.replaceChildren(...rows.map(([role, text, color]) => line(role, text, color)));
+  info.element.dataset.invalid = String(invalid);
+  info.derived = derived;
+  info.invalid = invalid;
+  if (info.badge) info.badge.text = invalid ? BADGE_TEXT : "";
+  const height = infoHeight(node, info.element);
+  if (height !== info.height || force) fitHeight(node, !configuring);
+  info.height = height;
+  node.setDirtyCanvas?.(true, true);
+}
+
+function fitHeight(node, shrink) {
+  if (typeof node.computeSize !== "function" || typeof node.setSize !== "function") return;
+  const wanted = node.computeSize();
+  // A loaded workflow keeps the size it was saved with unless the text needs more room.
+  const height = shrink ? wanted[1] : Math.max(node.size[1], wanted[1]);
+  node.setSize([Math.max(node.size[0], wanted[0]), height]);
+}
+
+// Set-up nodes, so the rules' arrival can refresh them without touching app.graph (newer frontends
+// log an error when it is read before the graph exists).
+const liveNodes = new Set();
+
+function refreshAll() {
+  for (const node of liveNodes) refresh(node, true);
+}
+
+function chain(object, name, after) {
+  const original = object[name];
+  object[name] = function (...args) {
+    const result = original?.apply(this, args);
+    after.apply(this, args);
+    return result;
+  };
+}
+
+function watchWidgets(node) {
+  for (const widget of node.widgets ?? []) {
+    if (!INPUT_NAMES.includes(widget.name)) continue;
+    chain(widget, "callback", () => refresh(node));
+  }
+}
+
+function drawInvalidOutline(node, ctx) {
+  // Only for frontends without strokeStyles; newer ones get the outline from strokeStyles below.
+  if (!node.opensora?.invalid || node.strokeStyles) return;
+  const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  ctx.save();
+  ctx.strokeStyle = COLORS.error;
+  ctx.lineWidth = 3;
+  ctx.strokeRect(-4, -title - 4, node.size[0] + 8, node.size[1] + title + 8);
+  ctx.restore();
+}
+
+function setUpNode(node) {
+  if (node.opensora) return;
+  const { element, widget } = addInfoWidget(node);
+  node.opensora = { element, widget, signature: null, derived: null, invalid: false, height: 0, badge: null };
+  watchWidgets(node);
+  node.opensora.badge = makeBadge(node);
+  liveNodes.add(node);
+  if (node.strokeStyles && typeof node.strokeStyles === "object") {
+    node.strokeStyles.opensoraInvalid = function () {
+      if (this.opensora?.invalid) return { padding: 8, lineWidth: 3, color: COLORS.error };
+    };
+  }
+  refresh(node, true);
+}
+
+export const extension = {
+  name: "OpenSora.DerivedValues",
+  // The evaluator, for scripts and the browser test: app.extensions.find(e => e.name === ...).derive(...)
+  derive,
+  loadRules,
+  compileRule,
+  async setup() {
+    await loadRules();
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_TYPE) return;
+    loadRules();
+    const prototype = nodeType.prototype;
+    chain(prototype, "onNodeCreated", function () {
+      setUpNode(this);
+    });
+    chain(prototype, "onConfigure", function () {
+      refresh(this, true, true);
+    });
+    chain(prototype, "onAdded", function () {
+      if (this.opensora) liveNodes.add(this);
+    });
+    chain(prototype, "onRemoved", function () {
+      liveNodes.delete(this);
+    });
+    chain(prototype, "onConnectionsChange", function () {
+      refresh(this);
+    });
+    chain(prototype, "onWidgetChanged", function () {
+      refresh(this);
+    });
+    chain(prototype, "onDrawForeground", function (ctx) {
+      // Catches changes that bypass widget callbacks (scripts, undo, linked primitives).
+      refresh(this);
+      drawInvalidOutline(this, ctx);
+    });
+  },
+};
+
+// The same file imported under a second URL must not register twice (the frontend throws on that).
+if (!app.extensions?.some((registered) => registered.name === extension.name)) app.registerExtension(extension);
