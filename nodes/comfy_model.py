@@ -43,6 +43,7 @@ class ComfySTDiT3(STDiT3):
 
     def __init__(self, config: STDiT3Config, dtype=None, device=None, operations=None, **_ignored):
         super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
+        self.dtype = dtype  # BaseModel.get_dtype() reads it
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         mask = kwargs.pop("attention_mask", None)
@@ -103,8 +104,24 @@ def build_stdit3_patcher(sd: dict, version: str, config: STDiT3Config, weight_dt
     model_config.set_inference_dtype(weight_dtype, manual_cast)
     model_config.unet_config["dtype"] = weight_dtype
     model = model_config.get_model(device=offload_device)
-    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "rope.freqs"]  # a constant the official file may or may not carry
-    if missing or unexpected:
-        raise ValueError(f"STDiT3 checkpoint does not match the {version} model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, f"the {version} STDiT3")
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_weights(module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str) -> None:
+    """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype.
+
+    assign=True because under newer ComfyUI's DynamicVRAM the comfy.ops layers allocate no weights.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd and k != "rope.freqs"]  # a constant the file may omit
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"The checkpoint does not match {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    converted = {}
+    for key, tensor in sd.items():
+        if tensor.is_floating_point():
+            matrix = key.endswith(".weight") and tensor.ndim >= 2
+            tensor = tensor.to(weight_dtype if matrix else compute_dtype)
+        converted[key] = tensor
+    module.load_state_dict(converted, strict=False, assign=True)

@@ -51,6 +51,15 @@ def model_path(folder: str, name: str) -> str:
     return path
 
 
+class Holder(torch.nn.Module):
+    """ModelPatcher writes bookkeeping attributes (e.g. `device`) onto its module; transformers models
+    have a read-only `device`, so the patcher gets this container instead."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+
 def wrap_module(module: torch.nn.Module, kind: str) -> comfy.model_patcher.ModelPatcher:
     """Put a plain module (text encoder, VAE) under ComfyUI's memory manager."""
     mm = comfy.model_management
@@ -61,7 +70,7 @@ def wrap_module(module: torch.nn.Module, kind: str) -> comfy.model_patcher.Model
     else:
         load, offload = mm.get_torch_device(), mm.unet_offload_device()
     module.to(offload)
-    return comfy.model_patcher.ModelPatcher(module, load_device=load, offload_device=offload)
+    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=load, offload_device=offload)
 
 
 class Progress:

@@ -29,9 +29,9 @@ DIT_CONFIGS = {
 }
 VAE_CONFIGS = {
     "1.3": {
-        "encoder": {"type": "VideoEncoder", "double_z": True, "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 16,
+        "encoder": {"type": "VideoEncoder", "double_z": True, "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
                     "ch_mult": [1, 2, 1, 1], "num_res_blocks": 1, "down_sampling_layer": [1, 2]},
-        "decoder": {"type": "VideoDecoder", "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 16,
+        "decoder": {"type": "VideoDecoder", "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
                     "ch_mult": [1, 2, 1, 1], "num_res_blocks": 1, "temporal_up_layers": [2, 3]},
         "micro_frame_size": 17, "temporal_overlap": True, "normalization": "video",
     },

@@ -55,11 +55,13 @@ PYEOF
 fi
 
 STAMP="$REPO/.cache/requirements.stamp"
-WANT="$(cat "$HOST/requirements.txt" requirements.txt requirements-dev.txt | sha1sum | cut -c1-16)"
+WANT="$( (cat "$HOST/requirements.txt" requirements.txt requirements-dev.txt; echo "extra: requests") | sha1sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   log "installing ComfyUI's, the pack's and the dev requirements"
   # torch is already pinned above; torchaudio is optional for ComfyUI (only audio nodes need it).
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!#])' "$HOST/requirements.txt" > "$REPO/.cache/host-requirements.txt"
+  # Imported by the 0.3.75 server but missing from its requirements.txt.
+  echo "requests" >> "$REPO/.cache/host-requirements.txt"
   pip_q -r "$REPO/.cache/host-requirements.txt" -r requirements.txt -r requirements-dev.txt
   echo "$WANT" > "$STAMP"
 fi
