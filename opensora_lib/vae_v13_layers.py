@@ -6,6 +6,7 @@ state_dict loads with strict=True. Every weight-bearing layer comes from `operat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -135,13 +136,22 @@ class AttentionBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-def per_frame(module: nn.Module, x: torch.Tensor, frames_per_batch: int | None) -> torch.Tensor:
-    """Apply a 2-D module to every frame of [B, C, T, H, W], `frames_per_batch` (B*T) images at a time."""
+def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, frames_per_call: int | None) -> torch.Tensor:
+    """Apply a 2-D image function to every frame of [B, C, T, H, W], `frames_per_call` frames at a time.
+
+    Results are written straight into the 5-D output (no (b t) copy and no concatenation): at 720p these
+    tensors are several GiB each. Frames are independent, so the grouping does not change the result.
+    """
     batch, frames = x.shape[0], x.shape[2]
-    images = x.transpose(1, 2).flatten(0, 1)  # (b t) c h w
-    step = frames_per_batch or images.shape[0]
-    out = torch.cat([module(images[i : i + step]) for i in range(0, images.shape[0], step)], dim=0)
-    return out.unflatten(0, (batch, frames)).transpose(1, 2).contiguous()
+    step = frames_per_call or frames
+    out = None
+    for b in range(batch):
+        for start in range(0, frames, step):
+            result = fn(x[b, :, start : start + step].transpose(0, 1))  # [n, C, H, W] -> [n, C', H', W']
+            if out is None:
+                out = result.new_empty((batch, result.shape[1], frames, *result.shape[2:]))
+            out[b, :, start : start + step] = result.transpose(0, 1)
+    return out
 
 
 class Downsample2D(nn.Module):
