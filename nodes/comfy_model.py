@@ -47,8 +47,9 @@ class ComfySTDiT3(STDiT3):
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         mask = kwargs.pop("attention_mask", None)
-        out = STDiT3.forward(self, x, timesteps, context.unsqueeze(1) if context.ndim == 3 else context,
-                             mask=mask, **kwargs)
+        out = STDiT3.forward(
+            self, x, timesteps, context.unsqueeze(1) if context.ndim == 3 else context, mask=mask, **kwargs
+        )
         channels = x.shape[1]
         return -out[:, :channels]  # 1.x predicts x0 - noise; core's CONST expects noise - x0
 
@@ -84,14 +85,18 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         for name in ("attention_mask", "fps", "height", "width", "cond", "cond_mask", "y_null", "x_mask"):
             value = kwargs.get(name)
             if value is not None:
-                out[name] = comfy.conds.CONDRegular(value) if torch.is_tensor(value) else comfy.conds.CONDConstant(value)
+                out[name] = (
+                    comfy.conds.CONDRegular(value) if torch.is_tensor(value) else comfy.conds.CONDConstant(value)
+                )
         mask_index = kwargs.get("mask_index")
         if mask_index is not None:
             out["mask_index"] = comfy.conds.CONDConstant(tuple(mask_index))
         return out
 
 
-def build_stdit3_patcher(sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None) -> comfy.model_patcher.ModelPatcher:
+def build_stdit3_patcher(
+    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None
+) -> comfy.model_patcher.ModelPatcher:
     """Build the ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
@@ -108,7 +113,9 @@ def build_stdit3_patcher(sd: dict, version: str, config: STDiT3Config, weight_dt
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)
 
 
-def load_weights(module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str) -> None:
+def load_weights(
+    module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str
+) -> None:
     """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype.
 
     assign=True because under newer ComfyUI's DynamicVRAM the comfy.ops layers allocate no weights.

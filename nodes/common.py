@@ -47,7 +47,9 @@ def model_path(folder: str, name: str) -> str:
         raise FileNotFoundError(f"model folder {name!r} not found in models/{folder}")
     path = folder_paths.get_full_path(folder, name)
     if path is None:
-        raise FileNotFoundError(f"model file {name!r} not found in models/{folder} ({', '.join(folder_paths.get_folder_paths(folder))})")
+        raise FileNotFoundError(
+            f"model file {name!r} not found in models/{folder} ({', '.join(folder_paths.get_folder_paths(folder))})"
+        )
     return path
 
 

@@ -42,16 +42,68 @@ class OpenSoraEmptyLatentVideo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "version": (VERSIONS, {"default": "1.3", "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention)."}),
-                "resolution": (_union(sizes.resolutions), {"default": "360p", "tooltip": "Resolution preset of the chosen version (1.x: 360p, 720p, ...; 2.0: 256px, 768px)."}),
-                "aspect_ratio": (_union(sizes.aspect_ratios), {"default": "9:16", "tooltip": "Aspect ratio string in the version's own convention: H:W for 1.x ('9:16' is landscape 360x640), W:H for 2.0 ('16:9' is landscape)."}),
-                "num_frames": ("INT", {"default": 49, "min": 1, "max": 1024, "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 1.2: 1 or 17 and more."}),
+                "version": (
+                    VERSIONS,
+                    {
+                        "default": "1.3",
+                        "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention).",
+                    },
+                ),
+                "resolution": (
+                    _union(sizes.resolutions),
+                    {
+                        "default": "360p",
+                        "tooltip": "Resolution preset of the chosen version (1.x: 360p, 720p, ...; 2.0: 256px, 768px).",
+                    },
+                ),
+                "aspect_ratio": (
+                    _union(sizes.aspect_ratios),
+                    {
+                        "default": "9:16",
+                        "tooltip": "Aspect ratio string in the version's own convention: H:W for 1.x ('9:16' is landscape 360x640), W:H for 2.0 ('16:9' is landscape).",
+                    },
+                ),
+                "num_frames": (
+                    "INT",
+                    {
+                        "default": 49,
+                        "min": 1,
+                        "max": 1024,
+                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 1.2: 1 or 17 and more.",
+                    },
+                ),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos generated at once."}),
             },
             "optional": {
-                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Exact width in pixels (with height); 0 uses the preset."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Exact height in pixels (with width); 0 uses the preset."}),
-                "fps": ("INT", {"default": 24, "min": 1, "max": 120, "tooltip": "Frame rate the model is conditioned on and the video is meant to play at (official: 24)."}),
+                "width": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Exact width in pixels (with height); 0 uses the preset.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Exact height in pixels (with width); 0 uses the preset.",
+                    },
+                ),
+                "fps": (
+                    "INT",
+                    {
+                        "default": 24,
+                        "min": 1,
+                        "max": 120,
+                        "tooltip": "Frame rate the model is conditioned on and the video is meant to play at (official: 24).",
+                    },
+                ),
             },
         }
 
@@ -89,7 +141,9 @@ def mask_index_for(cond_type: str, latent_frames: int, reference_frames: int, fr
     if cond_type == "v2v_head":
         return list(range(min(5, reference_frames, latent_frames)))
     if not 0 <= frame_index < latent_frames:
-        raise ValueError(f"frame_index {frame_index} is outside the latent's {latent_frames} frames (0..{latent_frames - 1})")
+        raise ValueError(
+            f"frame_index {frame_index} is outside the latent's {latent_frames} frames (0..{latent_frames - 1})"
+        )
     return [frame_index]
 
 
@@ -98,14 +152,40 @@ class OpenSoraEncodeReference:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("OPENSORA_VAE", {"tooltip": "The 1.x VAE that matches the DiT."}),
-                "image": ("IMAGE", {"tooltip": "A reference image, or several frames (a video) for v2v_head. Resized to fill and center-cropped to the latent's size, as the official code does."}),
+                "image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "A reference image, or several frames (a video) for v2v_head. Resized to fill and center-cropped to the latent's size, as the official code does."
+                    },
+                ),
                 "latent": ("LATENT", {"tooltip": "The latent to condition, from Open-Sora Empty Latent Video."}),
-                "cond_type": (COND_TYPES, {"default": "i2v_head", "tooltip": "Where the reference goes: first frame, last frame, both (loop), the first latent frames of a video (v2v_head), or one latent frame (frame_index)."}),
+                "cond_type": (
+                    COND_TYPES,
+                    {
+                        "default": "i2v_head",
+                        "tooltip": "Where the reference goes: first frame, last frame, both (loop), the first latent frames of a video (v2v_head), or one latent frame (frame_index).",
+                    },
+                ),
             },
             "optional": {
-                "frame_index": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Latent frame for cond_type frame_index."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the VAE posterior sample (the official code samples the posterior)."}),
+                "vae": ("OPENSORA_VAE", {"tooltip": "1.x: the Open-Sora VAE that matches the DiT."}),
+                "core_vae": (
+                    "VAE",
+                    {"tooltip": "2.0: the HunyuanVideo VAE from core Load VAE (hunyuan_vae.safetensors)."},
+                ),
+                "frame_index": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 1024, "tooltip": "Latent frame for cond_type frame_index."},
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "tooltip": "Seed of the VAE posterior sample (the official code samples the posterior).",
+                    },
+                ),
             },
         }
 
@@ -114,8 +194,20 @@ class OpenSoraEncodeReference:
     CATEGORY = f"{CATEGORY}/latent"
     DESCRIPTION = "VAE-encode a reference image or video and attach it to the latent for image/video-to-video."
 
-    def encode(self, vae, image, latent, cond_type, frame_index=0, seed=0):
+    def encode(self, image, latent, cond_type, vae=None, core_vae=None, frame_index=0, seed=0):
         info = video_info(latent)
+        if info["version"] == "2.0":
+            if core_vae is None:
+                raise ValueError(
+                    "Open-Sora 2.0 references are encoded with the HunyuanVideo VAE: connect core_vae (core Load VAE)."
+                )
+            from .reference_v2 import encode_reference_v2
+
+            return (encode_reference_v2(core_vae, image, latent, cond_type, frame_index, seed),)
+        if vae is None:
+            raise ValueError(
+                f"Open-Sora {info['version']} references need the Open-Sora VAE: connect vae (Load Open-Sora VAE)."
+            )
         if info["version"] != vae.version:
             raise ValueError(f"The latent is for Open-Sora {info['version']} but the VAE is {vae.version}.")
         pixels = sizes.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
@@ -142,8 +234,26 @@ class OpenSoraDecode:
                 "latent": ("LATENT", {"tooltip": "Sampled video latent."}),
             },
             "optional": {
-                "tile_size": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 32, "tooltip": "Spatial tile size in pixels for decoding with less memory; 0 decodes in one piece (exact official numbers)."}),
-                "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 512, "step": 8, "tooltip": "Overlap between tiles in pixels, blended linearly."}),
+                "tile_size": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2048,
+                        "step": 32,
+                        "tooltip": "Spatial tile size in pixels for decoding with less memory; 0 decodes in one piece (exact official numbers).",
+                    },
+                ),
+                "tile_overlap": (
+                    "INT",
+                    {
+                        "default": 64,
+                        "min": 0,
+                        "max": 512,
+                        "step": 8,
+                        "tooltip": "Overlap between tiles in pixels, blended linearly.",
+                    },
+                ),
             },
         }
 

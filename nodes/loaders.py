@@ -14,7 +14,7 @@ from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5Embedder
 from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
 from .comfy_model import build_stdit3_patcher
-from .vae import build_vae
+from .vae import build_vae, read_folder_config
 
 log = logging.getLogger("OpenSora")
 
@@ -24,7 +24,11 @@ def bundled_tokenizer(name: str) -> str:
     import comfy.sd1_clip
 
     comfy_dir = os.path.dirname(comfy.sd1_clip.__file__)
-    return os.path.join(comfy_dir, "text_encoders", "t5_tokenizer") if name == "t5" else os.path.join(comfy_dir, "sd1_tokenizer")
+    return (
+        os.path.join(comfy_dir, "text_encoders", "t5_tokenizer")
+        if name == "t5"
+        else os.path.join(comfy_dir, "sd1_tokenizer")
+    )
 
 
 class OpenSoraLoadDiT:
@@ -32,9 +36,26 @@ class OpenSoraLoadDiT:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dit_name": (model_choices("diffusion_models"), {"tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file or a Hugging Face folder (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2). The version is detected from the weights."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "Storage dtype of the DiT weights. default: bf16 on GPUs that support it, else fp32. fp8 halves memory at a small quality cost."}),
-                "attention": (list(attention_lib.BACKENDS), {"default": "sdpa", "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; flash_attn / sageattention only when installed."}),
+                "dit_name": (
+                    model_choices("diffusion_models"),
+                    {
+                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file or a Hugging Face folder (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2). The version is detected from the weights."
+                    },
+                ),
+                "weight_dtype": (
+                    list(WEIGHT_DTYPES),
+                    {
+                        "default": "default",
+                        "tooltip": "Storage dtype of the DiT weights. default: bf16 on GPUs that support it, else fp32. fp8 halves memory at a small quality cost.",
+                    },
+                ),
+                "attention": (
+                    list(attention_lib.BACKENDS),
+                    {
+                        "default": "sdpa",
+                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; flash_attn / sageattention only when installed.",
+                    },
+                ),
             }
         }
 
@@ -47,11 +68,15 @@ class OpenSoraLoadDiT:
         attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
         path = model_path("diffusion_models", dit_name)
         info = checkpoint.detect(checkpoint.read_header(path))
-        checkpoint.expect_family(info, {"stdit3"}, "the Open-Sora DiT loader")
-        sd = checkpoint.load_state_dict(path)
-        config = STDiT3Config.from_dict(info.config)
+        checkpoint.expect_family(info, {"stdit3", "mmdit"}, "the Open-Sora DiT loader")
+        sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
+        config_values = {**info.config, **read_folder_config(path)}
         dtype = WEIGHT_DTYPES[weight_dtype]
-        return (build_stdit3_patcher(sd, info.version, config, dtype),)
+        if info.family == "mmdit":
+            from .comfy_model_v2 import build_mmdit_patcher
+
+            return (build_mmdit_patcher(sd, info, config_values, dtype),)
+        return (build_stdit3_patcher(sd, info.version, STDiT3Config.from_dict(config_values), dtype),)
 
 
 class OpenSoraLoadTextEncoder:
@@ -59,13 +84,39 @@ class OpenSoraLoadTextEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "t5_name": (model_choices("text_encoders"), {"tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file or a Hugging Face folder."}),
-                "precision": (["default", "fp32", "bf16"], {"default": "default", "tooltip": "Compute dtype. default = what the official code uses: fp32 for 1.x (T5 must be fp32 there), bf16 for 2.0."}),
-                "version": (["1.3", "1.2", "2.0"], {"default": "1.3", "tooltip": "Which Open-Sora generation the prompts are for: 1.x uses 300 masked tokens, 2.0 512 unmasked tokens plus CLIP-L."}),
+                "t5_name": (
+                    model_choices("text_encoders"),
+                    {
+                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file or a Hugging Face folder."
+                    },
+                ),
+                "precision": (
+                    ["default", "fp32", "bf16"],
+                    {
+                        "default": "default",
+                        "tooltip": "Compute dtype. default = what the official code uses: fp32 for 1.x (T5 must be fp32 there), bf16 for 2.0.",
+                    },
+                ),
+                "version": (
+                    ["1.3", "1.2", "2.0"],
+                    {
+                        "default": "1.3",
+                        "tooltip": "Which Open-Sora generation the prompts are for: 1.x uses 300 masked tokens, 2.0 512 unmasked tokens plus CLIP-L.",
+                    },
+                ),
             },
             "optional": {
-                "clip_name": (["none", *model_choices("text_encoders")], {"default": "none", "tooltip": "CLIP-L text model (clip_l.safetensors); needed for 2.0 only."}),
-                "tokenizer_folder": ("STRING", {"default": "", "tooltip": "Optional folder with the T5 tokenizer files. Empty: the tokenizer beside the model, else the one bundled with ComfyUI."}),
+                "clip_name": (
+                    ["none", *model_choices("text_encoders")],
+                    {"default": "none", "tooltip": "CLIP-L text model (clip_l.safetensors); needed for 2.0 only."},
+                ),
+                "tokenizer_folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional folder with the T5 tokenizer files. Empty: the tokenizer beside the model, else the one bundled with ComfyUI.",
+                    },
+                ),
             },
         }
 
@@ -81,17 +132,36 @@ class OpenSoraLoadTextEncoder:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if v2 else torch.float32)
         path = model_path("text_encoders", t5_name)
         tokenizer = tokenizer_folder.strip() or None
-        if tokenizer is None and not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "spiece.model")):
+        if (
+            tokenizer is None
+            and not os.path.isfile(os.path.join(path, "tokenizer.json"))
+            and not os.path.isfile(os.path.join(path, "spiece.model"))
+        ):
             tokenizer = bundled_tokenizer("t5")
-        t5 = T5Embedder.from_files(path, tokenizer_path=tokenizer, max_length=512 if v2 else 300, use_mask=not v2, dtype=dtype, device="cpu")
+        t5 = T5Embedder.from_files(
+            path, tokenizer_path=tokenizer, max_length=512 if v2 else 300, use_mask=not v2, dtype=dtype, device="cpu"
+        )
         clip = None
         if v2:
             if clip_name == "none":
                 raise ValueError("Open-Sora 2.0 needs CLIP-L as well: choose clip_name (clip_l.safetensors)")
             from ..opensora_lib.text_encoders import CLIPPooledEmbedder
 
-            clip = CLIPPooledEmbedder.from_files(model_path("text_encoders", clip_name), tokenizer_path=bundled_tokenizer("clip"), dtype=dtype, device="cpu")
-        return (TextEncoder(version, t5, wrap_module(t5.model, "text_encoder"), clip, wrap_module(clip.model, "text_encoder") if clip else None),)
+            clip = CLIPPooledEmbedder.from_files(
+                model_path("text_encoders", clip_name),
+                tokenizer_path=bundled_tokenizer("clip"),
+                dtype=dtype,
+                device="cpu",
+            )
+        return (
+            TextEncoder(
+                version,
+                t5,
+                wrap_module(t5.model, "text_encoder"),
+                clip,
+                wrap_module(clip.model, "text_encoder") if clip else None,
+            ),
+        )
 
 
 class OpenSoraLoadVAE:
@@ -99,8 +169,16 @@ class OpenSoraLoadVAE:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae_name": (model_choices("vae"), {"tooltip": "An Open-Sora 1.x VAE from models/vae (OpenSora-VAE-v1.2 or -v1.3 model.safetensors, or its folder). For 2.0 use core's Load VAE with hunyuan_vae.safetensors."}),
-                "dtype": (["default", "bf16", "fp32"], {"default": "default", "tooltip": "default: bf16 on GPU (as the official inference), fp32 on CPU."}),
+                "vae_name": (
+                    model_choices("vae"),
+                    {
+                        "tooltip": "An Open-Sora 1.x VAE from models/vae (OpenSora-VAE-v1.2 or -v1.3 model.safetensors, or its folder). For 2.0 use core's Load VAE with hunyuan_vae.safetensors."
+                    },
+                ),
+                "dtype": (
+                    ["default", "bf16", "fp32"],
+                    {"default": "default", "tooltip": "default: bf16 on GPU (as the official inference), fp32 on CPU."},
+                ),
             }
         }
 
@@ -118,7 +196,8 @@ class OpenSoraLoadVAE:
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        return (build_vae(info, checkpoint.load_state_dict(path), torch_dtype),)
+        sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
+        return (build_vae(info, sd, torch_dtype, path),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -73,7 +73,14 @@ def dit_caller(model):
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
 
     def call(x, timestep, **kwargs):
-        cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in ("height", "width", "fps") else v) for k, v in kwargs.items()}
+        cast = {
+            k: (
+                v.to(dtype)
+                if torch.is_tensor(v) and v.is_floating_point() and k not in ("height", "width", "fps")
+                else v
+            )
+            for k, v in kwargs.items()
+        }
         return STDiT3.forward(dm, x.to(dtype), timestep, **cast)
 
     return call
@@ -86,31 +93,128 @@ class OpenSoraSampler:
             "required": {
                 "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
                 "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
-                "negative": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt (null caption or negative prompt)."}),
-                "latent": ("LATENT", {"tooltip": "From Open-Sora Empty Latent Video (optionally through Encode Reference)."}),
-                "seed": ("INT", {"default": 1024, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Seed of the initial noise (drawn as ComfyUI draws it, so core samplers with the same seed start from the same noise)."}),
+                "negative": (
+                    "CONDITIONING",
+                    {"tooltip": "From Open-Sora Encode Prompt (null caption or negative prompt)."},
+                ),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "From Open-Sora Empty Latent Video (optionally through Encode Reference)."},
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the initial noise (drawn as ComfyUI draws it, so core samplers with the same seed start from the same noise).",
+                    },
+                ),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Sampling steps (official: 30)."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3). 1.0 runs one pass per step."}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.5,
+                        "min": 1.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3). 1.0 runs one pass per step.",
+                    },
+                ),
             },
             "optional": {
-                "image_cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "1.3 image guidance scale for i2v / v2v (official v2v config: 5.0)."}),
-                "oscillation": ("BOOLEAN", {"default": True, "tooltip": "1.3 oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps."}),
-                "image_oscillation": ("BOOLEAN", {"default": True, "tooltip": "Oscillation guidance for the image scale."}),
-                "scale_image_weight": ("BOOLEAN", {"default": True, "tooltip": "1.3 i2v: image guidance ramps up along the video and down over the steps."}),
-                "sdedit": ("BOOLEAN", {"default": True, "tooltip": "1.3 i2v: re-noise the conditioned frames from the reference at every step."}),
-                "flaw_fix": ("BOOLEAN", {"default": True, "tooltip": "1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on)."}),
-                "timestep_transform": ("BOOLEAN", {"default": True, "tooltip": "Resolution- and length-dependent timestep shift (official on)."}),
+                "image_cfg": (
+                    "FLOAT",
+                    {
+                        "default": 5.0,
+                        "min": 1.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": "1.3 image guidance scale for i2v / v2v (official v2v config: 5.0).",
+                    },
+                ),
+                "oscillation": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "1.3 oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps.",
+                    },
+                ),
+                "image_oscillation": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Oscillation guidance for the image scale."},
+                ),
+                "scale_image_weight": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "1.3 i2v: image guidance ramps up along the video and down over the steps.",
+                    },
+                ),
+                "sdedit": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "1.3 i2v: re-noise the conditioned frames from the reference at every step.",
+                    },
+                ),
+                "flaw_fix": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on).",
+                    },
+                ),
+                "timestep_transform": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Resolution- and length-dependent timestep shift (official on)."},
+                ),
             },
         }
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = f"{CATEGORY}/sampling"
-    DESCRIPTION = "Open-Sora's reference rectified-flow sampler with every official option, progress, previews and interruption."
+    DESCRIPTION = (
+        "Open-Sora's reference rectified-flow sampler with every official option, progress, previews and interruption."
+    )
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, image_cfg=5.0, oscillation=True, image_oscillation=True,
-               scale_image_weight=True, sdedit=True, flaw_fix=True, timestep_transform=True):
+    def sample(
+        self,
+        model,
+        positive,
+        negative,
+        latent,
+        seed,
+        steps,
+        cfg,
+        image_cfg=5.0,
+        oscillation=True,
+        image_oscillation=True,
+        scale_image_weight=True,
+        sdedit=True,
+        flaw_fix=True,
+        timestep_transform=True,
+    ):
         info = check_versions(model, latent)
+        if info["version"] == "2.0":
+            from .sampling_v2 import sample_v2_node
+
+            return sample_v2_node(
+                model,
+                positive,
+                negative,
+                latent,
+                seed,
+                steps,
+                cfg,
+                image_cfg,
+                oscillation,
+                image_oscillation,
+                scale_image_weight,
+                timestep_transform,
+            )
         comfy.model_management.load_models_gpu([model])
         device = model.load_device
         dtype = model.model.manual_cast_dtype or model.model.get_dtype()
@@ -118,9 +222,15 @@ class OpenSoraSampler:
         version = info["version"]
         v13 = version == "1.3"
         options = rflow.RFlowOptions(
-            num_steps=steps, cfg_scale=cfg, version=version, use_timestep_transform=timestep_transform,
-            use_oscillation_guidance=oscillation and v13, use_flaw_fix=flaw_fix and v13, image_cfg_scale=image_cfg,
-            use_oscillation_guidance_for_image=image_oscillation and v13, scale_image_weight=scale_image_weight and v13,
+            num_steps=steps,
+            cfg_scale=cfg,
+            version=version,
+            use_timestep_transform=timestep_transform,
+            use_oscillation_guidance=oscillation and v13,
+            use_flaw_fix=flaw_fix and v13,
+            image_cfg_scale=image_cfg,
+            use_oscillation_guidance_for_image=image_oscillation and v13,
+            scale_image_weight=scale_image_weight and v13,
             use_sdedit=sdedit and v13,
         )
         generator = torch.Generator().manual_seed(seed + 1)
@@ -129,9 +239,17 @@ class OpenSoraSampler:
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)
 
         out = rflow.sample_rflow(
-            dit_caller(model), z, v1_text(model, positive, negative, device, dtype), options,
-            height=info["height"], width=info["width"], num_frames=info["num_frames"], fps=info.get("fps"),
-            cond=v1_reference(latent, z), noise=noise, callback=Progress(steps, previewer_for(model)),
+            dit_caller(model),
+            z,
+            v1_text(model, positive, negative, device, dtype),
+            options,
+            height=info["height"],
+            width=info["width"],
+            num_frames=info["num_frames"],
+            fps=info.get("fps"),
+            cond=v1_reference(latent, z),
+            noise=noise,
+            callback=Progress(steps, previewer_for(model)),
         )
         result = {k: v for k, v in latent.items() if k != "opensora_reference"}
         result["samples"] = out.float().to(comfy.model_management.intermediate_device())
@@ -143,11 +261,17 @@ class OpenSoraSigmas:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "latent": ("LATENT", {"tooltip": "From Open-Sora Empty Latent Video: its size and length set the shift."}),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "From Open-Sora Empty Latent Video: its size and length set the shift."},
+                ),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Sampling steps."}),
             },
             "optional": {
-                "timestep_transform": ("BOOLEAN", {"default": True, "tooltip": "Apply Open-Sora's resolution- and length-dependent shift."}),
+                "timestep_transform": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Apply Open-Sora's resolution- and length-dependent shift."},
+                ),
             },
         }
 
@@ -158,8 +282,18 @@ class OpenSoraSigmas:
 
     def sigmas(self, latent, steps, timestep_transform=True):
         info = video_info(latent)
-        t = rflow_timesteps(steps, info["height"], info["width"], info["num_frames"], info["version"],
-                            use_timestep_transform=timestep_transform)
+        if info["version"] == "2.0":
+            from .sampling_v2 import sigmas_v2
+
+            return (sigmas_v2(info, steps, timestep_transform),)
+        t = rflow_timesteps(
+            steps,
+            info["height"],
+            info["width"],
+            info["num_frames"],
+            info["version"],
+            use_timestep_transform=timestep_transform,
+        )
         return (torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float(),)
 
 

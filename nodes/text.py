@@ -30,7 +30,11 @@ class TextEncoder:
         comfy.model_management.load_models_gpu([self.t5_patcher])
         y, mask, truncated = self.t5.encode(texts)
         if truncated:
-            log.warning("OpenSora: %d prompt(s) longer than %d T5 tokens were truncated, as the official code does", truncated, self.t5.max_length)
+            log.warning(
+                "OpenSora: %d prompt(s) longer than %d T5 tokens were truncated, as the official code does",
+                truncated,
+                self.t5.max_length,
+            )
         device = comfy.model_management.intermediate_device()
         return y.float().to(device), mask.to(device)
 
@@ -60,15 +64,66 @@ class OpenSoraEncodePrompt:
         return {
             "required": {
                 "text_encoder": ("OPENSORA_TEXT_ENCODER", {"tooltip": "From Load Open-Sora Text Encoder."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video shows. Cleaned and suffixed exactly as the official code does for the encoder's version."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid. Empty: 1.x uses the model's learned null caption (the official default), 2.0 encodes the empty string."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What the video shows. Cleaned and suffixed exactly as the official code does for the encoder's version.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid. Empty: 1.x uses the model's learned null caption (the official default), 2.0 encodes the empty string.",
+                    },
+                ),
             },
             "optional": {
-                "aesthetic_score": ("FLOAT", {"default": 6.5, "min": -1.0, "max": 10.0, "step": 0.1, "tooltip": "1.x aesthetic score added to the prompt (1.2 as a number, 1.3 as words). -1: none. Official defaults: 6.5 (1.2), 7.0 (1.3 i2v)."}),
-                "motion_score": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "tooltip": "1.x motion (optical-flow) score added to the prompt. -1: none."}),
-                "camera_motion": (CAMERA_MOTIONS, {"default": "none", "tooltip": "1.x camera motion text added to the prompt."}),
-                "motion_score_v2": ("INT", {"default": 4, "min": 1, "max": 15, "tooltip": "2.0 motion score appended as ' N motion score.' (official default 4)."}),
-                "fps": ("INT", {"default": 24, "min": 1, "max": 120, "tooltip": "2.0: frames per second written into the prompt (' 24 FPS.'); keep it equal to the saved video's fps."}),
+                "aesthetic_score": (
+                    "FLOAT",
+                    {
+                        "default": 6.5,
+                        "min": -1.0,
+                        "max": 10.0,
+                        "step": 0.1,
+                        "tooltip": "1.x aesthetic score added to the prompt (1.2 as a number, 1.3 as words). -1: none. Official defaults: 6.5 (1.2), 7.0 (1.3 i2v).",
+                    },
+                ),
+                "motion_score": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "1.x motion (optical-flow) score added to the prompt. -1: none.",
+                    },
+                ),
+                "camera_motion": (
+                    CAMERA_MOTIONS,
+                    {"default": "none", "tooltip": "1.x camera motion text added to the prompt."},
+                ),
+                "motion_score_v2": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": 15,
+                        "tooltip": "2.0 motion score appended as ' N motion score.' (official default 4).",
+                    },
+                ),
+                "fps": (
+                    "INT",
+                    {
+                        "default": 24,
+                        "min": 1,
+                        "max": 120,
+                        "tooltip": "2.0: frames per second written into the prompt (' 24 FPS.'); keep it equal to the saved video's fps.",
+                    },
+                ),
             },
         }
 
@@ -78,12 +133,24 @@ class OpenSoraEncodePrompt:
     CATEGORY = f"{CATEGORY}/conditioning"
     DESCRIPTION = "Encode a prompt and a negative prompt with Open-Sora's text rules into native CONDITIONING."
 
-    def encode(self, text_encoder, prompt, negative_prompt, aesthetic_score=6.5, motion_score=-1.0, camera_motion="none", motion_score_v2=4, fps=24):
+    def encode(
+        self,
+        text_encoder,
+        prompt,
+        negative_prompt,
+        aesthetic_score=6.5,
+        motion_score=-1.0,
+        camera_motion="none",
+        motion_score_v2=4,
+        fps=24,
+    ):
         if not prompt.strip():
             raise ValueError("The prompt is empty: describe the video to generate.")
         version = text_encoder.version
         if version == "2.0":
-            positive = text_conditioning(text_encoder, prompts.prompt_text_v2(prompt, fps=fps, motion_score=motion_score_v2))
+            positive = text_conditioning(
+                text_encoder, prompts.prompt_text_v2(prompt, fps=fps, motion_score=motion_score_v2)
+            )
             return (positive, text_conditioning(text_encoder, negative_prompt))
         text = prompts.prompt_text_v1(
             prompt,

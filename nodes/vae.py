@@ -37,7 +37,9 @@ class OpenSoraVAE:
         z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
         return z.float().to(comfy.model_management.intermediate_device())
 
-    def decode(self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0) -> torch.Tensor:
+    def decode(
+        self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0
+    ) -> torch.Tensor:
         """Normalised latent -> [B,3,T,H,W] in [-1,1]."""
         model, device = self._ready()
         kwargs = {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size else {}

@@ -118,6 +118,46 @@ def image_scale_ramp(image_scale: float, initial: float, step: int, num_steps: i
     return torch.linspace(initial, upper.item(), frames).view(1, 1, frames, 1, 1)
 
 
+def step_scales(
+    options: RFlowOptions, step: int, num_steps: int, frames: int, has_reference: bool
+) -> tuple[float, float | torch.Tensor]:
+    """(text scale, image scale) of one step: oscillation, and the 1.3 per-frame image ramp."""
+    text_scale = options.cfg_scale
+    if options.use_oscillation_guidance:
+        text_scale = oscillation_scale(options.cfg_scale, step, options.force_num)
+    image_scale: float | torch.Tensor = 1.0
+    if has_reference:
+        image_cfg = options.cfg_scale if options.image_cfg_scale is None else options.image_cfg_scale
+        oscillate = options.use_oscillation_guidance_for_image
+        if oscillate is None:
+            oscillate = options.use_oscillation_guidance
+        image_scale = oscillation_scale(image_cfg, step, options.force_num) if oscillate else image_cfg
+        if options.scale_image_weight and image_scale > options.initial_image_scale:
+            image_scale = image_scale_ramp(image_scale, options.initial_image_scale, step, num_steps, frames)
+    return text_scale, image_scale
+
+
+def guided_velocity(
+    velocities: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    text_scale: float,
+    image_scale: float | torch.Tensor = 1.0,
+    use_flaw_fix: bool = False,
+) -> torch.Tensor:
+    """Combine [v_cond, v_text_uncond, (v_all_uncond)] as the reference does (1.x velocity convention).
+
+    v_c + (g - 1)(v_c - v_u) is the reference's v_u + g(v_c - v_u) reordered, so a skipped pass (g == 1)
+    contributes an exact zero. With three passes the image term (g_img - 1)(v_u - v_u2) is added.
+    """
+    v = velocities[0]
+    if len(velocities) >= 2:
+        v = v + (text_scale - 1) * (v - velocities[1])
+    if len(velocities) == 3:
+        v = v + (image_scale - 1) * (velocities[1] - velocities[2])
+    if use_flaw_fix and len(velocities) == 2:
+        v = flaw_fix(v, velocities[0])  # at one pass the factor is exactly 1
+    return v
+
+
 def _batch_of(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     if tensor.dim() == 2:  # [L, C], the raw y_embedding
         tensor = tensor[None, None]
@@ -236,11 +276,6 @@ def sample_rflow(
         # The bf16 reference also hands the model bf16-rounded sizes (854 -> 856): pos-emb / RoPE scale.
         size_args = {name: value.to(torch.bfloat16).float() for name, value in size_args.items()}
 
-    image_cfg_scale = options.cfg_scale if options.image_cfg_scale is None else options.image_cfg_scale
-    image_oscillation = options.use_oscillation_guidance_for_image
-    if image_oscillation is None:
-        image_oscillation = options.use_oscillation_guidance
-
     cond_latent = cond_mask = None
     if reference is not None:
         cond_mask = torch.zeros_like(z)
@@ -267,20 +302,9 @@ def sample_rflow(
             z_noise = add_noise(cond_latent, eps, t_batch[:, None, None, None, None])
             z = torch.where(cond_mask == 1, z_noise, z)
 
-        text_scale = options.cfg_scale
-        if options.use_oscillation_guidance:
-            text_scale = oscillation_scale(options.cfg_scale, i, options.force_num)
-
-        # Passes, in the reference's batch order: cond, text-uncond, (image path) all-uncond.
-        image_scale: float | torch.Tensor = 1.0
-        if reference is not None:
-            image_scale = image_cfg_scale
-            if image_oscillation:
-                image_scale = oscillation_scale(image_cfg_scale, i, options.force_num)
-            if options.scale_image_weight and image_scale > options.initial_image_scale:
-                image_scale = image_scale_ramp(image_scale, options.initial_image_scale, i, num_steps, frames).to(
-                    device=device, dtype=z.dtype
-                )
+        text_scale, image_scale = step_scales(options, i, num_steps, frames, reference is not None)
+        if torch.is_tensor(image_scale):
+            image_scale = image_scale.to(device=device, dtype=z.dtype)
         if options.skip_redundant_passes:
             needs_all_uncond = reference is not None and not (isinstance(image_scale, float) and image_scale == 1.0)
             num_passes = 3 if needs_all_uncond else (2 if text_scale != 1.0 else 1)
@@ -304,13 +328,7 @@ def sample_rflow(
         out = model(x_in, t_now.repeat(batch * num_passes), **kwargs)
         velocities = out[:, :channels].float().contiguous().chunk(num_passes, dim=0)
 
-        v = velocities[0]
-        if num_passes >= 2:
-            v = v + (text_scale - 1) * (v - velocities[1])
-        if num_passes == 3:
-            v = v + (image_scale - 1) * (velocities[1] - velocities[2])
-        if options.use_flaw_fix and reference is None and num_passes == 2:
-            v = flaw_fix(v, velocities[0])  # at one pass the factor is exactly 1
+        v = guided_velocity(velocities, text_scale, image_scale, options.use_flaw_fix and reference is None)
 
         denoised = z + t_now / NUM_TIMESTEPS * v
         dt = (timesteps[i] - timesteps[i + 1] if i < num_steps - 1 else timesteps[i]) / NUM_TIMESTEPS

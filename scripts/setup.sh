@@ -66,9 +66,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
-if [ -n "${WITH_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
-  log "installing Chromium (Debian package) for the browser test"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+# Chromium (Debian package) for the real-frontend browser test.
+bash "$REPO/scripts/install_browser.sh"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 log "ready: python $("$PY" -c 'import sys; print(sys.version.split()[0])'), ComfyUI at $HOST"

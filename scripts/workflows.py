@@ -20,39 +20,88 @@ OFFICIAL = {
     "1.3": {"dit": "OpenSora-STDiT-v4/", "vae": "OpenSora-VAE-v1.3/", "t5": "t5xxl_fp16.safetensors"},
     "1.2": {"dit": "OpenSora-STDiT-v3/", "vae": "OpenSora-VAE-v1.2/", "t5": "t5xxl_fp16.safetensors"},
 }
-MODEL_FIELDS = {"OpenSoraLoadDiT": ("dit_name", "dit"), "OpenSoraLoadVAE": ("vae_name", "vae"), "OpenSoraLoadTextEncoder": ("t5_name", "t5")}
+MODEL_FIELDS = {
+    "OpenSoraLoadDiT": ("dit_name", "dit"),
+    "OpenSoraLoadVAE": ("vae_name", "vae"),
+    "OpenSoraLoadTextEncoder": ("t5_name", "t5"),
+}
 
 
 def t2v(version: str, resolution: str, aspect: str, frames: int, cfg: float, aes: float) -> dict:
     names = OFFICIAL[version]
     return {
-        "1": {"class_type": "OpenSoraLoadDiT", "inputs": {"dit_name": names["dit"], "weight_dtype": "default", "attention": "sdpa"}},
-        "2": {"class_type": "OpenSoraLoadTextEncoder", "inputs": {"t5_name": names["t5"], "precision": "default", "version": version}},
-        "3": {"class_type": "OpenSoraEncodePrompt", "inputs": {"text_encoder": ["2", 0], "prompt": PROMPT, "negative_prompt": "", "aesthetic_score": aes}},
-        "4": {"class_type": "OpenSoraEmptyLatentVideo", "inputs": {"version": version, "resolution": resolution, "aspect_ratio": aspect, "num_frames": frames, "batch_size": 1}},
-        "5": {"class_type": "OpenSoraSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 1], "latent": ["4", 0], "seed": 1024, "steps": 30, "cfg": cfg}},
+        "1": {
+            "class_type": "OpenSoraLoadDiT",
+            "inputs": {"dit_name": names["dit"], "weight_dtype": "default", "attention": "sdpa"},
+        },
+        "2": {
+            "class_type": "OpenSoraLoadTextEncoder",
+            "inputs": {"t5_name": names["t5"], "precision": "default", "version": version},
+        },
+        "3": {
+            "class_type": "OpenSoraEncodePrompt",
+            "inputs": {"text_encoder": ["2", 0], "prompt": PROMPT, "negative_prompt": "", "aesthetic_score": aes},
+        },
+        "4": {
+            "class_type": "OpenSoraEmptyLatentVideo",
+            "inputs": {
+                "version": version,
+                "resolution": resolution,
+                "aspect_ratio": aspect,
+                "num_frames": frames,
+                "batch_size": 1,
+            },
+        },
+        "5": {
+            "class_type": "OpenSoraSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["3", 0],
+                "negative": ["3", 1],
+                "latent": ["4", 0],
+                "seed": 1024,
+                "steps": 30,
+                "cfg": cfg,
+            },
+        },
         "6": {"class_type": "OpenSoraLoadVAE", "inputs": {"vae_name": names["vae"], "dtype": "default"}},
         "7": {"class_type": "OpenSoraDecode", "inputs": {"vae": ["6", 0], "latent": ["5", 0]}},
         "8": {"class_type": "CreateVideo", "inputs": {"images": ["7", 0], "fps": 24.0}},
-        "9": {"class_type": "SaveVideo", "inputs": {"video": ["8", 0], "filename_prefix": f"opensora/v{version.replace('.', '')}", "format": "auto", "codec": "auto"}},
+        "9": {
+            "class_type": "SaveVideo",
+            "inputs": {
+                "video": ["8", 0],
+                "filename_prefix": f"opensora/v{version.replace('.', '')}",
+                "format": "auto",
+                "codec": "auto",
+            },
+        },
     }
 
 
 def i2v13() -> dict:
     prompt = t2v("1.3", "360p", "9:16", 49, 7.5, 7.0)
     prompt["10"] = {"class_type": "LoadImage", "inputs": {"image": "opensora_reference.png"}}
-    prompt["11"] = {"class_type": "OpenSoraEncodeReference", "inputs": {"vae": ["6", 0], "image": ["10", 0], "latent": ["4", 0], "cond_type": "i2v_head"}}
+    prompt["11"] = {
+        "class_type": "OpenSoraEncodeReference",
+        "inputs": {"vae": ["6", 0], "image": ["10", 0], "latent": ["4", 0], "cond_type": "i2v_head"},
+    }
     prompt["5"]["inputs"].update(latent=["11", 0], image_cfg=5.0)
     prompt["9"]["inputs"]["filename_prefix"] = "opensora/v13_i2v"
     return prompt
 
 
 def definitions() -> dict[str, dict]:
-    return {
+    out = {
         "opensora13_t2v": t2v("1.3", "360p", "9:16", 49, 7.5, 6.5),
         "opensora13_i2v": i2v13(),
         "opensora12_t2v": t2v("1.2", "360p", "9:16", 51, 7.0, 6.5),
     }
+    try:
+        from workflows_v2 import definitions_v2
+    except ImportError:
+        return out
+    return {**out, **definitions_v2()}
 
 
 def use_models(prompt: dict, names: dict[str, str]) -> dict:
@@ -99,18 +148,38 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
                 link_id = len(links) + 1
                 links.append([link_id, int(value[0]), value[1], int(node_id), len(inputs), out_type])
                 inputs.append({"name": name, "type": out_type, "link": link_id})
-        outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
-                   for i, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))]
-        nodes.append({
-            "id": int(node_id), "type": node["class_type"], "pos": [40 + 330 * (position % 5), 60 + 420 * (position // 5)],
-            "size": [300, 200], "flags": {}, "order": position, "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widget_values,
-        })
+        outputs = [
+            {"name": name, "type": kind, "links": [], "slot_index": i}
+            for i, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))
+        ]
+        nodes.append(
+            {
+                "id": int(node_id),
+                "type": node["class_type"],
+                "pos": [40 + 330 * (position % 5), 60 + 420 * (position // 5)],
+                "size": [300, 200],
+                "flags": {},
+                "order": position,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": node["class_type"]},
+                "widgets_values": widget_values,
+            }
+        )
     by_id = {n["id"]: n for n in nodes}
     for link in links:
         by_id[link[1]]["outputs"][link[2]]["links"].append(link[0])
-    return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+    return {
+        "last_node_id": max(by_id),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def main() -> int:

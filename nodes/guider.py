@@ -1,0 +1,180 @@
+"""A GUIDER that runs Open-Sora's guidance inside core's SamplerCustomAdvanced.
+
+Core's flow sampling (CONST) gives every pass as denoised = x - sigma * v_core. Open-Sora 1.x works on
+v = -v_core (x0 - noise); the guider turns the passes back into velocities, combines them with the
+library's `guided_velocity` (oscillation, image ramp, flaw fix: the same code as the Sampler node) and
+returns the guided denoised. With core's `euler` sampler and the Open-Sora Sigmas node that is the
+reference update z += v * (t_i - t_{i+1}) / 1000, so the result matches the Open-Sora Sampler node.
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+import torch
+
+from ..opensora_lib import rflow
+from .common import CATEGORY
+from .latent import video_info
+from .sampling import check_versions, text_of, v1_reference
+
+
+def _tensor(value: int | float) -> torch.Tensor:
+    return torch.tensor([float(value)])
+
+
+class OpenSoraV1Guider(comfy.samplers.CFGGuider):
+    def __init__(self, model_patcher, latent: dict, options: rflow.RFlowOptions):
+        super().__init__(model_patcher)
+        self.info = video_info(latent)
+        self.latent = latent
+        self.options = options
+        self.sigma_list: torch.Tensor | None = None
+
+    def set_conds(self, positive, negative):
+        y, meta = text_of(positive, "positive")
+        if y is None:
+            raise ValueError("The positive conditioning is the null caption; connect the positive output.")
+        extras = {"height": self.info["height"], "width": self.info["width"], "fps": self.info.get("fps") or 24}
+        dm = self.model_patcher.model.diffusion_model
+        y_null = dm.y_embedder.y_embedding.detach().float().cpu()[None]
+        pos = {"attention_mask": meta["attention_mask"], **extras}
+        negative_y, negative_meta = text_of(negative, "negative")
+        if negative_y is None:  # learned null caption, masked by the positive prompt (Q1)
+            negative_y, neg = y_null, {"attention_mask": meta["attention_mask"], **extras}
+        else:
+            neg = {"attention_mask": negative_meta["attention_mask"], **extras}
+        conds = {"positive": [[y, pos]], "negative": [[negative_y, neg]]}
+        reference = v1_reference(self.latent, self.latent["samples"].float())
+        if reference is not None:
+            cond_mask = torch.zeros_like(reference.latent)
+            cond_mask[:, :, reference.mask_index] = 1.0
+            ref = {"cond_mask": cond_mask, "mask_index": reference.mask_index, "y_null": y_null[None]}
+            pos.update(ref, cond=reference.latent * cond_mask)
+            neg.update(ref, cond=reference.latent * cond_mask)
+            conds["negative_image"] = [[negative_y, {**neg, "cond": torch.zeros_like(cond_mask)}]]
+        self.has_reference = reference is not None
+        self.inner_set_conds(conds)
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.sigma_list = sigmas.detach().float().cpu()
+        return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def step_index(self, sigma: torch.Tensor) -> int:
+        return int((self.sigma_list[:-1] - float(sigma.flatten()[0])).abs().argmin())
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = model_options or {}
+        i = self.step_index(timestep)
+        steps, frames = len(self.sigma_list) - 1, x.shape[2]
+        text_scale, image_scale = rflow.step_scales(self.options, i, steps, frames, self.has_reference)
+        if torch.is_tensor(image_scale):
+            image_scale = image_scale.to(x.device, torch.float32)
+        names = ["positive"]
+        if self.has_reference and not (isinstance(image_scale, float) and image_scale == 1.0):
+            names += ["negative", "negative_image"]
+        elif text_scale != 1.0:
+            names.append("negative")
+        denoised = comfy.samplers.calc_cond_batch(
+            self.inner_model, [self.conds[n] for n in names], x, timestep, model_options
+        )
+        sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()
+        velocities = [(d.float() - x.float()) / sigma for d in denoised]  # 1.x convention: x0 - noise
+        v = rflow.guided_velocity(
+            velocities, text_scale, image_scale, self.options.use_flaw_fix and not self.has_reference
+        )
+        return x.float() + sigma * v
+
+
+class OpenSoraGuider:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
+                "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
+                "negative": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "The same latent you sample (its size, fps and reference frames condition the model)."},
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Text guidance scale."},
+                ),
+            },
+            "optional": {
+                "image_cfg": (
+                    "FLOAT",
+                    {
+                        "default": 5.0,
+                        "min": 1.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": "Image guidance scale (i2v / v2v).",
+                    },
+                ),
+                "oscillation": ("BOOLEAN", {"default": True, "tooltip": "1.3 oscillation guidance for text."}),
+                "image_oscillation": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Oscillation guidance for the image scale."},
+                ),
+                "scale_image_weight": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "1.3 i2v per-frame image guidance ramp."},
+                ),
+                "flaw_fix": ("BOOLEAN", {"default": True, "tooltip": "1.3 t2v flaw fix."}),
+            },
+        }
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    CATEGORY = f"{CATEGORY}/sampling"
+    DESCRIPTION = "Open-Sora guidance (text + image CFG with oscillation) as a GUIDER for SamplerCustomAdvanced; use with Open-Sora Sigmas and the euler sampler."
+
+    def get_guider(
+        self,
+        model,
+        positive,
+        negative,
+        latent,
+        cfg,
+        image_cfg=5.0,
+        oscillation=True,
+        image_oscillation=True,
+        scale_image_weight=True,
+        flaw_fix=True,
+    ):
+        info = check_versions(model, latent)
+        if info["version"] == "2.0":
+            from .sampling_v2 import guider_v2
+
+            return (
+                guider_v2(
+                    model,
+                    positive,
+                    negative,
+                    latent,
+                    cfg,
+                    image_cfg,
+                    oscillation,
+                    image_oscillation,
+                    scale_image_weight,
+                ),
+            )
+        v13 = info["version"] == "1.3"
+        options = rflow.RFlowOptions(
+            cfg_scale=cfg,
+            version=info["version"],
+            use_oscillation_guidance=oscillation and v13,
+            use_flaw_fix=flaw_fix and v13,
+            image_cfg_scale=image_cfg,
+            use_oscillation_guidance_for_image=image_oscillation and v13,
+            scale_image_weight=scale_image_weight and v13,
+        )
+        guider = OpenSoraV1Guider(model, latent, options)
+        guider.set_conds(positive, negative)
+        return (guider,)
+
+
+NODE_CLASS_MAPPINGS = {"OpenSoraGuider": OpenSoraGuider}
+NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraGuider": "Open-Sora Guider"}

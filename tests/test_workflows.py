@@ -1,0 +1,100 @@
+"""Every shipped 1.x API workflow runs on the real host with the tiny models and writes a correct mp4."""
+
+import json
+
+import pytest
+import torch
+from helpers_server import api_workflow, run_ok, tiny_workflow, video_properties, write_reference_image
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.server
+
+
+@pytest.mark.parametrize("name", ["opensora13_t2v", "opensora13_i2v", "opensora12_t2v"])
+def test_shipped_workflow_writes_mp4(comfy_server, name):
+    if "i2v" in name:
+        write_reference_image(comfy_server)
+    prompt = tiny_workflow(comfy_server, name)
+    videos = run_ok(comfy_server, prompt)
+    assert len(videos) == 1 and videos[0].is_file()
+    props = video_properties(videos[0])
+    assert props["frames"] == 17
+    assert (props["width"], props["height"]) == (256, 144)  # 144p at H:W 9:16 is landscape
+    assert props["fps"] == 24
+    assert props["pixels"].std() > 1.0  # not a blank video
+
+
+def test_workflows_ship_in_ui_and_api_format():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "workflows"
+    for api in (root / "api").glob("*.json"):
+        ui = json.loads((root / api.name).read_text())
+        prompt = json.loads(api.read_text())
+        assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in prompt.values()}
+        assert any(n["class_type"] == "SaveVideo" for n in prompt.values())
+        assert any(n["class_type"] == "CreateVideo" for n in prompt.values())
+
+
+def test_workflow_templates_are_served(comfy_server):
+    templates = comfy_server.get_json("/workflow_templates")
+    assert set(templates["ComfyUI-OpenSora"]) >= {"opensora13_t2v", "opensora13_i2v", "opensora12_t2v"}
+
+
+def _latent(comfy_server, result) -> torch.Tensor:
+    files = []
+    for output in result.outputs.values():
+        for item in output.get("latents", []):
+            files.append(comfy_server.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"])
+    assert len(files) == 1, result.outputs
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+def test_guider_and_sigmas_reproduce_the_sampler_node(comfy_server):
+    """Core SamplerCustomAdvanced + Open-Sora Guider/Sigmas + euler gives the Sampler node's latent."""
+    base = tiny_workflow(comfy_server, "opensora13_t2v", steps=6)
+    keep = {
+        k: v
+        for k, v in base.items()
+        if v["class_type"] not in ("OpenSoraLoadVAE", "OpenSoraDecode", "CreateVideo", "SaveVideo")
+    }
+    seed, steps, cfg = 77, 6, 7.5
+    keep["5"]["inputs"].update(seed=seed, steps=steps, cfg=cfg)
+    keep["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "parity/sampler"}}
+    reference = comfy_server.client().run(keep, timeout=900)
+    assert reference.ok, reference.error
+
+    custom = {k: v for k, v in keep.items() if k not in ("5", "20")}
+    custom["30"] = {
+        "class_type": "OpenSoraGuider",
+        "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 1], "latent": ["4", 0], "cfg": cfg},
+    }
+    custom["31"] = {"class_type": "OpenSoraSigmas", "inputs": {"latent": ["4", 0], "steps": steps}}
+    custom["32"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    custom["33"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
+    custom["34"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {
+            "noise": ["33", 0],
+            "guider": ["30", 0],
+            "sampler": ["32", 0],
+            "sigmas": ["31", 0],
+            "latent_image": ["4", 0],
+        },
+    }
+    custom["35"] = {"class_type": "SaveLatent", "inputs": {"samples": ["34", 0], "filename_prefix": "parity/custom"}}
+    result = comfy_server.client().run(custom, timeout=900)
+    assert result.ok, result.error
+
+    a, b = _latent(comfy_server, reference), _latent(comfy_server, result)
+    assert a.shape == b.shape == (1, 16, 5, 18, 32)
+    assert a.abs().mean() > 0.1
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+
+
+def test_api_workflows_reference_official_files():
+    prompt = api_workflow("opensora13_t2v")
+    loaders = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    assert loaders["OpenSoraLoadDiT"]["dit_name"] == "OpenSora-STDiT-v4/"
+    assert loaders["OpenSoraLoadVAE"]["vae_name"] == "OpenSora-VAE-v1.3/"
+    assert loaders["OpenSoraLoadTextEncoder"]["t5_name"] == "t5xxl_fp16.safetensors"
