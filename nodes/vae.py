@@ -37,16 +37,20 @@ class OpenSoraVAE:
         z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
         return z.float().to(comfy.model_management.intermediate_device())
 
-    def decode(
-        self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0
-    ) -> torch.Tensor:
-        """Normalised latent -> [B,3,T,H,W] in [-1,1]."""
+    def decode(self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0) -> torch.Tensor:
+        """Normalised latent -> [B,3,T,H,W] in [-1,1]. tile_size / tile_overlap are pixels (0: untiled, exact)."""
         model, device = self._ready()
-        kwargs = {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size else {}
+        z = latent.to(device, self.dtype)
         if self.version == "1.2":
-            frames = model.decode(latent.to(device, self.dtype), num_frames=num_frames, **kwargs)
+            if tile_size:
+                model.enable_tiling(tile_size, tile_overlap)
+            try:
+                frames = model.decode(z, num_frames=num_frames)
+            finally:
+                model.disable_tiling()
         else:
-            frames = model.decode(latent.to(device, self.dtype), **kwargs)
+            tiles = {"spatial_tile_size": tile_size // 8, "spatial_tile_overlap": tile_overlap // 8} if tile_size else {}
+            frames = model.decode(z, num_frames, **tiles)
         return frames.float().to(comfy.model_management.intermediate_device())
 
 

@@ -26,6 +26,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "opensora13_t2v.json"))
     parser.add_argument("--output", default=str(REPO / "output"))
+    parser.add_argument("--resolution", default="240p", help="the tiny model's demo size (the workflow ships 360p)")
+    parser.add_argument("--frames", type=int, default=33, help="pixel frames (1.3: 16k+1)")
+    parser.add_argument("--full", action="store_true", help="keep the workflow's own size and frame count")
     args = parser.parse_args()
 
     start = time.monotonic()
@@ -40,6 +43,10 @@ def main() -> int:
         version = "1.2" if "opensora12" in Path(args.workflow).name else "1.3"
         tiny = {"dit": names[f"dit_{version}"], "vae": names[f"vae_{version}"], "t5": names["t5"]}
         prompt = use_models(json.loads(Path(args.workflow).read_text()), tiny)
+        if not args.full:  # the tiny VAE decodes 360p x 49 frames slowly on 2 cores; keep the demo short
+            for node in prompt.values():
+                if node["class_type"] == "OpenSoraEmptyLatentVideo":
+                    node["inputs"].update(resolution=args.resolution, num_frames=args.frames)
 
         def show(message: dict) -> None:
             kind, data = message["type"], message.get("data", {})
@@ -47,7 +54,11 @@ def main() -> int:
                 node = prompt.get(data["node"], {})
                 print(f"[demo] running {node.get('class_type', data['node'])}")
             elif kind == "progress":
-                print(f"\r[demo]   step {data['value']}/{data['max']}", end="\n" if data["value"] == data["max"] else "", flush=True)
+                print(
+                    f"\r[demo]   step {data['value']}/{data['max']}",
+                    end="\n" if data["value"] == data["max"] else "",
+                    flush=True,
+                )
 
         result = server.client().run(prompt, timeout=1800, on_message=show)
         if not result.ok:

@@ -1,0 +1,122 @@
+"""Bad input through the API against the real host: a clear message, and the next prompt still runs."""
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from helpers_server import run_ok, tiny_workflow
+
+pytestmark = pytest.mark.server
+
+
+def run_error(server, prompt) -> str:
+    """The message a failing prompt reports (validation error or execution_error)."""
+    result = server.client().run(prompt, timeout=600)
+    assert not result.ok, "the prompt should have failed"
+    if result.status == "rejected":
+        return json.dumps(result.error)
+    assert result.status == "error", result.status
+    return result.error["exception_message"]
+
+
+def node_of(prompt, class_type):
+    return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+@pytest.fixture
+def t2v(comfy_server):
+    return tiny_workflow(comfy_server, "opensora13_t2v", steps=2)
+
+
+def test_frame_count_the_version_cannot_take(comfy_server, t2v):
+    node_of(t2v, "OpenSoraEmptyLatentVideo")["inputs"]["num_frames"] = 50
+    message = run_error(comfy_server, t2v)
+    assert "50" in message and "16k+1" in message.replace(" ", "") or "17, 33" in message, message
+
+
+def test_size_the_model_cannot_take(comfy_server, t2v):
+    node_of(t2v, "OpenSoraEmptyLatentVideo")["inputs"].update(width=8, height=4000)
+    message = run_error(comfy_server, t2v)
+    assert "height" in message.lower() or "size" in message.lower(), message
+
+
+def test_checkpoint_of_another_family_in_the_dit_loader(comfy_server, t2v):
+    models = comfy_server.models
+    vae_file = models / "vae" / comfy_server.tiny_models["vae_1.3"].rstrip("/") / "model.safetensors"
+    shutil.copy(vae_file, models / "diffusion_models" / "not_a_dit.safetensors")
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = "not_a_dit.safetensors"
+    message = run_error(comfy_server, t2v)
+    assert "VAE" in message and "DiT" in message, message
+
+
+def test_1x_latent_with_a_model_of_another_version(comfy_server, t2v):
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = comfy_server.tiny_models["dit_1.2"]
+    message = run_error(comfy_server, t2v)
+    assert "1.3" in message and "1.2" in message, message
+
+
+def test_truncated_safetensors(comfy_server, t2v):
+    source = comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/") / "model.safetensors"
+    data = source.read_bytes()
+    (comfy_server.models / "diffusion_models" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = "truncated.safetensors"
+    message = run_error(comfy_server, t2v)
+    assert "truncated" in message.lower() or "bytes" in message.lower(), message
+
+
+def test_pickle_renamed_safetensors(comfy_server, t2v):
+    import torch
+
+    path = comfy_server.models / "diffusion_models" / "pickled.safetensors"
+    torch.save({"x": torch.zeros(2)}, path)
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = "pickled.safetensors"
+    message = run_error(comfy_server, t2v)
+    assert "pickle" in message.lower(), message
+
+
+def test_missing_tokenizer(comfy_server, t2v):
+    node_of(t2v, "OpenSoraLoadTextEncoder")["inputs"]["tokenizer_folder"] = "/nonexistent/tokenizer"
+    message = run_error(comfy_server, t2v)
+    assert "tokenizer" in message.lower() and "/nonexistent/tokenizer" in message, message
+
+
+def test_empty_prompt(comfy_server, t2v):
+    node_of(t2v, "OpenSoraEncodePrompt")["inputs"]["prompt"] = "   "
+    message = run_error(comfy_server, t2v)
+    assert "prompt" in message.lower() and "empty" in message.lower(), message
+
+
+def test_prompt_over_300_tokens_is_truncated_with_a_warning(comfy_server, t2v):
+    node_of(t2v, "OpenSoraEncodePrompt")["inputs"]["prompt"] = " ".join(f"word{i}" for i in range(400))
+    assert run_ok(comfy_server, t2v)
+    assert "truncated" in comfy_server.log()
+
+
+def test_interrupt_in_the_middle_of_sampling_then_next_prompt_runs(comfy_server):
+    prompt = tiny_workflow(comfy_server, "opensora13_t2v", steps=200)
+    node_of(prompt, "OpenSoraSampler")["inputs"]["seed"] = 4242  # not cached from other tests
+    client = comfy_server.client()
+    steps_seen = []
+
+    def interrupt_after_progress():
+        deadline = time.monotonic() + 300
+        while not steps_seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+        comfy_server.post_json("/interrupt", {})
+
+    def on_message(message):
+        if message["type"] == "progress":
+            steps_seen.append(message["data"]["value"])
+
+    thread = threading.Thread(target=interrupt_after_progress)
+    thread.start()
+    result = client.run(prompt, timeout=600, on_message=on_message)
+    thread.join()
+    assert result.status == "interrupted", result.status
+    assert steps_seen and max(steps_seen) < 200
+
+    follow_up = tiny_workflow(comfy_server, "opensora13_t2v", steps=2)
+    assert run_ok(comfy_server, follow_up)
+    assert comfy_server.get_json("/system_stats")["system"]
