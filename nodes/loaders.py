@@ -12,8 +12,8 @@ from ..opensora_lib import attention as attention_lib
 from ..opensora_lib import checkpoint
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5Embedder
-from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
 from .comfy_model import build_stdit3_patcher
+from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
 from .vae import build_vae, read_folder_config
 
 log = logging.getLogger("OpenSora")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_host import ComfyServer, output_files  # noqa: E402
 from demo_models import install_tiny_models  # noqa: E402
-from workflows import use_models  # noqa: E402
+from shipped_workflows import use_models  # noqa: E402
 
 
 def main() -> int:

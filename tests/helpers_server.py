@@ -9,7 +9,7 @@ import av
 import numpy as np
 from comfy_host import output_files
 from PIL import Image
-from workflows import use_models
+from shipped_workflows import use_models
 
 REPO = Path(__file__).resolve().parent.parent
 API = REPO / "workflows" / "api"

@@ -1,6 +1,6 @@
 """The shipped workflows, defined once in API format, and the UI-format (canvas) files made from them.
 
-`python scripts/workflows.py` boots the real host, reads /object_info (widget order, output types) and
+`python scripts/shipped_workflows.py` boots the real host, reads /object_info (widget order, output types) and
 writes workflows/<name>.json (UI format, drag onto the canvas; also listed in the template browser) and
 workflows/api/<name>.json (API format, for POST /prompt). `use_models()` points a workflow's loaders at
 other files, which is how the demo and the tests run them on the tiny models.
