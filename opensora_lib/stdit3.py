@@ -1,0 +1,403 @@
+"""STDiT3, the Open-Sora 1.2 and 1.3 video DiT (official `opensora/models/stdit/stdit3.py`).
+
+One model for both generations, switched by the config as in the official code:
+- 1.2 (`kernel_size=None`): 4 latent channels, temporal RoPE over the whole head, full temporal attention,
+  and the timestep is rounded to the compute dtype before its sinusoid (official 1.2 forward).
+- 1.3 (`kernel_size=(8, 8, -1)`, `use_spatial_rope=True`): 16 channels, 2-D RoPE in spatial attention,
+  temporal attention inside 8x8 spatial windows with local 3-D RoPE, and the i2v embedders
+  `x_embedder_cond` / `x_embedder_cond_mask` (the official 1.3 class always has them).
+
+The model computes in the dtype of `x` (ComfyUI passes its compute dtype); the output is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .rope import interleaved_tables, rope_frequencies, spatial_angles, temporal_angles, window_angles
+from .stdit3_layers import (
+    AttentionGroup,
+    CaptionEmbedder,
+    CaptionKeys,
+    FinalLayer,
+    PatchEmbed3D,
+    RotaryFrequencies,
+    STDiT3Block,
+    TimestepEmbedder,
+    TokenLayout,
+    sincos_pos_embed_2d,
+    window_groups,
+)
+
+
+@dataclass
+class STDiT3Config:
+    """The inference fields of the official STDiT3Config (same names; defaults of the v1.3 class)."""
+
+    input_sq_size: int = 512
+    in_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    pred_sigma: bool = True
+    caption_channels: int = 4096
+    model_max_length: int = 300
+    qk_norm: bool = True
+    skip_temporal: bool = False
+    kernel_size: tuple[int, int, int] | None = None
+    use_spatial_rope: bool = False
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.kernel_size is not None:
+            self.kernel_size = tuple(int(k) for k in self.kernel_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos pos-emb), got {self.hidden_size}")
+        if self.kernel_size is not None:
+            if len(self.kernel_size) != 3 or self.kernel_size[2] != -1 or min(self.kernel_size[:2]) < 1:
+                raise ValueError(
+                    f"kernel_size must be (window_h, window_w, -1) with positive windows (released: (8, 8, -1)), "
+                    f"got {self.kernel_size}"
+                )
+        if self.use_spatial_rope and self.kernel_size is None:
+            raise ValueError("use_spatial_rope=True requires kernel_size (as in the official STDiT3)")
+        head_dim = self.hidden_size // self.num_heads
+        rotation_dim = self.rotation_dim
+        if rotation_dim % 2 or (self.kernel_size is not None and head_dim % 3):
+            raise ValueError(
+                f"head_dim {head_dim} does not split into even RoPE chunks "
+                f"({'three chunks of ' if self.kernel_size else ''}{rotation_dim})"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> STDiT3Config:
+        """Build from a case.json model_config or an HF config.json; training / kernel keys are ignored."""
+        if d.get("skip_y_embedder"):
+            raise ValueError("skip_y_embedder=True (pre-embedded captions) is not supported")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.pred_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotation_dim(self) -> int:
+        """RoPE dim: the whole head (1.2) or one of three (t, h, w) chunks (1.3 windows)."""
+        return self.head_dim // 3 if self.kernel_size is not None else self.head_dim
+
+    @property
+    def has_cond_embedders(self) -> bool:
+        """The 1.3 class (selected by kernel_size) carries the i2v embedders; 1.2 does not."""
+        return self.kernel_size is not None
+
+    @property
+    def rounds_timestep(self) -> bool:
+        """1.2 casts the timestep to the model dtype before the sinusoid (official Q3); 1.3 does not."""
+        return self.kernel_size is None
+
+
+def stdit3_v12_config() -> STDiT3Config:
+    """The released Open-Sora 1.2 STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v3)."""
+    return STDiT3Config(in_channels=4)
+
+
+def stdit3_v13_config() -> STDiT3Config:
+    """The released Open-Sora 1.3 STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v4, -360p, -i2v)."""
+    return STDiT3Config(in_channels=16, kernel_size=(8, 8, -1), use_spatial_rope=True)
+
+
+def _first_value(value, name: str) -> float:
+    if value is None:
+        raise ValueError(f"{name} (the pixel size; only element 0 is used) is required")
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0:
+            raise ValueError(f"{name} is an empty tensor")
+        return float(value.reshape(-1)[0].item())
+    if isinstance(value, (list, tuple)):
+        return float(value[0])
+    return float(value)
+
+
+def _per_sample(value, batch: int, name: str, device: torch.device) -> torch.Tensor:
+    """A scalar, [1] or [B] value as a [B] tensor (kept in its dtype if floating, else float32)."""
+    if value is None:
+        raise ValueError(f"{name} is required")
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32)
+    if not t.is_floating_point():
+        t = t.float()
+    t = t.to(device).reshape(-1)
+    if t.numel() == 1:
+        return t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"{name} must hold 1 or {batch} values (one per sample), got shape {tuple(value.shape)}")
+    return t
+
+
+class STDiT3(nn.Module):
+    def __init__(self, config: STDiT3Config, dtype=None, device=None, operations=None):
+        super().__init__()
+        operations = operations or nn
+        self.config = config
+        c = config
+        kw = {"dtype": dtype, "device": device, "operations": operations}
+        self.rope = RotaryFrequencies(c.rotation_dim, device=device)
+        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size, **kw)
+        if c.has_cond_embedders:
+            self.x_embedder_cond = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size, **kw)
+            self.x_embedder_cond_mask = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(c.hidden_size, **kw)
+        self.fps_embedder = TimestepEmbedder(c.hidden_size, **kw)
+        self.t_block = nn.Sequential(
+            nn.SiLU(), operations.Linear(c.hidden_size, 6 * c.hidden_size, dtype=dtype, device=device)
+        )
+        self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length, **kw)
+        block = {"num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio, "qk_norm": c.qk_norm, **kw}
+        self.spatial_blocks = nn.ModuleList([STDiT3Block(c.hidden_size, **block) for _ in range(c.depth)])
+        if not c.skip_temporal:
+            self.temporal_blocks = nn.ModuleList(
+                [STDiT3Block(c.hidden_size, temporal=True, **block) for _ in range(c.depth)]
+            )
+        self.final_layer = FinalLayer(c.hidden_size, math.prod(c.patch_size), c.out_channels, **kw)
+
+    # ------------------------------------------------------------ conditioning
+
+    def _encode_captions(self, y, mask, y_null, batch: int, dtype: torch.dtype) -> CaptionKeys:
+        """Project each sample's valid caption tokens; keep them first and trim to the longest caption."""
+        y = self._caption_states(y, "y", batch)
+        length = y.shape[1]
+        if y_null is not None:
+            y_null = self._caption_states(y_null, "y_null", batch)
+            if y_null.shape != y.shape:
+                raise ValueError(f"y_null must have the shape of y {tuple(y.shape)}, got {tuple(y_null.shape)}")
+        key_mask = None
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.shape[-1] != length or mask.numel() % length:
+                raise ValueError(
+                    f"mask must be [B, {length}] 0/1 (one row per caption), got {getattr(mask, 'shape', mask)}"
+                )
+            valid = (mask.reshape(-1, length) != 0).to(y.device)
+            if valid.shape[0] != batch:
+                if batch % valid.shape[0]:
+                    raise ValueError(f"mask has {valid.shape[0]} rows, which does not divide the batch {batch}")
+                valid = valid.repeat(batch // valid.shape[0], 1)  # as the official encode_text
+            counts = valid.sum(dim=1)
+            longest, shortest = int(counts.max()), int(counts.min())
+            if shortest == 0:
+                raise ValueError("mask has a sample with no valid caption token; every caption needs at least one")
+            # stable sort puts each sample's valid tokens first, in order; key order does not change attention
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :longest]
+            index = order[:, :, None].expand(-1, -1, y.shape[-1])
+            y = torch.gather(y, 1, index)
+            if y_null is not None:
+                y_null = torch.gather(y_null, 1, index)
+            if shortest != longest:
+                key_mask = (torch.arange(longest, device=y.device)[None] < counts[:, None])[:, None, None, :]
+        tokens = self.y_embedder(y.to(dtype))
+        null_tokens = self.y_embedder(y_null.to(dtype)) if y_null is not None else None
+        return CaptionKeys(tokens, key_mask, null_tokens)
+
+    @staticmethod
+    def _caption_states(y, name: str, batch: int) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or y.ndim not in (3, 4) or (y.ndim == 4 and y.shape[1] != 1):
+            raise ValueError(
+                f"{name} must be [B, 1, L, caption_channels] (or [B, L, caption_channels]), got {getattr(y, 'shape', y)}"
+            )
+        y = y.squeeze(1) if y.ndim == 4 else y
+        if y.shape[0] != batch:
+            raise ValueError(f"{name} has batch {y.shape[0]} but x has batch {batch}")
+        return y
+
+    def _frame_split(self, mask_index, frames: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if mask_index is None:
+            return None
+        index = mask_index.reshape(-1).tolist() if isinstance(mask_index, torch.Tensor) else list(mask_index)
+        if not index:
+            return None
+        bad = [i for i in index if not 0 <= int(i) < frames]
+        if bad:
+            raise ValueError(f"mask_index entries must be latent frame indices in [0, {frames}), got {bad}")
+        rec = sorted({int(i) for i in index})
+        pred = [i for i in range(frames) if i not in rec]
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return as_tensor(rec), as_tensor(pred)
+
+    def _attention_groups(self, batch: int, frames: int, rows: int, cols: int, scale: float, device) -> dict:
+        """Spatial and temporal attention groups with their RoPE tables, built once per forward."""
+        c = self.config
+        freqs = rope_frequencies(c.rotation_dim)
+        spatial_rope = None
+        if c.use_spatial_rope:
+            spatial_rope = interleaved_tables(spatial_angles(rows, cols, scale, freqs, device))
+        groups = {"spatial_groups": [AttentionGroup(batch * frames, rows * cols, spatial_rope)]}
+        if c.skip_temporal:
+            return groups
+        if c.kernel_size is not None:
+            window = c.kernel_size[:2]
+            rope_for = lambda wh, ww: interleaved_tables(window_angles(frames, wh, ww, scale, freqs, device))  # noqa: E731
+        else:  # 1.2: every spatial token is its own 1x1 "window" over all frames; RoPE on the frame index
+            window = (1, 1)
+            rope_for = lambda wh, ww: interleaved_tables(temporal_angles(frames, freqs, device))  # noqa: E731
+        groups["temporal_groups"] = window_groups(batch, frames, rows, cols, window, rope_for)
+        return groups
+
+    # ------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
+        fps=None,
+        height=None,
+        width=None,
+        cond: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+        mask_index=None,
+        y_null: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict [B, out_channels, T, H, W] (float32) for the latent x [B, C, T, H, W].
+
+        timestep [B] on 0..1000; y [B, 1, L, caption_channels] with mask [B, L] (1 = valid token);
+        fps [B] (24 for video, 120 for images); height / width pixel sizes (element 0 is used);
+        x_mask [B, T] bool (False frames use timestep-0 modulation); 1.3 i2v: cond and cond_mask
+        [B, C, T, H, W], mask_index (latent frames that cross-attend to y_null [B, 1, L, caption_channels]).
+        """
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating [B, C, T, H, W] latent, got {getattr(x, 'shape', type(x))}")
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, this model takes {c.in_channels}")
+        dtype, device = x.dtype, x.device
+        b, _, tx, hx, wx = x.shape
+        pt, ph, pw = c.patch_size
+        frames, rows, cols = -(-tx // pt), -(-hx // ph), -(-wx // pw)
+        tokens_per_frame = rows * cols
+
+        # sizes: pos-emb / RoPE scale from the pixel size, as the official (only element 0 is used)
+        scale = (_first_value(height, "height") * _first_value(width, "width")) ** 0.5 / c.input_sq_size
+        if not scale > 0:
+            raise ValueError(f"height and width must be positive pixel sizes, got {height!r} x {width!r}")
+        base_size = round(tokens_per_frame**0.5)
+
+        # timestep and fps conditioning
+        timestep = _per_sample(timestep, b, "timestep", device)
+        if c.rounds_timestep:
+            timestep = timestep.to(dtype)  # official 1.2: timestep.to(model dtype) before the sinusoid
+        fps_emb = self.fps_embedder(_per_sample(fps, b, "fps", device), dtype)
+        t = self.t_embedder(timestep, dtype) + fps_emb
+        t_mlp = self.t_block(t)
+        t0 = t0_mlp = None
+        if x_mask is not None:
+            if tuple(x_mask.shape) != (b, frames):
+                raise ValueError(
+                    f"x_mask must be [B, T] = [{b}, {frames}] (one flag per latent frame), got {tuple(x_mask.shape)}"
+                )
+            x_mask = x_mask.to(device=device, dtype=torch.bool)
+            t0 = self.t_embedder(torch.zeros_like(timestep), dtype) + fps_emb
+            t0_mlp = self.t_block(t0)
+
+        # i2v frames and captions
+        frame_split = self._frame_split(mask_index, frames, device)
+        if frame_split is not None and y_null is None:
+            raise ValueError("mask_index needs y_null (the null caption the conditioned frames attend to)")
+        captions = self._encode_captions(y, mask, y_null if frame_split is not None else None, b, dtype)
+
+        # tokens
+        h = self.x_embedder(x)
+        if mask_index is not None:
+            if not c.has_cond_embedders:
+                raise ValueError(
+                    "mask_index / cond conditioning needs the 1.3 model (kernel_size set); this is a 1.2 config"
+                )
+            for name, value in (("cond", cond), ("cond_mask", cond_mask)):
+                if not isinstance(value, torch.Tensor) or value.shape != x.shape:
+                    raise ValueError(
+                        f"{name} must be a tensor shaped like x {tuple(x.shape)}, got {getattr(value, 'shape', value)}"
+                    )
+            h = h + self.x_embedder_cond(cond.to(dtype)) + self.x_embedder_cond_mask(cond_mask.to(dtype))
+        pos = sincos_pos_embed_2d(c.hidden_size, rows, cols, scale, base_size, device).to(dtype)
+        h = (h.view(b, frames, tokens_per_frame, -1) + pos).view(b, frames * tokens_per_frame, -1)
+
+        grid = {"batch": b, "frames": frames, "height": rows, "width": cols}
+        layout = TokenLayout(
+            **grid,
+            captions=captions,
+            x_mask=x_mask,
+            rec_frames=frame_split[0] if frame_split else None,
+            pred_frames=frame_split[1] if frame_split else None,
+            **self._attention_groups(b, frames, rows, cols, scale, device),
+        )
+
+        temporal_blocks = self.temporal_blocks if not c.skip_temporal else [None] * c.depth
+        for spatial_block, temporal_block in zip(self.spatial_blocks, temporal_blocks):
+            h = spatial_block(h, t_mlp, t0_mlp, layout)
+            if temporal_block is not None:
+                h = temporal_block(h, t_mlp, t0_mlp, layout)
+
+        h = self.final_layer(h, t, t0, layout)
+        return self.unpatchify(h, frames, rows, cols)[:, :, :tx, :hx, :wx].float()
+
+    def unpatchify(self, x: torch.Tensor, frames: int, rows: int, cols: int) -> torch.Tensor:
+        """[B, N, (pt ph pw C_out)] -> [B, C_out, T*pt, H*ph, W*pw] (padding not yet cropped)."""
+        pt, ph, pw = self.config.patch_size
+        out = self.config.out_channels
+        x = x.view(x.shape[0], frames, rows, cols, pt, ph, pw, out)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], out, frames * pt, rows * ph, cols * pw)
+
+
+def load_stdit3_state_dict(
+    model: STDiT3, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
+):
+    """Load an official STDiT3 state dict (`rope.freqs` may be present or absent)."""
+    return model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def stdit3_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> STDiT3Config:
+    """Infer the config of an official STDiT3 checkpoint from its keys and shapes.
+
+    1.3 checkpoints are recognised by `x_embedder_cond.*` and get kernel_size=(8, 8, -1) and spatial RoPE.
+    """
+    try:
+        embed = state_dict["x_embedder.proj.weight"]
+        head_dim = state_dict["spatial_blocks.0.attn.q_norm.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an STDiT3 state dict (missing {e.args[0]})") from None
+    hidden, in_channels = embed.shape[0], embed.shape[1]
+    final = state_dict["final_layer.linear.weight"].shape[0]
+    patch = tuple(embed.shape[2:])
+    out_channels = final // math.prod(patch)
+    is_v13 = "x_embedder_cond.proj.weight" in state_dict
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("spatial_blocks."))
+    caption = state_dict["y_embedder.y_proj.fc1.weight"]
+    return STDiT3Config(
+        in_channels=in_channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=hidden // head_dim,
+        mlp_ratio=state_dict["spatial_blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        pred_sigma=out_channels == 2 * in_channels,
+        caption_channels=caption.shape[1],
+        model_max_length=state_dict["y_embedder.y_embedding"].shape[0],
+        skip_temporal=not any(k.startswith("temporal_blocks.") for k in state_dict),
+        kernel_size=(8, 8, -1) if is_v13 else None,
+        use_spatial_rope=is_v13,
+    )
