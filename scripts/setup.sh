@@ -68,6 +68,4 @@ fi
 
 # Chromium (Debian package) for the real-frontend browser test.
 bash "$REPO/scripts/install_browser.sh"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
-fi
 log "ready: python $("$PY" -c 'import sys; print(sys.version.split()[0])'), ComfyUI at $HOST"
