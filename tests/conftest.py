@@ -21,7 +21,7 @@ def comfy_server(tmp_path_factory):
     from comfy_host import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy-base")
-    server = ComfyServer(base_dir=base)
+    server = ComfyServer(base_dir=base, extra_args=["--preview-method", "latent2rgb"])
     server.prepare()
     from demo_models import install_tiny_models
 

@@ -58,7 +58,9 @@ def test_1x_latent_with_a_model_of_another_version(comfy_server, t2v):
 
 
 def test_truncated_safetensors(comfy_server, t2v):
-    source = comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/") / "model.safetensors"
+    source = (
+        comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/") / "model.safetensors"
+    )
     data = source.read_bytes()
     (comfy_server.models / "diffusion_models" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = "truncated.safetensors"

@@ -98,3 +98,13 @@ def test_api_workflows_reference_official_files():
     assert loaders["OpenSoraLoadDiT"]["dit_name"] == "OpenSora-STDiT-v4/"
     assert loaders["OpenSoraLoadVAE"]["vae_name"] == "OpenSora-VAE-v1.3/"
     assert loaders["OpenSoraLoadTextEncoder"]["t5_name"] == "t5xxl_fp16.safetensors"
+
+
+def test_sampler_sends_latent_previews_over_the_websocket(comfy_server):
+    prompt = tiny_workflow(comfy_server, "opensora13_t2v", steps=3)
+    prompt["5"]["inputs"]["seed"] = 9090  # not cached
+    result = comfy_server.client().run(prompt, timeout=600)
+    assert result.ok, result.error
+    progress = [m for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "5"]
+    assert [m["data"]["value"] for m in progress][-1] == 3
+    assert result.previews >= 3  # one binary preview frame per sampling step
