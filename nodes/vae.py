@@ -37,7 +37,9 @@ class OpenSoraVAE:
         z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
         return z.float().to(comfy.model_management.intermediate_device())
 
-    def decode(self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0) -> torch.Tensor:
+    def decode(
+        self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0
+    ) -> torch.Tensor:
         """Normalised latent -> [B,3,T,H,W] in [-1,1]. tile_size / tile_overlap are pixels (0: untiled, exact)."""
         model, device = self._ready()
         z = latent.to(device, self.dtype)
@@ -49,7 +51,9 @@ class OpenSoraVAE:
             finally:
                 model.disable_tiling()
         else:
-            tiles = {"spatial_tile_size": tile_size // 8, "spatial_tile_overlap": tile_overlap // 8} if tile_size else {}
+            tiles = (
+                {"spatial_tile_size": tile_size // 8, "spatial_tile_overlap": tile_overlap // 8} if tile_size else {}
+            )
             frames = model.decode(z, num_frames, **tiles)
         return frames.float().to(comfy.model_management.intermediate_device())
 

@@ -66,8 +66,16 @@ class ComfyServer:
 
     # -- layout ------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        for sub in ("custom_nodes", "input", "output", "temp", "user", "models/diffusion_models",
-                    "models/text_encoders", "models/vae"):
+        for sub in (
+            "custom_nodes",
+            "input",
+            "output",
+            "temp",
+            "user",
+            "models/diffusion_models",
+            "models/text_encoders",
+            "models/vae",
+        ):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / PACK_DIR_NAME
         if not link.exists():
@@ -80,13 +88,26 @@ class ComfyServer:
     # -- process -----------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> ComfyServer:
         self.prepare()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch", *self.extra_args]
+        cmd = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+            *self.extra_args,
+        ]
         log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,7 +126,11 @@ class ComfyServer:
     def check_pack_loaded(self) -> None:
         """ComfyUI only logs a failed custom-node import; turn that into an error."""
         text = self.log()
-        bad = [line for line in text.splitlines() if PACK_DIR_NAME in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+        bad = [
+            line
+            for line in text.splitlines()
+            if PACK_DIR_NAME in line and ("IMPORT FAILED" in line or "Cannot import" in line)
+        ]
         if bad:
             self.stop()
             raise RuntimeError(f"ComfyUI failed to import the pack: {bad[0]}\n{text[-6000:]}")
@@ -154,8 +179,9 @@ class ComfyServer:
             return json.loads(r.read())
 
     def post_json(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
@@ -200,8 +226,9 @@ class ComfyClient:
 
         ws_url = f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.client_id}"
         async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-            async with session.post(f"{self.server.url}/prompt",
-                                    json={"prompt": prompt, "client_id": self.client_id}) as resp:
+            async with session.post(
+                f"{self.server.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}
+            ) as resp:
                 body = await resp.json(content_type=None)
             if resp.status != 200:
                 return PromptResult(None, "rejected", error=body)

@@ -22,25 +22,71 @@ VAE_NAMES = {"1.3": "opensora-tiny-vae-v13", "1.2": "opensora-tiny-vae-v12"}
 T5_NAME = "opensora-tiny-t5"
 
 DIT_CONFIGS = {
-    "1.3": {"depth": 2, "hidden_size": 96, "num_heads": 4, "in_channels": 16, "caption_channels": CAPTION_CHANNELS,
-            "model_max_length": 300, "kernel_size": [8, 8, -1], "use_spatial_rope": True},
-    "1.2": {"depth": 2, "hidden_size": 96, "num_heads": 4, "in_channels": 4, "caption_channels": CAPTION_CHANNELS,
-            "model_max_length": 300},
+    "1.3": {
+        "depth": 2,
+        "hidden_size": 96,
+        "num_heads": 4,
+        "in_channels": 16,
+        "caption_channels": CAPTION_CHANNELS,
+        "model_max_length": 300,
+        "kernel_size": [8, 8, -1],
+        "use_spatial_rope": True,
+    },
+    "1.2": {
+        "depth": 2,
+        "hidden_size": 96,
+        "num_heads": 4,
+        "in_channels": 4,
+        "caption_channels": CAPTION_CHANNELS,
+        "model_max_length": 300,
+    },
 }
 VAE_CONFIGS = {
     "1.3": {
-        "encoder": {"type": "VideoEncoder", "double_z": True, "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-                    "ch_mult": [1, 2, 1, 1], "num_res_blocks": 1, "down_sampling_layer": [1, 2]},
-        "decoder": {"type": "VideoDecoder", "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-                    "ch_mult": [1, 2, 1, 1], "num_res_blocks": 1, "temporal_up_layers": [2, 3]},
-        "micro_frame_size": 17, "temporal_overlap": True, "normalization": "video",
+        "encoder": {
+            "type": "VideoEncoder",
+            "double_z": True,
+            "z_channels": 16,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 2, 1, 1],
+            "num_res_blocks": 1,
+            "down_sampling_layer": [1, 2],
+        },
+        "decoder": {
+            "type": "VideoDecoder",
+            "z_channels": 16,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 2, 1, 1],
+            "num_res_blocks": 1,
+            "temporal_up_layers": [2, 3],
+        },
+        "micro_frame_size": 17,
+        "temporal_overlap": True,
+        "normalization": "video",
     },
     "1.2": {
-        "vae_2d": {"block_out_channels": [32, 32, 32, 32], "latent_channels": 4, "layers_per_block": 1,
-                   "norm_num_groups": 32, "in_channels": 3, "out_channels": 3},
-        "vae_temporal": {"in_out_channels": 4, "latent_embed_dim": 4, "embed_dim": 4, "filters": 8,
-                         "num_res_blocks": 1, "channel_multipliers": [1, 2, 2, 4],
-                         "temporal_downsample": [False, True, True], "num_groups": 8},
+        "vae_2d": {
+            "block_out_channels": [32, 32, 32, 32],
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "in_channels": 3,
+            "out_channels": 3,
+        },
+        "vae_temporal": {
+            "in_out_channels": 4,
+            "latent_embed_dim": 4,
+            "embed_dim": 4,
+            "filters": 8,
+            "num_res_blocks": 1,
+            "channel_multipliers": [1, 2, 2, 4],
+            "temporal_downsample": [False, True, True],
+            "num_groups": 8,
+        },
         "micro_frame_size": 17,
     },
 }
@@ -78,7 +124,9 @@ def make_dit(version: str, folder: Path) -> None:
     with torch.no_grad():
         randomize(model, generator)
         model.y_embedder.y_embedding.copy_(torch.randn(model.y_embedder.y_embedding.shape, generator=generator))
-    write_folder(folder, {"architectures": ["STDiT3"], "model_type": "STDiT3", **DIT_CONFIGS[version]}, model.state_dict())
+    write_folder(
+        folder, {"architectures": ["STDiT3"], "model_type": "STDiT3", **DIT_CONFIGS[version]}, model.state_dict()
+    )
 
 
 def make_vae(version: str, folder: Path) -> None:
@@ -98,9 +146,18 @@ def make_vae(version: str, folder: Path) -> None:
 def make_t5(folder: Path) -> None:
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=32128, d_model=CAPTION_CHANNELS, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dense_act_fn="gelu_new",
-                      is_gated_act=True)
+    config = T5Config(
+        vocab_size=32128,
+        d_model=CAPTION_CHANNELS,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        dense_act_fn="gelu_new",
+        is_gated_act=True,
+    )
     torch.manual_seed(SEED + 5)
     model = T5EncoderModel(config).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared

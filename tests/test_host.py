@@ -6,6 +6,7 @@ import sys
 
 from comfy_host import PACK_DIR_NAME, REPO, comfyui_dir
 
+
 def declared_nodes() -> dict:
     code = (
         "import importlib.util, json, os, sys\n"
@@ -24,7 +25,9 @@ def declared_nodes() -> dict:
         "    out[name] = {k: sorted(types.get(k, {})) for k in ('required', 'optional')}\n"
         "print('JSON' + json.dumps(out))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=comfyui_dir(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=comfyui_dir(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = [x for x in result.stdout.splitlines() if x.startswith("JSON")][-1]
     return json.loads(line[4:])
