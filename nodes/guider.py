@@ -15,7 +15,16 @@ import torch
 from ..opensora_lib import rflow
 from .common import CATEGORY
 from .latent import video_info
-from .sampling import check_versions, text_of, v1_reference
+from .sampling import (
+    CFG_INPUT,
+    FLAW_FIX_INPUT,
+    GUIDANCE_INPUTS,
+    GUIDANCE_OPTIONS,
+    check_versions,
+    text_of,
+    v1_options,
+    v1_reference,
+)
 
 
 def _tensor(value: int | float) -> torch.Tensor:
@@ -89,41 +98,8 @@ class OpenSoraGuider:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
-                "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
-                "negative": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "The same latent you sample (its size, fps and reference frames condition the model)."},
-                ),
-                "cfg": (
-                    "FLOAT",
-                    {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Text guidance scale."},
-                ),
-            },
-            "optional": {
-                "image_cfg": (
-                    "FLOAT",
-                    {
-                        "default": 5.0,
-                        "min": 1.0,
-                        "max": 30.0,
-                        "step": 0.1,
-                        "tooltip": "Image guidance scale (i2v / v2v).",
-                    },
-                ),
-                "oscillation": ("BOOLEAN", {"default": True, "tooltip": "1.3 oscillation guidance for text."}),
-                "image_oscillation": (
-                    "BOOLEAN",
-                    {"default": True, "tooltip": "Oscillation guidance for the image scale."},
-                ),
-                "scale_image_weight": (
-                    "BOOLEAN",
-                    {"default": True, "tooltip": "1.3 i2v per-frame image guidance ramp."},
-                ),
-                "flaw_fix": ("BOOLEAN", {"default": True, "tooltip": "1.3 t2v flaw fix."}),
-            },
+            "required": {**GUIDANCE_INPUTS, "cfg": CFG_INPUT},
+            "optional": {**GUIDANCE_OPTIONS, "flaw_fix": FLAW_FIX_INPUT},
         }
 
     RETURN_TYPES = ("GUIDER",)
@@ -161,16 +137,7 @@ class OpenSoraGuider:
                     scale_image_weight,
                 ),
             )
-        v13 = info["version"] == "1.3"
-        options = rflow.RFlowOptions(
-            cfg_scale=cfg,
-            version=info["version"],
-            use_oscillation_guidance=oscillation and v13,
-            use_flaw_fix=flaw_fix and v13,
-            image_cfg_scale=image_cfg,
-            use_oscillation_guidance_for_image=image_oscillation and v13,
-            scale_image_weight=scale_image_weight and v13,
-        )
+        options = v1_options(info, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, flaw_fix)
         guider = OpenSoraV1Guider(model, latent, options)
         guider.set_conds(positive, negative)
         return (guider,)

@@ -86,21 +86,56 @@ def dit_caller(model):
     return call
 
 
+def _bool(tooltip: str) -> tuple:
+    return ("BOOLEAN", {"default": True, "tooltip": tooltip})
+
+
+def _scale(default: float, tooltip: str) -> tuple:
+    return ("FLOAT", {"default": default, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": tooltip})
+
+
+# Inputs shared by the Sampler and the Guider (one definition, so the two nodes cannot drift apart).
+GUIDANCE_INPUTS = {
+    "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
+    "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
+    "negative": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt (null caption or negative prompt)."}),
+    "latent": ("LATENT", {"tooltip": "From Open-Sora Empty Latent Video (optionally through Encode Reference)."}),
+}
+CFG_INPUT = _scale(7.5, "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3 and 2.0). 1.0 runs one pass per step.")
+GUIDANCE_OPTIONS = {
+    "image_cfg": _scale(5.0, "Image guidance scale for i2v / v2v (official: 5.0 for 1.3, 3.0 for 2.0)."),
+    "oscillation": _bool(
+        "Oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps."
+    ),
+    "image_oscillation": _bool("Oscillation guidance for the image scale."),
+    "scale_image_weight": _bool("i2v: image guidance ramps up along the video and down over the steps."),
+}
+FLAW_FIX_INPUT = _bool("1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on).")
+
+
+def v1_options(
+    info: dict, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, flaw_fix, **extra
+) -> rflow.RFlowOptions:
+    """The node switches as RFlowOptions; 1.3-only features stay off for 1.2, as the official configs."""
+    v13 = info["version"] == "1.3"
+    return rflow.RFlowOptions(
+        cfg_scale=cfg,
+        version=info["version"],
+        use_oscillation_guidance=oscillation and v13,
+        use_flaw_fix=flaw_fix and v13,
+        image_cfg_scale=image_cfg,
+        use_oscillation_guidance_for_image=image_oscillation and v13,
+        scale_image_weight=scale_image_weight and v13,
+        **extra,
+    )
+
+
 class OpenSoraSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "From Load Open-Sora DiT."}),
-                "positive": ("CONDITIONING", {"tooltip": "From Open-Sora Encode Prompt."}),
-                "negative": (
-                    "CONDITIONING",
-                    {"tooltip": "From Open-Sora Encode Prompt (null caption or negative prompt)."},
-                ),
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "From Open-Sora Empty Latent Video (optionally through Encode Reference)."},
-                ),
+                **GUIDANCE_INPUTS,
                 "seed": (
                     "INT",
                     {
@@ -111,65 +146,22 @@ class OpenSoraSampler:
                         "tooltip": "Seed of the initial noise (drawn as ComfyUI draws it, so core samplers with the same seed start from the same noise).",
                     },
                 ),
-                "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Sampling steps (official: 30)."}),
-                "cfg": (
-                    "FLOAT",
+                "steps": (
+                    "INT",
                     {
-                        "default": 7.5,
-                        "min": 1.0,
-                        "max": 30.0,
-                        "step": 0.1,
-                        "tooltip": "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3). 1.0 runs one pass per step.",
+                        "default": 30,
+                        "min": 1,
+                        "max": 200,
+                        "tooltip": "Sampling steps (official: 30 for 1.x, 50 for 2.0).",
                     },
                 ),
+                "cfg": CFG_INPUT,
             },
             "optional": {
-                "image_cfg": (
-                    "FLOAT",
-                    {
-                        "default": 5.0,
-                        "min": 1.0,
-                        "max": 30.0,
-                        "step": 0.1,
-                        "tooltip": "1.3 image guidance scale for i2v / v2v (official v2v config: 5.0).",
-                    },
-                ),
-                "oscillation": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "1.3 oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps.",
-                    },
-                ),
-                "image_oscillation": (
-                    "BOOLEAN",
-                    {"default": True, "tooltip": "Oscillation guidance for the image scale."},
-                ),
-                "scale_image_weight": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "1.3 i2v: image guidance ramps up along the video and down over the steps.",
-                    },
-                ),
-                "sdedit": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "1.3 i2v: re-noise the conditioned frames from the reference at every step.",
-                    },
-                ),
-                "flaw_fix": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on).",
-                    },
-                ),
-                "timestep_transform": (
-                    "BOOLEAN",
-                    {"default": True, "tooltip": "Resolution- and length-dependent timestep shift (official on)."},
-                ),
+                **GUIDANCE_OPTIONS,
+                "sdedit": _bool("1.3 i2v: re-noise the conditioned frames from the reference at every step."),
+                "flaw_fix": FLAW_FIX_INPUT,
+                "timestep_transform": _bool("Resolution- and length-dependent timestep shift (official on)."),
             },
         }
 
@@ -219,19 +211,17 @@ class OpenSoraSampler:
         device = model.load_device
         dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
-        version = info["version"]
-        v13 = version == "1.3"
-        options = rflow.RFlowOptions(
+        options = v1_options(
+            info,
+            cfg,
+            image_cfg,
+            oscillation,
+            image_oscillation,
+            scale_image_weight,
+            flaw_fix,
             num_steps=steps,
-            cfg_scale=cfg,
-            version=version,
             use_timestep_transform=timestep_transform,
-            use_oscillation_guidance=oscillation and v13,
-            use_flaw_fix=flaw_fix and v13,
-            image_cfg_scale=image_cfg,
-            use_oscillation_guidance_for_image=image_oscillation and v13,
-            scale_image_weight=scale_image_weight and v13,
-            use_sdedit=sdedit and v13,
+            use_sdedit=sdedit and info["version"] == "1.3",
         )
         generator = torch.Generator().manual_seed(seed + 1)
 
