@@ -1,0 +1,279 @@
+"""Open-Sora 2.0 MMDiT benchmark: seconds, peak memory and TFLOP/s per forward and per 50-step run, forward
+passes done vs the official 3 per step, and the bf16-vs-float32 relative error of one forward.
+
+Default (GPU): the full-size 11B MMDiT with random weights in bf16; forward at 256px 16:9 129 frames (8316 image
+tokens + 512 text) with batch 3 (the official step) and 1, forward at 768px batch 1, a 50-step t2v run at 256px
+with the shipped sampler settings, and the error at 256px batch 1. --tiny --device cpu: a tiny config.
+
+    python benchmarks/bench_mmdit.py --out mmdit.json
+    python benchmarks/bench_mmdit.py --tiny --device cpu --out /tmp/mmdit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: opensora_lib and benchmarks
+
+import torch
+
+from benchmarks.common import (
+    DTYPES,
+    VideoSize,
+    add_common_arguments,
+    attention_flops,
+    environment,
+    float32_reference,
+    linear_flops,
+    measure,
+    parameter_count,
+    parse_video,
+    parse_videos,
+    peak_tflops,
+    relative_error,
+    release_memory,
+    report,
+    setup,
+    throughput,
+)
+from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
+from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, sample_v2, text_ids
+from opensora_lib.sizes import latent_shape
+
+VERSION = "2.0"
+ASPECT_RATIO = "16:9"  # 2.0 aspect strings are W:H, so 256px 16:9 is 192x336
+TIMESTEP = 0.7
+# Like the mmdit_v2_forward fixture: same structure, small widths.
+TINY = {
+    "vec_in_dim": 16,
+    "context_in_dim": 32,
+    "hidden_size": 128,
+    "mlp_ratio": 2.0,
+    "num_heads": 2,
+    "depth": 2,
+    "depth_single_blocks": 2,
+    "axes_dim": [8, 28, 28],
+}
+DEFAULTS = {
+    "full": {
+        "forward": ["256px:129:3", "256px:129:1", "768px:129:1"],
+        "sampler": ["256px:129"],
+        "error": "256px:129:1",
+    },
+    "tiny": {"forward": ["64x96:9:3", "64x96:9:1"], "sampler": ["64x96:9"], "error": "64x96:9:1"},
+}
+DEFAULT_STEPS = {"full": 50, "tiny": 12}
+# The 2.0 T5 takes max_length 512 and the model attends to every token (no mask); tiny uses fewer.
+DEFAULT_TEXT_TOKENS = {"full": 512, "tiny": 7}
+# Figures quoted from the issues (official code); not measured here.
+OFFICIAL = {
+    "forward 256px 129f b3": "~1.26 s, ~400 TFLOP/s (H200, bf16)",
+    "forward 256px 129f b1": "~0.42 s (H200, bf16)",
+    "forward 768px 129f b1": "~14.1 s (H200, bf16)",
+    "sampler 256px 129f b1 50 steps": "60 s, 52.5 GB (whole 256px generation, H100)",
+}
+
+
+def mmdit_flops(config: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
+    """Matmul FLOPs of one forward of `batch` samples of packed image tokens plus text tokens."""
+    c = config
+    hidden, heads, head_dim, mlp = c.hidden_size, c.num_heads, c.head_dim, int(c.hidden_size * c.mlp_ratio)
+    image, text = batch * image_tokens, batch * text_tokens
+    joint_len = image_tokens + text_tokens
+    joint = batch * joint_len
+
+    flops = linear_flops(image, c.in_channels, hidden)  # img_in
+    if c.cond_embed:
+        flops += linear_flops(image, c.in_channels + c.patch_size**2, hidden)  # cond_in
+    embedders = [256, c.vec_in_dim] + ([256] if c.guidance_embed else [])  # time_in, vector_in, guidance_in
+    flops += sum(linear_flops(batch, width, hidden) + linear_flops(batch, hidden, hidden) for width in embedders)
+    flops += linear_flops(text, c.context_in_dim, hidden)  # txt_in
+    attention = attention_flops(batch, heads, joint_len, joint_len, head_dim)  # joint [txt, img] attention
+    double = (
+        2 * linear_flops(batch, hidden, 6 * hidden)  # img_mod, txt_mod
+        + linear_flops(joint, hidden, 3 * hidden)  # q, k, v of both streams
+        + attention
+        + linear_flops(joint, hidden, hidden)  # proj of both streams
+        + linear_flops(joint, hidden, mlp)
+        + linear_flops(joint, mlp, hidden)
+    )
+    single = (
+        linear_flops(batch, hidden, 3 * hidden)  # modulation
+        + linear_flops(joint, hidden, 3 * hidden + mlp)  # q, k and the shared v / MLP input
+        + attention
+        + linear_flops(joint, hidden + mlp, hidden)  # linear2
+    )
+    flops += c.depth * double + c.depth_single_blocks * single
+    return flops + linear_flops(batch, hidden, 2 * hidden) + linear_flops(image, hidden, c.out_channels)  # final
+
+
+def model_config(tiny: bool) -> MMDiTConfig:
+    config = mmdit_v2_config()
+    return dataclasses.replace(config, **TINY) if tiny else config
+
+
+def latent_geometry(config: MMDiTConfig, size: VideoSize) -> tuple[int, int, int, int]:
+    """(latent channels, T, H, W) of the unpacked latent."""
+    frames, height, width = latent_shape(VERSION, size.num_frames, size.height, size.width)
+    return config.in_channels // config.patch_size**2, frames, height, width
+
+
+def forward_inputs(config: MMDiTConfig, size: VideoSize, text_tokens: int, dtype, device) -> dict:
+    _, frames, height, width = latent_geometry(config, size)
+    patch, batch = config.patch_size, size.batch
+    tokens = frames * (height // patch) * (width // patch)
+    return {
+        "img": torch.randn(batch, tokens, config.in_channels, device=device, dtype=dtype),
+        "img_ids": image_ids(frames, height, width, patch, device=device).to(dtype),
+        "txt": torch.randn(batch, text_tokens, config.context_in_dim, device=device, dtype=dtype),
+        "txt_ids": text_ids(text_tokens, device=device).to(dtype),
+        "timesteps": torch.full((batch,), TIMESTEP, device=device),  # float32, as the sampler's state
+        "y_vec": torch.randn(batch, config.vec_in_dim, device=device, dtype=dtype),
+        "cond": torch.zeros(batch, tokens, config.in_channels + patch**2, device=device, dtype=dtype),  # t2v
+    }
+
+
+def bench_forward(model, config, size, text_tokens, args, device, dtype, peak) -> dict:
+    inputs = forward_inputs(config, size, text_tokens, dtype, device)
+    image_tokens = inputs["img"].shape[1]
+    timing, out = measure(lambda: model(**inputs), device, args.repeats, args.warmup, args.max_seconds)
+    name = f"forward {size.name}"
+    return {
+        "name": name,
+        "kind": "forward",
+        **dataclasses.asdict(size),
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        **dataclasses.asdict(timing),
+        **throughput(mmdit_flops(config, size.batch, image_tokens, text_tokens), timing.seconds, peak),
+        "finite": bool(torch.isfinite(out).all()),
+        "official_quoted": OFFICIAL.get(name),
+    }
+
+
+def bench_sampler(model, config, size, steps, text_tokens, device, dtype, peak) -> dict:
+    channels, frames, height, width = latent_geometry(config, size)
+    image_tokens = frames * (height // config.patch_size) * (width // config.patch_size)
+    batch_rows: list[int] = []
+    passes_per_step: list[int] = []
+
+    def call(**kwargs):  # counts the rows of every model call
+        batch_rows.append(kwargs["img"].shape[0])
+        return model(**kwargs)
+
+    text = {
+        "t5": torch.randn(size.batch, text_tokens, config.context_in_dim, device=device),
+        "pooled": torch.randn(size.batch, config.vec_in_dim, device=device),
+        "neg_t5": torch.randn(size.batch, text_tokens, config.context_in_dim, device=device),
+        "neg_pooled": torch.randn(size.batch, config.vec_in_dim, device=device),
+    }
+    noise = torch.randn(size.batch, channels, frames, height, width, device=device)
+    options = V2SamplingOptions(num_steps=steps, model_dtype=dtype)  # shipped 256px.py: guidance 7.5, oscillation
+
+    def run():
+        batch_rows.clear()
+        passes_per_step.clear()
+        callback = lambda info: passes_per_step.append(len(info["passes"]))  # noqa: E731
+        return sample_v2(call, noise, text, options, cond_type="t2v", callback=callback)
+
+    # Untimed: the one- and two-pass batch shapes once, so first-call costs are not timed.
+    for rows in (size.batch, 2 * size.batch):
+        model(**forward_inputs(config, dataclasses.replace(size, batch=rows), text_tokens, dtype, device))
+    timing, out = measure(run, device, repeats=1, warmup=0)
+    flops = sum(mmdit_flops(config, rows, image_tokens, text_tokens) for rows in batch_rows)
+    name = f"sampler {size.name} {steps} steps"
+    return {
+        "name": name,
+        "kind": "sampler",
+        **dataclasses.asdict(size),
+        "steps": steps,
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        **dataclasses.asdict(timing),
+        "seconds_per_step": timing.seconds / steps,
+        "model_calls": len(batch_rows),
+        "forward_passes": sum(batch_rows) // size.batch,
+        "passes_per_step": passes_per_step,
+        "official_forward_passes": len(PASSES) * steps,  # the official denoiser always runs all three
+        **throughput(flops, timing.seconds, peak),
+        "finite": bool(torch.isfinite(out).all()),
+        "official_quoted": OFFICIAL.get(name),
+    }
+
+
+def bench_precision(model, config, size, text_tokens, device, dtype) -> dict:
+    """float32 forward, then the same weights cast to `dtype` (in place) on the same inputs."""
+    inputs = forward_inputs(config, size, text_tokens, torch.float32, device)
+    with float32_reference():
+        reference = model(**inputs)
+    model.to(dtype)
+    cast = {k: v.to(dtype) if k != "timesteps" else v for k, v in inputs.items()}
+    test = model(**cast)
+    return {
+        "name": f"error {str(dtype).removeprefix('torch.')} vs fp32 {size.name}",
+        "kind": "precision",
+        **dataclasses.asdict(size),
+        "text_tokens": text_tokens,
+        **relative_error(test.float(), reference),
+        "finite": bool(torch.isfinite(test).all()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--forward", nargs="*", default=None, help="RES:FRAMES:BATCH, e.g. 256px:129:3 or 64x96:9:1")
+    parser.add_argument("--sampler", nargs="*", default=None, help="RES:FRAMES[:VIDEOS] for the sampler runs")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; tiny 12; 0 = no run)")
+    parser.add_argument("--error-size", default=None, help="RES:FRAMES:BATCH of the bf16 error check, or none")
+    parser.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512; tiny 7)")
+    args = parser.parse_args(argv)
+    device = setup(args)
+    dtype = DTYPES[args.dtype]
+    mode = "tiny" if args.tiny else "full"
+
+    config = model_config(args.tiny)
+    text_tokens = args.text_tokens or DEFAULT_TEXT_TOKENS[mode]
+    defaults = DEFAULTS[mode]
+    forward_sizes = parse_videos(args.forward, defaults["forward"], VERSION, ASPECT_RATIO)
+    sampler_sizes = parse_videos(args.sampler, defaults["sampler"], VERSION, ASPECT_RATIO)
+    steps = DEFAULT_STEPS[mode] if args.steps is None else args.steps
+    error_spec = args.error_size or defaults["error"]
+    error_size = None
+    if error_spec != "none" and dtype != torch.float32:  # the error of a float32 run against itself is 0
+        error_size = parse_video(error_spec, VERSION, ASPECT_RATIO)
+    peak = peak_tflops(device, dtype, args.peak_tflops)
+
+    # Random weights; built in float32 first when the error check needs the float32 copy, then cast in place.
+    torch.manual_seed(args.seed)
+    model = MMDiT(config, dtype=torch.float32 if error_size else dtype, device=device).eval()
+    results = []
+    if error_size is not None:
+        results.append(bench_precision(model, config, error_size, text_tokens, device, dtype))
+    release_memory(device)
+    for size in forward_sizes:
+        results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak))
+    for size in sampler_sizes if steps > 0 else []:
+        results.append(bench_sampler(model, config, size, steps, text_tokens, device, dtype, peak))
+
+    payload = {
+        "benchmark": "mmdit v2.0",
+        "environment": environment(device, dtype, peak, args.tiny),
+        "model": {"config": dataclasses.asdict(config), "parameters": parameter_count(model)},
+        "results": results,
+        "notes": [
+            "random weights; FLOPs are matmul FLOPs counted from the config (benchmarks/common.py)",
+            "official (quoted): figures from the issues for the official code, not measured by this script",
+            "sampler: t2v skips the uncond-all pass (identical to uncond-text) and 1.0-guidance passes; "
+            "official runs 3 per step",
+        ],
+    }
+    report(payload, args.out)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Shared pieces of the benchmark scripts: arguments, timing, peak memory, FLOP formulas, JSON and table output.
+
+FLOPs count matrix products only (what the tensor cores run), written out from the config and the input size:
+a Linear over M rows is 2*M*in*out, attention of Lq queries over Lk keys is 4*sequences*heads*Lq*Lk*head_dim
+(QK^T and PV), a convolution is 2*output elements*in_channels*kernel volume. Norms, activations, RoPE and
+softmax are left out, as in the usual MFU accounting. Achieved TFLOP/s = FLOPs / seconds / 1e12.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from opensora_lib import attention, sizes
+
+# Dense bf16 tensor-core peak of the spec sheet, by a substring of the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------- arguments and setup
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny model configs and sizes (the CPU check)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute / weight dtype")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls at most (the best is reported)")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating once the timed calls took this")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (compile, autotuning)")
+    parser.add_argument("--attention", choices=attention.BACKENDS, default="sdpa", help="attention backend")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the %%-of-peak column")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Check the device, turn autograd off, select the attention backend, seed."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here (for the CPU check: --tiny --device cpu)")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    torch.set_grad_enabled(False)
+    attention.set_backend(args.attention)
+    torch.manual_seed(args.seed)
+    return device
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand cached blocks back (after the float32 copy is gone), so later peaks start from a clean pool."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> float | None:
+    """The device's dense peak for this dtype, if known (only the bf16 spec figure is tabulated)."""
+    if override is not None:
+        return override
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+@dataclass
+class VideoSize:
+    """A benchmark input: pixel size, frame count and batch; `label` is the preset name or HxW."""
+
+    label: str
+    height: int
+    width: int
+    num_frames: int
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} {self.num_frames}f b{self.batch}"
+
+
+def parse_video(spec: str, version: str, aspect_ratio: str, batch: int = 1) -> VideoSize:
+    """Parse RESOLUTION:FRAMES[:BATCH]: "720p:113:2" (a preset of `version` at `aspect_ratio`) or "360x640:49"."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"size {spec!r} must be RESOLUTION:FRAMES[:BATCH], e.g. 720p:113:2 or 360x640:49")
+    resolution, frames = parts[0], int(parts[1])
+    batch = int(parts[2]) if len(parts) == 3 else batch
+    pixels = re.fullmatch(r"(\d+)x(\d+)", resolution)
+    if pixels:
+        height, width = int(pixels[1]), int(pixels[2])
+    else:
+        height, width = sizes.image_size(version, resolution, aspect_ratio)
+    sizes.latent_shape(version, frames, height, width)  # raises a ValueError that names the rule broken
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch} in {spec!r}")
+    return VideoSize(resolution, height, width, frames, batch)
+
+
+def parse_videos(specs: list[str] | None, default_specs: list[str], version: str, aspect_ratio: str) -> list[VideoSize]:
+    """The sizes given on the command line (an empty list: none), else the defaults; a bad one exits with why."""
+    try:
+        return [parse_video(spec, version, aspect_ratio) for spec in (default_specs if specs is None else specs)]
+    except ValueError as e:
+        raise SystemExit(f"bad size: {e}") from None
+
+
+# ---------------------------------------------------------------- timing and memory
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA max_memory_allocated (tensors PyTorch allocated, weights included; not the
+    allocator's cache), or on the CPU the growth of the process's peak RSS (0 if it stayed under an earlier peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
+        self.start = 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start) / 2**20
+
+
+@dataclass
+class Timing:
+    seconds: float  # best timed run
+    seconds_mean: float
+    seconds_runs: list[float]
+    first_call_seconds: float | None  # first warm-up call: includes torch.compile and kernel autotuning
+    peak_memory_gib: float
+    memory_kind: str
+
+
+def measure(
+    fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1, max_seconds: float = math.inf
+) -> tuple[Timing, Any]:
+    """Time fn (device-synchronised wall clock) after `warmup` calls; returns the timing and the last output.
+
+    Up to `repeats` timed calls, fewer once they add up to `max_seconds` (at least one).
+    """
+    device = torch.device(device)
+    memory = PeakMemory(device)
+
+    def once() -> tuple[float, Any]:
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        return time.perf_counter() - start, out
+
+    first = None
+    for _ in range(warmup):
+        seconds, _ = once()
+        first = seconds if first is None else first
+    memory.reset()
+    runs, out = [], None
+    while len(runs) < repeats and sum(runs) < max_seconds:
+        seconds, out = once()
+        runs.append(seconds)
+    timing = Timing(min(runs), sum(runs) / len(runs), runs, first, memory.peak_gib(), memory.kind)
+    return timing, out
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def linear_flops(rows: int, in_features: int, out_features: int) -> int:
+    return 2 * rows * in_features * out_features
+
+
+def attention_flops(sequences: int, heads: int, q_len: int, k_len: int, head_dim: int) -> int:
+    """QK^T and PV of `sequences` independent attentions (batch x groups)."""
+    return 4 * sequences * heads * q_len * k_len * head_dim
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """Matmul / conv / attention FLOPs that torch's FlopCounterMode sees while fn runs (use meta tensors to
+    count without computing). Used for the VAE, whose many conv shapes are easier traced than written out."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def throughput(flops: int, seconds: float, peak: float | None) -> dict[str, float | None]:
+    tflops = flops / seconds / 1e12 if seconds > 0 else None
+    fraction = tflops / peak if tflops is not None and peak else None
+    return {"flops": int(flops), "tflops": tflops, "peak_fraction": fraction}
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """||test - ref|| / ||ref|| (Frobenius, float64) and the max absolute difference."""
+    difference = test.double() - reference.double()
+    return {
+        "relative_error": (difference.norm() / reference.double().norm()).item(),
+        "max_abs_error": difference.abs().max().item(),
+    }
+
+
+@contextmanager
+def float32_reference() -> Iterator[None]:
+    """True float32 matmuls and convolutions (no TF32) inside, for the reference side of an error check."""
+    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = convolution
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- output
+
+
+def environment(device: torch.device, dtype: torch.dtype, peak: float | None, tiny: bool) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "mode": "tiny" if tiny else "full",
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "attention_backend": attention.get_backend(),
+        "peak_tflops": peak,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per result; `official` is the quoted reference figure (not measured here)."""
+    columns = [
+        ("name", lambda r: r["name"]),
+        ("seconds", lambda r: _cell(r.get("seconds"))),
+        ("s/step", lambda r: _cell(r.get("seconds_per_step"))),
+        ("peak GiB", lambda r: _cell(r.get("peak_memory_gib"))),
+        ("TFLOP/s", lambda r: _cell(r.get("tflops"))),
+        ("% peak", lambda r: _cell(100 * r["peak_fraction"]) if r.get("peak_fraction") else "-"),
+        ("passes", lambda r: f"{r['forward_passes']}/{r['official_forward_passes']}" if "forward_passes" in r else "-"),
+        ("rel err", lambda r: _cell(r.get("relative_error"))),
+        ("official (quoted)", lambda r: r.get("official_quoted") or "-"),
+    ]
+    rows = [[title for title, _ in columns]] + [[cell(r) for _, cell in columns] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def report(payload: dict[str, Any], out: Path | None) -> None:
+    """Print the table (and the quoted reference notes), and write the JSON if asked."""
+    env = payload["environment"]
+    print(f"\n{payload['benchmark']} ({env['mode']}) on {env['device_name']}, {env['dtype']}, torch {env['torch']}")
+    print(format_table(payload["results"]))
+    for note in payload.get("notes", []):
+        print(f"note: {note}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {out}")
