@@ -1,0 +1,142 @@
+"""The seam between the Open-Sora 2.0 MMDiT and ComfyUI's model machinery.
+
+The MMDiT becomes a `comfy.model_base.BaseModel` (ModelType.FLOW) with the HunyuanVideo latent format:
+LATENT holds raw VAE latents and the model works on latent x 0.476986, exactly the official scaling.
+2.0 predicts v = noise - x0 on t in [0, 1], which is core's CONST convention with sigma = t, so the
+wrapper returns the raw prediction and the sampling multiplier is 1.0. Core samplers (KSampler,
+SamplerCustomAdvanced with the Open-Sora guider) call `ComfyMMDiT.forward`, which packs the latent into
+2 x 2 patch tokens, builds the (t, h, w) position ids and unpacks the velocity again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.ops
+import comfy.supported_models_base
+import torch
+
+from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
+from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
+from .comfy_model import PatcherClass, load_weights
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
+
+
+class ComfyMMDiT(MMDiT):
+    """MMDiT called the way BaseModel calls a diffusion model: latent [B, C, T, H, W] in, velocity out."""
+
+    def __init__(self, config: MMDiTConfig, dtype=None, device=None, operations=None, **_ignored):
+        super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
+
+    def forward(
+        self,
+        x,
+        timesteps,
+        context=None,
+        y_vec=None,
+        cond=None,
+        control=None,
+        transformer_options=None,
+        guidance=None,
+        **kwargs,
+    ):
+        config = self.config
+        patch = config.patch_size
+        batch, _channels, frames, height, width = x.shape
+        pad_h, pad_w = (-height) % patch, (-width) % patch
+        if pad_h or pad_w:  # core's empty latents need not be patch-aligned; Flux pads the same way
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h, 0, 0), mode="replicate")
+        if context is None:
+            raise ValueError("Open-Sora 2.0 needs T5 text states: connect positive / negative CONDITIONING")
+        if context.ndim == 4:  # [B, 1, L, D] from an encoder that keeps the 1.x layout
+            context = context[:, 0]
+        if y_vec is None:
+            raise ValueError(
+                "Open-Sora 2.0 needs the CLIP-L pooled vector (pooled_output) in the conditioning: encode with "
+                "Open-Sora Encode Prompt (version 2.0) or core DualCLIPLoader(type=flux) + CLIPTextEncode"
+            )
+        if cond is None:  # text-to-video: mask and reference are all zero
+            cond = x.new_zeros(batch, 1 + config.in_channels // patch**2, frames, *x.shape[-2:])
+        elif pad_h or pad_w:
+            cond = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h, 0, 0), mode="replicate")
+        if config.guidance_embed and guidance is None:
+            raise ValueError("this MMDiT has a guidance embedding: add guidance to the conditioning (FluxGuidance)")
+        padded_h, padded_w = x.shape[-2:]
+        out = MMDiT.forward(
+            self,
+            img=pack(x, patch),
+            img_ids=image_ids(frames, padded_h, padded_w, patch, device=x.device).to(x.dtype),
+            txt=context.to(x.dtype),
+            txt_ids=text_ids(context.shape[1], device=x.device).to(x.dtype),
+            timesteps=timesteps.float(),
+            y_vec=y_vec.to(x.dtype),
+            cond=pack(cond.to(x.dtype), patch),
+            guidance=None if guidance is None else guidance.float(),
+        )
+        return unpack(out, frames, padded_h, padded_w, patch)[..., :height, :width]
+
+
+class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
+    unet_extra_config = {}
+    sampling_settings = {"multiplier": 1.0, "shift": 1.0}  # MMDiT embeds 1000 * t itself
+    latent_format = comfy.latent_formats.HunyuanVideo
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+    memory_usage_factor = 1.8  # same latent, patching and token count as core's HunyuanVideo
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return OpenSoraV2Model(self, device=device)
+
+
+class OpenSoraV2Model(comfy.model_base.BaseModel):
+    """BaseModel around the MMDiT; extra_conds routes the CLIP pooled vector and the reference condition."""
+
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyMMDiT)
+        self.opensora_version = "2.0"
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        cross = kwargs.get("cross_attn")
+        if cross is not None:
+            # CONDRegular, not CONDCrossAttn: core pads different text lengths by repeating the tokens, which
+            # changes an unmasked joint attention; texts of different length run as separate batches instead.
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross)
+        pooled = kwargs.get("pooled_output")
+        if pooled is not None:
+            out["y_vec"] = comfy.conds.CONDRegular(pooled)
+        cond = kwargs.get("opensora_cond")
+        if cond is not None:
+            out["cond"] = comfy.conds.CONDRegular(cond)
+        guidance = kwargs.get("guidance")
+        if guidance is not None and self.diffusion_model.config.guidance_embed:
+            out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([guidance]))
+        return out
+
+
+def mmdit_config(config_values: dict) -> MMDiTConfig:
+    """MMDiTConfig from detected + folder config values; keys that are not MMDiT fields (e.g. an HF
+    config.json's "architectures") are dropped."""
+    return MMDiTConfig.from_dict({k: v for k, v in config_values.items() if k in CONFIG_FIELDS})
+
+
+def build_mmdit_patcher(sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None):
+    """Build the ComfyUI MODEL for an Open-Sora 2.0 MMDiT state dict (already detected as "mmdit")."""
+    config = mmdit_config(config_values)
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    params = sum(v.numel() for v in sd.values())
+    supported = OpenSoraV2ModelConfig.supported_inference_dtypes
+    if weight_dtype is None:
+        weight_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
+    model_config = OpenSoraV2ModelConfig({"config": config})
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model_config.unet_config["dtype"] = weight_dtype
+    model = model_config.get_model(device=offload_device)
+    load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, info.description)
+    return PatcherClass(model, load_device=load_device, offload_device=offload_device)

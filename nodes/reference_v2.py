@@ -1,0 +1,63 @@
+"""Open-Sora 2.0 reference images / videos for Encode Reference, encoded with core's HunyuanVideo VAE.
+
+As the reference: resize-to-fill + center crop to the video size (sizes.resize_crop, 8-bit like the
+official PIL path), then VAE-encode. One difference: core VAE.encode returns the posterior MEAN, while
+the official code samples the posterior (with its own seed); the `seed` input therefore has no effect
+for 2.0. The LATENT keeps raw VAE latents; the sampler scales them into model space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..opensora_lib import sizes
+from ..opensora_lib.sampling_v2 import conditioned_frames
+from .latent import video_info
+
+COND_TYPES_V2 = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
+IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1)}  # head = first image, tail = last
+
+
+def _encode(core_vae, images: torch.Tensor) -> torch.Tensor:
+    """[T, H, W, 3] in 0..1 -> raw latent [1, C, T', H/8, W/8] (T frames as one video)."""
+    return core_vae.encode(images).float().cpu()
+
+
+def encode_reference_v2(
+    core_vae, image: torch.Tensor, latent: dict, cond_type: str, frame_index: int = 0, seed: int = 0
+) -> dict:
+    """Attach latent["opensora_reference"] = {latent (raw), cond_type, mask_index, version "2.0"}."""
+    info = video_info(latent)
+    if cond_type not in COND_TYPES_V2:
+        raise ValueError(
+            f"cond_type {cond_type!r} is not an Open-Sora 2.0 condition; 2.0 accepts {', '.join(COND_TYPES_V2)} "
+            "(frame_index exists for 1.3 only)."
+        )
+    samples = latent["samples"]
+    latent_frames = samples.shape[2]
+    frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
+    if image.ndim == 3:
+        image = image[None]
+    pixels = sizes.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
+    images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
+    if cond_type in IMAGE_PICKS:
+        picks = sorted({i % images.shape[0] for i in IMAGE_PICKS[cond_type]})
+        encoded = {i: _encode(core_vae, images[i : i + 1]) for i in picks}
+        # one frame per conditioned end: head from the first image, tail from the last (official ref_path[0/-1])
+        reference = torch.cat([encoded[i % images.shape[0]] for i in IMAGE_PICKS[cond_type]], dim=2)
+    else:
+        needed = (len(frames) - 1) * 4 + 1  # the causal VAE turns 4k + 1 frames into k + 1 latent frames
+        if images.shape[0] < needed:
+            raise ValueError(
+                f"{cond_type} conditions {len(frames)} latent frames, so the reference video needs at least "
+                f"{needed} frames; got {images.shape[0]}"
+            )
+        reference = _encode(core_vae, images)
+    if reference.ndim != 5 or reference.shape[1] != samples.shape[1] or reference.shape[-2:] != samples.shape[-2:]:
+        raise ValueError(
+            f"the VAE encoded the reference to {tuple(reference.shape)}, which does not fit the video latent "
+            f"{tuple(samples.shape)}: connect the HunyuanVideo VAE (hunyuan_vae.safetensors) as core_vae"
+        )
+    out = dict(latent)
+    out["opensora_reference"] = {"latent": reference, "cond_type": cond_type, "mask_index": frames, "version": "2.0"}
+    return out

@@ -1,0 +1,289 @@
+"""Open-Sora 2.0 sampling for the Sampler node, the Sigmas node and a GUIDER for SamplerCustomAdvanced.
+
+The Sampler node runs `opensora_lib.sampling_v2.sample_v2` (the reference I2VDenoiser: three-way text /
+image guidance with oscillation and the per-frame image ramp, redundant passes skipped) on ComfyUI's
+noise, in float32 state with the model in its compute dtype. The guider runs the same guidance from
+core's denoised outputs, so GUIDER + Open-Sora Sigmas + euler in SamplerCustomAdvanced gives the same
+latent. Deliberate differences from the reference: float32 state and Euler updates (official: bf16),
+the i2v reference pasted back into every batch item (official: item 0 only, Q17), and the noise drawn
+as ComfyUI draws it (CPU generator; official: a generator on the GPU) so core samplers match.
+
+Text conditioning: Open-Sora Encode Prompt (2.0) gives T5 [1, 512, 4096] + CLIP-L pooled [1, 768] with
+the official rules. Core DualCLIPLoader(type="flux") + CLIPTextEncode gives the same pair and is accepted,
+but its text path is not the official one: its T5 pads to at least 256 tokens instead of exactly 512 (no
+mask on either side, so pad tokens are attended and every state differs), it tokenises with ComfyUI's fast
+T5 tokenizer instead of T5Tokenizer(legacy=True), applies its (word:1.2) weighting syntax, computes in
+ComfyUI's text-encoder dtype (official: bf16), and adds no " 24 FPS. 4 motion score." suffix (type it into
+the prompt). The CLIP-L pooled vector is the same kind (unprojected EOS state, 77 tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import torch
+
+from ..opensora_lib import sizes
+from ..opensora_lib.mmdit import MMDiT
+from ..opensora_lib.sampling_v2 import (
+    COND_TYPES,
+    V2SamplingOptions,
+    guided_velocity,
+    needed_passes,
+    prepare_condition,
+    sample_v2,
+    step_scales,
+)
+from ..opensora_lib.schedules import v2_timesteps
+from .common import Progress
+from .previews import previewer_for
+
+log = logging.getLogger("OpenSora")
+
+GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "negative_image"}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model."""
+    if not conditioning:
+        raise ValueError(f"The {what} conditioning is empty.")
+    if len(conditioning) > 1:
+        log.warning(
+            "OpenSora: the %s conditioning has %d entries; Open-Sora 2.0 uses the first", what, len(conditioning)
+        )
+    tensor, meta = conditioning[0]
+    version = meta.get("opensora_version")
+    if meta.get("opensora_null_caption") or version not in (None, "2.0"):
+        raise ValueError(
+            f"The {what} conditioning was encoded for Open-Sora {version}; 2.0 needs T5 + CLIP-L conditioning: "
+            "Load Open-Sora Text Encoder with version 2.0, or core DualCLIPLoader(type=flux) + CLIPTextEncode."
+        )
+    if tensor.ndim == 4 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.ndim != 3 or tensor.shape[-1] != config.context_in_dim:
+        raise ValueError(
+            f"The {what} conditioning holds text states of shape {tuple(tensor.shape)}; this Open-Sora 2.0 model "
+            f"needs T5 states [batch, tokens, {config.context_in_dim}] (wrong text encoder?)."
+        )
+    pooled = meta.get("pooled_output")
+    if pooled is None:
+        raise ValueError(
+            f"The {what} conditioning has no pooled_output: Open-Sora 2.0 adds the CLIP-L pooled vector to its "
+            "timestep vector. Encode with Open-Sora Encode Prompt (2.0) or core DualCLIPLoader(type=flux)."
+        )
+    if pooled.ndim != 2 or pooled.shape[-1] != config.vec_in_dim:
+        raise ValueError(
+            f"The {what} conditioning's pooled_output has shape {tuple(pooled.shape)}; this model needs "
+            f"[batch, {config.vec_in_dim}] (CLIP-L)."
+        )
+    return tensor.float(), pooled.float()
+
+
+def text_v2(model, positive: list, negative: list) -> dict[str, torch.Tensor]:
+    """The sample_v2 text dict: prompt and negative (the official negative is the empty prompt)."""
+    config = model.model.diffusion_model.config
+    t5, pooled = text_of_v2(positive, "positive", config)
+    neg_t5, neg_pooled = text_of_v2(negative, "negative", config)
+    return {"t5": t5, "pooled": pooled, "neg_t5": neg_t5, "neg_pooled": neg_pooled}
+
+
+def reference_v2(model, latent: dict) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+    """(cond_type, reference in model space, raw reference) of a LATENT; ("t2v", None, None) without one."""
+    reference = latent.get("opensora_reference")
+    if reference is None:
+        return "t2v", None, None
+    cond_type = reference.get("cond_type")
+    if reference.get("version") != "2.0" or cond_type not in COND_TYPES:
+        raise ValueError(
+            f"The latent's reference ({cond_type}) was not encoded for Open-Sora 2.0: run Open-Sora Encode Reference "
+            "on a 2.0 latent with the HunyuanVideo VAE (core Load VAE)."
+        )
+    raw = reference["latent"].float()
+    return cond_type, model.model.process_latent_in(raw), raw
+
+
+def check_latent(model, latent: dict) -> torch.Tensor:
+    samples = latent["samples"]
+    config = model.model.diffusion_model.config
+    channels = config.in_channels // config.patch_size**2
+    if samples.ndim != 5 or samples.shape[1] != channels:
+        raise ValueError(
+            f"Open-Sora 2.0 samples video latents [batch, {channels}, frames, height, width]; got {tuple(samples.shape)}"
+        )
+    return samples
+
+
+def options_v2(
+    steps: int,
+    cfg: float,
+    image_cfg: float,
+    oscillation: bool,
+    image_oscillation: bool,
+    scale_image_weight: bool,
+    timestep_transform: bool = True,
+    patch_size: int = 2,
+    model_dtype: torch.dtype | None = None,
+) -> V2SamplingOptions:
+    options = V2SamplingOptions(
+        num_steps=steps,
+        guidance=cfg,
+        guidance_img=image_cfg,
+        text_osci=oscillation,
+        image_osci=image_oscillation,
+        scale_temporal_osci=scale_image_weight,
+        shift=timestep_transform,
+        patch_size=patch_size,
+        model_dtype=model_dtype,
+    )
+    options.validate()
+    return options
+
+
+# ---------------------------------------------------------------------------------------------- Sampler node
+
+
+def mmdit_caller(model):
+    """The raw official-signature MMDiT forward (packed tokens), past ComfyMMDiT's latent wrapper."""
+    dm = model.model.diffusion_model
+
+    def call(**kwargs):
+        return MMDiT.forward(dm, **kwargs)
+
+    return call
+
+
+def sample_v2_node(
+    model,
+    positive,
+    negative,
+    latent,
+    seed,
+    steps,
+    cfg,
+    image_cfg,
+    oscillation,
+    image_oscillation,
+    scale_image_weight,
+    timestep_transform,
+) -> tuple[dict]:
+    """The Open-Sora Sampler node for 2.0: returns a LATENT in raw VAE space (reference dropped)."""
+    samples = check_latent(model, latent)
+    text = text_v2(model, positive, negative)
+    cond_type, reference, _ = reference_v2(model, latent)
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    options = options_v2(
+        steps,
+        cfg,
+        image_cfg,
+        oscillation,
+        image_oscillation,
+        scale_image_weight,
+        timestep_transform,
+        model.model.diffusion_model.config.patch_size,
+        dtype,
+    )
+    out = sample_v2(
+        mmdit_caller(model),
+        noise.to(device, torch.float32),
+        {k: v.to(device) for k, v in text.items()},
+        options,
+        cond=None if reference is None else reference.to(device),
+        cond_type=cond_type,
+        callback=Progress(steps, previewer_for(model)),
+    )
+    result = {k: v for k, v in latent.items() if k != "opensora_reference"}
+    result["samples"] = model.model.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
+    return (result,)
+
+
+# ---------------------------------------------------------------------------------------------- SIGMAS
+
+
+def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
+    """The 2.0 schedule as SIGMAS: N + 1 values from 1 to 0 (sigma = t; the model takes t in [0, 1])."""
+    frames, _, _ = sizes.latent_shape("2.0", info["num_frames"], info["height"], info["width"])
+    tokens = sizes.tokens_per_frame("2.0", info["height"], info["width"])
+    return v2_timesteps(steps, tokens, frames, shift=bool(shift)).float()
+
+
+# ---------------------------------------------------------------------------------------------- GUIDER
+
+
+class OpenSoraV2Guider(comfy.samplers.CFGGuider):
+    """Core's denoised outputs -> velocities (v = (x - denoised) / sigma), guided as the reference does."""
+
+    def __init__(self, model_patcher, latent: dict, options: V2SamplingOptions):
+        super().__init__(model_patcher)
+        self.options = options
+        samples = check_latent(model_patcher, latent)
+        self.cond_type, reference, raw = reference_v2(model_patcher, latent)
+        self.condition = None  # [1, 1 + C, T, H, W] mask + masked reference, model space
+        self.paste = None  # (frames, raw masked reference) pasted back after sampling, as the Sampler node
+        if reference is not None:
+            shape = (1, *samples.shape[1:])
+            masks, masked, frames = prepare_condition(shape, self.cond_type, reference)
+            self.condition = torch.cat((masks, masked), dim=1)
+            if self.cond_type.startswith("i2v"):
+                self.paste = (frames, prepare_condition(shape, self.cond_type, raw)[1])
+        self.sigma_list: torch.Tensor | None = None
+
+    def set_conds(self, positive, negative):
+        config = self.model_patcher.model.diffusion_model.config
+        t5, pooled = text_of_v2(positive, "positive", config)
+        neg_t5, neg_pooled = text_of_v2(negative, "negative", config)
+        pos, neg = {"pooled_output": pooled}, {"pooled_output": neg_pooled}
+        conds = {"positive": [[t5, pos]], "negative": [[neg_t5, neg]]}
+        if self.condition is not None:
+            pos["opensora_cond"] = neg["opensora_cond"] = self.condition
+            blank = {"pooled_output": neg_pooled, "opensora_cond": torch.zeros_like(self.condition)}
+            conds["negative_image"] = [[neg_t5, blank]]
+        self.inner_set_conds(conds)
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.sigma_list = sigmas.detach().float().cpu()
+        self.options.num_steps = max(1, len(self.sigma_list) - 1)  # the image ramp spans the schedule
+        out = super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        if self.paste is not None and float(self.sigma_list[-1]) == 0.0:
+            frames, masked = self.paste
+            out = out.clone()
+            out[:, :, frames] = masked[:, :, frames].to(out.device, out.dtype)
+        return out
+
+    def step_index(self, sigma: torch.Tensor) -> int:
+        return int((self.sigma_list[:-1] - float(sigma.flatten()[0])).abs().argmin())
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = model_options or {}
+        step = self.step_index(timestep)
+        text_scale, image_scale = step_scales(step, self.options, self.cond_type, x.shape[2])
+        passes = needed_passes(self.cond_type, text_scale, image_scale)
+        conds = [self.conds[GUIDER_CONDS[name]] for name in passes]
+        denoised = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()
+        outputs = {name: (x.float() - d.float()) / sigma for name, d in zip(passes, denoised)}
+        if torch.is_tensor(image_scale):  # per latent frame
+            image_scale = image_scale.to(x.device, torch.float32).reshape(1, 1, -1, 1, 1)
+        return x.float() - sigma * guided_velocity(outputs, passes, text_scale, image_scale)
+
+
+def guider_v2(
+    model, positive, negative, latent, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight
+) -> OpenSoraV2Guider:
+    """The Open-Sora Guider node for 2.0 (use with Open-Sora Sigmas and core's euler sampler)."""
+    patch = model.model.diffusion_model.config.patch_size
+    options = options_v2(1, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, patch_size=patch)
+    guider = OpenSoraV2Guider(model, latent, options)
+    guider.set_conds(positive, negative)
+    return guider
+
+
+__all__ = ["OpenSoraV2Guider", "guider_v2", "sample_v2_node", "sigmas_v2", "text_of_v2"]

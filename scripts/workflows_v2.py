@@ -1,0 +1,268 @@
+"""The shipped Open-Sora 2.0 workflows in API format: text-to-video, image-to-video, text-to-image-to-video.
+
+They follow configs/diffusion/inference/256px.py (256px 16:9, 129 frames, 50 steps, guidance 7.5 / 3.0,
+all oscillations on, motion score 4, 24 fps) and plugins/t2i2v.py for the first frame: FLUX.1-dev through
+core nodes at 768px with the same aspect ratio, 50 steps, one pass per step (cfg 1) with guidance 4.0,
+Open-Sora's own shift (ModelSamplingFlux with max_shift = base_shift = ln(alpha), alpha from the 2.0 rule
+for one latent frame), decoded by the FLUX AE and fed to the i2v_head path. Decoding uses core's tiled VAE
+decode with the official 256 px tiles and 1/4 overlap, no temporal tiling.
+
+`use_models_v2()` points the loaders at other files (the tests' tiny models) and `tiny_settings_v2()`
+shrinks sizes and steps for a CPU run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from opensora_lib.schedules import v2_shift_alpha  # noqa: E402
+from opensora_lib.sizes import image_size, tokens_per_frame  # noqa: E402
+
+PROMPT = "a red fox running through fresh snow in a pine forest at sunrise, cinematic"
+OFFICIAL_V2 = {
+    "dit_2.0": "Open_Sora_v2.safetensors",
+    "vae_2.0": "hunyuan_vae.safetensors",
+    "t5_2.0": "t5xxl_fp16.safetensors",
+    "clip_l_2.0": "clip_l.safetensors",
+    "flux": "flux1-dev.safetensors",
+    "flux_ae": "ae.safetensors",  # BFL's name; Open-Sora's HF repo ships the same weights as flux1-dev-ae.safetensors
+}
+SETTINGS = {
+    "resolution": "256px",
+    "aspect_ratio": "16:9",
+    "num_frames": 129,
+    "steps": 50,
+    "cfg": 7.5,
+    "image_cfg": 3.0,
+    "seed": 42,
+    "fps": 24,
+    "motion_score": 4,
+}
+IMAGE_RESOLUTION = "768px"  # the t2i2v plugin's img_resolution
+FLUX_GUIDANCE = 4.0  # modify_option_to_t2i
+
+# (class_type, input) -> role in OFFICIAL_V2, for use_models_v2; VAELoader is told apart by its file.
+MODEL_FIELDS_V2 = {
+    ("OpenSoraLoadDiT", "dit_name"): "dit_2.0",
+    ("OpenSoraLoadTextEncoder", "t5_name"): "t5_2.0",
+    ("OpenSoraLoadTextEncoder", "clip_name"): "clip_l_2.0",
+    ("UNETLoader", "unet_name"): "flux",
+    ("DualCLIPLoader", "clip_name1"): "t5_2.0",
+    ("DualCLIPLoader", "clip_name2"): "clip_l_2.0",
+}
+
+
+def t2v_v2() -> dict:
+    s = SETTINGS
+    return {
+        "1": {
+            "class_type": "OpenSoraLoadDiT",
+            "inputs": {"dit_name": OFFICIAL_V2["dit_2.0"], "weight_dtype": "default", "attention": "sdpa"},
+        },
+        "2": {
+            "class_type": "OpenSoraLoadTextEncoder",
+            "inputs": {
+                "t5_name": OFFICIAL_V2["t5_2.0"],
+                "precision": "default",
+                "version": "2.0",
+                "clip_name": OFFICIAL_V2["clip_l_2.0"],
+            },
+        },
+        "3": {
+            "class_type": "OpenSoraEncodePrompt",
+            "inputs": {
+                "text_encoder": ["2", 0],
+                "prompt": PROMPT,
+                "negative_prompt": "",
+                "motion_score_v2": s["motion_score"],
+                "fps": s["fps"],
+            },
+        },
+        "4": {
+            "class_type": "OpenSoraEmptyLatentVideo",
+            "inputs": {
+                "version": "2.0",
+                "resolution": s["resolution"],
+                "aspect_ratio": s["aspect_ratio"],
+                "num_frames": s["num_frames"],
+                "batch_size": 1,
+                "fps": s["fps"],
+            },
+        },
+        "5": {
+            "class_type": "OpenSoraSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["3", 0],
+                "negative": ["3", 1],
+                "latent": ["4", 0],
+                "seed": s["seed"],
+                "steps": s["steps"],
+                "cfg": s["cfg"],
+                "image_cfg": s["image_cfg"],
+                "oscillation": True,
+                "image_oscillation": True,
+                "scale_image_weight": True,
+                "timestep_transform": True,
+            },
+        },
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL_V2["vae_2.0"]}},
+        "7": {
+            "class_type": "VAEDecodeTiled",
+            "inputs": {
+                "samples": ["5", 0],
+                "vae": ["6", 0],
+                "tile_size": 256,
+                "overlap": 64,
+                "temporal_size": 4096,
+                "temporal_overlap": 8,
+            },
+        },
+        "8": {"class_type": "CreateVideo", "inputs": {"images": ["7", 0], "fps": float(s["fps"])}},
+        "9": {
+            "class_type": "SaveVideo",
+            "inputs": {"video": ["8", 0], "filename_prefix": "opensora/v20_t2v", "format": "auto", "codec": "auto"},
+        },
+    }
+
+
+def i2v_v2() -> dict:
+    prompt = t2v_v2()
+    prompt["10"] = {"class_type": "LoadImage", "inputs": {"image": "opensora_reference.png"}}
+    prompt["11"] = {
+        "class_type": "OpenSoraEncodeReference",
+        "inputs": {"image": ["10", 0], "latent": ["4", 0], "cond_type": "i2v_head", "core_vae": ["6", 0]},
+    }
+    prompt["5"]["inputs"]["latent"] = ["11", 0]
+    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_i2v"
+    return prompt
+
+
+def flux_shift() -> float:
+    """ln(alpha) of Open-Sora's T2I schedule at 768px (one latent frame); ModelSamplingFlux uses exp(shift)."""
+    height, width = image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True)
+    return round(math.log(v2_shift_alpha(tokens_per_frame("2.0", height, width), 1)), 6)
+
+
+def t2i2v_v2() -> dict:
+    prompt = i2v_v2()
+    del prompt["10"]
+    height, width = image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True)
+    shift = flux_shift()
+    prompt.update(
+        {
+            "20": {"class_type": "UNETLoader", "inputs": {"unet_name": OFFICIAL_V2["flux"], "weight_dtype": "default"}},
+            "21": {
+                "class_type": "DualCLIPLoader",
+                "inputs": {
+                    "clip_name1": OFFICIAL_V2["t5_2.0"],
+                    "clip_name2": OFFICIAL_V2["clip_l_2.0"],
+                    "type": "flux",
+                },
+            },
+            "22": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["21", 0]}},  # T2I: no suffixes
+            "23": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["22", 0], "guidance": FLUX_GUIDANCE}},
+            "24": {
+                "class_type": "ModelSamplingFlux",
+                "inputs": {
+                    "model": ["20", 0],
+                    "max_shift": shift,
+                    "base_shift": shift,
+                    "width": width,
+                    "height": height,
+                },
+            },
+            "25": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+            "26": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": ["24", 0],
+                    "seed": SETTINGS["seed"],
+                    "steps": SETTINGS["steps"],
+                    "cfg": 1.0,
+                    "sampler_name": "euler",
+                    "scheduler": "simple",
+                    "positive": ["23", 0],
+                    "negative": ["23", 0],
+                    "latent_image": ["25", 0],
+                    "denoise": 1.0,
+                },
+            },
+            "27": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL_V2["flux_ae"]}},
+            "28": {"class_type": "VAEDecode", "inputs": {"samples": ["26", 0], "vae": ["27", 0]}},
+            "29": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["28", 0], "filename_prefix": "opensora/v20_t2i2v_first_frame"},
+            },
+        }
+    )
+    prompt["11"]["inputs"]["image"] = ["28", 0]
+    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_t2i2v"
+    return prompt
+
+
+def definitions_v2() -> dict[str, dict]:
+    return {"opensora20_t2v": t2v_v2(), "opensora20_i2v": i2v_v2(), "opensora20_t2i2v": t2i2v_v2()}
+
+
+def use_models_v2(prompt: dict, names: dict[str, str]) -> dict:
+    """A copy of a 2.0 API workflow whose loaders read other files.
+
+    names: roles as in OFFICIAL_V2 (install_tiny_models_v2 returns them). Core DualCLIPLoader only loads a
+    full-size T5-XXL, so unless names also has "flux_t5" and "flux_clip_l" (files core can load), the
+    DualCLIPLoader + CLIPTextEncode pair is removed and FluxGuidance takes Open-Sora Encode Prompt's positive
+    output instead: same [T5 states, pooled_output] layout, but the 2.0 text (with its fps / motion suffix).
+    """
+    out = json.loads(json.dumps(prompt))
+    vae_roles = {OFFICIAL_V2["vae_2.0"]: "vae_2.0", OFFICIAL_V2["flux_ae"]: "flux_ae"}
+    core_text = "flux_t5" in names and "flux_clip_l" in names
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "VAELoader" and inputs.get("vae_name") in vae_roles and vae_roles[inputs["vae_name"]] in names:
+            inputs["vae_name"] = names[vae_roles[inputs["vae_name"]]]
+        if kind == "DualCLIPLoader" and core_text:
+            inputs.update(clip_name1=names["flux_t5"], clip_name2=names["flux_clip_l"])
+            continue
+        for (class_type, field), role in MODEL_FIELDS_V2.items():
+            if kind == class_type and field in inputs and role in names:
+                inputs[field] = names[role]
+    if not core_text:
+        clip_nodes = {k for k, n in out.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")}
+        encoder = next((k for k, n in out.items() if n["class_type"] == "OpenSoraEncodePrompt"), None)
+        if clip_nodes and encoder is not None:
+            for key in clip_nodes:
+                del out[key]
+            for node in out.values():
+                for field, value in node["inputs"].items():
+                    if isinstance(value, list) and len(value) == 2 and value[0] in clip_nodes:
+                        node["inputs"][field] = [encoder, 0]
+    return out
+
+
+def tiny_settings_v2(
+    prompt: dict, width: int = 64, height: int = 64, num_frames: int = 9, steps: int = 4, image_steps: int = 2
+) -> dict:
+    """A copy at a CPU-friendly size: the video (exact width / height) and the Flux first frame."""
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "OpenSoraEmptyLatentVideo":
+            inputs.update(width=width, height=height, num_frames=num_frames)
+        elif kind == "OpenSoraSampler":
+            inputs["steps"] = steps
+        elif kind in ("EmptySD3LatentImage", "ModelSamplingFlux"):
+            inputs.update(width=width, height=height)
+        elif kind == "KSampler":
+            inputs["steps"] = image_steps
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(definitions_v2(), indent=1))

@@ -1,0 +1,163 @@
+"""The shipped Open-Sora 2.0 workflows on the real host with the 2.0 test models, and GUIDER/SIGMAS parity.
+
+Each API workflow from workflows/api/ is pointed at the test models (use_models_v2) and shrunk to 64 x 64
+pixels, 9 frames (tiny_settings_v2). In text-to-image-to-video the FLUX first frame takes its conditioning
+from Open-Sora Encode Prompt, because core DualCLIPLoader only loads a full-size T5-XXL (see
+scripts/demo_models_v2.py); every other node of the workflow runs as shipped.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_host import output_files
+from helpers_server import api_workflow, video_properties, write_reference_image
+from PIL import Image
+from safetensors.torch import load_file
+from workflows_v2 import OFFICIAL_V2, definitions_v2, tiny_settings_v2, use_models_v2
+
+pytestmark = pytest.mark.server
+
+NAMES_V2 = ("opensora20_t2v", "opensora20_i2v", "opensora20_t2i2v")
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+STEPS = 4
+
+
+def tiny_v2(server, name: str) -> dict:
+    return tiny_settings_v2(use_models_v2(api_workflow(name), server.tiny_models), steps=STEPS)
+
+
+def saved_files(server, result, key: str) -> list[Path]:
+    files = []
+    for output in result.outputs.values():
+        for item in output.get(key, []):
+            files.append(server.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"])
+    return files
+
+
+@pytest.mark.parametrize("name", NAMES_V2)
+def test_v2_workflow_writes_mp4(comfy_server, name):
+    if name == "opensora20_i2v":
+        write_reference_image(comfy_server)
+    prompt = tiny_v2(comfy_server, name)
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
+    videos = output_files(result, comfy_server.base)
+    assert len(videos) == 1 and videos[0].is_file()
+    props = video_properties(videos[0])
+    assert props["frames"] == 9
+    assert (props["width"], props["height"]) == (64, 64)
+    assert props["fps"] == 24
+    assert props["pixels"].std() > 1.0  # not a blank video
+    progress = [m["data"]["value"] for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "5"]
+    assert progress and progress[-1] == STEPS  # the Sampler node reports its steps
+    assert result.previews >= STEPS  # and sends a latent preview per step
+    if name == "opensora20_t2i2v":
+        images = [p for p in saved_files(comfy_server, result, "images") if p.suffix == ".png"]
+        assert len(images) == 1  # the FLUX first frame, saved as the official t2i2v does
+        with Image.open(images[0]) as first:
+            assert first.size == (64, 64)
+        ran = {m["data"].get("node") for m in result.messages if m["type"] == "executing"}
+        assert {"20", "24", "26", "28", "11"} <= ran  # UNETLoader, ModelSamplingFlux, KSampler, VAEDecode, reference
+
+
+def test_v2_workflows_ship_in_ui_and_api_format():
+    for name, definition in definitions_v2().items():
+        prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+        assert prompt == definition, f"workflows/api/{name}.json is stale: run scripts/shipped_workflows.py"
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in prompt.values()}
+        kinds = {n["class_type"]: n["inputs"] for n in prompt.values()}
+        assert kinds["SaveVideo"]["video"][0] == next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")
+        assert kinds["CreateVideo"]["fps"] == 24.0
+
+
+def test_v2_workflows_reference_official_files():
+    files = set()
+    for prompt in definitions_v2().values():
+        for node in prompt.values():
+            for field in ("dit_name", "t5_name", "clip_name", "vae_name", "unet_name", "clip_name1", "clip_name2"):
+                if field in node["inputs"]:
+                    files.add(node["inputs"][field])
+    assert files == set(OFFICIAL_V2.values())
+    t2i2v = {n["class_type"]: n["inputs"] for n in definitions_v2()["opensora20_t2i2v"].values()}
+    assert t2i2v["DualCLIPLoader"]["type"] == "flux"
+    assert t2i2v["FluxGuidance"]["guidance"] == 4.0 and t2i2v["KSampler"]["cfg"] == 1.0
+    assert (t2i2v["EmptySD3LatentImage"]["width"], t2i2v["EmptySD3LatentImage"]["height"]) == (1024, 576)
+    # Open-Sora's T2I shift alpha = 1 + 2 (2304 - 256) / 3840 at 768px 16:9, one latent frame
+    assert t2i2v["ModelSamplingFlux"]["max_shift"] == pytest.approx(torch.tensor(1 + 2 * 2048 / 3840).log().item())
+    assert t2i2v["OpenSoraEncodeReference"]["cond_type"] == "i2v_head"
+
+
+def test_use_models_v2_substitutes_only_what_core_cannot_load():
+    names = {"dit_2.0": "d", "t5_2.0": "t/", "clip_l_2.0": "c", "vae_2.0": "v", "flux": "f", "flux_ae": "a"}
+    swapped = use_models_v2(definitions_v2()["opensora20_t2i2v"], names)
+    kinds = {n["class_type"]: n["inputs"] for n in swapped.values()}
+    assert "DualCLIPLoader" not in kinds and "CLIPTextEncode" not in kinds
+    assert kinds["FluxGuidance"]["conditioning"] == ["3", 0]  # Open-Sora Encode Prompt's positive output
+    assert kinds["UNETLoader"]["unet_name"] == "f" and kinds["OpenSoraLoadDiT"]["dit_name"] == "d"
+    vaes = sorted(n["inputs"]["vae_name"] for n in swapped.values() if n["class_type"] == "VAELoader")
+    assert vaes == ["a", "v"]
+    kept = use_models_v2(definitions_v2()["opensora20_t2i2v"], {**names, "flux_t5": "T5", "flux_clip_l": "L"})
+    kept_kinds = {n["class_type"]: n["inputs"] for n in kept.values()}
+    assert (kept_kinds["DualCLIPLoader"]["clip_name1"], kept_kinds["DualCLIPLoader"]["clip_name2"]) == ("T5", "L")
+    assert kept_kinds["FluxGuidance"]["conditioning"] == ["22", 0]
+
+
+def _latent(server, result) -> torch.Tensor:
+    files = saved_files(server, result, "latents")
+    assert len(files) == 1, result.outputs
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+@pytest.mark.parametrize("name", ["opensora20_t2v", "opensora20_i2v"])
+def test_v2_guider_and_sigmas_reproduce_the_sampler_node(comfy_server, name):
+    """SamplerCustomAdvanced + Open-Sora Guider / Sigmas + euler == the Open-Sora Sampler node (2.0).
+
+    Both run the same guidance on the same noise; the guider recovers each velocity from core's denoised
+    output (v = (x - denoised) / sigma) in float32, hence differences at the 1e-5 level, not bit equality.
+    """
+    write_reference_image(comfy_server)
+    base = tiny_v2(comfy_server, name)
+    keep = {k: v for k, v in base.items() if v["class_type"] not in ("VAEDecodeTiled", "CreateVideo", "SaveVideo")}
+    seed, steps, cfg, image_cfg = 31, 12, 7.5, 3.0  # 12 steps reach the oscillating steps (>= 10)
+    keep["5"]["inputs"].update(seed=seed, steps=steps, cfg=cfg, image_cfg=image_cfg)
+    latent = keep["5"]["inputs"]["latent"]
+    keep["40"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "parity20/sampler"}}
+    reference = comfy_server.client().run(keep, timeout=900)
+    assert reference.ok, reference.error
+
+    custom = {k: v for k, v in keep.items() if k not in ("5", "40")}
+    custom["50"] = {
+        "class_type": "OpenSoraGuider",
+        "inputs": {
+            "model": ["1", 0],
+            "positive": ["3", 0],
+            "negative": ["3", 1],
+            "latent": latent,
+            "cfg": cfg,
+            "image_cfg": image_cfg,
+        },
+    }
+    custom["51"] = {"class_type": "OpenSoraSigmas", "inputs": {"latent": latent, "steps": steps}}
+    custom["52"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    custom["53"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
+    custom["54"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {
+            "noise": ["53", 0],
+            "guider": ["50", 0],
+            "sampler": ["52", 0],
+            "sigmas": ["51", 0],
+            "latent_image": latent,
+        },
+    }
+    custom["55"] = {"class_type": "SaveLatent", "inputs": {"samples": ["54", 0], "filename_prefix": "parity20/custom"}}
+    result = comfy_server.client().run(custom, timeout=900)
+    assert result.ok, result.error
+
+    a, b = _latent(comfy_server, reference), _latent(comfy_server, result)
+    assert a.shape == b.shape == (1, 16, 3, 8, 8)
+    assert a.abs().mean() > 0.1
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
