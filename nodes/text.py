@@ -48,7 +48,7 @@ def text_conditioning(encoder: TextEncoder, text: str) -> list:
     if encoder.version == "2.0":
         t5, _ = encoder.encode_t5([text])
         pooled = encoder.encode_clip([text])
-        return [[t5, {"pooled_output": pooled, "opensora_version": "2.0", "opensora_text": text}]]
+        return [[t5[:, 0], {"pooled_output": pooled, "opensora_version": "2.0", "opensora_text": text}]]
     y, mask = encoder.encode_t5([text])
     return [[y[:, 0], {"attention_mask": mask, "opensora_version": encoder.version, "opensora_text": text}]]
 

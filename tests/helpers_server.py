@@ -28,13 +28,14 @@ def tiny_workflow(server, name: str, steps: int = 3, **latent_overrides) -> dict
     version = next(n["inputs"]["version"] for n in prompt.values() if n["class_type"] == "OpenSoraEmptyLatentVideo")
     names = server.tiny_models
     if version == "2.0":
-        prompt = use_models(prompt, {"dit": names.get("dit_2.0"), "vae": names.get("vae_2.0"), "t5": names.get("t5")})
-    else:
-        prompt = use_models(prompt, {"dit": names[f"dit_{version}"], "vae": names[f"vae_{version}"], "t5": names["t5"]})
+        from workflows_v2 import tiny_settings_v2, use_models_v2
+
+        return tiny_settings_v2(use_models_v2(prompt, names), steps=steps)
+    prompt = use_models(prompt, {"dit": names[f"dit_{version}"], "vae": names[f"vae_{version}"], "t5": names["t5"]})
     for node in prompt.values():
-        if node["class_type"] == "OpenSoraEmptyLatentVideo" and version != "2.0":
+        if node["class_type"] == "OpenSoraEmptyLatentVideo":
             node["inputs"].update({**FAST, **latent_overrides})
-        if node["class_type"] in ("OpenSoraSampler",):
+        if node["class_type"] == "OpenSoraSampler":
             node["inputs"]["steps"] = steps
     return prompt
 
