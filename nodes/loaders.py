@@ -9,7 +9,7 @@ import comfy.model_management
 import torch
 
 from ..opensora_lib import attention as attention_lib
-from ..opensora_lib import checkpoint
+from ..opensora_lib import checkpoint, detection
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5Embedder
 from .comfy_model import build_stdit3_patcher
@@ -67,8 +67,8 @@ class OpenSoraLoadDiT:
     def load(self, dit_name, weight_dtype, attention="sdpa"):
         attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
         path = model_path("diffusion_models", dit_name)
-        info = checkpoint.detect(checkpoint.read_header(path))
-        checkpoint.expect_family(info, {"stdit3", "mmdit"}, "the Open-Sora DiT loader")
+        info = detection.detect(checkpoint.read_header(path))
+        detection.expect_family(info, {"stdit3", "mmdit"}, "the Open-Sora DiT loader")
         sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
         config_values = {**info.config, **read_folder_config(path)}
         dtype = WEIGHT_DTYPES[weight_dtype]
@@ -189,8 +189,8 @@ class OpenSoraLoadVAE:
 
     def load(self, vae_name, dtype):
         path = model_path("vae", vae_name)
-        info = checkpoint.detect(checkpoint.read_header(path))
-        checkpoint.expect_family(info, {"vae_v12", "vae_v13"}, "the Open-Sora VAE loader")
+        info = detection.detect(checkpoint.read_header(path))
+        detection.expect_family(info, {"vae_v12", "vae_v13"}, "the Open-Sora VAE loader")
         device = comfy.model_management.vae_device()
         if dtype == "default":
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from . import checkpoint
+from . import checkpoint, detection
 
 T5_V1 = dict(max_length=300, use_mask=True, dtype=torch.float32)  # Open-Sora 1.2 / 1.3
 T5_V2 = dict(max_length=512, use_mask=False, dtype=torch.bfloat16)  # Open-Sora 2.0
@@ -77,11 +77,11 @@ def _load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     inferred_overrides: dict[str, Any] | None = None,
-) -> tuple[torch.nn.Module, checkpoint.ModelInfo]:
+) -> tuple[torch.nn.Module, detection.ModelInfo]:
     """Build on the meta device, then assign the (cast, dequantized) tensors: no random init, one copy."""
     source = Path(source)
-    info = checkpoint.detect_file(source)  # validates every file before anything is read
-    checkpoint.expect_family(info, {family}, "T5 loader" if family == "t5" else "CLIP-L loader")
+    info = detection.detect_file(source)  # validates every file before anything is read
+    detection.expect_family(info, {family}, "T5 loader" if family == "t5" else "CLIP-L loader")
     config_dict = _read_config(source) if source.is_dir() else None
     if config_dict is None:  # ComfyUI-style single file: the shapes give the config
         config_dict = {**info.config, **(inferred_overrides or {})}

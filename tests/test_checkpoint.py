@@ -10,17 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from opensora_lib.checkpoint import (
-    FAMILIES,
-    CheckpointError,
-    detect,
-    detect_file,
-    expect_family,
-    load_state_dict,
-    read_header,
-    strip_prefix,
-    weight_files,
-)
+from opensora_lib.checkpoint import CheckpointError, load_state_dict, read_header, strip_prefix, weight_files
+from opensora_lib.detection import FAMILIES, detect, detect_file, expect_family
 
 TESTS = Path(__file__).resolve().parent
 KEYS = TESTS / "fixtures" / "reference_keys"  # copies of OPENSORA.md's keys/*.txt

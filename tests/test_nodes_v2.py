@@ -403,11 +403,11 @@ def test_tiny_mmdit_is_detected_as_open_sora_2_0(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import MMDIT_CONFIG, NAMES, make_mmdit
 
-    from opensora_lib import checkpoint
+    from opensora_lib import checkpoint, detection
 
     path = tmp_path / NAMES["dit_2.0"]
     make_mmdit(path)
-    info = checkpoint.detect_file(path)
+    info = detection.detect_file(path)
     assert (info.family, info.version) == ("mmdit", "2.0")
     assert {k: info.config[k] for k in MMDIT_CONFIG} == MMDIT_CONFIG  # the loader infers the full config
     official = reference_listing("mmdit")
