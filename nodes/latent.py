@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..opensora_lib import sizes
+from ..opensora_lib import reference_image, sizes
 from .common import CATEGORY
 
 VERSIONS = ["1.3", "1.2", "2.0"]
@@ -210,7 +210,7 @@ class OpenSoraEncodeReference:
             )
         if info["version"] != vae.version:
             raise ValueError(f"The latent is for Open-Sora {info['version']} but the VAE is {vae.version}.")
-        pixels = sizes.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
+        pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
         frames = pixels.movedim(0, 1).unsqueeze(0) if cond_type == "v2v_head" else pixels[:1].unsqueeze(2)
         generator = torch.Generator().manual_seed(seed)
 

@@ -1,6 +1,6 @@
 """Open-Sora 2.0 reference images / videos for Encode Reference, encoded with core's HunyuanVideo VAE.
 
-As the reference: resize-to-fill + center crop to the video size (sizes.resize_crop, 8-bit like the
+As the reference: resize-to-fill + center crop to the video size (reference_image.resize_crop, 8-bit like the
 official PIL path), then VAE-encode. One difference: core VAE.encode returns the posterior MEAN, while
 the official code samples the posterior (with its own seed); the `seed` input therefore has no effect
 for 2.0. The LATENT keeps raw VAE latents; the sampler scales them into model space.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..opensora_lib import sizes
+from ..opensora_lib import reference_image
 from ..opensora_lib.sampling_v2 import conditioned_frames
 from .latent import video_info
 
@@ -38,7 +38,7 @@ def encode_reference_v2(
     frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
     if image.ndim == 3:
         image = image[None]
-    pixels = sizes.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
+    pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
     if cond_type in IMAGE_PICKS:
         picks = sorted({i % images.shape[0] for i in IMAGE_PICKS[cond_type]})

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 
 from ..opensora_lib import sizes
+from ..opensora_lib.size_rules import size_rules
 
 SIZE_RULES_PATH = "/opensora/size_rules"
 
 
 @functools.lru_cache(maxsize=1)
 def all_size_rules() -> dict:
-    """{version: sizes.size_rules(version)} for every version (static data, computed once)."""
-    return {version: sizes.size_rules(version) for version in sizes.VERSIONS}
+    """{version: size_rules(version)} for every version (static data, computed once)."""
+    return {version: size_rules(version) for version in sizes.VERSIONS}
 
 
 async def size_rules_handler(request):

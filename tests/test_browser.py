@@ -19,6 +19,7 @@ import pytest
 from browser_check import CASES, REPO, assess, check_frontend, find_browser, known_frontend_error, ui_workflows
 
 from opensora_lib import sizes
+from opensora_lib.size_rules import size_rules
 
 ARTIFACTS = REPO / "artifacts" / "browser"
 
@@ -55,7 +56,7 @@ def test_size_rules_route_serves_sizes_rules_and_registers_once():
     assert status == 200
     assert sorted(body) == sorted(sizes.VERSIONS)
     for version in sizes.VERSIONS:
-        assert body[version] == json.loads(json.dumps(sizes.size_rules(version)))
+        assert body[version] == json.loads(json.dumps(size_rules(version)))
 
 
 @pytest.mark.browser

@@ -1,17 +1,15 @@
-"""Sizes, frame counts, latent shapes and the reference-image resize (opensora_lib.sizes)."""
+"""Sizes, frame counts, latent shapes (opensora_lib.sizes) and their JSON description (size_rules)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from opensora_lib import sizes
 from opensora_lib.fixtures.size_tables import _is_sizes_table, run_sizes_table
+from opensora_lib.size_rules import size_rules
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora"
 
@@ -232,7 +230,7 @@ def test_v13_decode_rule():
 
 def test_size_rules_are_json_and_consistent():
     for version in sizes.VERSIONS:
-        rules = json.loads(json.dumps(sizes.size_rules(version)))
+        rules = json.loads(json.dumps(size_rules(version)))
         assert rules["version"] == version
         frames = rules["frames"]
         sizes.validate_num_frames(version, frames["max"])
@@ -241,60 +239,12 @@ def test_size_rules_are_json_and_consistent():
         for resolution in rules["resolutions"]:
             for ratio, size in rules["sizes"][resolution].items():
                 assert tuple(size) == sizes.image_size(version, resolution, ratio)
-    assert sizes.size_rules("1.3")["aspect_ratio_order"] == "H:W"
-    assert sizes.size_rules("2.0")["aspect_ratio_order"] == "W:H"
-    assert sizes.size_rules("1.3")["frames"]["trained_max"] == 113
-    assert sizes.size_rules("2.0")["first_frame_sizes"]["256px"]["1.85:1"] is None
-    assert sizes.size_rules("2.0")["first_frame_sizes"]["256px"]["2.39:1"] == [160, 400]
+    assert size_rules("1.3")["aspect_ratio_order"] == "H:W"
+    assert size_rules("2.0")["aspect_ratio_order"] == "W:H"
+    assert size_rules("1.3")["frames"]["trained_max"] == 113
+    assert size_rules("2.0")["first_frame_sizes"]["256px"]["1.85:1"] is None
+    assert size_rules("2.0")["first_frame_sizes"]["256px"]["2.39:1"] == [160, 400]
     for version in sizes.VERSIONS:
-        defaults = sizes.size_rules(version)["defaults"]
+        defaults = size_rules(version)["defaults"]
         sizes.image_size(version, defaults["resolution"], defaults["aspect_ratio"])
         sizes.validate_num_frames(version, defaults["num_frames"])
-
-
-# ----------------------------------------------------------------------------- reference images
-
-
-def _to_unit(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(pixels).float() / 255.0
-
-
-def test_resize_crop_crops_centre_without_resizing():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(4, 8, 3), dtype=np.uint8)
-    out = sizes.resize_crop(_to_unit(pixels), 4, 4)
-    assert out.shape == (1, 3, 4, 4)
-    expected = torch.from_numpy(pixels[:, 2:6]).permute(2, 0, 1).float() / 255 * 2 - 1
-    assert torch.allclose(out[0], expected, atol=1e-6)
-    # round-half-to-even offset: 5 -> 4 columns starts at column 0 (round(0.5) == 0)
-    odd = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
-    out = sizes.resize_crop(_to_unit(odd), 4, 4)
-    assert torch.allclose(out[0], torch.from_numpy(odd[:, :4]).permute(2, 0, 1).float() / 255 * 2 - 1, atol=1e-6)
-
-
-def test_resize_crop_follows_pil_bicubic_fill():
-    rng = np.random.default_rng(1)
-    pixels = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
-    # 30x50 -> fill 64x64: scale 64/30 on H, width round(50 * 64/30) = 107, left offset round(21.5) = 22
-    resized = np.array(Image.fromarray(pixels).resize((107, 64), Image.BICUBIC))[:, 22:86]
-    expected = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
-    out = sizes.resize_crop(_to_unit(pixels), 64, 64)
-    assert torch.equal(out[0], expected)
-    assert torch.equal(sizes.resize_crop(Image.fromarray(pixels), 64, 64)[0], expected)
-    torch_path = sizes.resize_crop(_to_unit(pixels), 64, 64, method="torch")
-    diff = (torch_path - out).abs() * 127.5
-    assert diff.max() <= 1.0 + 1e-4
-    assert (diff > 0.01).float().mean() < 0.01
-
-
-def test_resize_crop_batch_and_errors():
-    torch.manual_seed(0)
-    batch = torch.rand(3, 20, 30, 3)
-    out = sizes.resize_crop(batch, 16, 16)
-    assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
-    with pytest.raises(ValueError, match="IMAGE tensor"):
-        sizes.resize_crop(torch.rand(3, 20, 30), 16, 16)
-    with pytest.raises(ValueError, match="method"):
-        sizes.resize_crop(batch, 16, 16, method="nearest")
-    with pytest.raises(ValueError, match="height"):
-        sizes.resize_crop(batch, 0, 16)

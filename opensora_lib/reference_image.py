@@ -1,0 +1,85 @@
+"""Reference images for image/video conditioning: resize-to-fill and center-crop to the video size.
+
+The official path: 8-bit RGB, PIL BICUBIC resize so the image covers the target, center crop with Python
+rounding, /255, then (x - 0.5) / 0.5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .sizes import check_int
+
+
+def _fill_geometry(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(resized_h, resized_w, top, left) of the official resize_crop_to_fill (Python round, half to even)."""
+    scale_h, scale_w = height / src_h, width / src_w
+    if scale_h > scale_w:
+        resized_h, resized_w = height, round(src_w * scale_h)
+        return resized_h, resized_w, 0, int(round((resized_w - width) / 2.0))
+    resized_h, resized_w = round(src_h * scale_w), width
+    return resized_h, resized_w, int(round((resized_h - height) / 2.0)), 0
+
+
+def resize_crop(image: Any, height: int, width: int, *, method: str = "pil") -> torch.Tensor:
+    """Resize-to-fill and center-crop reference images to (height, width), returned as [B, 3, H, W] in [-1, 1].
+
+    `image`: a ComfyUI IMAGE tensor [B, H, W, 3] (or [H, W, 3]) with values 0..1, or a PIL image.
+    Both methods follow the official path: 8-bit RGB, BICUBIC resize so the image covers the target,
+    center crop (Python rounding), /255, then (x - 0.5) / 0.5.
+    method="pil" (default) uses PIL itself: bit-exact with the official for images from 8-bit files.
+    method="torch" stays on the tensor's device: antialiased bicubic per axis (width, then height, as
+    PIL does) rounded to 8 bits after each pass; it differs from PIL by one 8-bit level on up to
+    ~0.2% of pixels (PIL's fixed-point weights), never more.
+    """
+    check_int("height", height)
+    check_int("width", width)
+    if method not in ("pil", "torch"):
+        raise ValueError(f"unknown resize method {method!r}; choose 'pil' or 'torch'")
+    if not isinstance(image, torch.Tensor):
+        return _resize_crop_pil_image(image, height, width)
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"expected an IMAGE tensor [B, H, W, 3] with values 0..1, got shape {tuple(image.shape)}")
+    pixels = (image[..., :3].detach().float().clamp(0, 1) * 255).round()  # the 8-bit image PIL would see
+    if method == "pil":
+        frames = []
+        for frame in pixels.to(torch.uint8).cpu().numpy():
+            frames.append(_resize_crop_pil_image(_pil().fromarray(frame, "RGB"), height, width)[0])
+        return torch.stack(frames).to(image.device)
+    src_h, src_w = pixels.shape[1:3]
+    resized_h, resized_w, top, left = _fill_geometry(src_h, src_w, height, width)
+    x = pixels.permute(0, 3, 1, 2)
+    if resized_w != src_w:
+        x = F.interpolate(x, size=(src_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    if resized_h != src_h:
+        x = F.interpolate(x, size=(resized_h, resized_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    x = x[:, :, top : top + height, left : left + width].div(255)
+    return (x - 0.5) / 0.5
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def _resize_crop_pil_image(image: Any, height: int, width: int) -> torch.Tensor:
+    pil = _pil()
+    if not isinstance(image, pil.Image):
+        raise ValueError(f"expected an IMAGE tensor or a PIL image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    src_w, src_h = image.size
+    resized_h, resized_w, top, left = _fill_geometry(src_h, src_w, height, width)
+    resized = image.resize((resized_w, resized_h), pil.BICUBIC)
+    cropped = resized.crop((left, top, left + width, top + height))
+    import numpy as np
+
+    x = torch.from_numpy(np.array(cropped, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return ((x - 0.5) / 0.5).unsqueeze(0)

@@ -1,0 +1,55 @@
+"""The reference-image resize-to-fill and center crop (opensora_lib.reference_image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opensora_lib.reference_image import resize_crop
+
+
+def _to_unit(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).float() / 255.0
+
+
+def test_resize_crop_crops_centre_without_resizing():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(4, 8, 3), dtype=np.uint8)
+    out = resize_crop(_to_unit(pixels), 4, 4)
+    assert out.shape == (1, 3, 4, 4)
+    expected = torch.from_numpy(pixels[:, 2:6]).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert torch.allclose(out[0], expected, atol=1e-6)
+    # round-half-to-even offset: 5 -> 4 columns starts at column 0 (round(0.5) == 0)
+    odd = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    out = resize_crop(_to_unit(odd), 4, 4)
+    assert torch.allclose(out[0], torch.from_numpy(odd[:, :4]).permute(2, 0, 1).float() / 255 * 2 - 1, atol=1e-6)
+
+
+def test_resize_crop_follows_pil_bicubic_fill():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    # 30x50 -> fill 64x64: scale 64/30 on H, width round(50 * 64/30) = 107, left offset round(21.5) = 22
+    resized = np.array(Image.fromarray(pixels).resize((107, 64), Image.BICUBIC))[:, 22:86]
+    expected = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    out = resize_crop(_to_unit(pixels), 64, 64)
+    assert torch.equal(out[0], expected)
+    assert torch.equal(resize_crop(Image.fromarray(pixels), 64, 64)[0], expected)
+    torch_path = resize_crop(_to_unit(pixels), 64, 64, method="torch")
+    diff = (torch_path - out).abs() * 127.5
+    assert diff.max() <= 1.0 + 1e-4
+    assert (diff > 0.01).float().mean() < 0.01
+
+
+def test_resize_crop_batch_and_errors():
+    torch.manual_seed(0)
+    batch = torch.rand(3, 20, 30, 3)
+    out = resize_crop(batch, 16, 16)
+    assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="IMAGE tensor"):
+        resize_crop(torch.rand(3, 20, 30), 16, 16)
+    with pytest.raises(ValueError, match="method"):
+        resize_crop(batch, 16, 16, method="nearest")
+    with pytest.raises(ValueError, match="height"):
+        resize_crop(batch, 0, 16)
