@@ -19,19 +19,8 @@ import torch
 from torch import nn
 
 from .rope import interleaved_tables, rope_frequencies, spatial_angles, temporal_angles, window_angles
-from .stdit3_layers import (
-    AttentionGroup,
-    CaptionEmbedder,
-    CaptionKeys,
-    FinalLayer,
-    PatchEmbed3D,
-    RotaryFrequencies,
-    STDiT3Block,
-    TimestepEmbedder,
-    TokenLayout,
-    sincos_pos_embed_2d,
-    window_groups,
-)
+from .stdit3_embedders import CaptionEmbedder, PatchEmbed3D, RotaryFrequencies, TimestepEmbedder, sincos_pos_embed_2d
+from .stdit3_layers import AttentionGroup, CaptionKeys, FinalLayer, STDiT3Block, TokenLayout, window_groups
 
 
 @dataclass
