@@ -70,14 +70,19 @@ class AutoencoderKLConfig:
     def from_dict(cls, values: dict) -> AutoencoderKLConfig:
         """Build from a diffusers-style config dict; metadata keys ('_class_name', ...) are ignored."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in values if k not in known and k not in _IGNORED_KEYS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKL config keys {unknown}; allowed: {sorted(known)}")
+        check_config_keys(values, known, _IGNORED_KEYS, "AutoencoderKL")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+def check_config_keys(values: dict, allowed: set, ignored: set, what: str) -> None:
+    """Reject keys that are neither fields (`allowed`) nor known loader/metadata keys; "_"-prefixed ones pass."""
+    unknown = sorted(k for k in values if k not in allowed and k not in ignored and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(allowed)}")
 
 
 def _ops(operations):

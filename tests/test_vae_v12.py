@@ -14,7 +14,8 @@ from opensora_lib.fixtures import run_path
 from opensora_lib.fixtures.runner import load_case
 from opensora_lib.fixtures.vae_v12_cases import build_model
 from opensora_lib.vae_kl2d import AutoencoderKLConfig, tiled_apply
-from opensora_lib.vae_v12 import OpenSoraVAEv12, VAETemporalConfig, VAEv12Config
+from opensora_lib.vae_temporal import VAETemporalConfig
+from opensora_lib.vae_v12 import OpenSoraVAEv12, VAEv12Config
 
 CASE = Path(__file__).parent / "fixtures" / "opensora" / "vae_v12_roundtrip"
 KEYS = CASE / "reference_keys_vae_v12.txt"  # copy of /work/shared/reference/keys/vae_v12.txt
