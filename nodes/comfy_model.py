@@ -94,23 +94,32 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         return out
 
 
-def build_stdit3_patcher(
-    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None
-) -> comfy.model_patcher.ModelPatcher:
-    """Build the ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
+def build_patcher(model_config_class, unet_config: dict, sd: dict, weight_dtype: torch.dtype | None, what: str, *args):
+    """Build a ComfyUI MODEL: pick the weight/compute dtypes as core's loaders do, build the BaseModel on the
+    offload device with comfy.ops layers, load the weights strictly, wrap it in the (Core)ModelPatcher."""
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    params = sum(v.numel() for v in sd.values())
-    supported = OpenSoraModelConfig.supported_inference_dtypes
+    supported = model_config_class.supported_inference_dtypes
     if weight_dtype is None:
+        params = sum(v.numel() for v in sd.values())
         weight_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
     manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
-    model_config = OpenSoraModelConfig({"config": config, "version": version}, LATENT_FORMATS[version])
+    model_config = model_config_class(unet_config, *args)
     model_config.set_inference_dtype(weight_dtype, manual_cast)
     model_config.unet_config["dtype"] = weight_dtype
     model = model_config.get_model(device=offload_device)
-    load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, f"the {version} STDiT3")
+    load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)
+
+
+def build_stdit3_patcher(
+    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None
+) -> comfy.model_patcher.ModelPatcher:
+    """The ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
+    unet_config = {"config": config, "version": version}
+    return build_patcher(
+        OpenSoraModelConfig, unet_config, sd, weight_dtype, f"the {version} STDiT3", LATENT_FORMATS[version]
+    )
 
 
 def load_weights(

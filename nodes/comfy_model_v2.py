@@ -22,7 +22,7 @@ import torch
 
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
-from .comfy_model import PatcherClass, load_weights
+from .comfy_model import build_patcher
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 
@@ -126,17 +126,5 @@ def mmdit_config(config_values: dict) -> MMDiTConfig:
 
 def build_mmdit_patcher(sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None):
     """Build the ComfyUI MODEL for an Open-Sora 2.0 MMDiT state dict (already detected as "mmdit")."""
-    config = mmdit_config(config_values)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    params = sum(v.numel() for v in sd.values())
-    supported = OpenSoraV2ModelConfig.supported_inference_dtypes
-    if weight_dtype is None:
-        weight_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
-    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
-    model_config = OpenSoraV2ModelConfig({"config": config})
-    model_config.set_inference_dtype(weight_dtype, manual_cast)
-    model_config.unet_config["dtype"] = weight_dtype
-    model = model_config.get_model(device=offload_device)
-    load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, info.description)
-    return PatcherClass(model, load_device=load_device, offload_device=offload_device)
+    unet_config = {"config": mmdit_config(config_values)}
+    return build_patcher(OpenSoraV2ModelConfig, unet_config, sd, weight_dtype, info.description)

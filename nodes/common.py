@@ -88,3 +88,9 @@ class Progress:
         if self.previewer is not None and info.get("x") is not None:
             preview = self.previewer(info.get("denoised", info["x"]))
         self.bar.update_absolute(info["i"] + 1, self.total, preview)
+
+
+def load_for_sampling(model) -> tuple[torch.device, torch.dtype]:
+    """Put the DiT on its device through the memory manager; return (device, compute dtype)."""
+    comfy.model_management.load_models_gpu([model])
+    return model.load_device, model.model.manual_cast_dtype or model.model.get_dtype()

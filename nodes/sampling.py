@@ -9,7 +9,7 @@ import torch
 from ..opensora_lib import rflow
 from ..opensora_lib.schedules import rflow_timesteps
 from ..opensora_lib.stdit3 import STDiT3
-from .common import CATEGORY, Progress
+from .common import CATEGORY, Progress, load_for_sampling
 from .latent import video_info
 from .previews import previewer_for
 
@@ -114,20 +114,43 @@ FLAW_FIX_INPUT = _bool("1.3 t2v: rescale the guided velocity toward the conditio
 
 
 def v1_options(
-    info: dict, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, flaw_fix, **extra
+    info: dict,
+    cfg: float,
+    image_cfg: float = 5.0,
+    oscillation: bool = True,
+    image_oscillation: bool = True,
+    scale_image_weight: bool = True,
+    flaw_fix: bool = True,
+    sdedit: bool = False,
+    timestep_transform: bool = True,
+    **extra,
 ) -> rflow.RFlowOptions:
     """The node switches as RFlowOptions; 1.3-only features stay off for 1.2, as the official configs."""
     v13 = info["version"] == "1.3"
     return rflow.RFlowOptions(
         cfg_scale=cfg,
         version=info["version"],
+        use_timestep_transform=timestep_transform,
         use_oscillation_guidance=oscillation and v13,
         use_flaw_fix=flaw_fix and v13,
         image_cfg_scale=image_cfg,
         use_oscillation_guidance_for_image=image_oscillation and v13,
         scale_image_weight=scale_image_weight and v13,
+        use_sdedit=sdedit and v13,
         **extra,
     )
+
+
+# Defaults of the Sampler's optional inputs (API prompts may omit them).
+OPTION_DEFAULTS = {
+    "image_cfg": 5.0,
+    "oscillation": True,
+    "image_oscillation": True,
+    "scale_image_weight": True,
+    "sdedit": True,
+    "flaw_fix": True,
+    "timestep_transform": True,
+}
 
 
 class OpenSoraSampler:
@@ -172,57 +195,16 @@ class OpenSoraSampler:
         "Open-Sora's reference rectified-flow sampler with every official option, progress, previews and interruption."
     )
 
-    def sample(
-        self,
-        model,
-        positive,
-        negative,
-        latent,
-        seed,
-        steps,
-        cfg,
-        image_cfg=5.0,
-        oscillation=True,
-        image_oscillation=True,
-        scale_image_weight=True,
-        sdedit=True,
-        flaw_fix=True,
-        timestep_transform=True,
-    ):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, **options):
+        options = {**OPTION_DEFAULTS, **options}
         info = check_versions(model, latent)
         if info["version"] == "2.0":
             from .sampling_v2 import sample_v2_node
 
-            return sample_v2_node(
-                model,
-                positive,
-                negative,
-                latent,
-                seed,
-                steps,
-                cfg,
-                image_cfg,
-                oscillation,
-                image_oscillation,
-                scale_image_weight,
-                timestep_transform,
-            )
-        comfy.model_management.load_models_gpu([model])
-        device = model.load_device
-        dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+            return sample_v2_node(model, positive, negative, latent, seed, steps, cfg, **options)
+        device, dtype = load_for_sampling(model)
         z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
-        options = v1_options(
-            info,
-            cfg,
-            image_cfg,
-            oscillation,
-            image_oscillation,
-            scale_image_weight,
-            flaw_fix,
-            num_steps=steps,
-            use_timestep_transform=timestep_transform,
-            use_sdedit=sdedit and info["version"] == "1.3",
-        )
+        rflow_options = v1_options(info, cfg, **options, num_steps=steps)
         generator = torch.Generator().manual_seed(seed + 1)
 
         def noise(shape, noise_dtype, noise_device):
@@ -232,7 +214,7 @@ class OpenSoraSampler:
             dit_caller(model),
             z,
             v1_text(model, positive, negative, device, dtype),
-            options,
+            rflow_options,
             height=info["height"],
             width=info["width"],
             num_frames=info["num_frames"],

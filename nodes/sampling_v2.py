@@ -38,7 +38,7 @@ from ..opensora_lib.sampling_v2 import (
     step_scales,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress
+from .common import Progress, load_for_sampling
 from .previews import previewer_for
 
 log = logging.getLogger("OpenSora")
@@ -171,15 +171,14 @@ def sample_v2_node(
     image_oscillation,
     scale_image_weight,
     timestep_transform,
+    **_v1_only,  # sdedit, flaw_fix: 1.x options the Sampler node also has
 ) -> tuple[dict]:
     """The Open-Sora Sampler node for 2.0: returns a LATENT in raw VAE space (reference dropped)."""
     samples = check_latent(model, latent)
     text = text_v2(model, positive, negative)
     cond_type, reference, _ = reference_v2(model, latent)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
-    comfy.model_management.load_models_gpu([model])
-    device = model.load_device
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    device, dtype = load_for_sampling(model)
     options = options_v2(
         steps,
         cfg,

@@ -479,6 +479,22 @@ def compare_derived(values: dict, derived: dict, expected: dict) -> str | None:
     return None
 
 
+# Zoom the canvas so the whole workflow is in the screenshot (the README shows these pictures).
+FIT_GRAPH = """(() => {
+  const app = window.comfyAPI.app.app;
+  const nodes = app.graph.nodes ?? app.graph._nodes;
+  const left = Math.min(...nodes.map((n) => n.pos[0])), top = Math.min(...nodes.map((n) => n.pos[1]));
+  const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const canvas = app.canvas.canvas;
+  const scale = Math.min((canvas.width - 120) / (right - left), (canvas.height - 160) / (bottom - top), 1);
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [60 / scale - left, 120 / scale - top];
+  app.canvas.setDirty(true, true);
+  return scale;
+})()"""
+
+
 async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
     mark_tutorial_done(url)
     async with Chromium() as browser:
@@ -486,6 +502,7 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
         report: dict = {"workflows": [], "url": url}
         for path in ui_workflows(workflows_dir):
             report["workflows"].append(await _check_workflow(browser, path))
+            await browser.evaluate(FIT_GRAPH)
             shot = screenshot.with_name(f"workflow_{path.stem}.png")
             report["workflows"][-1]["screenshot"] = str(await browser.screenshot(shot))
         await browser.evaluate("window.comfyAPI.app.app.graph.clear?.() ?? true")

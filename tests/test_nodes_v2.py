@@ -139,7 +139,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     steps, seed = 12, 5
 
     # -- Sampler node (t2v) == the library sampler on ComfyUI's noise, in model space
-    (sampled,) = sampling.OpenSoraSampler().sample(model, positive, negative, empty, seed, steps, 7.5, 3.0)
+    (sampled,) = sampling.OpenSoraSampler().sample(model, positive, negative, empty, seed, steps, 7.5, image_cfg=3.0)
     noise = comfy.sample.prepare_noise(empty["samples"], seed)
     t5 = positive[0][0].reshape(1, -1, 64)
     neg_t5 = negative[0][0].reshape(1, -1, 64)
@@ -188,7 +188,9 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     for cond_type in ("i2v_head", "i2v_tail", "i2v_loop"):
         (ref_latent,) = latent.OpenSoraEncodeReference().encode(image, empty, cond_type, core_vae=vae)
         reference = ref_latent["opensora_reference"]
-        (out,) = sampling.OpenSoraSampler().sample(model, positive, negative, ref_latent, seed, steps, 7.5, 3.0)
+        (out,) = sampling.OpenSoraSampler().sample(
+            model, positive, negative, ref_latent, seed, steps, 7.5, image_cfg=3.0
+        )
         ref = reference["latent"]
         frames = reference["mask_index"]
         expected = {"i2v_head": [ref[:, :, 0]], "i2v_tail": [ref[:, :, -1]], "i2v_loop": [ref[:, :, 0], ref[:, :, -1]]}
@@ -216,7 +218,9 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     # -- core-style conditioning (other token counts, 3-D), and bad conditioning
     core_positive = [[t5[:, :256].clone(), {"pooled_output": positive[0][1]["pooled_output"]}]]
     core_negative = [[neg_t5[:, :300].clone(), {"pooled_output": negative[0][1]["pooled_output"]}]]
-    (core_out,) = sampling.OpenSoraSampler().sample(model, core_positive, core_negative, empty, seed, 4, 7.5, 3.0)
+    (core_out,) = sampling.OpenSoraSampler().sample(
+        model, core_positive, core_negative, empty, seed, 4, 7.5, image_cfg=3.0
+    )
     core_library = lib.sample_v2(
         raw_mmdit,
         noise,
