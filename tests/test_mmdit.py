@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers_torch import no_grad, one_thread  # noqa: F401 (autouse fixtures)
 from torch import nn
 
 from opensora_lib import mmdit as mmdit_module
@@ -13,21 +14,6 @@ from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config, mmdit_v2_dca
 from opensora_lib.mmdit_layers import rotary_tables
 
 CASE = "mmdit_v2_forward"
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: extra threads only add synchronisation (and stall badly on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

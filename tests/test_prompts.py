@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from helpers_tables import run_table
 
 from opensora_lib import prompts
 from opensora_lib.fixtures.prompt_tables import _is_prompts_table, run_prompts_table
-
-FIXTURES = Path(__file__).parent / "fixtures" / "opensora"
-
 
 # ----------------------------------------------------------------------------- golden table
 
 
 def _run_table() -> list:
-    # The table runner itself (run_path would also import every other runner module of the package).
-    path = FIXTURES / "prompts.json"
-    table = json.loads(path.read_text())
-    assert _is_prompts_table(table)
-    return run_prompts_table(path, table)
+    return run_table("prompts.json", _is_prompts_table, run_prompts_table)
 
 
 def test_prompts_table_matches_official(capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
 from opensora_lib.conditioning_v1 import (
     MaskStrategy,
@@ -32,12 +33,6 @@ from opensora_lib.rflow import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora"
 CASES = ["rflow_v12_t2v_sampling", "rflow_v12_mask_sampling", "rflow_v13_t2v_sampling", "rflow_v13_i2v_sampling"]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 # ---------------------------------------------------------------- golden parity

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers_torch import no_grad, one_thread  # noqa: F401 (autouse fixtures)
 
 from opensora_lib.fixtures.mmdit_cases import build_model
 from opensora_lib.fixtures.runner import load_case, run_path
@@ -22,21 +23,6 @@ from opensora_lib.sampling_v2 import (
     unpack,
     v2_noise,
 )
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many tiny matmuls: extra threads only add synchronisation (and stall badly on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers_tables import run_table
 
 from opensora_lib import sizes
 from opensora_lib.fixtures.size_tables import _is_sizes_table, run_sizes_table
 from opensora_lib.size_rules import size_rules
 
-FIXTURES = Path(__file__).parent / "fixtures" / "opensora"
-
-
 # ----------------------------------------------------------------------------- golden table
 
 
 def _run_table() -> list:
-    # The table runner itself (run_path would also import every other runner module of the package).
-    path = FIXTURES / "sizes.json"
-    table = json.loads(path.read_text())
-    assert _is_sizes_table(table)
-    return run_sizes_table(path, table)
+    return run_table("sizes.json", _is_sizes_table, run_sizes_table)
 
 
 def test_sizes_table_matches_official():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
 from opensora_lib.fixtures import load_case, run_path
 from opensora_lib.rope import interleaved_tables, rope_frequencies, window_angles
@@ -29,12 +30,6 @@ from opensora_lib.stdit3_layers import (
 )
 
 KEYS = Path("/work/shared/reference/keys")
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def tiny_config(version: str, **overrides) -> STDiT3Config:

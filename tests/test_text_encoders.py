@@ -15,6 +15,7 @@ from helpers_tiny_text import (
     tiny_clip_model,
     tiny_t5_model,
 )
+from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -22,12 +23,6 @@ from opensora_lib.text_encoders import T5_V2, CLIPPooledEmbedder, T5Embedder, en
 
 PROMPTS = ["a cat sits on the mat", "the dog runs under the blue sky and the red sea wave in rain"]
 LONG = " ".join(["the red cat walks over the blue mat"] * 6)
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 from torch import nn
 
 from opensora_lib.fixtures import run_path
@@ -19,12 +20,6 @@ from opensora_lib.vae_v12 import OpenSoraVAEv12, VAEv12Config
 
 CASE = Path(__file__).parent / "fixtures" / "opensora" / "vae_v12_roundtrip"
 KEYS = CASE / "reference_keys_vae_v12.txt"  # copy of /work/shared/reference/keys/vae_v12.txt
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

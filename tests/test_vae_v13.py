@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
 from opensora_lib.fixtures import run_path
 from opensora_lib.vae_v13 import VIDEO_LATENT_MEAN, OpenSoraVAEv13, VAEv13Config
@@ -14,12 +15,6 @@ from opensora_lib.vae_v13_layers import blend_tiles
 
 CASE = Path(__file__).parent / "fixtures" / "opensora" / "vae_v13_roundtrip"
 KEYS = Path(__file__).parent / "fixtures" / "reference_keys" / "vae_v13.txt"  # copy of the reference keys list
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")
