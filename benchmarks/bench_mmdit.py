@@ -24,14 +24,14 @@ from benchmarks.common import (
     DTYPES,
     VideoSize,
     add_common_arguments,
+    add_dit_arguments,
     attention_flops,
+    dit_runs,
     environment,
     float32_reference,
     linear_flops,
     measure,
     parameter_count,
-    parse_video,
-    parse_videos,
     peak_tflops,
     relative_error,
     release_memory,
@@ -225,10 +225,7 @@ def bench_precision(model, config, size, text_tokens, device, dtype) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--forward", nargs="*", default=None, help="RES:FRAMES:BATCH, e.g. 256px:129:3 or 64x96:9:1")
-    parser.add_argument("--sampler", nargs="*", default=None, help="RES:FRAMES[:VIDEOS] for the sampler runs")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; tiny 12; 0 = no run)")
-    parser.add_argument("--error-size", default=None, help="RES:FRAMES:BATCH of the bf16 error check, or none")
+    add_dit_arguments(parser, "256px:129:3 or 64x96:9:1", DEFAULT_STEPS["full"])
     parser.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512; tiny 7)")
     args = parser.parse_args(argv)
     device = setup(args)
@@ -237,27 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = model_config(args.tiny)
     text_tokens = args.text_tokens or DEFAULT_TEXT_TOKENS[mode]
-    defaults = DEFAULTS[mode]
-    forward_sizes = parse_videos(args.forward, defaults["forward"], VERSION, ASPECT_RATIO)
-    sampler_sizes = parse_videos(args.sampler, defaults["sampler"], VERSION, ASPECT_RATIO)
-    steps = DEFAULT_STEPS[mode] if args.steps is None else args.steps
-    error_spec = args.error_size or defaults["error"]
-    error_size = None
-    if error_spec != "none" and dtype != torch.float32:  # the error of a float32 run against itself is 0
-        error_size = parse_video(error_spec, VERSION, ASPECT_RATIO)
+    runs = dit_runs(args, DEFAULTS[mode], DEFAULT_STEPS[mode], VERSION, ASPECT_RATIO, dtype)
     peak = peak_tflops(device, dtype, args.peak_tflops)
 
     # Random weights; built in float32 first when the error check needs the float32 copy, then cast in place.
     torch.manual_seed(args.seed)
-    model = MMDiT(config, dtype=torch.float32 if error_size else dtype, device=device).eval()
+    model = MMDiT(config, dtype=torch.float32 if runs.error else dtype, device=device).eval()
     results = []
-    if error_size is not None:
-        results.append(bench_precision(model, config, error_size, text_tokens, device, dtype))
+    if runs.error is not None:
+        results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))
     release_memory(device)
-    for size in forward_sizes:
+    for size in runs.forward:
         results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak))
-    for size in sampler_sizes if steps > 0 else []:
-        results.append(bench_sampler(model, config, size, steps, text_tokens, device, dtype, peak))
+    for size in runs.sampler:
+        results.append(bench_sampler(model, config, size, runs.steps, text_tokens, device, dtype, peak))
 
     payload = {
         "benchmark": "mmdit v2.0",

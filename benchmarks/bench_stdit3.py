@@ -25,14 +25,14 @@ from benchmarks.common import (
     DTYPES,
     VideoSize,
     add_common_arguments,
+    add_dit_arguments,
     attention_flops,
+    dit_runs,
     environment,
     float32_reference,
     linear_flops,
     measure,
     parameter_count,
-    parse_video,
-    parse_videos,
     peak_tflops,
     relative_error,
     release_memory,
@@ -218,10 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--version", choices=("1.3", "1.2"), default="1.3")
-    parser.add_argument("--forward", nargs="*", default=None, help="RES:FRAMES:BATCH, e.g. 720p:113:2 or 64x112:17:2")
-    parser.add_argument("--sampler", nargs="*", default=None, help="RES:FRAMES[:VIDEOS] for the sampler runs")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default 30; tiny 12; 0 = no run)")
-    parser.add_argument("--error-size", default=None, help="RES:FRAMES:BATCH of the bf16 error check, or none")
+    add_dit_arguments(parser, "720p:113:2 or 64x112:17:2", DEFAULT_STEPS["full"])
     parser.add_argument("--text-tokens", type=int, default=None, help="valid caption tokens (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="eager element-wise kernels (no torch.compile)")
     args = parser.parse_args(argv)
@@ -234,29 +231,22 @@ def main(argv: list[str] | None = None) -> dict:
     text_tokens = args.text_tokens or config.model_max_length
     if not 1 <= text_tokens <= config.model_max_length:
         raise SystemExit(f"--text-tokens must be in [1, {config.model_max_length}], got {text_tokens}")
-    defaults = DEFAULTS[mode]
-    forward_sizes = parse_videos(args.forward, defaults["forward"], args.version, ASPECT_RATIO)
-    sampler_sizes = parse_videos(args.sampler, defaults["sampler"], args.version, ASPECT_RATIO)
-    steps = DEFAULT_STEPS[mode] if args.steps is None else args.steps
-    error_spec = args.error_size or defaults["error"]
-    error_size = None
-    if error_spec != "none" and dtype != torch.float32:  # the error of a float32 run against itself is 0
-        error_size = parse_video(error_spec, args.version, ASPECT_RATIO)
+    runs = dit_runs(args, DEFAULTS[mode], DEFAULT_STEPS[mode], args.version, ASPECT_RATIO, dtype)
     peak = peak_tflops(device, dtype, args.peak_tflops)
 
     # Random weights; built in float32 first when the error check needs the float32 copy, then cast in place.
     torch.manual_seed(args.seed)
-    model = STDiT3(config, dtype=torch.float32 if error_size else dtype, device=device).eval()
+    model = STDiT3(config, dtype=torch.float32 if runs.error else dtype, device=device).eval()
     results = []
-    if error_size is not None:
+    if runs.error is not None:
         results.append(
-            bench_precision(model, config, args.version, error_size, text_tokens, device, dtype, not args.no_compile)
+            bench_precision(model, config, args.version, runs.error, text_tokens, device, dtype, not args.no_compile)
         )
     release_memory(device)
-    for size in forward_sizes:
+    for size in runs.forward:
         results.append(bench_forward(model, config, args.version, size, text_tokens, args, device, dtype, peak))
-    for size in sampler_sizes if steps > 0 else []:
-        results.append(bench_sampler(model, config, args.version, size, steps, text_tokens, device, dtype, peak))
+    for size in runs.sampler:
+        results.append(bench_sampler(model, config, args.version, size, runs.steps, text_tokens, device, dtype, peak))
 
     payload = {
         "benchmark": f"stdit3 v{args.version}",

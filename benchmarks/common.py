@@ -119,6 +119,44 @@ def parse_videos(specs: list[str] | None, default_specs: list[str], version: str
         raise SystemExit(f"bad size: {e}") from None
 
 
+def add_dit_arguments(parser: argparse.ArgumentParser, forward_example: str, default_steps: int) -> None:
+    """--forward / --sampler / --steps / --error-size, the runs both DiT benchmarks offer."""
+    parser.add_argument("--forward", nargs="*", default=None, help=f"RES:FRAMES:BATCH, e.g. {forward_example}")
+    parser.add_argument("--sampler", nargs="*", default=None, help="RES:FRAMES[:VIDEOS] for the sampler runs")
+    steps_help = f"sampler steps (default {default_steps}; tiny 12; 0 = no run)"
+    parser.add_argument("--steps", type=int, default=None, help=steps_help)
+    parser.add_argument("--error-size", default=None, help="RES:FRAMES:BATCH of the bf16 error check, or none")
+
+
+@dataclass
+class DiTRuns:
+    """What a DiT benchmark runs: forward sizes, sampler sizes and steps, and the size of the error check."""
+
+    forward: list[VideoSize]
+    sampler: list[VideoSize]  # empty when steps is 0
+    steps: int
+    error: VideoSize | None  # None: no bf16-vs-float32 check
+
+
+def dit_runs(
+    args: argparse.Namespace,
+    defaults: dict[str, Any],
+    default_steps: int,
+    version: str,
+    aspect_ratio: str,
+    dtype: torch.dtype,
+) -> DiTRuns:
+    """The runs from add_dit_arguments' options, else the script's defaults ({"forward", "sampler", "error"})."""
+    forward = parse_videos(args.forward, defaults["forward"], version, aspect_ratio)
+    sampler = parse_videos(args.sampler, defaults["sampler"], version, aspect_ratio)
+    steps = default_steps if args.steps is None else args.steps
+    error_spec = args.error_size or defaults["error"]
+    error = None
+    if error_spec != "none" and dtype != torch.float32:  # the error of a float32 run against itself is 0
+        error = parse_video(error_spec, version, aspect_ratio)
+    return DiTRuns(forward, sampler if steps > 0 else [], steps, error)
+
+
 # ---------------------------------------------------------------- timing and memory
 
 
