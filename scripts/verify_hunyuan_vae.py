@@ -27,6 +27,10 @@ Checks (all deterministic: posterior mean; latent = mean * 0.476986; decode take
     the reference's first latent frame depends on the later frames too.)
   - `tiled` outputs: the official blends 64-px tiles (blend/row-limit rule); core's VAE.encode/decode do not
     tile (only on OOM, with a different feathering scheme), so these are reported for information only.
+  - the pack's fix, nodes/hunyuan_vae.py (OpenSoraHunyuanVAE().patch(vae)): the VAE copy it returns matches the
+    fixture on the `small` clip (model and VAE.encode / VAE.decode wrapper), its encode_tiled / decode_tiled equal
+    the masked core's, it shares every weight with the original, and the original VAE object is unchanged
+    afterwards (same attention functions, same outputs as before, still different from the fixture).
 """
 
 from __future__ import annotations
@@ -102,6 +106,16 @@ def frame_causal_attention(q, k, v):
     mask = frame[None, :] <= frame[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(2, 3).reshape(b, c, t, h, w)
+
+
+def load_node_module():
+    """nodes/hunyuan_vae.py by file (ComfyUI's own top-level `nodes` module shadows the pack's package name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("opensora_pack_hunyuan_vae", REPO / "nodes" / "hunyuan_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compare(actual, expected, atol: float, rtol: float) -> dict:
@@ -211,17 +225,74 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
             )
             tiled_images = ((tiled_x[0] + 1) / 2).permute(1, 2, 3, 0)
             size = int(config["sample_size"])
-            core_tiled = vae.encode_tiled(tiled_images, tile_x=size, tile_y=size, overlap=size // 4) * scale
+            tile_args = {"tile_x": size, "tile_y": size, "overlap": size // 4}
+            core_tiled = vae.encode_tiled(tiled_images, **tile_args) * scale
             info["masked.core_tiled_vs_official_tiled.latent"] = compare(core_tiled, tiled_z, atol, rtol)
             latent_tile = size // 8
-            core_decoded = vae.decode_tiled(
-                tiled_z / scale, tile_x=latent_tile, tile_y=latent_tile, overlap=latent_tile // 4
-            )
+            latent_tile_args = {"tile_x": latent_tile, "tile_y": latent_tile, "overlap": latent_tile // 4}
+            core_decoded = vae.decode_tiled(tiled_z / scale, **latent_tile_args)
             expected_tiled = ((io["tiled.decoded"] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
             info["masked.core_tiled_vs_official_tiled.decoded_0to1"] = compare(core_decoded, expected_tiled, atol, rtol)
         finally:
             for attention, original in zip(attentions, originals):
                 attention.optimized_attention = original
+
+        # -- the pack's fix: OpenSoraHunyuanVAE returns a patched copy; the original must stay as it was -------
+        unmasked_small = (model.encode(x) * scale, model.decode(z / scale), vae.encode(images) * scale)
+        node = load_node_module().OpenSoraHunyuanVAE()
+        fixed = node.patch(vae)[0]
+        fixed_model = fixed.first_stage_model
+        check["node.small.moments"] = compare(
+            fixed_model.quant_conv(fixed_model.encoder(x)), io["small.moments"], atol, rtol
+        )
+        check["node.small.latent"] = compare(fixed_model.encode(x) * scale, z, atol, rtol)
+        check["node.small.decoded"] = compare(fixed_model.decode(z / scale), io["small.decoded"], atol, rtol)
+        check["node.wrapper.small.latent"] = compare(fixed.encode(images) * scale, z, atol, rtol)
+        check["node.wrapper.small.decoded"] = compare(fixed.decode(z / scale), expected_images, atol, rtol)
+        # core's tiled paths call the same (patched) modules: they equal the masked core's tiled results
+        fixed_tiled = fixed.encode_tiled(tiled_images, **tile_args) * scale
+        fixed_tiled_decoded = fixed.decode_tiled(tiled_z / scale, **latent_tile_args)
+        check["node.encode_tiled_equals_masked_core"] = compare(fixed_tiled, core_tiled, KERNEL_NOISE_ATOL, 0.0)
+        check["node.decode_tiled_equals_masked_core"] = compare(
+            fixed_tiled_decoded, core_decoded, KERNEL_NOISE_ATOL, 0.0
+        )
+        fixed_single = (fixed_model.encode(x[:, :, :1]), fixed_model.decode(z[:, :, :1] / scale))
+        check["node.single_latent_frame.latent"] = compare(*zip_pair(unmasked_single, fixed_single, 0))
+        check["node.single_latent_frame.decoded"] = compare(*zip_pair(unmasked_single, fixed_single, 1))
+
+        # the original VAE object after the node ran: untouched, still the unmasked core
+        after = (model.encode(x) * scale, model.decode(z / scale), vae.encode(images) * scale)
+        original_tiled = vae.encode_tiled(tiled_images, **tile_args) * scale
+        original_tiled_decoded = vae.decode_tiled(tiled_z / scale, **latent_tile_args)
+        check["original_after_node.small.latent"] = compare(after[0], z, atol, rtol)
+        check["original_after_node.small.decoded"] = compare(after[1], io["small.decoded"], atol, rtol)
+        check["original_after_node.wrapper.small.latent"] = compare(after[2], z, atol, rtol)
+        fixed_parameters = dict(fixed_model.named_parameters())
+        original_parameters = dict(model.named_parameters())
+        report["node"] = {
+            "original_unchanged_bitwise": all(bool(torch.equal(a, b)) for a, b in zip(after, unmasked_small)),
+            "original_attention_functions_kept": [a.optimized_attention is o for a, o in zip(attentions, originals)],
+            "original_modules_kept": model.encoder.mid.attn_1 is attentions[0]
+            and model.decoder.mid.attn_1 is attentions[1],
+            "fixed_attention_function": [
+                fixed_model.encoder.mid.attn_1.optimized_attention.__name__,
+                fixed_model.decoder.mid.attn_1.optimized_attention.__name__,
+            ],
+            # the fix reaches core's tiled paths (3 latent frames per tile here); the original's stay unmasked
+            "tiled_latent_moved_by_fix": float((fixed_tiled - original_tiled).abs().max()),
+            "tiled_decoded_moved_by_fix": float((fixed_tiled_decoded - original_tiled_decoded).abs().max()),
+            "fixed_is_a_new_object": fixed is not vae and fixed_model is not model,
+            "parameter_names_equal": sorted(fixed_parameters) == sorted(original_parameters),
+            "parameters_shared": all(fixed_parameters[k] is p for k, p in original_parameters.items()),
+            "buffers_shared": all(a is b for a, b in zip(fixed_model.buffers(), model.buffers(), strict=True)),
+            "parameter_count": len(original_parameters),
+            "patcher_is_new": fixed.patcher is not vae.patcher,
+            "patcher_is_clone": bool(fixed.patcher.is_clone(vae.patcher)),
+            "attributes_kept": all(
+                getattr(fixed, name) == getattr(vae, name)
+                for name in ("latent_dim", "latent_channels", "upscale_index_formula", "downscale_index_formula")
+            ),
+        }
     return report
 
 
@@ -240,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in report["info"].items():
         print(f"info {name}: {value}")
     print("load:", json.dumps(report["load"]))
+    print("node:", json.dumps(report["node"]))
     if json_path:
         json_path.write_text(json.dumps(report, indent=1))
     return 0

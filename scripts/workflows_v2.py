@@ -7,6 +7,10 @@ Open-Sora's own shift (ModelSamplingFlux with max_shift = base_shift = ln(alpha)
 for one latent frame), decoded by the FLUX AE and fed to the i2v_head path. Decoding uses core's tiled VAE
 decode with the official 256 px tiles and 1/4 overlap, no temporal tiling.
 
+The HunyuanVideo VAE from core VAELoader goes through Open-Sora HunyuanVideo VAE (causal fix) before any use
+(decode and reference encode): it gives core's VAE the official frame-causal mid-block attention
+(nodes/hunyuan_vae.py). The FLUX AE is used as core loads it.
+
 `use_models_v2()` points the loaders at other files (the tests' tiny models) and `tiny_settings_v2()`
 shrinks sizes and steps for a CPU run.
 """
@@ -114,11 +118,12 @@ def t2v_v2() -> dict:
             },
         },
         "6": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL_V2["vae_2.0"]}},
+        "12": {"class_type": "OpenSoraHunyuanVAE", "inputs": {"vae": ["6", 0]}},  # official frame-causal mid attention
         "7": {
             "class_type": "VAEDecodeTiled",
             "inputs": {
                 "samples": ["5", 0],
-                "vae": ["6", 0],
+                "vae": ["12", 0],
                 "tile_size": 256,
                 "overlap": 64,
                 "temporal_size": 4096,
@@ -138,7 +143,7 @@ def i2v_v2() -> dict:
     prompt["10"] = {"class_type": "LoadImage", "inputs": {"image": "opensora_reference.png"}}
     prompt["11"] = {
         "class_type": "OpenSoraEncodeReference",
-        "inputs": {"image": ["10", 0], "latent": ["4", 0], "cond_type": "i2v_head", "core_vae": ["6", 0]},
+        "inputs": {"image": ["10", 0], "latent": ["4", 0], "cond_type": "i2v_head", "core_vae": ["12", 0]},
     }
     prompt["5"]["inputs"]["latent"] = ["11", 0]
     prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_i2v"

@@ -1,0 +1,165 @@
+"""Core ComfyUI's HunyuanVideo VAE with the official frame-causal mid-block attention (Open-Sora 2.0).
+
+Core loads hunyuan_vae.safetensors as a 3-D AutoencoderKL whose encoder and decoder mid-block AttnBlock attend
+over every latent frame; the official HunyuanVideo VAE masks that attention frame-causally (a token of latent
+frame t sees frames <= t). Everything else already matches (scripts/verify_hunyuan_vae.py).
+
+`frame_causal_vae(vae)` returns a copy of core's VAE object that differs only there. The copy shares every weight
+with the original: only the module path down to the two attention blocks is shallow-copied (the copies hold no
+tensors of their own), and the copy's patcher is a clone of the original's, so ComfyUI's memory manager sees one
+set of weights. The original VAE object (cached by VAELoader) is not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+MID_ATTENTION_PATHS = (("encoder", "mid", "attn_1"), ("decoder", "mid", "attn_1"))
+
+
+def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Core AttnBlock's attention (one head over the C channels) with the official frame-causal mask.
+
+    q, k, v: [B, C, T, H, W]. Tokens are ordered frame by frame, so the keys a frame may see are a prefix of the
+    sequence: each frame's queries attend to that prefix without a mask. Same result as the official dense
+    [T*H*W, T*H*W] mask, without building it, and every call can use a memory-efficient kernel.
+    """
+    if q.ndim != 5:
+        raise ValueError(
+            f"frame-causal attention needs [B, C, T, H, W] video features, got shape {tuple(q.shape)}: "
+            "this is not the 3-D HunyuanVideo VAE"
+        )
+    batch, channels, frames, height, width = q.shape
+    per_frame = height * width
+    q, k, v = (x.reshape(batch, 1, channels, frames * per_frame).transpose(2, 3) for x in (q, k, v))
+    out = torch.empty_like(q)
+    for frame in range(frames):
+        start, end = frame * per_frame, (frame + 1) * per_frame
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+    return out.transpose(2, 3).reshape(batch, channels, frames, height, width)
+
+
+def _own_children(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy with its own child table: swapping a child in it leaves `module` as it was."""
+    twin = copy.copy(module)
+    twin._modules = type(module._modules)(module._modules)
+    return twin
+
+
+def _find_mid_attentions(model: torch.nn.Module) -> None:
+    """Fail loudly when this ComfyUI lays the VAE out differently (rather than silently not patching)."""
+    for path in MID_ATTENTION_PATHS:
+        node = model
+        for depth, name in enumerate(path):
+            child = getattr(node, "_modules", {}).get(name)
+            if child is None:
+                found = ".".join(("first_stage_model",) + path[:depth])
+                raise ValueError(
+                    f"Open-Sora HunyuanVideo VAE fix: {found} ({type(node).__name__}) has no submodule '{name}'. "
+                    f"Expected core's HunyuanVideo VAE (hunyuan_vae.safetensors through Load VAE), whose "
+                    f"first_stage_model.{'.'.join(path)} is the mid-block attention; this VAE is "
+                    f"{type(model).__name__}, or this ComfyUI version names its modules differently."
+                )
+            node = child
+        if not callable(getattr(node, "optimized_attention", None)):
+            raise ValueError(
+                f"Open-Sora HunyuanVideo VAE fix: first_stage_model.{'.'.join(path)} ({type(node).__name__}) has no "
+                "optimized_attention function to replace; this ComfyUI version computes VAE attention differently."
+            )
+
+
+def _check_patch_is_used(attention: torch.nn.Module) -> None:
+    """Run the patched block once on a 2-frame probe: the replacement must actually be called."""
+    calls = []
+
+    def counted(q, k, v):
+        calls.append(q.shape)
+        return frame_causal_attention(q, k, v)
+
+    weight = next(attention.parameters(), None)
+    dtype, device = (weight.dtype, weight.device) if weight is not None else (torch.float32, "cpu")
+    channels = getattr(attention, "in_channels", None) or (weight.shape[0] if weight is not None else None)
+    if channels is None:
+        raise ValueError(f"Open-Sora HunyuanVideo VAE fix: cannot tell the width of {type(attention).__name__}")
+    attention.optimized_attention = counted
+    try:
+        with torch.no_grad():
+            attention(torch.zeros(1, int(channels), 2, 1, 1, dtype=dtype, device=device))
+    finally:
+        attention.optimized_attention = frame_causal_attention
+    if not calls:
+        raise RuntimeError(
+            f"Open-Sora HunyuanVideo VAE fix: {type(attention).__name__}.forward did not call optimized_attention; "
+            "this ComfyUI version computes VAE attention differently, so the frame-causal mask cannot be applied."
+        )
+
+
+def frame_causal_vae(vae):
+    """A copy of core's HunyuanVideo VAE object whose encoder/decoder mid attention is frame-causal (official).
+
+    Shares all weights with `vae` and leaves `vae` unchanged. Raises ValueError for a VAE that is not core's 3-D
+    HunyuanVideo layout (e.g. the Flux AE) and for a ComfyUI whose VAE modules are laid out differently.
+    """
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise ValueError("Open-Sora HunyuanVideo VAE fix: this VAE has no weights (first_stage_model is None)")
+    latent_dim = getattr(vae, "latent_dim", None)
+    if latent_dim != 3:
+        raise ValueError(
+            f"Open-Sora HunyuanVideo VAE fix expects the HunyuanVideo video VAE (3-D latents, hunyuan_vae.safetensors); "
+            f"this VAE has latent_dim {latent_dim} ({type(model).__name__}), e.g. an image VAE such as the Flux AE"
+        )
+    _find_mid_attentions(model)
+
+    root = _own_children(model)
+    for path in MID_ATTENTION_PATHS:
+        parent = root
+        for name in path:
+            child = _own_children(parent._modules[name])
+            parent._modules[name] = child
+            parent = child
+        _check_patch_is_used(parent)
+
+    patched = copy.copy(vae)
+    patched.first_stage_model = root
+    patcher = getattr(vae, "patcher", None)
+    if patcher is not None:
+        # A clone manages the same weights (the original model tree, whose weight-bearing modules are the ones
+        # `root` uses), so ComfyUI loads / offloads them once for both VAE objects.
+        patched.patcher = patcher.clone()
+    return patched
+
+
+class OpenSoraHunyuanVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (
+                    "VAE",
+                    {
+                        "tooltip": "Core Load VAE output for hunyuan_vae.safetensors (the Open-Sora 2.0 / HunyuanVideo "
+                        "VAE). Not the Flux AE."
+                    },
+                )
+            }
+        }
+
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("The same VAE (shared weights) with the official frame-causal mid-block attention.",)
+    FUNCTION = "patch"
+    CATEGORY = "OpenSora/loaders"
+    DESCRIPTION = (
+        "Give core's HunyuanVideo VAE the official frame-causal mid-block attention so encode / decode match "
+        "Open-Sora 2.0 for multi-frame latents (single images are unaffected). Weights are shared, not copied."
+    )
+
+    def patch(self, vae):
+        return (frame_causal_vae(vae),)
+
+
+NODE_CLASS_MAPPINGS = {"OpenSoraHunyuanVAE": OpenSoraHunyuanVAE}
+NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraHunyuanVAE": "Open-Sora HunyuanVideo VAE (causal fix)"}
