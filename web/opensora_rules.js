@@ -1,5 +1,5 @@
 // Open-Sora size rules, evaluated in the page: the server sends them (GET /opensora/size_rules, built by
-// opensora_lib/sizes.py) and this file only interprets them; it holds no size, frame or latent constant.
+// opensora_lib/size_rules.py) and this file only interprets them; it holds no size, frame or latent constant.
 // Rules are plain JSON: preset size tables, frame-count rules ({image, step, min, max, trained_max}) and
 // latent formulas written as small Python-style expressions ("1 if n == 1 else (n - 1) // 16 * 5").
 // No ComfyUI imports: ComfyUI loads this file as an extension too, and it has no side effects.
