@@ -487,9 +487,9 @@ FIT_GRAPH = """(() => {
   const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
   const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
   const canvas = app.canvas.canvas;
-  const scale = Math.min((canvas.width - 120) / (right - left), (canvas.height - 160) / (bottom - top), 1);
+  const scale = Math.min((canvas.width - 160) / (right - left), (canvas.height - 170) / (bottom - top), 1);
   app.canvas.ds.scale = scale;
-  app.canvas.ds.offset = [60 / scale - left, 120 / scale - top];
+  app.canvas.ds.offset = [110 / scale - left, 125 / scale - top];
   app.canvas.setDirty(true, true);
   return scale;
 })()"""

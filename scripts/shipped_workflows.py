@@ -128,6 +128,7 @@ def _widget_names(spec: dict) -> list[str]:
 def to_ui(prompt: dict, object_info: dict) -> dict:
     nodes, links = [], []
     order = sorted(prompt, key=int)
+    columns = 6 if len(order) > 10 else 5  # wide rather than tall: fits a screen at a readable zoom
     for position, node_id in enumerate(order):
         node = prompt[node_id]
         spec = object_info[node["class_type"]]
@@ -156,7 +157,7 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             {
                 "id": int(node_id),
                 "type": node["class_type"],
-                "pos": [40 + 330 * (position % 5), 60 + 420 * (position // 5)],
+                "pos": [40 + 330 * (position % columns), 60 + 400 * (position // columns)],
                 "size": [300, 200],
                 "flags": {},
                 "order": position,
