@@ -29,7 +29,7 @@ from opensora_lib.stdit3_layers import (
     window_views,
 )
 
-KEYS = Path("/work/shared/reference/keys")
+KEYS = Path(__file__).resolve().parent / "fixtures" / "reference_keys"  # copies of shared/reference/keys
 
 
 def tiny_config(version: str, **overrides) -> STDiT3Config:
