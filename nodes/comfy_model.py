@@ -122,6 +122,19 @@ def build_stdit3_patcher(
     )
 
 
+def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    """Key -> shape the module loads. Newer ComfyUI's DynamicVRAM builds comfy.ops Linear layers with
+    weight and bias None until load_state_dict, so state_dict() lacks them; they are added from the layer."""
+    shapes = {key: value.shape for key, value in module.state_dict().items()}
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear) and layer.weight is None:
+            prefix = f"{name}." if name else ""
+            shapes[prefix + "weight"] = torch.Size((layer.out_features, layer.in_features))
+            if getattr(layer, "comfy_need_lazy_init_bias", False):
+                shapes[prefix + "bias"] = torch.Size((layer.out_features,))
+    return shapes
+
+
 def load_weights(
     module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str
 ) -> None:
@@ -129,11 +142,14 @@ def load_weights(
 
     assign=True because under newer ComfyUI's DynamicVRAM the comfy.ops layers allocate no weights.
     """
-    expected = module.state_dict()
+    expected = expected_shapes(module)
     missing = [k for k in expected if k not in sd and k != "rope.freqs"]  # a constant the file may omit
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
         raise ValueError(f"The checkpoint does not match {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k])}" for k in sd if sd[k].shape != expected[k]]
+    if wrong:  # the lazy comfy.ops loader assigns any shape, so check here
+        raise ValueError(f"The checkpoint does not match {what}: wrong shapes {wrong[:5]}")
     converted = {}
     for key, tensor in sd.items():
         if tensor.is_floating_point():

@@ -33,6 +33,14 @@ class ComfyMMDiT(MMDiT):
     def __init__(self, config: MMDiTConfig, dtype=None, device=None, operations=None, **_ignored):
         super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """BaseModel.__init__ reads this (get_dtype) before loading; under newer ComfyUI's DynamicVRAM the
+        comfy.ops Linear weights are None until then, so answer with the constructor's dtype."""
+        if self.img_in.weight is None:
+            return self._dtype
+        return MMDiT.dtype.fget(self)
+
     def forward(
         self,
         x,

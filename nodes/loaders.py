@@ -68,7 +68,7 @@ class OpenSoraLoadDiT:
         attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
         path = model_path("diffusion_models", dit_name)
         info = detection.detect(checkpoint.read_header(path))
-        detection.expect_family(info, {"stdit3", "mmdit"}, "the Open-Sora DiT loader")
+        detection.expect_family(info, {"stdit3", "mmdit"}, "Open-Sora DiT loader")
         sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
         config_values = {**info.config, **read_folder_config(path)}
         dtype = WEIGHT_DTYPES[weight_dtype]
@@ -190,7 +190,7 @@ class OpenSoraLoadVAE:
     def load(self, vae_name, dtype):
         path = model_path("vae", vae_name)
         info = detection.detect(checkpoint.read_header(path))
-        detection.expect_family(info, {"vae_v12", "vae_v13"}, "the Open-Sora VAE loader")
+        detection.expect_family(info, {"vae_v12", "vae_v13"}, "Open-Sora VAE loader")
         device = comfy.model_management.vae_device()
         if dtype == "default":
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -527,6 +527,10 @@ KNOWN_FRONTEND_ERRORS = {
     "frontend 1.32.9 settings-store onChange at load": re.compile(
         r"^console\.error: TypeError: Cannot read properties of undefined \(reading 'id'\)\s+at onChange \("
     ),
+    # 1.49.6 (ComfyUI 0.33.0) at page load: a settings-store computed reads ComfyApp.rootGraph before setup.
+    "frontend 1.49.6 rootGraph read before setup": re.compile(
+        r"^console\.error: ComfyApp graph accessed before initialization$"
+    ),
 }
 
 

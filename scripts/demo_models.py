@@ -120,6 +120,7 @@ def make_dit(version: str, folder: Path) -> None:
     from opensora_lib.stdit3 import STDiT3, STDiT3Config
 
     generator = torch.Generator().manual_seed(SEED + (13 if version == "1.3" else 12))
+    torch.manual_seed(SEED)  # the constructor's own random init (e.g. scale_shift_table) is kept
     model = STDiT3(STDiT3Config.from_dict(DIT_CONFIGS[version]))
     with torch.no_grad():
         randomize(model, generator)
@@ -137,6 +138,7 @@ def make_vae(version: str, folder: Path) -> None:
         from opensora_lib.vae_v12 import OpenSoraVAEv12 as Model
         from opensora_lib.vae_v12 import VAEv12Config as Config
     generator = torch.Generator().manual_seed(SEED + (23 if version == "1.3" else 22))
+    torch.manual_seed(SEED)
     model = Model(Config.from_dict(VAE_CONFIGS[version]))
     with torch.no_grad():
         randomize(model, generator)
