@@ -10,28 +10,13 @@ comfy.memory_management.aimdo_enabled itself, which is what makes comfy.ops buil
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers_comfy_probe import run_probe
 
 REPO = Path(__file__).resolve().parent.parent
 
-BOOT = r"""
-import importlib.util, json, os, sys
-sys.argv = ["probe", "--cpu"]
-sys.path.insert(0, os.getcwd())
-import comfy.options
-comfy.options.enable_args_parsing()
-spec = importlib.util.spec_from_file_location("opensora_pack", {init!r}, submodule_search_locations=[{repo!r}])
-module = importlib.util.module_from_spec(spec)
-sys.modules["opensora_pack"] = module
-spec.loader.exec_module(module)
-sys.path.insert(0, {tests!r})
-import test_lazy_weights
-test_lazy_weights.probe({out!r}, {models!r})
-"""
 
 FILES = {"stdit3": "tiny-v13/", "mmdit": "tiny-v2.safetensors"}
 BAD_FILES = {"stdit3": "tiny-v13-bad.safetensors", "mmdit": "tiny-v2-bad.safetensors"}
@@ -99,7 +84,6 @@ def probe(out_path: str, models_dir: str) -> None:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     import torch
-    from comfy_host import comfyui_dir
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit
     from safetensors.torch import load_file, save_file
@@ -115,14 +99,7 @@ def measured(tmp_path_factory):
         sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:], dtype=sd[key].dtype)
         save_file(sd, str(models / BAD_FILES[kind]))
     out = tmp / "results.json"
-    code = BOOT.format(
-        init=str(REPO / "__init__.py"), repo=str(REPO), tests=str(REPO / "tests"), out=str(out), models=str(models)
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=comfyui_dir(), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_probe("test_lazy_weights", out, models)
 
 
 @pytest.mark.parametrize("kind", ["stdit3", "mmdit"])

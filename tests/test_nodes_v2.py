@@ -9,28 +9,13 @@ a small stand-in for core's VAE (the real HunyuanVideo VAE runs in test_workflow
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers_comfy_probe import run_probe
 
 REPO = Path(__file__).resolve().parent.parent
-
-BOOT = r"""
-import importlib.util, json, os, sys
-sys.argv = ["probe", "--cpu"]
-sys.path.insert(0, os.getcwd())
-import comfy.options
-comfy.options.enable_args_parsing()
-spec = importlib.util.spec_from_file_location("opensora_pack", {init!r}, submodule_search_locations=[{repo!r}])
-module = importlib.util.module_from_spec(spec)
-sys.modules["opensora_pack"] = module
-spec.loader.exec_module(module)
-sys.path.insert(0, {tests!r})
-import test_nodes_v2
-test_nodes_v2.probe({out!r}, {models!r})
-"""
 
 
 class StandInVAE:
@@ -270,7 +255,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 def measured(tmp_path_factory) -> dict:
     """Run probe() once inside ComfyUI with the tiny 2.0 DiT / T5 / CLIP."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from comfy_host import comfyui_dir
     from demo_models import make_t5
     from demo_models_v2 import NAMES, make_clip, make_mmdit
 
@@ -279,14 +263,7 @@ def measured(tmp_path_factory) -> dict:
     make_t5(models / "text_encoders" / NAMES["t5_2.0"].rstrip("/"))
     make_clip(models / "text_encoders" / NAMES["clip_l_2.0"])
     out = models / "results.json"
-    code = BOOT.format(
-        init=str(REPO / "__init__.py"), repo=str(REPO), tests=str(REPO / "tests"), out=str(out), models=str(models)
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=comfyui_dir(), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(out.read_text())
+    return run_probe("test_nodes_v2", out, models)
 
 
 def test_load_dit_gives_a_2_0_model(measured):

@@ -1,0 +1,45 @@
+"""Run a test module's `probe(out, models)` inside ComfyUI (--cpu), with the pack imported as ComfyUI does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+BOOT = r"""
+import importlib.util, json, os, sys
+sys.argv = ["probe", "--cpu"]
+sys.path.insert(0, os.getcwd())
+import comfy.options
+comfy.options.enable_args_parsing()
+spec = importlib.util.spec_from_file_location("opensora_pack", {init!r}, submodule_search_locations=[{repo!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules["opensora_pack"] = module
+spec.loader.exec_module(module)
+sys.path.insert(0, {tests!r})
+import {test_module}
+{test_module}.probe({out!r}, {models!r})
+"""
+
+
+def run_probe(test_module: str, out: Path, models: Path, timeout: float = 600) -> dict:
+    """Call `<test_module>.probe(out, models)` in a ComfyUI process; return the JSON it wrote to `out`."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from comfy_host import comfyui_dir
+
+    code = BOOT.format(
+        init=str(REPO / "__init__.py"),
+        repo=str(REPO),
+        tests=str(REPO / "tests"),
+        test_module=test_module,
+        out=str(out),
+        models=str(models),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=comfyui_dir(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(Path(out).read_text())
