@@ -25,6 +25,7 @@ The three large files are made once into a cache folder and linked into each mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -41,6 +42,8 @@ if str(REPO / "scripts") not in sys.path:
 
 from demo_models import CAPTION_CHANNELS, T5_NAME, make_t5, randomize  # noqa: E402
 
+from opensora_lib.mmdit import mmdit_v2_config  # noqa: E402
+
 SEED = 20250312
 CLIP_HIDDEN = 64
 CACHE = REPO / ".cache" / "tiny-models-v2"
@@ -55,42 +58,28 @@ NAMES = {
     "flux_ae": "opensora-test-flux-ae.safetensors",
 }
 
-MMDIT_CONFIG = dict(
-    in_channels=64,
-    vec_in_dim=CLIP_HIDDEN,
-    context_in_dim=CAPTION_CHANNELS,
-    hidden_size=64,
-    mlp_ratio=4.0,
-    num_heads=2,
-    depth=1,
-    depth_single_blocks=1,
-    axes_dim=[4, 14, 14],
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=False,
-    cond_embed=True,
-    fused_qkv=False,
-    use_liger_rope=True,
-    patch_size=2,
-)  # head dim 32 split [4, 14, 14]: the same 1/8 time share the loader infers from the shapes
-FLUX_CONFIG = dict(
-    in_channels=64,
-    vec_in_dim=CLIP_HIDDEN,
-    context_in_dim=CAPTION_CHANNELS,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=1,
-    depth_single_blocks=0,
-    axes_dim=[16, 56, 56],
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
-    cond_embed=False,
-    fused_qkv=True,
-    use_liger_rope=False,
-    patch_size=2,
-)
+# The official MMDiT config with only sizes shrunk (out_channels is derived, not a constructor field here).
+OFFICIAL_MMDIT = {k: v for k, v in dataclasses.asdict(mmdit_v2_config()).items() if k != "out_channels"}
+TINY_SIZES = {"vec_in_dim": CLIP_HIDDEN, "context_in_dim": CAPTION_CHANNELS, "depth": 1}
+# head dim 32 split [4, 14, 14]: the same 1/8 time share the loader infers from the shapes
+MMDIT_CONFIG = {
+    **OFFICIAL_MMDIT,
+    **TINY_SIZES,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "depth_single_blocks": 1,
+    "axes_dim": [4, 14, 14],
+}
+# Core's Flux detection fixes 24 heads x 128, so the Flux keeps the real width; BFL layout (fused qkv, guidance_in).
+FLUX_CONFIG = {
+    **OFFICIAL_MMDIT,
+    **TINY_SIZES,
+    "depth_single_blocks": 0,
+    "guidance_embed": True,
+    "cond_embed": False,
+    "fused_qkv": True,
+    "use_liger_rope": False,
+}
 
 
 # ---------------------------------------------------------------------------------------------- layouts
