@@ -6,6 +6,10 @@ LATENT holds raw VAE latents and the model works on latent x 0.476986, exactly t
 wrapper returns the raw prediction and the sampling multiplier is 1.0. Core samplers (KSampler,
 SamplerCustomAdvanced with the Open-Sora guider) call `ComfyMMDiT.forward`, which packs the latent into
 2 x 2 patch tokens, builds the (t, h, w) position ids and unpacks the velocity again.
+
+The Video DC-AE variant (Open_Sora_v2_Video_DC_AE.safetensors: in_channels 128, patch 1) is told apart by its
+patch size and gets its own latent format: 128 channels, scale 1. Its LATENT already holds what the DiT works
+on, because the pack's DC-AE (Load Open-Sora VAE) applies the chosen scaling itself.
 """
 
 from __future__ import annotations
@@ -89,6 +93,19 @@ class ComfyMMDiT(MMDiT):
         return unpack(out, frames, padded_h, padded_w, patch)[..., :height, :width]
 
 
+class OpenSoraDCAELatent(comfy.latent_formats.LatentFormat):
+    """Video DC-AE latents as Load Open-Sora VAE's DC-AE returns them (already scaled as chosen there)."""
+
+    latent_channels = 128
+    latent_dimensions = 3
+    scale_factor = 1.0
+
+
+def autoencoder_of(config: MMDiTConfig) -> str:
+    """The autoencoder an MMDiT works with: "dc_ae" for patch 1 (official high_compression.py), else "hunyuan"."""
+    return "dc_ae" if config.patch_size == 1 else "hunyuan"
+
+
 class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
     sampling_settings = {"multiplier": 1.0, "shift": 1.0}  # MMDiT embeds 1000 * t itself
@@ -100,12 +117,19 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
         return OpenSoraV2Model(self, device=device)
 
 
+class OpenSoraV2DCAEModelConfig(OpenSoraV2ModelConfig):
+    latent_format = OpenSoraDCAELatent
+    # Per latent element: patch 1 makes one token per latent pixel, 4x the tokens of a HunyuanVideo latent pixel.
+    memory_usage_factor = 4 * OpenSoraV2ModelConfig.memory_usage_factor
+
+
 class OpenSoraV2Model(comfy.model_base.BaseModel):
     """BaseModel around the MMDiT; extra_conds routes the CLIP pooled vector and the reference condition."""
 
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyMMDiT)
         self.opensora_version = "2.0"
+        self.opensora_autoencoder = autoencoder_of(model_config.unet_config["config"])
 
     def extra_conds(self, **kwargs):
         out = {}
@@ -133,6 +157,8 @@ def mmdit_config(config_values: dict) -> MMDiTConfig:
 
 
 def build_mmdit_patcher(sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None):
-    """Build the ComfyUI MODEL for an Open-Sora 2.0 MMDiT state dict (already detected as "mmdit")."""
-    unet_config = {"config": mmdit_config(config_values)}
-    return build_patcher(OpenSoraV2ModelConfig, unet_config, sd, weight_dtype, info.description)
+    """Build the ComfyUI MODEL for an Open-Sora 2.0 MMDiT state dict (already detected as "mmdit"); the DC-AE
+    variant gets the DC-AE latent format, the others the HunyuanVideo one."""
+    config = mmdit_config(config_values)
+    model_config = OpenSoraV2DCAEModelConfig if autoencoder_of(config) == "dc_ae" else OpenSoraV2ModelConfig
+    return build_patcher(model_config, {"config": config}, sd, weight_dtype, info.description)

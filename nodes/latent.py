@@ -7,27 +7,32 @@ import torch
 from ..opensora_lib import reference_image, sizes
 from .common import CATEGORY
 
-VERSIONS = ["1.3", "1.2", "2.0"]
-LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16}
+# Version choices of Empty Latent Video; "2.0 DC-AE" makes a Video DC-AE latent (its LATENT info keeps version
+# "2.0" and adds "autoencoder": "dc_ae"; a 2.0 latent without that key is a HunyuanVideo one).
+VERSIONS = list(sizes.LATENT_CHOICES)
+LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
 COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
+AUTOENCODER_NAMES = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
 
 
 def _union(getter) -> list[str]:
     seen: list[str] = []
-    for version in VERSIONS:
+    for version in dict.fromkeys(version for version, _autoencoder in sizes.LATENT_CHOICES.values()):
         for item in getter(version):
             if item not in seen:
                 seen.append(item)
     return seen
 
 
-def resolve_size(version: str, resolution: str, aspect_ratio: str, width: int, height: int) -> tuple[int, int]:
+def resolve_size(choice: str, resolution: str, aspect_ratio: str, width: int, height: int) -> tuple[int, int]:
+    """(height, width) of a version choice's preset, or the exact size (validated for the choice)."""
+    version, autoencoder = sizes.parse_latent_choice(choice)
     if width and height:
-        sizes.validate_size(version, height, width)
+        sizes.validate_size(version, height, width, autoencoder=autoencoder)
         return height, width
     if width or height:
         raise ValueError("Set both width and height for an exact size, or leave both at 0 to use the preset.")
-    return sizes.image_size(version, resolution, aspect_ratio)
+    return sizes.image_size(version, resolution, aspect_ratio, autoencoder=autoencoder)
 
 
 def video_info(latent: dict) -> dict:
@@ -35,6 +40,38 @@ def video_info(latent: dict) -> dict:
     if info is None:
         raise ValueError("This LATENT has no Open-Sora size information: make it with Open-Sora Empty Latent Video.")
     return info
+
+
+def latent_autoencoder(info: dict) -> str | None:
+    """The 2.0 autoencoder a LATENT is for ("hunyuan" when a 2.0 latent says nothing: the older format); None for 1.x."""
+    if info.get("version") != "2.0":
+        return None
+    return info.get("autoencoder", "hunyuan")
+
+
+def latent_label(info: dict) -> str:
+    """How errors name a LATENT: its Empty Latent Video version choice."""
+    return "2.0 DC-AE" if latent_autoencoder(info) == "dc_ae" else str(info.get("version"))
+
+
+def check_vae_fits(vae, info: dict, what: str) -> None:
+    """An OPENSORA_VAE must be the one the latent was made for (1.2 / 1.3 VAE, or the DC-AE for 2.0 DC-AE)."""
+    label = latent_label(info)
+    if latent_autoencoder(info) == "hunyuan":
+        raise ValueError(
+            f"{what}: this is an Open-Sora 2.0 (HunyuanVideo) latent, which Load Open-Sora VAE does not handle: "
+            "use core Load VAE with hunyuan_vae.safetensors (through Open-Sora HunyuanVideo VAE (causal fix))."
+        )
+    vae_label = "2.0 DC-AE" if vae.autoencoder == "dc_ae" else vae.version
+    if vae_label != label:
+        hint = (
+            "Load Open-Sora VAE with F32T4C128_AE.safetensors"
+            if label == "2.0 DC-AE"
+            else f"the Open-Sora {label} VAE in Load Open-Sora VAE"
+        )
+        raise ValueError(
+            f"{what}: the latent was made for Open-Sora {label} but the VAE is the {vae_label} one; use {hint}."
+        )
 
 
 class OpenSoraEmptyLatentVideo:
@@ -46,14 +83,14 @@ class OpenSoraEmptyLatentVideo:
                     VERSIONS,
                     {
                         "default": "1.3",
-                        "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention).",
+                        "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention). 2.0 DC-AE: the high-compression 2.0 variant (Open_Sora_v2_Video_DC_AE + F32T4C128_AE: 128 channels, x32 spatial, 1 or 4k frames up to 128, sizes in multiples of 32; official 768px, 128 frames).",
                     },
                 ),
                 "resolution": (
                     _union(sizes.resolutions),
                     {
                         "default": "360p",
-                        "tooltip": "Resolution preset of the chosen version (1.x: 360p, 720p, ...; 2.0: 256px, 768px).",
+                        "tooltip": "Resolution preset of the chosen version (1.x: 360p, 720p, ...; 2.0: 256px, 768px; 2.0 DC-AE: 768px, snapped to 32).",
                     },
                 ),
                 "aspect_ratio": (
@@ -69,7 +106,7 @@ class OpenSoraEmptyLatentVideo:
                         "default": 49,
                         "min": 1,
                         "max": 1024,
-                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 1.2: 1 or 17 and more.",
+                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 2.0 DC-AE: 1 or 4k up to 128 (official 128); 1.2: 1 or 17 and more.",
                     },
                 ),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos generated at once."}),
@@ -82,7 +119,7 @@ class OpenSoraEmptyLatentVideo:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Exact width in pixels (with height); 0 uses the preset.",
+                        "tooltip": "Exact width in pixels (with height); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32.",
                     },
                 ),
                 "height": (
@@ -92,7 +129,7 @@ class OpenSoraEmptyLatentVideo:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Exact height in pixels (with width); 0 uses the preset.",
+                        "tooltip": "Exact height in pixels (with width); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32.",
                     },
                 ),
                 "fps": (
@@ -115,18 +152,21 @@ class OpenSoraEmptyLatentVideo:
     @classmethod
     def VALIDATE_INPUTS(cls, version, resolution, aspect_ratio, num_frames, batch_size=1, width=0, height=0, fps=24):
         try:
+            lib_version, autoencoder = sizes.parse_latent_choice(version)
             resolve_size(version, resolution, aspect_ratio, width, height)
-            sizes.validate_num_frames(version, num_frames)
+            sizes.validate_num_frames(lib_version, num_frames, autoencoder=autoencoder)
         except ValueError as e:
             return str(e)
         return True
 
     def generate(self, version, resolution, aspect_ratio, num_frames, batch_size=1, width=0, height=0, fps=24):
+        lib_version, autoencoder = sizes.parse_latent_choice(version)
         height, width = resolve_size(version, resolution, aspect_ratio, width, height)
-        sizes.validate_num_frames(version, num_frames)
-        frames, latent_h, latent_w = sizes.latent_shape(version, num_frames, height, width)
+        frames, latent_h, latent_w = sizes.latent_shape(lib_version, num_frames, height, width, autoencoder=autoencoder)
         samples = torch.zeros(batch_size, LATENT_CHANNELS[version], frames, latent_h, latent_w)
-        info = {"version": version, "height": height, "width": width, "num_frames": num_frames, "fps": fps}
+        info = {"version": lib_version, "height": height, "width": width, "num_frames": num_frames, "fps": fps}
+        if autoencoder == "dc_ae":
+            info["autoencoder"] = "dc_ae"  # older 2.0 latents carry no key and mean the HunyuanVideo VAE
         return ({"samples": samples, "opensora": info},)
 
 
@@ -168,7 +208,12 @@ class OpenSoraEncodeReference:
                 ),
             },
             "optional": {
-                "vae": ("OPENSORA_VAE", {"tooltip": "1.x: the Open-Sora VAE that matches the DiT."}),
+                "vae": (
+                    "OPENSORA_VAE",
+                    {
+                        "tooltip": "1.x: the Open-Sora VAE that matches the DiT. 2.0 DC-AE: the Video DC-AE (Load Open-Sora VAE with F32T4C128_AE.safetensors)."
+                    },
+                ),
                 "core_vae": (
                     "VAE",
                     {"tooltip": "2.0: the HunyuanVideo VAE from core Load VAE (hunyuan_vae.safetensors)."},
@@ -183,7 +228,7 @@ class OpenSoraEncodeReference:
                         "default": 0,
                         "min": 0,
                         "max": 0xFFFFFFFFFFFFFFFF,
-                        "tooltip": "Seed of the VAE posterior sample (the official code samples the posterior).",
+                        "tooltip": "Seed of the VAE posterior sample (1.x, as the official code samples the posterior). No effect for 2.0: core's VAE returns the mean and the DC-AE encoder is deterministic.",
                     },
                 ),
             },
@@ -196,6 +241,16 @@ class OpenSoraEncodeReference:
 
     def encode(self, image, latent, cond_type, vae=None, core_vae=None, frame_index=0, seed=0):
         info = video_info(latent)
+        if latent_autoencoder(info) == "dc_ae":
+            if vae is None:
+                raise ValueError(
+                    "Open-Sora 2.0 DC-AE references are encoded with the Video DC-AE: connect vae (Load Open-Sora VAE "
+                    "with F32T4C128_AE.safetensors); core_vae (the HunyuanVideo VAE) does not fit this latent."
+                )
+            check_vae_fits(vae, info, "Encode Reference")
+            from .reference_v2 import encode_reference_dcae
+
+            return (encode_reference_dcae(vae, image, latent, cond_type),)
         if info["version"] == "2.0":
             if core_vae is None:
                 raise ValueError(
@@ -208,8 +263,7 @@ class OpenSoraEncodeReference:
             raise ValueError(
                 f"Open-Sora {info['version']} references need the Open-Sora VAE: connect vae (Load Open-Sora VAE)."
             )
-        if info["version"] != vae.version:
-            raise ValueError(f"The latent is for Open-Sora {info['version']} but the VAE is {vae.version}.")
+        check_vae_fits(vae, info, "Encode Reference")
         pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
         frames = pixels.movedim(0, 1).unsqueeze(0) if cond_type == "v2v_head" else pixels[:1].unsqueeze(2)
         generator = torch.Generator().manual_seed(seed)
@@ -230,7 +284,12 @@ class OpenSoraDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("OPENSORA_VAE", {"tooltip": "The 1.x VAE that matches the DiT."}),
+                "vae": (
+                    "OPENSORA_VAE",
+                    {
+                        "tooltip": "The VAE that matches the DiT: the 1.2 / 1.3 VAE, or the Video DC-AE for 2.0 DC-AE latents."
+                    },
+                ),
                 "latent": ("LATENT", {"tooltip": "Sampled video latent."}),
             },
             "optional": {
@@ -241,7 +300,7 @@ class OpenSoraDecode:
                         "min": 0,
                         "max": 2048,
                         "step": 32,
-                        "tooltip": "Spatial tile size in pixels for decoding with less memory; 0 decodes in one piece (exact official numbers).",
+                        "tooltip": "1.x: spatial tile size in pixels for decoding with less memory; 0 decodes in one piece (exact official numbers). The DC-AE always decodes with its official tiles (256 px, 32 frames, 1/4 overlap): leave 0.",
                     },
                 ),
                 "tile_overlap": (
@@ -264,9 +323,12 @@ class OpenSoraDecode:
 
     def decode(self, vae, latent, tile_size=0, tile_overlap=64):
         info = latent.get("opensora", {})
+        if info:
+            check_vae_fits(vae, info, "Decode")
         frames = vae.decode(latent["samples"], info.get("num_frames"), tile_size, tile_overlap if tile_size else 0)
         if info:
-            # The 1.3 decoder returns 8 x latent size and never crops (Q5); give the size that was asked for.
+            # The 1.3 decoder returns 8 x latent size and never crops (Q5), the DC-AE 4 x latent T frames: give
+            # the size and length that were asked for (official 2.0: x[:, :, :num_frames]).
             frames = frames[:, :, : info["num_frames"], : info["height"], : info["width"]]
         images = ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # [B,T,H,W,3]
         return (images.reshape(-1, *images.shape[2:]).contiguous(),)

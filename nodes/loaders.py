@@ -14,7 +14,7 @@ from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5Embedder
 from .comfy_model import build_stdit3_patcher
 from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
-from .vae import build_vae, read_folder_config
+from .vae import DC_AE_SCALINGS, build_dcae, build_vae, read_folder_config
 
 log = logging.getLogger("OpenSora")
 
@@ -39,7 +39,7 @@ class OpenSoraLoadDiT:
                 "dit_name": (
                     model_choices("diffusion_models"),
                     {
-                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file or a Hugging Face folder (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2). The version is detected from the weights."
+                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file or a Hugging Face folder (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2 or Open_Sora_v2_Video_DC_AE). The version is detected from the weights."
                     },
                 ),
                 "weight_dtype": (
@@ -62,7 +62,7 @@ class OpenSoraLoadDiT:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/loaders"
-    DESCRIPTION = "Load an Open-Sora DiT (STDiT3 1.2/1.3 or the 2.0 MMDiT) as a native MODEL."
+    DESCRIPTION = "Load an Open-Sora DiT (STDiT3 1.2/1.3, the 2.0 MMDiT or its Video DC-AE variant) as a native MODEL."
 
     def load(self, dit_name, weight_dtype, attention="sdpa"):
         attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
@@ -172,31 +172,45 @@ class OpenSoraLoadVAE:
                 "vae_name": (
                     model_choices("vae"),
                     {
-                        "tooltip": "An Open-Sora 1.x VAE from models/vae (OpenSora-VAE-v1.2 or -v1.3 model.safetensors, or its folder). For 2.0 use core's Load VAE with hunyuan_vae.safetensors."
+                        "tooltip": "An Open-Sora VAE from models/vae: 1.x (OpenSora-VAE-v1.2 or -v1.3 model.safetensors, or its folder) or the 2.0 Video DC-AE (F32T4C128_AE.safetensors). For 2.0 with the HunyuanVideo VAE use core's Load VAE with hunyuan_vae.safetensors."
                     },
                 ),
                 "dtype": (
                     ["default", "bf16", "fp32"],
                     {"default": "default", "tooltip": "default: bf16 on GPU (as the official inference), fp32 on CPU."},
                 ),
-            }
+            },
+            "optional": {
+                "dc_ae_scaling": (
+                    list(DC_AE_SCALINGS),
+                    {
+                        "default": "trained 0.493",
+                        "tooltip": "Video DC-AE only (ignored for 1.x VAEs). trained 0.493: latents are z / 0.493, the scaling the DC-AE DiT was trained with (recommended: without it the decoder gets the DiT's latents about 2x too large and i2v references reach the DiT at about half size). none: no scaling, exactly the official inference config (high_compression.py sets none, quirk Q12).",
+                    },
+                ),
+            },
         }
 
     RETURN_TYPES = ("OPENSORA_VAE",)
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/loaders"
-    DESCRIPTION = "Load the Open-Sora 1.2 or 1.3 video VAE (detected from the weights)."
+    DESCRIPTION = "Load the Open-Sora 1.2 or 1.3 video VAE or the 2.0 Video DC-AE (detected from the weights)."
 
-    def load(self, vae_name, dtype):
+    def load(self, vae_name, dtype, dc_ae_scaling="trained 0.493"):
+        if dc_ae_scaling not in DC_AE_SCALINGS:
+            raise ValueError(f"dc_ae_scaling {dc_ae_scaling!r} is not one of {', '.join(DC_AE_SCALINGS)}")
         path = model_path("vae", vae_name)
         info = detection.detect(checkpoint.read_header(path))
-        detection.expect_family(info, {"vae_v12", "vae_v13"}, "Open-Sora VAE loader")
+        detection.expect_family(info, {"vae_v12", "vae_v13", "dc_ae"}, "Open-Sora VAE loader")
         device = comfy.model_management.vae_device()
         if dtype == "default":
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
+        if info.family == "dc_ae":
+            # Default: the trained 0.493, not the official inference config's none (Q12): see nodes/vae.py.
+            return (build_dcae(info, sd, torch_dtype, DC_AE_SCALINGS[dc_ae_scaling]),)
         return (build_vae(info, sd, torch_dtype, path),)
 
 

@@ -1,8 +1,9 @@
 """Latent previews during sampling, sent through ComfyUI's progress hook (canvas + websocket).
 
-2.0 latents use the HunyuanVideo latent->RGB factors core ships. The 1.x VAEs have no published factors,
-so their preview projects the latent channels of the first frame onto their three principal components:
-cheap, and it shows the layout of the video as it forms. Honours --preview-method none.
+2.0 latents use the HunyuanVideo latent->RGB factors core ships. The 1.x VAEs and the 2.0 Video DC-AE (128
+channels, one latent pixel per 32 x 32 pixels) have no published factors, so their preview projects the latent
+channels of the first frame onto their three principal components: cheap, and it shows the layout of the
+video as it forms (small DC-AE frames are scaled up to about 256 px). Honours --preview-method none.
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""Open-Sora 2.0 reference images / videos for Encode Reference, encoded with core's HunyuanVideo VAE.
+"""Open-Sora 2.0 reference images / videos for Encode Reference: core's HunyuanVideo VAE, or the Video DC-AE.
 
 As the reference: resize-to-fill + center crop to the video size (reference_image.resize_crop, 8-bit like the
 official PIL path), then VAE-encode. One difference: core VAE.encode returns the posterior MEAN, while
 the official code samples the posterior (with its own seed); the `seed` input therefore has no effect
 for 2.0. The LATENT keeps raw VAE latents; the sampler scales them into model space.
+
+With the Video DC-AE (a "2.0 DC-AE" latent and Load Open-Sora VAE's DC-AE) each image is encoded on its own,
+one image -> one latent frame, as collect_references_batch does; the DC-AE returns the latent in the DiT's
+space already (its chosen scaling applied), and its encoder is deterministic. Only the i2v types: with the
+inherited is_causal_vae=True (Q12) the official v2v path reads 32 + 1 frames and conditions 8 + 1 latent
+frames, counts made for the causal HunyuanVideo VAE; the pack does not guess a DC-AE equivalent.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from ..opensora_lib.sampling_v2 import conditioned_frames
 from .latent import video_info
 
 COND_TYPES_V2 = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
+COND_TYPES_DC_AE = ("i2v_head", "i2v_tail", "i2v_loop")
 IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1)}  # head = first image, tail = last
 
 
@@ -60,4 +67,37 @@ def encode_reference_v2(
         )
     out = dict(latent)
     out["opensora_reference"] = {"latent": reference, "cond_type": cond_type, "mask_index": frames, "version": "2.0"}
+    return out
+
+
+def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, cond_type: str) -> dict:
+    """Attach latent["opensora_reference"] for a "2.0 DC-AE" latent, encoded with the pack's DC-AE (OPENSORA_VAE)."""
+    info = video_info(latent)
+    if cond_type not in COND_TYPES_DC_AE:
+        raise ValueError(
+            f"cond_type {cond_type!r} is not available with the Video DC-AE; choose {', '.join(COND_TYPES_DC_AE)} "
+            "(the DC-AE DiT was trained on t2v and i2v_head; video references are offered with the HunyuanVideo "
+            "VAE only)."
+        )
+    samples = latent["samples"]
+    frames = conditioned_frames(cond_type, samples.shape[2])  # raises for a single latent frame
+    if image.ndim == 3:
+        image = image[None]
+    pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
+    picks = [i % pixels.shape[0] for i in IMAGE_PICKS[cond_type]]  # head = first image, tail = last
+    # One image -> one latent frame (official collect_references_batch: r[:, :1] -> model_ae.encode).
+    reference = torch.cat([vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu() for i in picks], dim=2)
+    if reference.shape[1] != samples.shape[1] or reference.shape[-2:] != samples.shape[-2:]:
+        raise ValueError(
+            f"the DC-AE encoded the reference to {tuple(reference.shape)}, which does not fit the video latent "
+            f"{tuple(samples.shape)}"
+        )
+    out = dict(latent)
+    out["opensora_reference"] = {
+        "latent": reference,
+        "cond_type": cond_type,
+        "mask_index": frames,
+        "version": "2.0",
+        "autoencoder": "dc_ae",
+    }
     return out

@@ -10,7 +10,7 @@ from ..opensora_lib import rflow
 from ..opensora_lib.schedules import rflow_timesteps
 from ..opensora_lib.stdit3 import STDiT3
 from .common import CATEGORY, Progress, load_for_sampling
-from .latent import video_info
+from .latent import latent_label, video_info
 from .previews import previewer_for
 
 
@@ -25,7 +25,9 @@ def check_versions(model, latent: dict) -> dict:
     info = video_info(latent)
     version = model_version(model)
     if info["version"] != version:
-        raise ValueError(f"The latent was made for Open-Sora {info['version']} but the model is Open-Sora {version}.")
+        raise ValueError(
+            f"The latent was made for Open-Sora {latent_label(info)} but the model is Open-Sora {version}."
+        )
     return info
 
 

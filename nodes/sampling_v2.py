@@ -8,6 +8,12 @@ latent. Deliberate differences from the reference: float32 state and Euler updat
 the i2v reference pasted back into every batch item (official: item 0 only, Q17), and the noise drawn
 as ComfyUI draws it (CPU generator; official: a generator on the GPU) so core samplers match.
 
+The Video DC-AE DiT (patch 1) runs the same way on a "2.0 DC-AE" latent: 128 channels, tokens per frame
+(H/32)(W/32), so the schedule shift uses that count, as high_compression.py with AE_SPATIAL_COMPRESSION=32.
+The sampler keeps is_causal_vae=True, which that config inherits from 256px.py (quirk Q12; training used False).
+It changes nothing here: latent T is n // 4 either way for the DC-AE's 1 or 4k frames, and it only sets the
+number of v2v frames, which the pack does not offer with the DC-AE.
+
 Text conditioning: Open-Sora Encode Prompt (2.0) gives T5 [1, 512, 4096] + CLIP-L pooled [1, 768] with
 the official rules. Core DualCLIPLoader(type="flux") + CLIPTextEncode gives the same pair and is accepted,
 but its text path is not the official one: its T5 pads to at least 256 tokens instead of exactly 512 (no
@@ -39,6 +45,7 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, load_for_sampling
+from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 
 log = logging.getLogger("OpenSora")
@@ -104,13 +111,40 @@ def reference_v2(model, latent: dict) -> tuple[str, torch.Tensor | None, torch.T
             f"The latent's reference ({cond_type}) was not encoded for Open-Sora 2.0: run Open-Sora Encode Reference "
             "on a 2.0 latent with the HunyuanVideo VAE (core Load VAE)."
         )
+    expected = model_autoencoder(model)
+    if reference.get("autoencoder", "hunyuan") != expected:
+        raise ValueError(
+            f"The latent's reference was encoded with the {AUTOENCODER_LABELS[reference.get('autoencoder', 'hunyuan')]} "
+            f"but this DiT works with the {AUTOENCODER_LABELS[expected]}: encode it again on the matching latent."
+        )
     raw = reference["latent"].float()
     return cond_type, model.model.process_latent_in(raw), raw
+
+
+AUTOENCODER_LABELS = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
+LATENT_CHOICES = {"hunyuan": "2.0", "dc_ae": "2.0 DC-AE"}  # Empty Latent Video's version for each
+DIT_FILES = {"hunyuan": "Open_Sora_v2.safetensors", "dc_ae": "Open_Sora_v2_Video_DC_AE.safetensors"}
+DIT_LABELS = {
+    "hunyuan": "the Open-Sora 2.0 DiT for the HunyuanVideo VAE (patch 2, 16 channels)",
+    "dc_ae": "the Open-Sora 2.0 Video DC-AE DiT (patch 1, 128 channels)",
+}
+
+
+def model_autoencoder(model) -> str:
+    return getattr(model.model, "opensora_autoencoder", "hunyuan")
 
 
 def check_latent(model, latent: dict) -> torch.Tensor:
     samples = latent["samples"]
     config = model.model.diffusion_model.config
+    wanted = model_autoencoder(model)
+    given = latent_autoencoder(video_info(latent))
+    if given != wanted:
+        raise ValueError(
+            f"The model is {DIT_LABELS[wanted]} but the latent was made for the {AUTOENCODER_LABELS[given]} "
+            f"(Empty Latent Video version {LATENT_CHOICES[given]!r}): set the version to {LATENT_CHOICES[wanted]!r} "
+            f"for this model, or load {DIT_FILES[given]} for this latent."
+        )
     channels = config.in_channels // config.patch_size**2
     if samples.ndim != 5 or samples.shape[1] != channels:
         raise ValueError(
@@ -129,6 +163,7 @@ def options_v2(
     timestep_transform: bool = True,
     patch_size: int = 2,
     model_dtype: torch.dtype | None = None,
+    is_causal_vae: bool = True,
 ) -> V2SamplingOptions:
     options = V2SamplingOptions(
         num_steps=steps,
@@ -140,6 +175,7 @@ def options_v2(
         shift=timestep_transform,
         patch_size=patch_size,
         model_dtype=model_dtype,
+        is_causal_vae=is_causal_vae,  # True for the DC-AE as well: the official inference config (Q12)
     )
     options.validate()
     return options
@@ -208,9 +244,11 @@ def sample_v2_node(
 
 
 def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
-    """The 2.0 schedule as SIGMAS: N + 1 values from 1 to 0 (sigma = t; the model takes t in [0, 1])."""
-    frames, _, _ = sizes.latent_shape("2.0", info["num_frames"], info["height"], info["width"])
-    tokens = sizes.tokens_per_frame("2.0", info["height"], info["width"])
+    """The 2.0 schedule as SIGMAS: N + 1 values from 1 to 0 (sigma = t; the model takes t in [0, 1]).
+    A DC-AE latent counts (H/32)(W/32) tokens per frame and n // 4 latent frames."""
+    autoencoder = latent_autoencoder(info)
+    frames, _, _ = sizes.latent_shape("2.0", info["num_frames"], info["height"], info["width"], autoencoder=autoencoder)
+    tokens = sizes.tokens_per_frame("2.0", info["height"], info["width"], autoencoder=autoencoder)
     return v2_timesteps(steps, tokens, frames, shift=bool(shift)).float()
 
 

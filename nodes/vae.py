@@ -1,4 +1,10 @@
-"""The 1.x VAEs under ComfyUI's memory manager (core's VAE class cannot build them)."""
+"""The 1.x VAEs and the 2.0 Video DC-AE under ComfyUI's memory manager (core's VAE class cannot build them).
+
+OPENSORA_VAE.encode returns the latent the DiT works on and decode takes it back. For the DC-AE that space
+depends on the scaling chosen on Load Open-Sora VAE: z / 0.493 (the scaling the DC-AE DiT was trained with,
+configs/diffusion/train/high_compression.py) or z itself (the official inference config sets none, Q12). The
+DC-AE encode / decode always use the official tiles of high_compression.py (256 px, 32 frames, overlap 0.25).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,14 @@ import comfy.model_patcher
 import comfy.ops
 import torch
 
+from ..opensora_lib.dcae import DCAE, DCAEConfig
 from ..opensora_lib.vae_v12 import OpenSoraVAEv12, VAEv12Config
 from ..opensora_lib.vae_v13 import OpenSoraVAEv13, VAEv13Config
 from .common import wrap_module
 
 BUILDERS = {"vae_v12": ("1.2", VAEv12Config, OpenSoraVAEv12), "vae_v13": ("1.3", VAEv13Config, OpenSoraVAEv13)}
+# Load Open-Sora VAE's DC-AE scaling choices -> DCAE scaling_factor (encode divides by it, decode multiplies).
+DC_AE_SCALINGS = {"trained 0.493": 0.493, "none (official inference)": None}
 
 
 @dataclass
@@ -26,24 +35,36 @@ class OpenSoraVAE:
     model: torch.nn.Module
     patcher: comfy.model_patcher.ModelPatcher
     dtype: torch.dtype
+    autoencoder: str | None = None  # "dc_ae" for the 2.0 Video DC-AE, None for the 1.x VAEs
 
     def _ready(self) -> tuple[torch.nn.Module, torch.device]:
         comfy.model_management.load_models_gpu([self.patcher])
         return self.model, self.patcher.load_device
 
     def encode(self, pixels: torch.Tensor, sample_posterior: bool = True, noise=None) -> torch.Tensor:
-        """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device)."""
+        """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device). The DC-AE encoder is
+        deterministic, so sample_posterior / noise only matter for 1.x."""
         model, device = self._ready()
-        z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
+        if self.autoencoder == "dc_ae":
+            z = model.encode(pixels.to(device, self.dtype))
+        else:
+            z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
         return z.float().to(comfy.model_management.intermediate_device())
 
     def decode(
         self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0
     ) -> torch.Tensor:
         """Normalised latent -> [B,3,T,H,W] in [-1,1]. tile_size / tile_overlap are pixels (0: untiled, exact)."""
+        if self.autoencoder == "dc_ae" and tile_size:
+            raise ValueError(
+                f"Open-Sora Decode: tile_size {tile_size} is for the 1.x VAEs; the Video DC-AE always decodes with its "
+                "official tiles (256 px, 32 frames, overlap 1/4). Set tile_size to 0."
+            )
         model, device = self._ready()
         z = latent.to(device, self.dtype)
-        if self.version == "1.2":
+        if self.autoencoder == "dc_ae":
+            frames = model.decode(z)  # 4 frames per latent frame (1 for a one-frame latent); callers cut
+        elif self.version == "1.2":
             if tile_size:
                 model.enable_tiling(tile_size, tile_overlap)
             try:
@@ -75,3 +96,15 @@ def build_vae(info, sd: dict, dtype: torch.dtype, path: str | None = None) -> Op
         raise ValueError(f"VAE {version} checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(dtype).eval()
     return OpenSoraVAE(version, model, wrap_module(model, "vae"), dtype)
+
+
+def build_dcae(info, sd: dict, dtype: torch.dtype, scaling_factor: float | None) -> OpenSoraVAE:
+    """The Video DC-AE from a detected "dc_ae" state dict: config from the shapes (family_configs, with the official
+    tiling of high_compression.py), the chosen scaling, weights loaded strictly."""
+    config = DCAEConfig.from_dict({**info.config, "scaling_factor": scaling_factor})
+    model = DCAE(config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"DC-AE checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(dtype).eval()
+    return OpenSoraVAE("2.0", model, wrap_module(model, "vae"), dtype, autoencoder="dc_ae")

@@ -1,5 +1,7 @@
 """HTTP routes for the pack's web extension: GET /opensora/size_rules (also under /api/...).
 
+The answer is keyed by Empty Latent Video's version choices: "1.2", "1.3", "2.0" and "2.0 DC-AE".
+
 The page evaluates these rules instead of copying any constant, so Python's `sizes` stays the one
 source of truth. Importing this module is harmless without a running ComfyUI server (tests, scripts):
 nothing registers until `PromptServer.instance` exists.
@@ -17,8 +19,9 @@ SIZE_RULES_PATH = "/opensora/size_rules"
 
 @functools.lru_cache(maxsize=1)
 def all_size_rules() -> dict:
-    """{version: size_rules(version)} for every version (static data, computed once)."""
-    return {version: size_rules(version) for version in sizes.VERSIONS}
+    """{choice: rules} for every version choice of Empty Latent Video ("1.3", ..., "2.0 DC-AE"); static data,
+    computed once. The page looks the node's version widget up here, so each choice has its own rule set."""
+    return {choice: size_rules(version, autoencoder) for choice, (version, autoencoder) in sizes.LATENT_CHOICES.items()}
 
 
 async def size_rules_handler(request):

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .aspect_tables import PRESETS_V2, RATIO_KEYS_V1, RATIOS_V2, TRAINED_V1, TRAINED_V2, V1_TABLES, v2_table
+from .aspect_tables import (
+    PRESETS_V2,
+    RATIO_KEYS_V1,
+    RATIOS_V2,
+    SIZE_STEP_V2,
+    TRAINED_V1,
+    TRAINED_V2,
+    V1_TABLES,
+    v2_table,
+)
 from .sizes import (
     DEFAULTS,
+    DEFAULTS_DC_AE,
     MAX_SIDE,
     MIN_SIDE,
     NAMED_FRAME_COUNTS_V1,
     aspect_ratios,
+    check_autoencoder,
     check_version,
     frame_rule,
     image_size,
@@ -21,9 +32,17 @@ from .sizes import (
 )
 
 
-def size_rules(version: str) -> dict:
-    """Every size / frame / latent rule of a version as plain JSON data (the web page's single source)."""
+def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
+    """Every size / frame / latent rule of a version as plain JSON data (the web page's single source).
+
+    autoencoder="dc_ae" (2.0 only) gives the rules of the "2.0 DC-AE" latent: the same shape as the 2.0 rules,
+    with the DC-AE's 32-pixel grid, frames and latent formulas at the top level where the page reads them.
+    """
     check_version(version)
+    if check_autoencoder(autoencoder) == "dc_ae":
+        if version != "2.0":
+            raise ValueError(f"the DC-AE exists for Open-Sora 2.0 only, not {version}")
+        return _dc_ae_rules()
     if version == "2.0":
         sizes, first_frame_sizes = {}, {}
         for resolution in PRESETS_V2:
@@ -124,6 +143,32 @@ def size_rules(version: str) -> dict:
             "tokens_per_frame": "ceil(latent_h / 2) * ceil(latent_w / 2)",
         }
         rules["decode"] = {"pixel_frames": "num_frames"}
+    return rules
+
+
+def _dc_ae_rules() -> dict:
+    step = SIZE_STEP_V2["dc_ae"]
+    rules = size_rules("2.0")
+    sizes = {
+        resolution: {ratio: list(image_size("2.0", resolution, ratio, autoencoder="dc_ae")) for ratio in table}
+        for resolution, table in rules["sizes"].items()
+    }
+    first_frame_sizes = {}
+    for resolution, table in sizes.items():
+        first_frame = v2_table(resolution, True, step)  # official: AE_SPATIAL_COMPRESSION=32 reaches this too
+        first_frame_sizes[resolution] = {r: list(first_frame[r]) if r in first_frame else None for r in table}
+    latent = {k: v for k, v in rules["autoencoders"]["dc_ae"].items() if k not in ("default", "frames")}
+    rules.update(
+        autoencoder="dc_ae",
+        defaults=dict(DEFAULTS_DC_AE),
+        trained_resolutions=["768px"],  # configs/diffusion/train/high_compression.py buckets
+        sizes=sizes,
+        first_frame_sizes=first_frame_sizes,
+        size_algorithm={**rules["size_algorithm"], "step": step},
+        size_limits={**rules["size_limits"], "multiple_of": step},
+        frames=_frames_json("2.0", "dc_ae"),
+        latent=latent,  # the page uses "latent" when present, else the default autoencoder's formulas
+    )
     return rules
 
 

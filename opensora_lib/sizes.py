@@ -37,6 +37,17 @@ DEFAULTS = {
     "1.3": {"resolution": "720p", "aspect_ratio": "9:16", "num_frames": 113, "fps": 24},
     "2.0": {"resolution": "256px", "aspect_ratio": "16:9", "num_frames": 129, "fps": 24, "dc_ae_num_frames": 128},
 }
+# high_compression.py: 768px (from 768px.py), 16:9 and fps 24 (from 256px.py), 128 frames.
+DEFAULTS_DC_AE = {"resolution": "768px", "aspect_ratio": "16:9", "num_frames": 128, "fps": 24}
+
+# The Empty Latent Video node's version choices -> (Open-Sora version, 2.0 autoencoder). "2.0" stays the
+# HunyuanVideo path; "2.0 DC-AE" is the high-compression one (its LATENT says "autoencoder": "dc_ae").
+LATENT_CHOICES = {
+    "1.3": ("1.3", "hunyuan"),
+    "1.2": ("1.2", "hunyuan"),
+    "2.0": ("2.0", "hunyuan"),
+    "2.0 DC-AE": ("2.0", "dc_ae"),
+}
 
 # Frame limits: (image allowed, step, first count, largest count, trained maximum or None).
 # 1.2: 816 is the longest official named count; 1.3: 801 is the largest 16k+1 within it.
@@ -60,6 +71,13 @@ def check_autoencoder(autoencoder: str) -> str:
     if autoencoder not in AUTOENCODERS_V2:
         raise ValueError(f"unknown 2.0 autoencoder {autoencoder!r}; choose one of {', '.join(AUTOENCODERS_V2)}")
     return autoencoder
+
+
+def parse_latent_choice(choice: str) -> tuple[str, str]:
+    """(version, autoencoder) of an Empty Latent Video version choice, else a ValueError naming the choices."""
+    if choice not in LATENT_CHOICES:
+        raise ValueError(f"unknown Open-Sora latent version {choice!r}; choose one of {', '.join(LATENT_CHOICES)}")
+    return LATENT_CHOICES[choice]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -176,6 +194,11 @@ def validate_size(version: str, height: int, width: int, *, autoencoder: str = "
         step = 32 if check_autoencoder(autoencoder) == "dc_ae" else 16
         if height % step or width % step:
             suggestion = (-(-height // step) * step, -(-width // step) * step)
+            if autoencoder == "dc_ae":
+                raise ValueError(
+                    f"Open-Sora 2.0 with the DC-AE needs height and width that are multiples of 32 (its spatial "
+                    f"compression), got {height}x{width}; try {suggestion[0]}x{suggestion[1]}"
+                )
             raise ValueError(
                 f"Open-Sora 2.0 ({autoencoder}) needs height and width that are multiples of {step}, got "
                 f"{height}x{width}; the official sampler rounds up to {suggestion[0]}x{suggestion[1]}"

@@ -385,6 +385,26 @@ async def _check_widget_behaviour(browser: Chromium) -> dict:
           return check.read(node);
         }})()"""
     )
+    # A third node on the Video DC-AE choice: 128 frames (the official count) is valid, 129 is not.
+    for frames in (128, 129):
+        steps[f"2.0 DC-AE, {frames} frames"] = await browser.evaluate(
+            f"""(async () => {{
+              const app = window.comfyAPI.app.app, check = window.__opensoraCheck;
+              let node = check.dcae;
+              if (!node) {{
+                node = check.dcae = LiteGraph.createNode({json.dumps(NODE_TYPE)});
+                node.pos = [1000, 60];
+                app.graph.add(node);
+                for (const [name, value] of [["version", "2.0 DC-AE"], ["resolution", "768px"], ["aspect_ratio", "16:9"]]) {{
+                  check.set(node, name, value);
+                }}
+              }}
+              check.set(node, "num_frames", {frames});
+              app.canvas.setDirty(true, true);
+              await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 50)));
+              return check.read(node);
+            }})()"""
+        )
     # A change that bypasses the widget callback (a script, undo) must show up on the next canvas draw.
     steps["direct 33 frames"] = await browser.evaluate(
         """(async () => {
@@ -433,6 +453,10 @@ CASES = [  # version, resolution, aspect_ratio, num_frames, width, height
     ("2.0", "256px", "16:9", 50, 0, 0), ("2.0", "256px", "16:9", 129, 100, 160), ("1.3", "360p", "9:16", 49, 640, 0),
     ("1.3", "720p", "2.39:1", 49, 0, 0), ("1.2", "256px", "16:9", 51, 0, 0), ("2.0", "360p_16d", "16:9", 33, 0, 0),
     ("1.2", "360p", "9:16", 51, 8, 64),
+    # the Video DC-AE choice: 1 or 4k frames up to 128, sizes on a 32-pixel grid
+    ("2.0 DC-AE", "768px", "16:9", 128, 0, 0), ("2.0 DC-AE", "256px", "1:1", 1, 0, 0),
+    ("2.0 DC-AE", "768px", "9:16", 16, 320, 512), ("2.0 DC-AE", "768px", "16:9", 129, 0, 0),
+    ("2.0 DC-AE", "768px", "16:9", 128, 336, 192), ("2.0 DC-AE", "256px", "16:9", 5, 0, 0),
 ]  # fmt: skip
 
 
@@ -443,23 +467,24 @@ def python_expectations() -> list[tuple[dict, dict]]:
     from opensora_lib import sizes  # pure PyTorch: importable without ComfyUI
 
     cases = []
-    for version, resolution, aspect, frames, width, height in CASES:
-        values = {"version": version, "resolution": resolution, "aspect_ratio": aspect, "num_frames": frames,
+    for choice, resolution, aspect, frames, width, height in CASES:
+        values = {"version": choice, "resolution": resolution, "aspect_ratio": aspect, "num_frames": frames,
                   "batch_size": 1, "width": width, "height": height, "fps": 24}  # fmt: skip
+        version, autoencoder = sizes.parse_latent_choice(choice)  # "2.0 DC-AE" -> ("2.0", "dc_ae")
         try:
             # The node's own rule (nodes/latent.py resolve_size): both sides exact, or both 0 for the preset.
             if width and height:
-                sizes.validate_size(version, height, width)
+                sizes.validate_size(version, height, width, autoencoder=autoencoder)
                 pixel_h, pixel_w = height, width
             elif width or height:
                 raise ValueError("set both width and height")
             else:
-                pixel_h, pixel_w = sizes.image_size(version, resolution, aspect)
-            latent = sizes.latent_shape(version, frames, pixel_h, pixel_w)
+                pixel_h, pixel_w = sizes.image_size(version, resolution, aspect, autoencoder=autoencoder)
+            latent = sizes.latent_shape(version, frames, pixel_h, pixel_w, autoencoder=autoencoder)
         except ValueError as error:
             cases.append((values, {"valid": False, "python_error": str(error)}))
             continue
-        per_frame = sizes.tokens_per_frame(version, pixel_h, pixel_w)
+        per_frame = sizes.tokens_per_frame(version, pixel_h, pixel_w, autoencoder=autoencoder)
         expected = {"valid": True, "pixels": [pixel_w, pixel_h], "latent": list(latent), "tokensPerFrame": per_frame,
                     "tokens": per_frame * latent[0]}  # fmt: skip
         cases.append((values, expected))
@@ -562,6 +587,11 @@ def assess(report: dict) -> list[str]:
         bad = steps[name]
         if not (bad["invalid"] and bad["rows"].get("warning") and bad["badge"] and bad["badgeShown"]):
             problems.append(f"{name} on 1.3: no warning text and badge: {bad}")
+    dcae_good, dcae_bad = steps["2.0 DC-AE, 128 frames"], steps["2.0 DC-AE, 129 frames"]
+    if dcae_good["invalid"] or dcae_good["rows"].get("warning") or "128 ch" not in (dcae_good["text"] or ""):
+        problems.append(f"2.0 DC-AE with 128 frames: not shown as a valid 128-channel latent: {dcae_good}")
+    if not (dcae_bad["invalid"] and any("4k" in row for row in dcae_bad["rows"].get("warning", []))):
+        problems.append(f"2.0 DC-AE with 129 frames: no '1 or 4k' warning: {dcae_bad}")
     saved = report["serialized"]
     expected_values = ["1.3", "360p", "9:16", 33, 1, 0, 0, 24]
     if saved["widgets_values"] != expected_values:

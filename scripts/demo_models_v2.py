@@ -11,6 +11,12 @@ What is written (names are relative to the ComfyUI model folder of each):
 - diffusion_models/opensora-test-flux.safetensors: a FLUX.1-dev-type model in the BFL layout (guidance_in,
   fused qkv) with one double block and no single blocks, text widths of the tiny T5 / CLIP.
 - vae/opensora-test-flux-ae.safetensors: random weights in the BFL `ae` layout.
+- diffusion_models/opensora-tiny-v2-dcae.safetensors: the tiny MMDiT above in the Video DC-AE variant's layout
+  (Open_Sora_v2_Video_DC_AE.safetensors: in_channels 128, patch 1, cond_in 129), config inferred from the shapes.
+- vae/opensora-tiny-dcae.safetensors: a Video DC-AE in the F32T4C128_AE.safetensors key layout (6 stages, x32
+  spatial, x4 temporal, 128 latent channels) with widths 8..128 and one block per stage; family_configs infers its
+  config from the shapes. 128 latent channels (not fewer) because Empty Latent Video's "2.0 DC-AE" makes 128, and
+  the averaging / duplicating shortcuts then need a last width that 128 divides.
 
 Core's loaders do not infer everything from shapes, which is why the last three are not tiny:
 - core VAELoader builds both the 3-D (Hunyuan) and the 2-D (Flux) VAE from a FIXED ddconfig (ch 128, ch_mult
@@ -42,6 +48,7 @@ if str(REPO / "scripts") not in sys.path:
 
 from demo_models import CAPTION_CHANNELS, T5_NAME, make_t5, randomize  # noqa: E402
 
+from opensora_lib.dcae import DC_AE_F32T4C128_DOTLIST  # noqa: E402
 from opensora_lib.mmdit import mmdit_v2_config  # noqa: E402
 
 SEED = 20250312
@@ -56,6 +63,8 @@ NAMES = {
     "vae_2.0": "opensora-test-hunyuan-vae.safetensors",
     "flux": "opensora-test-flux.safetensors",
     "flux_ae": "opensora-test-flux-ae.safetensors",
+    "dit_dcae": "opensora-tiny-v2-dcae.safetensors",
+    "vae_dcae": "opensora-tiny-dcae.safetensors",
 }
 
 # The official MMDiT config with only sizes shrunk (out_channels is derived, not a constructor field here).
@@ -70,6 +79,10 @@ MMDIT_CONFIG = {
     "depth_single_blocks": 1,
     "axes_dim": [4, 14, 14],
 }
+# The DC-AE variant: official high_compression.py sizes (in 128, patch 1), widths as the tiny MMDiT.
+MMDIT_DCAE_CONFIG = {**MMDIT_CONFIG, "in_channels": 128, "patch_size": 1}
+DC_AE_WIDTHS = (8, 16, 16, 32, 32, 128)
+DC_AE_DEPTHS = (1, 1, 1, 1, 1, 1)
 # Core's Flux detection fixes 24 heads x 128, so the Flux keeps the real width; BFL layout (fused qkv, guidance_in).
 FLUX_CONFIG = {
     **OFFICIAL_MMDIT,
@@ -224,12 +237,36 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(partial, path)  # never leave a truncated file under the final name
 
 
-def make_mmdit(path: Path) -> None:
+def make_mmdit(path: Path, config: dict | None = None, seed: int = SEED + 1) -> None:
     from opensora_lib.mmdit import MMDiT
 
-    model = MMDiT(MMDIT_CONFIG)
+    model = MMDiT(config or MMDIT_CONFIG)
     with torch.no_grad():
-        randomize(model, torch.Generator().manual_seed(SEED + 1))
+        randomize(model, torch.Generator().manual_seed(seed))
+    _save(path, model.state_dict())
+
+
+def make_mmdit_dcae(path: Path) -> None:
+    make_mmdit(path, MMDIT_DCAE_CONFIG, SEED + 6)
+
+
+def dcae_dotlist() -> list[str]:
+    """The official dc-ae-f32t4c128 dot-list with the tiny widths and depths."""
+    lists = {"width_list": DC_AE_WIDTHS, "depth_list": DC_AE_DEPTHS}
+    out = []
+    for item in DC_AE_F32T4C128_DOTLIST:
+        key = item.partition("=")[0]
+        field = key.rpartition(".")[2]
+        out.append(f"{key}=[{','.join(map(str, lists[field]))}]" if field in lists else item)
+    return out
+
+
+def make_dcae(path: Path) -> None:
+    from opensora_lib.dcae import DCAE, DCAEConfig
+
+    model = DCAE(DCAEConfig.from_dotlist(dcae_dotlist()))
+    with torch.no_grad():
+        randomize(model, torch.Generator().manual_seed(SEED + 7))
     _save(path, model.state_dict())
 
 
@@ -268,7 +305,10 @@ FOLDERS = {
     "vae_2.0": "vae",
     "flux": "diffusion_models",
     "flux_ae": "vae",
+    "dit_dcae": "diffusion_models",
+    "vae_dcae": "vae",
 }
+SMALL = {"dit_dcae": make_mmdit_dcae, "vae_dcae": make_dcae}  # made in place, like the tiny MMDiT
 
 
 def _link(target: Path, link: Path) -> None:
@@ -281,7 +321,8 @@ def _link(target: Path, link: Path) -> None:
 def install_tiny_models_v2(models_dir: Path, cache_dir: Path | None = None) -> dict[str, str]:
     """Write the 2.0 test models into a ComfyUI models/ folder (skips what is already there).
 
-    Returns {role: name as the loaders list it}: dit_2.0, t5_2.0, clip_l_2.0, vae_2.0, flux, flux_ae.
+    Returns {role: name as the loaders list it}: dit_2.0, t5_2.0, clip_l_2.0, vae_2.0, flux, flux_ae, dit_dcae,
+    vae_dcae.
     """
     models_dir = Path(models_dir)
     cache_dir = Path(cache_dir or os.environ.get("OPENSORA_TINY_CACHE", CACHE))
@@ -294,6 +335,10 @@ def install_tiny_models_v2(models_dir: Path, cache_dir: Path | None = None) -> d
     clip = models_dir / FOLDERS["clip_l_2.0"] / NAMES["clip_l_2.0"]
     if not clip.is_file():
         make_clip(clip)
+    for role, make in SMALL.items():
+        target = models_dir / FOLDERS[role] / NAMES[role]
+        if not target.is_file():
+            make(target)
     for role, (layout, seed) in LARGE.items():
         name = NAMES[role]
         cached = cache_dir / f"v{LAYOUT_VERSION}-{name}"

@@ -2,8 +2,9 @@
 
 The browser test opens the frontend the `comfy_server` fixture serves, loads every UI workflow in
 workflows/, and drives an Open-Sora Empty Latent Video node: derived values must follow the widgets,
-1.3 with 50 frames must show a warning and a badge, a valid count must clear them, and the page's
-evaluation of the server's rules must agree with opensora_lib.sizes. Screenshot: artifacts/browser/.
+1.3 with 50 frames must show a warning and a badge, a valid count must clear them, 2.0 DC-AE must take 128
+frames and refuse 129, and the page's evaluation of the server's rules must agree with opensora_lib.sizes.
+Screenshot: artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def test_size_rules_route_serves_sizes_rules_and_registers_once():
 
     status, body = asyncio.run(fetch())
     assert status == 200
-    assert sorted(body) == sorted(sizes.VERSIONS)
-    for version in sizes.VERSIONS:
-        assert body[version] == json.loads(json.dumps(size_rules(version)))
+    assert sorted(body) == sorted(sizes.LATENT_CHOICES) == sorted([*sizes.VERSIONS, "2.0 DC-AE"])
+    for choice, (version, autoencoder) in sizes.LATENT_CHOICES.items():
+        assert body[choice] == json.loads(json.dumps(size_rules(version, autoencoder)))
+    # The DC-AE choice has its own frames, grid and latent formulas where the page reads them.
+    dcae = body["2.0 DC-AE"]
+    assert (dcae["frames"]["min"], dcae["frames"]["max"], dcae["frames"]["step"]) == (4, 128, 4)
+    assert dcae["size_limits"]["multiple_of"] == 32 and dcae["latent"]["channels"] == 128
+    assert dcae["sizes"]["768px"]["16:9"] == [576, 1024] and dcae["defaults"]["num_frames"] == 128
+    assert body["2.0"] == json.loads(json.dumps(size_rules("2.0")))  # the HunyuanVideo choice is unchanged
 
 
 @pytest.mark.browser
@@ -66,7 +73,7 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
         rules = comfy_server.get_json("/api/opensora/size_rules")
     except urllib.error.HTTPError as error:
         pytest.fail(f"GET /api/opensora/size_rules answered {error.code}: nodes/__init__.py must import web_routes")
-    assert sorted(rules) == sorted(sizes.VERSIONS)
+    assert sorted(rules) == sorted(sizes.LATENT_CHOICES)
 
     report = check_frontend(comfy_server.url, screenshot=ARTIFACTS / "opensora_node.png")
     print(f"screenshot: {report['screenshot']}")
@@ -101,7 +108,17 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
     assert any("50 frames" in row and "16k+1" in row for row in bad["rows"]["warning"])
     assert not good["invalid"] and not good["badge"] and "warning" not in good["rows"]
 
+    # 2.0 DC-AE: 128 frames (official) at 768px 16:9 is a 32 x 18 x 32 latent of 128 channels; 129 is refused.
+    dcae_t, dcae_h, dcae_w = sizes.latent_shape("2.0", 128, 576, 1024, autoencoder="dc_ae")
+    dcae_good, dcae_bad = steps["2.0 DC-AE, 128 frames"], steps["2.0 DC-AE, 129 frames"]
+    assert dcae_good["rows"]["pixels"] == ["pixels 1024×576 (W×H, 768px 16:9)"]
+    assert f"latent {dcae_t}×{dcae_h}×{dcae_w} (T×H×W, 128 ch)" in dcae_good["rows"]["latent"][0]
+    assert "576 / frame" in dcae_good["rows"]["tokens"][0] and not dcae_good["invalid"]
+    assert dcae_bad["invalid"] and dcae_bad["badge"]
+    assert any("129 frames" in row and "1 or 4k" in row and "try 128" in row for row in dcae_bad["rows"]["warning"])
+
     # The page evaluates the rules exactly as Python computes them, errors included.
     assert len(report["cases"]) == len(CASES)
     assert sum(case["python"]["valid"] for case in report["cases"]) >= 10
     assert sum(not case["python"]["valid"] for case in report["cases"]) >= 8
+    assert sum(case["values"]["version"] == "2.0 DC-AE" for case in report["cases"]) >= 6

@@ -2,7 +2,8 @@
 //
 // Shows pixel size, latent size, tokens and duration as the widgets change, and a red warning, outline
 // and title badge for what the chosen version cannot take, before the user queues. The numbers come
-// from the server's rules (GET /opensora/size_rules), evaluated by opensora_rules.js.
+// from the server's rules (GET /opensora/size_rules, one rule set per version choice, "2.0 DC-AE" included),
+// evaluated by opensora_rules.js.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";

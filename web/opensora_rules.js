@@ -217,8 +217,9 @@ export function compileRule(text) {
 // ---------------------------------------------------------------------------------------------
 
 function latentRules(rules) {
+  // 1.x and the "2.0 DC-AE" choice carry their own formulas.
   if (rules.latent) return rules.latent;
-  // 2.0 keeps its formulas per autoencoder; the node uses the default one.
+  // "2.0" keeps its formulas per autoencoder; that choice is the default (HunyuanVideo) one.
   const autoencoders = Object.values(rules.autoencoders ?? {});
   return autoencoders.find((entry) => entry.default) ?? autoencoders[0];
 }
