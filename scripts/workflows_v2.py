@@ -11,6 +11,16 @@ The HunyuanVideo VAE from core VAELoader goes through Open-Sora HunyuanVideo VAE
 (decode and reference encode): it gives core's VAE the official frame-causal mid-block attention
 (nodes/hunyuan_vae.py). The FLUX AE is used as core loads it.
 
+The Video DC-AE ("high compression") workflows follow configs/diffusion/inference/high_compression.py: the
+DC-AE DiT (patch 1) on a "2.0 DC-AE" latent at 768px 16:9, 128 frames, the sampler settings of 256px.py, and
+the pack's DC-AE (Load Open-Sora VAE, F32T4C128_AE.safetensors, official tiles) for the reference and the
+decode. That config's base is t2i2v_768px.py, so the official run is text-to-image-to-video; the t2v one is
+the same graph without the plugin. Two deliberate differences: the DC-AE scaling is the trained 0.493 (Load
+Open-Sora VAE's default; the config sets none, Q12) and the FLUX first frame is made at its full 768px size.
+Officially AE_SPATIAL_COMPRESSION=32 also reaches the FLUX call (get_noise / unpack read it while patch_size
+stays 2), which makes the FLUX image half as wide and high and resizes it up afterwards (found by reading
+opensora/utils/sampling.py; not run).
+
 `use_models_v2()` points the loaders at other files (the tests' tiny models) and `tiny_settings_v2()`
 shrinks sizes and steps for a CPU run.
 """
@@ -37,6 +47,8 @@ OFFICIAL_V2 = {
     "clip_l_2.0": "clip_l.safetensors",
     "flux": "flux1-dev.safetensors",
     "flux_ae": "ae.safetensors",  # BFL's name; Open-Sora's HF repo ships the same weights as flux1-dev-ae.safetensors
+    "dit_dcae": "Open_Sora_v2_Video_DC_AE.safetensors",  # hpcai-tech/Open-Sora-v2-Video-DC-AE
+    "vae_dcae": "F32T4C128_AE.safetensors",
 }
 SETTINGS = {
     "resolution": "256px",
@@ -49,12 +61,13 @@ SETTINGS = {
     "fps": 24,
     "motion_score": 4,
 }
+SETTINGS_DC_AE = {**SETTINGS, "resolution": "768px", "num_frames": 128}  # high_compression.py
 IMAGE_RESOLUTION = "768px"  # the t2i2v plugin's img_resolution
 FLUX_GUIDANCE = 4.0  # modify_option_to_t2i
 
-# (class_type, input) -> role in OFFICIAL_V2, for use_models_v2; VAELoader is told apart by its file.
+# (class_type, input) -> role in OFFICIAL_V2, for use_models_v2; the DiT and VAE loaders are told apart by file.
+FILE_FIELDS_V2 = {("OpenSoraLoadDiT", "dit_name"), ("VAELoader", "vae_name"), ("OpenSoraLoadVAE", "vae_name")}
 MODEL_FIELDS_V2 = {
-    ("OpenSoraLoadDiT", "dit_name"): "dit_2.0",
     ("OpenSoraLoadTextEncoder", "t5_name"): "t5_2.0",
     ("OpenSoraLoadTextEncoder", "clip_name"): "clip_l_2.0",
     ("UNETLoader", "unet_name"): "flux",
@@ -150,17 +163,22 @@ def i2v_v2() -> dict:
     return prompt
 
 
-def flux_shift() -> float:
-    """ln(alpha) of Open-Sora's T2I schedule at 768px (one latent frame); ModelSamplingFlux uses exp(shift)."""
-    height, width = image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True)
+def first_frame_size(autoencoder: str = "hunyuan") -> tuple[int, int]:
+    """(height, width) of the T2I first frame: img_resolution with training=True, on the AE's size grid."""
+    return image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True, autoencoder=autoencoder)
+
+
+def flux_shift(autoencoder: str = "hunyuan") -> float:
+    """ln(alpha) of Open-Sora's T2I schedule at 768px (one latent frame); ModelSamplingFlux uses exp(shift).
+    FLUX counts 16 px per token whatever the video's AE (the official DC-AE run differs here, see the top)."""
+    height, width = first_frame_size(autoencoder)
     return round(math.log(v2_shift_alpha(tokens_per_frame("2.0", height, width), 1)), 6)
 
 
-def t2i2v_v2() -> dict:
-    prompt = i2v_v2()
-    del prompt["10"]
-    height, width = image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True)
-    shift = flux_shift()
+def add_flux_first_frame(prompt: dict, autoencoder: str, prefix: str) -> None:
+    """Nodes 20-29: FLUX.1-dev through core nodes makes the first frame (plugins/t2i2v.py), which feeds node 11."""
+    height, width = first_frame_size(autoencoder)
+    shift = flux_shift(autoencoder)
     prompt.update(
         {
             "20": {"class_type": "UNETLoader", "inputs": {"unet_name": OFFICIAL_V2["flux"], "weight_dtype": "default"}},
@@ -204,17 +222,57 @@ def t2i2v_v2() -> dict:
             "28": {"class_type": "VAEDecode", "inputs": {"samples": ["26", 0], "vae": ["27", 0]}},
             "29": {
                 "class_type": "SaveImage",
-                "inputs": {"images": ["28", 0], "filename_prefix": "opensora/v20_t2i2v_first_frame"},
+                "inputs": {"images": ["28", 0], "filename_prefix": f"{prefix}_first_frame"},
             },
         }
     )
     prompt["11"]["inputs"]["image"] = ["28", 0]
-    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_t2i2v"
+    prompt["9"]["inputs"]["filename_prefix"] = prefix
+
+
+def t2i2v_v2() -> dict:
+    prompt = i2v_v2()
+    del prompt["10"]
+    add_flux_first_frame(prompt, "hunyuan", "opensora/v20_t2i2v")
+    return prompt
+
+
+def dcae_t2v_v2() -> dict:
+    """high_compression.py without the t2i2v plugin: the DC-AE DiT, a 2.0 DC-AE latent, the pack's DC-AE."""
+    s = SETTINGS_DC_AE
+    prompt = t2v_v2()
+    del prompt["12"]  # the HunyuanVideo causal fix has no place here
+    prompt["1"]["inputs"]["dit_name"] = OFFICIAL_V2["dit_dcae"]
+    prompt["4"]["inputs"].update(version="2.0 DC-AE", resolution=s["resolution"], num_frames=s["num_frames"])
+    prompt["6"] = {
+        "class_type": "OpenSoraLoadVAE",
+        "inputs": {"vae_name": OFFICIAL_V2["vae_dcae"], "dtype": "default", "dc_ae_scaling": "trained 0.493"},
+    }
+    prompt["7"] = {"class_type": "OpenSoraDecode", "inputs": {"vae": ["6", 0], "latent": ["5", 0], "tile_size": 0}}
+    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_dcae_t2v"
+    return prompt
+
+
+def dcae_t2i2v_v2() -> dict:
+    """high_compression.py as shipped (t2i2v_768px.py base): FLUX first frame -> DC-AE i2v_head."""
+    prompt = dcae_t2v_v2()
+    prompt["11"] = {
+        "class_type": "OpenSoraEncodeReference",
+        "inputs": {"image": None, "latent": ["4", 0], "cond_type": "i2v_head", "vae": ["6", 0]},
+    }
+    prompt["5"]["inputs"]["latent"] = ["11", 0]
+    add_flux_first_frame(prompt, "dc_ae", "opensora/v20_dcae_t2i2v")
     return prompt
 
 
 def definitions_v2() -> dict[str, dict]:
-    return {"opensora20_t2v": t2v_v2(), "opensora20_i2v": i2v_v2(), "opensora20_t2i2v": t2i2v_v2()}
+    return {
+        "opensora20_t2v": t2v_v2(),
+        "opensora20_i2v": i2v_v2(),
+        "opensora20_t2i2v": t2i2v_v2(),
+        "opensora20_dcae_t2v": dcae_t2v_v2(),
+        "opensora20_dcae_t2i2v": dcae_t2i2v_v2(),
+    }
 
 
 def use_models_v2(prompt: dict, names: dict[str, str]) -> dict:
@@ -226,12 +284,14 @@ def use_models_v2(prompt: dict, names: dict[str, str]) -> dict:
     output instead: same [T5 states, pooled_output] layout, but the 2.0 text (with its fps / motion suffix).
     """
     out = json.loads(json.dumps(prompt))
-    vae_roles = {OFFICIAL_V2["vae_2.0"]: "vae_2.0", OFFICIAL_V2["flux_ae"]: "flux_ae"}
+    file_roles = {name: role for role, name in OFFICIAL_V2.items()}
     core_text = "flux_t5" in names and "flux_clip_l" in names
     for node in out.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "VAELoader" and inputs.get("vae_name") in vae_roles and vae_roles[inputs["vae_name"]] in names:
-            inputs["vae_name"] = names[vae_roles[inputs["vae_name"]]]
+        for class_type, field in FILE_FIELDS_V2:
+            role = file_roles.get(inputs.get(field)) if kind == class_type else None
+            if role in names:
+                inputs[field] = names[role]
         if kind == "DualCLIPLoader" and core_text:
             inputs.update(clip_name1=names["flux_t5"], clip_name2=names["flux_clip_l"])
             continue
@@ -252,14 +312,21 @@ def use_models_v2(prompt: dict, names: dict[str, str]) -> dict:
 
 
 def tiny_settings_v2(
-    prompt: dict, width: int = 64, height: int = 64, num_frames: int = 9, steps: int = 4, image_steps: int = 2
+    prompt: dict,
+    width: int = 64,
+    height: int = 64,
+    num_frames: int | None = None,
+    steps: int = 4,
+    image_steps: int = 2,
 ) -> dict:
-    """A copy at a CPU-friendly size: the video (exact width / height) and the Flux first frame."""
+    """A copy at a CPU-friendly size: the video (exact width / height) and the Flux first frame.
+    num_frames None: 9 (2.0, 4k+1) or 8 (2.0 DC-AE, 4k)."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "OpenSoraEmptyLatentVideo":
-            inputs.update(width=width, height=height, num_frames=num_frames)
+            frames = num_frames or (8 if inputs.get("version") == "2.0 DC-AE" else 9)
+            inputs.update(width=width, height=height, num_frames=frames)
         elif kind == "OpenSoraSampler":
             inputs["steps"] = steps
         elif kind in ("EmptySD3LatentImage", "ModelSamplingFlux"):

@@ -1,9 +1,9 @@
 """The shipped Open-Sora 2.0 workflows on the real host with the 2.0 test models, and GUIDER/SIGMAS parity.
 
 Each API workflow from workflows/api/ is pointed at the test models (use_models_v2) and shrunk to 64 x 64
-pixels, 9 frames (tiny_settings_v2). In text-to-image-to-video the FLUX first frame takes its conditioning
-from Open-Sora Encode Prompt, because core DualCLIPLoader only loads a full-size T5-XXL (see
-scripts/demo_models_v2.py); every other node of the workflow runs as shipped.
+pixels, 9 frames (8 for the Video DC-AE ones; tiny_settings_v2). In text-to-image-to-video the FLUX first frame
+takes its conditioning from Open-Sora Encode Prompt, because core DualCLIPLoader only loads a full-size T5-XXL
+(see scripts/demo_models_v2.py); every other node of the workflow runs as shipped.
 """
 
 import json
@@ -19,7 +19,7 @@ from workflows_v2 import OFFICIAL_V2, definitions_v2, tiny_settings_v2, use_mode
 
 pytestmark = pytest.mark.server
 
-NAMES_V2 = ("opensora20_t2v", "opensora20_i2v", "opensora20_t2i2v")
+NAMES_V2 = ("opensora20_t2v", "opensora20_i2v", "opensora20_t2i2v", "opensora20_dcae_t2v", "opensora20_dcae_t2i2v")
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 STEPS = 4
 
@@ -46,14 +46,14 @@ def test_v2_workflow_writes_mp4(comfy_server, name):
     videos = output_files(result, comfy_server.base)
     assert len(videos) == 1 and videos[0].is_file()
     props = video_properties(videos[0])
-    assert props["frames"] == 9
+    assert props["frames"] == (8 if "dcae" in name else 9)  # the DC-AE takes 4k frames, the 2.0 VAE 4k+1
     assert (props["width"], props["height"]) == (64, 64)
     assert props["fps"] == 24
     assert props["pixels"].std() > 1.0  # not a blank video
     progress = [m["data"]["value"] for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "5"]
     assert progress and progress[-1] == STEPS  # the Sampler node reports its steps
     assert result.previews >= STEPS  # and sends a latent preview per step
-    if name == "opensora20_t2i2v":
+    if name.endswith("t2i2v"):
         images = [p for p in saved_files(comfy_server, result, "images") if p.suffix == ".png"]
         assert len(images) == 1  # the FLUX first frame, saved as the official t2i2v does
         with Image.open(images[0]) as first:
@@ -90,6 +90,40 @@ def test_v2_workflows_reference_official_files():
     assert t2i2v["OpenSoraEncodeReference"]["cond_type"] == "i2v_head"
 
 
+def test_dcae_workflows_follow_high_compression_py():
+    """configs/diffusion/inference/high_compression.py: DC-AE DiT, 768px 16:9, 128 frames, 256px.py's sampler."""
+    for name in ("opensora20_dcae_t2v", "opensora20_dcae_t2i2v"):
+        nodes = {n["class_type"]: n["inputs"] for n in definitions_v2()[name].values()}
+        assert nodes["OpenSoraLoadDiT"]["dit_name"] == "Open_Sora_v2_Video_DC_AE.safetensors"
+        latent = nodes["OpenSoraEmptyLatentVideo"]
+        assert (latent["version"], latent["resolution"], latent["aspect_ratio"]) == ("2.0 DC-AE", "768px", "16:9")
+        assert (latent["num_frames"], latent["fps"]) == (128, 24)
+        sampler = nodes["OpenSoraSampler"]
+        assert (sampler["steps"], sampler["cfg"], sampler["image_cfg"], sampler["seed"]) == (50, 7.5, 3.0, 42)
+        assert sampler["oscillation"] and sampler["image_oscillation"] and sampler["scale_image_weight"]
+        assert nodes["OpenSoraLoadVAE"] == {
+            "vae_name": "F32T4C128_AE.safetensors",
+            "dtype": "default",
+            "dc_ae_scaling": "trained 0.493",
+        }
+        assert nodes["OpenSoraDecode"]["tile_size"] == 0  # the DC-AE's own official tiles
+        assert not {"OpenSoraHunyuanVAE", "VAEDecodeTiled"} & set(nodes)  # no HunyuanVideo VAE anywhere
+    t2i2v = definitions_v2()["opensora20_dcae_t2i2v"]
+    nodes = {n["class_type"]: n["inputs"] for n in t2i2v.values()}
+    assert nodes["OpenSoraEncodeReference"] == {
+        "image": ["28", 0],  # the FLUX first frame
+        "latent": ["4", 0],
+        "cond_type": "i2v_head",
+        "vae": ["6", 0],  # encoded with the DC-AE
+    }
+    assert t2i2v["5"]["inputs"]["latent"] == ["11", 0]
+    assert [n["inputs"]["vae_name"] for n in t2i2v.values() if n["class_type"] == "VAELoader"] == ["ae.safetensors"]
+    assert (nodes["EmptySD3LatentImage"]["width"], nodes["EmptySD3LatentImage"]["height"]) == (1024, 576)
+    # The same FLUX first frame as opensora20_t2i2v: 768px 16:9 is 576 x 1024 on the 16 and the 32 grid alike.
+    assert nodes["ModelSamplingFlux"] == definitions_v2()["opensora20_t2i2v"]["24"]["inputs"]
+    assert "VAELoader" not in {n["class_type"] for n in definitions_v2()["opensora20_dcae_t2v"].values()}
+
+
 def test_use_models_v2_substitutes_only_what_core_cannot_load():
     names = {"dit_2.0": "d", "t5_2.0": "t/", "clip_l_2.0": "c", "vae_2.0": "v", "flux": "f", "flux_ae": "a"}
     swapped = use_models_v2(definitions_v2()["opensora20_t2i2v"], names)
@@ -103,6 +137,11 @@ def test_use_models_v2_substitutes_only_what_core_cannot_load():
     kept_kinds = {n["class_type"]: n["inputs"] for n in kept.values()}
     assert (kept_kinds["DualCLIPLoader"]["clip_name1"], kept_kinds["DualCLIPLoader"]["clip_name2"]) == ("T5", "L")
     assert kept_kinds["FluxGuidance"]["conditioning"] == ["22", 0]
+    dcae = use_models_v2(definitions_v2()["opensora20_dcae_t2i2v"], {**names, "dit_dcae": "dd", "vae_dcae": "dv"})
+    dcae_kinds = {n["class_type"]: n["inputs"] for n in dcae.values()}
+    assert dcae_kinds["OpenSoraLoadDiT"]["dit_name"] == "dd" and dcae_kinds["OpenSoraLoadVAE"]["vae_name"] == "dv"
+    assert dcae_kinds["VAELoader"]["vae_name"] == "a" and dcae_kinds["UNETLoader"]["unet_name"] == "f"
+    assert tiny_settings_v2(dcae)["4"]["inputs"]["num_frames"] == 8  # 4k for the DC-AE
 
 
 def _latent(server, result) -> torch.Tensor:
