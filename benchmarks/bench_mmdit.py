@@ -2,10 +2,13 @@
 passes done vs the official 3 per step, and the bf16-vs-float32 relative error of one forward.
 
 Default (GPU): the full-size 11B MMDiT with random weights in bf16; forward at 256px 16:9 129 frames (8316 image
-tokens + 512 text) with batch 3 (the official step) and 1, forward at 768px batch 1, a 50-step t2v run at 256px
-with the shipped sampler settings, and the error at 256px batch 1. --tiny --device cpu: a tiny config.
+tokens + 512 text) with batch 3 (the official step) and 1, forward at 768px batch 1, 50-step t2v and i2v_head
+runs at 256px with the shipped sampler settings, and the error at 256px batch 1. --tiny --device cpu: a tiny
+config. Each timed row is compared with the official code's time: measured by official_mmdit.py in the same
+session (--official-json), else the figure quoted in the issues.
 
     python benchmarks/bench_mmdit.py --out mmdit.json
+    python benchmarks/bench_mmdit.py --attention cudnn --official-json official_mmdit.json --out mmdit.json
     python benchmarks/bench_mmdit.py --tiny --device cpu --out /tmp/mmdit.json
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from benchmarks.common import (
     add_common_arguments,
     add_dit_arguments,
     attention_flops,
+    compare_with_official,
     dit_runs,
     environment,
     float32_reference,
@@ -33,14 +38,17 @@ from benchmarks.common import (
     measure,
     parameter_count,
     peak_tflops,
+    probe_cudnn_attention,
     relative_error,
     release_memory,
     report,
     setup,
     throughput,
+    warmup_calls,
 )
+from opensora_lib import attention
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
-from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, sample_v2, text_ids
+from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, pass_plan, sample_v2, text_ids
 from opensora_lib.sizes import latent_shape
 
 VERSION = "2.0"
@@ -66,6 +74,8 @@ DEFAULTS = {
     "tiny": {"forward": ["64x96:9:3", "64x96:9:1"], "sampler": ["64x96:9"], "error": "64x96:9:1"},
 }
 DEFAULT_STEPS = {"full": 50, "tiny": 12}
+# t2v, and i2v from a first frame (the cond_type of the official 256px config's image-to-video use).
+COND_TYPES = ("t2v", "i2v_head")
 # The 2.0 T5 takes max_length 512 and the model attends to every token (no mask); tiny uses fewer.
 DEFAULT_TEXT_TOKENS = {"full": 512, "tiny": 7}
 # Figures quoted from the issues (official code); not measured here.
@@ -73,7 +83,24 @@ OFFICIAL = {
     "forward 256px 129f b3": "~1.26 s, ~400 TFLOP/s (H200, bf16)",
     "forward 256px 129f b1": "~0.42 s (H200, bf16)",
     "forward 768px 129f b1": "~14.1 s (H200, bf16)",
-    "sampler 256px 129f b1 50 steps": "60 s, 52.5 GB (whole 256px generation, H100)",
+    "sampler t2v 256px 129f b1 50 steps": "60 s, 52.5 GB (whole 256px generation, H100); DiT ~63 s = 50 x 1.26 s",
+    "sampler i2v_head 256px 129f b1 50 steps": "DiT ~63 s = 50 x 1.26 s (3 passes every step, H200)",
+}
+# The same as seconds, for the ratio when the official code was not measured in the session. The official
+# denoiser runs one batch-3 forward per step whatever the cond_type, so its DiT time is 50 x the b3 forward.
+_QUOTED = "quoted (issue #5, H200, bf16, SDPA)"
+OFFICIAL_SECONDS = {
+    "forward 256px 129f b3": (1.26, _QUOTED),
+    "forward 256px 129f b1": (0.42, _QUOTED),
+    "forward 768px 129f b1": (14.1, _QUOTED),
+    "sampler t2v 256px 129f b1 50 steps": (50 * 1.26, "quoted b3 forward x 50 steps"),
+    "sampler i2v_head 256px 129f b1 50 steps": (50 * 1.26, "quoted b3 forward x 50 steps"),
+}
+# Issue #5's targets: our time / the official time on the same GPU.
+TARGETS = {
+    "sampler t2v 256px 129f b1 50 steps": 0.45,
+    "sampler i2v_head 256px 129f b1 50 steps": 0.65,
+    "forward 768px 129f b1": 0.6,
 }
 
 
@@ -136,10 +163,10 @@ def forward_inputs(config: MMDiTConfig, size: VideoSize, text_tokens: int, dtype
     }
 
 
-def bench_forward(model, config, size, text_tokens, args, device, dtype, peak) -> dict:
+def bench_forward(model, config, size, text_tokens, args, device, dtype, peak, warmup: int) -> dict:
     inputs = forward_inputs(config, size, text_tokens, dtype, device)
     image_tokens = inputs["img"].shape[1]
-    timing, out = measure(lambda: model(**inputs), device, args.repeats, args.warmup, args.max_seconds)
+    timing, out = measure(lambda: model(**inputs), device, args.repeats, warmup, args.max_seconds)
     name = f"forward {size.name}"
     return {
         "name": name,
@@ -154,8 +181,28 @@ def bench_forward(model, config, size, text_tokens, args, device, dtype, peak) -
     }
 
 
-def bench_sampler(model, config, size, steps, text_tokens, device, dtype, peak) -> dict:
+def sampler_inputs(config: MMDiTConfig, size: VideoSize, text_tokens: int, device) -> dict:
+    """Random initial noise, text states (prompt and negative) and a one-frame reference latent, float32."""
     channels, frames, height, width = latent_geometry(config, size)
+    batch = size.batch
+    return {
+        "noise": torch.randn(batch, channels, frames, height, width, device=device),
+        "text": {
+            "t5": torch.randn(batch, text_tokens, config.context_in_dim, device=device),
+            "pooled": torch.randn(batch, config.vec_in_dim, device=device),
+            "neg_t5": torch.randn(batch, text_tokens, config.context_in_dim, device=device),
+            "neg_pooled": torch.randn(batch, config.vec_in_dim, device=device),
+        },
+        "reference": torch.randn(batch, channels, 1, height, width, device=device),  # encoded first frame
+    }
+
+
+def sampler_name(cond_type: str, size: VideoSize, steps: int) -> str:
+    return f"sampler {cond_type} {size.name} {steps} steps"
+
+
+def bench_sampler(model, config, size, steps, text_tokens, cond_type, device, dtype, peak) -> dict:
+    _, frames, height, width = latent_geometry(config, size)
     image_tokens = frames * (height // config.patch_size) * (width // config.patch_size)
     batch_rows: list[int] = []
     passes_per_step: list[int] = []
@@ -164,30 +211,28 @@ def bench_sampler(model, config, size, steps, text_tokens, device, dtype, peak) 
         batch_rows.append(kwargs["img"].shape[0])
         return model(**kwargs)
 
-    text = {
-        "t5": torch.randn(size.batch, text_tokens, config.context_in_dim, device=device),
-        "pooled": torch.randn(size.batch, config.vec_in_dim, device=device),
-        "neg_t5": torch.randn(size.batch, text_tokens, config.context_in_dim, device=device),
-        "neg_pooled": torch.randn(size.batch, config.vec_in_dim, device=device),
-    }
-    noise = torch.randn(size.batch, channels, frames, height, width, device=device)
+    inputs = sampler_inputs(config, size, text_tokens, device)
+    cond = inputs["reference"] if cond_type != "t2v" else None
     options = V2SamplingOptions(num_steps=steps, model_dtype=dtype)  # shipped 256px.py: guidance 7.5, oscillation
 
     def run():
         batch_rows.clear()
         passes_per_step.clear()
         callback = lambda info: passes_per_step.append(len(info["passes"]))  # noqa: E731
-        return sample_v2(call, noise, text, options, cond_type="t2v", callback=callback)
+        return sample_v2(
+            call, inputs["noise"], inputs["text"], options, cond=cond, cond_type=cond_type, callback=callback
+        )
 
-    # Untimed: the one- and two-pass batch shapes once, so first-call costs are not timed.
-    for rows in (size.batch, 2 * size.batch):
+    # Untimed: one forward of each batch shape the run uses, so first-call costs are not timed.
+    for rows in sorted({len(passes) * size.batch for passes in pass_plan(options, cond_type, frames)}):
         model(**forward_inputs(config, dataclasses.replace(size, batch=rows), text_tokens, dtype, device))
     timing, out = measure(run, device, repeats=1, warmup=0)
     flops = sum(mmdit_flops(config, rows, image_tokens, text_tokens) for rows in batch_rows)
-    name = f"sampler {size.name} {steps} steps"
+    name = sampler_name(cond_type, size, steps)
     return {
         "name": name,
         "kind": "sampler",
+        "cond_type": cond_type,
         **dataclasses.asdict(size),
         "steps": steps,
         "image_tokens": image_tokens,
@@ -222,11 +267,39 @@ def bench_precision(model, config, size, text_tokens, device, dtype) -> dict:
     }
 
 
+def read_official(path: Path | None) -> tuple[list[dict], str | None]:
+    """Results of official_mmdit.py (same names as ours), and a line saying where they come from."""
+    if path is None:
+        return [], None
+    if not path.is_file():
+        raise SystemExit(f"--official-json {path}: no such file (run benchmarks/official_mmdit.py first)")
+    payload = json.loads(path.read_text())
+    env = payload.get("environment", {})
+    where = f"{payload.get('official_commit', '?')[:12]} on {env.get('device_name', '?')}"
+    return payload.get("results", []), f"x official: measured by official_mmdit.py ({where}) where the name matches"
+
+
+def cudnn_probes(config: MMDiTConfig, sizes: list[VideoSize], text_tokens: int, device, dtype) -> dict[str, str]:
+    """Whether cuDNN attention alone takes each benchmarked joint sequence (batch 1; the kernel is per sequence)."""
+    probes = {}
+    for size in sizes:
+        _, frames, height, width = latent_geometry(config, size)
+        length = frames * (height // config.patch_size) * (width // config.patch_size) + text_tokens
+        key = f"{size.label} {size.num_frames}f ({length} tokens)"
+        if key not in probes:
+            probes[key] = probe_cudnn_attention(device, dtype, 1, config.num_heads, length, config.head_dim)
+    return probes
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_dit_arguments(parser, "256px:129:3 or 64x96:9:1", DEFAULT_STEPS["full"])
     parser.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512; tiny 7)")
+    parser.add_argument(
+        "--cond-types", nargs="*", choices=COND_TYPES, default=list(COND_TYPES), help="sampler runs (default both)"
+    )
+    parser.add_argument("--official-json", type=Path, default=None, help="official_mmdit.py results, for the ratios")
     args = parser.parse_args(argv)
     device = setup(args)
     dtype = DTYPES[args.dtype]
@@ -236,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
     text_tokens = args.text_tokens or DEFAULT_TEXT_TOKENS[mode]
     runs = dit_runs(args, DEFAULTS[mode], DEFAULT_STEPS[mode], VERSION, ASPECT_RATIO, dtype)
     peak = peak_tflops(device, dtype, args.peak_tflops)
+    official_results, official_note = read_official(args.official_json)
+    env = environment(device, dtype, peak, args.tiny)
+    if attention.get_backend() == "cudnn":
+        env["cudnn_attention_probe"] = cudnn_probes(config, runs.forward + runs.sampler, text_tokens, device, dtype)
 
     # Random weights; built in float32 first when the error check needs the float32 copy, then cast in place.
     torch.manual_seed(args.seed)
@@ -244,21 +321,26 @@ def main(argv: list[str] | None = None) -> dict:
     if runs.error is not None:
         results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))
     release_memory(device)
+    warmed: set[int] = set()
     for size in runs.forward:
-        results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak))
+        warmup = warmup_calls(args.warmup, size.batch, warmed)
+        results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak, warmup))
     for size in runs.sampler:
-        results.append(bench_sampler(model, config, size, runs.steps, text_tokens, device, dtype, peak))
+        for cond_type in args.cond_types:
+            results.append(bench_sampler(model, config, size, runs.steps, text_tokens, cond_type, device, dtype, peak))
+    compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
 
     payload = {
         "benchmark": "mmdit v2.0",
-        "environment": environment(device, dtype, peak, args.tiny),
+        "environment": env,
         "model": {"config": dataclasses.asdict(config), "parameters": parameter_count(model)},
         "results": results,
         "notes": [
             "random weights; FLOPs are matmul FLOPs counted from the config (benchmarks/common.py)",
             "official (quoted): figures from the issues for the official code, not measured by this script",
-            "sampler: t2v skips the uncond-all pass (identical to uncond-text) and 1.0-guidance passes; "
-            "official runs 3 per step",
+            official_note or "x official: ours / the quoted official figure (no --official-json given)",
+            "sampler: t2v skips the uncond-all pass (identical to uncond-text) and 1.0-guidance passes, i2v the "
+            "passes of 1.0-guidance steps; the official denoiser runs 3 per step",
         ],
     }
     report(payload, args.out)

@@ -29,6 +29,8 @@ from opensora_lib import attention, sizes
 # Dense bf16 tensor-core peak of the spec sheet, by a substring of the CUDA device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The backend asked for on the command line and why another one runs (setup fills it; environment reports it).
+_ATTENTION_REQUEST: dict[str, str | None] = {"requested": None, "note": None}
 
 
 # ---------------------------------------------------------------- arguments and setup
@@ -57,9 +59,43 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     torch.set_grad_enabled(False)
-    attention.set_backend(args.attention)
+    select_attention(args.attention, device)
     torch.manual_seed(args.seed)
     return device
+
+
+def select_attention(name: str, device: torch.device) -> None:
+    """Select the attention backend. On the CPU a CUDA-only backend that is not available here (cudnn without
+    CUDA) runs as sdpa, as attention() itself does with CPU tensors, and the environment says so."""
+    _ATTENTION_REQUEST.update(requested=name, note=None)
+    try:
+        attention.set_backend(name)
+    except ValueError as e:
+        if device.type != "cpu":
+            raise SystemExit(f"--attention {name}: {e}") from None
+        attention.set_backend("sdpa")
+        _ATTENTION_REQUEST["note"] = f"{name} not available here ({e}); ran sdpa, as attention() does on the CPU"
+        print(f"note: --attention {name}: not available here; running sdpa (the CPU fallback)")
+
+
+def probe_cudnn_attention(device: torch.device, dtype: torch.dtype, batch: int, heads: int, length: int, head_dim: int):
+    """Whether torch's cuDNN attention kernel alone takes [batch, heads, length, head_dim] queries laid out as the
+    models lay them out ([B, L, heads, D] views): "ran", or "rejected: <why>". The cudnn backend falls back to SDPA's
+    other kernels where cuDNN refuses, so this says which kernel the timings measured."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return "not applicable (needs CUDA and bf16 / fp16)"
+    q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in "qkv")
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        synchronize(device)
+        return "ran" if bool(torch.isfinite(out).all()) else "ran, non-finite output"
+    except RuntimeError as e:
+        return "rejected: " + " ".join(str(e).split())[:300]
+    finally:
+        del q, k, v
 
 
 def release_memory(device: torch.device) -> None:
@@ -226,6 +262,15 @@ def measure(
     return timing, out
 
 
+def warmup_calls(requested: int, batch: int, warmed: set[int]) -> int:
+    """Warm-up calls for a forward of `batch` rows: `requested` the first time, 0 once a forward of that batch size
+    ran in this process (the same kernels: nothing left to compile or autotune; a new sequence length only picks
+    cuBLAS heuristics, and the cudnn probe already planned its attention). Saves an untimed 10 s 768px call."""
+    calls = 0 if batch in warmed else requested
+    warmed.add(batch)
+    return calls
+
+
 # ---------------------------------------------------------------- FLOPs
 
 
@@ -274,6 +319,32 @@ def float32_reference() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = convolution
 
 
+def compare_with_official(
+    results: list[dict[str, Any]],
+    official_results: list[dict[str, Any]] | None,
+    quoted_seconds: dict[str, tuple[float, str]],
+    targets: dict[str, float],
+) -> None:
+    """Add, by result name: official_seconds, official_source ("measured" when the official run of the same name
+    is in `official_results`, else the quoted figure's source), ratio_to_official = ours / official, and where
+    the issue sets a target ratio: target_ratio and meets_target (ratio < target)."""
+    measured = {r["name"]: r["seconds"] for r in official_results or [] if r.get("seconds")}
+    for result in results:
+        name, seconds = result["name"], result.get("seconds")
+        if not seconds:
+            continue
+        if name in measured:
+            official, source = measured[name], "measured"
+        elif name in quoted_seconds:
+            official, source = quoted_seconds[name]
+        else:
+            continue
+        ratio = seconds / official
+        result.update(official_seconds=official, official_source=source, ratio_to_official=ratio)
+        if name in targets:
+            result.update(target_ratio=targets[name], meets_target=ratio < targets[name])
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -291,6 +362,8 @@ def environment(device: torch.device, dtype: torch.dtype, peak: float | None, ti
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "attention_backend": attention.get_backend(),
+        "attention_requested": _ATTENTION_REQUEST["requested"] or attention.get_backend(),
+        "attention_note": _ATTENTION_REQUEST["note"],
         "peak_tflops": peak,
         "cpu_threads": torch.get_num_threads(),
     }
@@ -306,8 +379,22 @@ def _cell(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _ratio_cell(result: dict[str, Any]) -> str:
+    if "ratio_to_official" not in result:
+        return "-"
+    source = "measured" if result["official_source"] == "measured" else "quoted"
+    return f"{result['ratio_to_official']:.3f} ({source})"
+
+
+def _target_cell(result: dict[str, Any]) -> str:
+    if "target_ratio" not in result:
+        return "-"
+    return f"< {result['target_ratio']:g}: {'met' if result['meets_target'] else 'NOT met'}"
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
-    """One line per result; `official` is the quoted reference figure (not measured here)."""
+    """One line per result. `x official`: ours / official seconds, the official run measured in the same session
+    or a quoted figure; `target`: the issue's ratio target; `official (quoted)`: the figure from the issues."""
     columns = [
         ("name", lambda r: r["name"]),
         ("seconds", lambda r: _cell(r.get("seconds"))),
@@ -317,10 +404,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
         ("% peak", lambda r: _cell(100 * r["peak_fraction"]) if r.get("peak_fraction") else "-"),
         ("passes", lambda r: f"{r['forward_passes']}/{r['official_forward_passes']}" if "forward_passes" in r else "-"),
         ("rel err", lambda r: _cell(r.get("relative_error"))),
+        ("x official", _ratio_cell),
+        ("target", _target_cell),
         ("official (quoted)", lambda r: r.get("official_quoted") or "-"),
     ]
-    rows = [[title for title, _ in columns]] + [[cell(r) for _, cell in columns] for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return text_table([title for title, _ in columns], [[cell(r) for _, cell in columns] for r in results])
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under a dashed rule."""
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
@@ -337,3 +431,187 @@ def report(payload: dict[str, Any], out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- GPU session summary (gpu_session.sh)
+
+# JSON files of benchmarks/gpu_session.sh, by role.
+SESSION_FILES = {"ours_cudnn": "mmdit_cudnn.json", "ours_sdpa": "mmdit_sdpa.json", "official": "official_mmdit.json"}
+
+
+def _read_steps(path: Path | None) -> list[dict[str, Any]]:
+    """gpu_session.sh's step log: name, status, exit code, seconds, detail (tab-separated)."""
+    if path is None or not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        name, status, code, seconds, detail = (line.split("\t") + [""] * 5)[:5]
+        steps.append(
+            {"step": name, "status": status, "exit_code": code, "seconds": float(seconds or 0), "detail": detail}
+        )
+    return steps
+
+
+def _timed_rows(payload: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    rows = (payload or {}).get("results", [])
+    return {r["name"]: r for r in rows if r.get("kind") in ("forward", "sampler") and r.get("seconds")}
+
+
+def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours (cudnn, sdpa) vs the official run of the same name measured in the session, else the quoted figure;
+    with issue #5's target where one is set (judged on the cudnn run when there is one)."""
+    from benchmarks.bench_mmdit import OFFICIAL_SECONDS, TARGETS
+
+    official = _timed_rows(payloads.get("official"))
+    ours = {key: _timed_rows(payloads.get(key)) for key in ("ours_cudnn", "ours_sdpa")}
+    names = list(dict.fromkeys([*ours["ours_cudnn"], *ours["ours_sdpa"], *official]))
+    rows = []
+    for name in names:
+        entry: dict[str, Any] = {"name": name}
+        if name in official:
+            entry.update(official_seconds=official[name]["seconds"], official_source="measured")
+            entry["official_passes"] = official[name].get("forward_passes")
+        elif name in OFFICIAL_SECONDS:
+            entry.update(official_seconds=OFFICIAL_SECONDS[name][0], official_source="quoted")
+        for key, found in ours.items():
+            row = found.get(name)
+            if row is None:
+                continue
+            entry[f"{key}_seconds"] = row["seconds"]
+            entry[f"{key}_peak_gib"] = row.get("peak_memory_gib")
+            entry[f"{key}_passes"] = row.get("forward_passes")
+            if entry.get("official_seconds"):
+                entry[f"{key}_ratio"] = row["seconds"] / entry["official_seconds"]
+        judged = entry.get("ours_cudnn_ratio", entry.get("ours_sdpa_ratio"))
+        if name in TARGETS and judged is not None:
+            entry.update(target_ratio=TARGETS[name], meets_target=judged < TARGETS[name])
+        rows.append(entry)
+    return rows
+
+
+def _compact(payload: dict[str, Any], width: int = 160) -> list[str]:
+    """One line per top-level field: scalars as they are, a dict as its scalar entries, a list as its length."""
+    lines = []
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={_cell(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+            text = inner or f"{{{len(value)} fields}}"
+        elif isinstance(value, list):
+            text = f"[{len(value)} items]"
+        else:
+            text = _cell(value)
+        line = f"  {key}: {text}"
+        lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return lines
+
+
+def _other_rows(payload: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in payload.get("results", []) if isinstance(payload.get("results"), list) else []:
+        if isinstance(r, dict):
+            rows.append([str(r.get("name", "?")), _cell(r.get("seconds")), _cell(r.get("peak_memory_gib"))])
+    return rows
+
+
+def session_summary(directory: Path, steps_file: Path | None = None, mode: str = "full") -> dict[str, Any]:
+    """Print the session's summary tables and write directory/summary.json."""
+    steps = _read_steps(steps_file)
+    payloads = {}
+    for key, name in SESSION_FILES.items():
+        if (directory / name).is_file():
+            payloads[key] = json.loads((directory / name).read_text())
+    comparison = session_comparison(payloads)
+    agreement = [r for r in payloads.get("official", {}).get("results", []) if r.get("kind") == "agreement"]
+    others = {}
+    for path in sorted(directory.glob("*.json")):
+        if path.name not in SESSION_FILES.values() and path.name != "summary.json":
+            try:
+                others[path.name] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                others[path.name] = {"error": f"unreadable JSON: {e}"}
+
+    print(f"\n==== GPU session summary ({mode}) ====")
+    envs = {key: p.get("environment", {}) for key, p in payloads.items()}
+    for key, env in envs.items():
+        extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
+        backend = env.get("attention_backend")
+        if env.get("attention_requested") not in (None, backend):
+            backend = f"{env['attention_requested']} (ran {backend}: not available here)"
+        print(f"{key}: {env.get('device_name')} torch {env.get('torch')} attention {backend} {extra}")
+    print(
+        text_table(
+            ["step", "status", "exit", "seconds", "detail"],
+            [[s["step"], s["status"], s["exit_code"], f"{s['seconds']:.0f}", s["detail"]] for s in steps],
+        )
+    )
+    print("\nours / official (official measured in this session where it says so, else quoted):")
+
+    def ratio(entry, key):
+        if f"{key}_seconds" not in entry:
+            return "-"
+        text = f"{entry[f'{key}_seconds']:.3g} s"
+        if entry.get(f"{key}_passes") is not None:
+            text += f" {entry[f'{key}_passes']}p"
+        return text + (f" = {entry[f'{key}_ratio']:.3f}x" if f"{key}_ratio" in entry else "")
+
+    print(
+        text_table(
+            ["run", "ours cudnn", "ours sdpa", "official", "target"],
+            [
+                [
+                    e["name"],
+                    ratio(e, "ours_cudnn"),
+                    ratio(e, "ours_sdpa"),
+                    f"{e['official_seconds']:.3g} s ({e['official_source']})" if "official_seconds" in e else "-",
+                    f"< {e['target_ratio']:g}: {'met' if e['meets_target'] else 'NOT met'}"
+                    if "target_ratio" in e
+                    else "-",
+                ]
+                for e in comparison
+            ],
+        )
+    )
+    if agreement:
+        print("\nours vs official, same weights and inputs:")
+        print(
+            text_table(
+                ["check", "rel err", "max abs", "passed"],
+                [
+                    [a["name"], _cell(a["relative_error"]), _cell(a["max_abs_error"]), str(a.get("passed", "-"))]
+                    for a in agreement
+                ],
+            )
+        )
+    for name, payload in others.items():
+        rows = _other_rows(payload) if isinstance(payload, dict) else []
+        print(f"\n{name}:")
+        if rows:
+            print(text_table(["name", "seconds", "peak GiB"], rows))
+        else:
+            print("\n".join(_compact(payload)) if isinstance(payload, dict) else str(payload)[:2000])
+    summary = {
+        "mode": mode,
+        "steps": steps,
+        "environments": envs,
+        "comparison": comparison,
+        "agreement": agreement,
+        "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
+        "other_files": sorted(others),
+    }
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {directory / 'summary.json'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Summarise a benchmarks/gpu_session.sh output folder.")
+    parser.add_argument("command", choices=["summary"])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--steps", type=Path, default=None, help="the session's step log (tab-separated)")
+    parser.add_argument("--mode", default="full")
+    args = parser.parse_args(argv)
+    session_summary(args.directory, args.steps, args.mode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,21 @@
-"""The benchmark scripts: a CPU smoke run of each (--tiny --device cpu) and the FLOP formulas vs torch's counter."""
+"""The benchmark scripts: a CPU smoke run of each (--tiny --device cpu), the FLOP formulas vs torch's counter, the
+pieces of official_mmdit.py that do not need the official code, and the GPU session script's --dry-run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_mmdit, bench_stdit3, bench_vae
-from benchmarks.common import parse_video
+from benchmarks import bench_mmdit, bench_stdit3, bench_vae, official_mmdit
+from benchmarks.common import compare_with_official, parse_video, session_comparison, warmup_calls
 from opensora_lib import attention
+from opensora_lib.mmdit_layers import RMSNorm, rotary_tables
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,17 +67,28 @@ def test_stdit3_script_tiny_cpu(tmp_path):
 
 
 def test_mmdit_script_tiny_cpu(tmp_path):
-    payload = run_script("bench_mmdit", tmp_path, "--steps", "12")
+    # --attention cudnn on a CPU machine: cudnn is not available, so the benchmark runs sdpa and says so.
+    payload = run_script("bench_mmdit", tmp_path, "--steps", "12", "--attention", "cudnn")
+    env = payload["environment"]
+    assert (env["attention_requested"], env["attention_backend"]) == ("cudnn", "sdpa")
+    assert "cudnn not available here" in env["attention_note"]
     forwards = by_kind(payload, "forward")
     assert [r["batch"] for r in forwards] == [3, 1]
     for result in forwards:
         check_timed(result)
         assert result["image_tokens"] == 3 * 4 * 6 and result["text_tokens"] == 7
-    (sampler,) = by_kind(payload, "sampler")
-    check_timed(sampler)
+    t2v, i2v = by_kind(payload, "sampler")
+    assert (t2v["cond_type"], i2v["cond_type"]) == ("t2v", "i2v_head")
+    assert t2v["name"] == "sampler t2v 64x96 9f b1 12 steps"
+    for sampler in (t2v, i2v):
+        check_timed(sampler)
+        assert "ratio_to_official" not in sampler  # tiny names have no quoted figure and no --official-json
     # t2v: cond + uncond-text each step, cond only on odd steps >= 10; the official runs 3 passes per step.
-    assert sampler["passes_per_step"] == [2] * 11 + [1]
-    assert (sampler["forward_passes"], sampler["official_forward_passes"]) == (23, 36)
+    assert t2v["passes_per_step"] == [2] * 11 + [1]
+    assert (t2v["forward_passes"], t2v["official_forward_passes"]) == (23, 36)
+    # i2v: all three passes while the image guidance is on (steps 0-10), cond only at step 11 (both scales 1).
+    assert i2v["passes_per_step"] == [3] * 11 + [1]
+    assert (i2v["forward_passes"], i2v["official_forward_passes"], i2v["model_calls"]) == (34, 36, 12)
     check_precision(payload)
 
 
@@ -164,3 +179,143 @@ def test_bad_arguments_are_explained():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             bench_vae.main(["--device", "cuda"])
+
+
+# ---------------------------------------------------------------- official_mmdit.py without the official code
+
+
+def test_official_liger_rope_shim_is_the_half_split_rotation():
+    """The shim on the official layout (q [B, heads, L, D], cos / sin tiled to D) equals our half-split RoPE."""
+    torch.manual_seed(0)
+    ids = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), torch.arange(4), indexing="ij"), -1)
+    tables = rotary_tables(ids.reshape(1, -1, 3).float(), [8, 12, 12], 10000.0, half_split=True)
+    cos, sin = (torch.cat((t[:, :, 0], t[:, :, 0]), dim=-1) for t in (tables.cos, tables.sin))  # [1, L, D]
+    for dtype, tolerance in ((torch.float32, 0.0), (torch.bfloat16, 0.0)):
+        q, k = (torch.randn(2, 24, 3, 32).to(dtype) for _ in "qk")  # [B, L, heads, D]
+        shim_q, shim_k = official_mmdit.LigerRopeShim.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        assert shim_q.dtype == dtype
+        assert (shim_q.transpose(1, 2).float() - tables.apply(q).float()).abs().max() <= tolerance
+        assert (shim_k.transpose(1, 2).float() - tables.apply(k).float()).abs().max() <= tolerance
+    assert not torch.equal(tables.apply(q), q)  # it rotated
+    # The Liger kernel reads batch item 0's table rows for every item; the shim does the same.
+    other = official_mmdit.LigerRopeShim.apply(q.transpose(1, 2), k.transpose(1, 2), torch.cat((cos, -cos)), sin)
+    assert torch.equal(other[0], shim_q)
+
+
+def test_official_rmsnorm_shim_is_llama_casting():
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    norm.scale.data = 1 + 0.1 * torch.randn(16)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 3, 16).to(dtype)
+        norm.to(dtype)
+        shim = official_mmdit.LigerRMSNormShim.apply(x, norm.scale, 1e-6, 0.0, "llama", False)
+        assert shim.dtype == dtype and torch.equal(shim, norm(x))
+    with pytest.raises(NotImplementedError, match="'llama' casting only"):
+        official_mmdit.LigerRMSNormShim.apply(x, norm.scale, 1e-6, 0.0, "gemma", False)
+
+
+def test_official_flash_attn_shim_is_sdpa_in_the_flash_layout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 16) for _ in "qkv")  # flash_attn's [B, L, heads, D]
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert torch.equal(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))
+
+
+def test_official_code_missing_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setattr(official_mmdit, "OFFICIAL_DIR", tmp_path / "nothing")
+    with pytest.raises(official_mmdit.OfficialMissing, match="run `bash scripts/fetch_official.sh` first"):
+        official_mmdit.import_official("shim", compile_embedding=False)
+
+
+def test_ratios_and_targets():
+    results = [
+        {"name": "forward 768px 129f b1", "seconds": 7.0},
+        {"name": "sampler t2v 256px 129f b1 50 steps", "seconds": 30.0},
+        {"name": "sampler i2v_head 256px 129f b1 50 steps", "seconds": 45.0},
+        {"name": "error bfloat16 vs fp32 256px 129f b1"},  # untimed: left alone
+    ]
+    official = [{"name": "sampler t2v 256px 129f b1 50 steps", "seconds": 60.0}]
+    compare_with_official(results, official, bench_mmdit.OFFICIAL_SECONDS, bench_mmdit.TARGETS)
+    forward, t2v, i2v, error = results
+    assert forward["official_source"].startswith("quoted") and forward["ratio_to_official"] == pytest.approx(7 / 14.1)
+    assert (forward["target_ratio"], forward["meets_target"]) == (0.6, True)
+    assert (t2v["official_source"], t2v["ratio_to_official"], t2v["meets_target"]) == ("measured", 0.5, False)
+    assert i2v["official_seconds"] == pytest.approx(63.0) and i2v["meets_target"] is False  # 45 / 63 > 0.65
+    assert "ratio_to_official" not in error
+
+
+def test_session_comparison_prefers_the_measured_official_and_judges_cudnn():
+    name = "sampler t2v 256px 129f b1 50 steps"
+    payloads = {
+        "ours_cudnn": {"results": [{"name": name, "kind": "sampler", "seconds": 25.0, "forward_passes": 80}]},
+        "ours_sdpa": {"results": [{"name": name, "kind": "sampler", "seconds": 31.0, "forward_passes": 80}]},
+        "official": {"results": [{"name": name, "kind": "sampler", "seconds": 62.5, "forward_passes": 150}]},
+    }
+    (row,) = session_comparison(payloads)
+    assert row["official_source"] == "measured" and row["official_passes"] == 150
+    assert row["ours_cudnn_ratio"] == pytest.approx(0.4) and row["ours_sdpa_ratio"] == pytest.approx(0.496)
+    assert (row["target_ratio"], row["meets_target"]) == (0.45, True)  # judged on cudnn
+    del payloads["official"]
+    (row,) = session_comparison(payloads)
+    assert row["official_source"] == "quoted" and row["official_seconds"] == pytest.approx(63.0)
+
+
+def test_warmup_only_for_the_first_forward_of_a_batch_size():
+    warmed: set[int] = set()
+    assert [warmup_calls(1, batch, warmed) for batch in (3, 1, 1, 3)] == [1, 1, 0, 0]
+
+
+# ---------------------------------------------------------------- the GPU session script, on the CPU
+
+
+def test_gpu_session_dry_run(tmp_path):
+    """bash benchmarks/gpu_session.sh --dry-run: every step runs on tiny configs (the official one only where
+    .official/ exists; CI has no mirror, so there it must say it skipped) and the summary is written."""
+    out = tmp_path / "session"
+    environment = {**os.environ, "PYTHON": sys.executable}
+    environment.pop("OUT", None)
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_session.sh"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "==== GPU session summary (dry-run) ====" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["step"]: s["status"] for s in summary["steps"]}
+    official_present = (REPO / ".official" / "opensora" / "models" / "mmdit" / "model.py").is_file()
+    assert steps["ours_cudnn"] == steps["ours_sdpa"] == steps["stdit3"] == steps["vae"] == "ok", steps
+    assert steps["official"] == ("ok" if official_present else "skipped"), steps
+    assert steps["comfy_memory"] in ("ok", "skipped")
+    assert steps["comfy_memory"] == "ok" or not (REPO / "benchmarks" / "bench_comfy_memory.py").exists()
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "session.log" in files  # the device tool returns at most 8 files
+    assert "== END ours_cudnn: ok" in (out / "session.log").read_text()
+
+    cudnn = json.loads((out / "mmdit_cudnn.json").read_text())
+    assert cudnn["environment"]["attention_requested"] == "cudnn"
+    assert [r["cond_type"] for r in by_kind(cudnn, "sampler")] == ["t2v", "i2v_head"]
+    assert all(r["seconds"] > 0 and r["finite"] for r in cudnn["results"])
+    sdpa = json.loads((out / "mmdit_sdpa.json").read_text())
+    assert by_kind(sdpa, "sampler") == [] and len(by_kind(sdpa, "forward")) == 2
+    check_precision(sdpa)
+    names = {row["name"] for row in summary["comparison"]}
+    assert "sampler i2v_head 64x96 9f b1 12 steps" in names and "forward 64x96 9f b3" in names
+    if official_present:
+        official = json.loads((out / "official_mmdit.json").read_text())
+        agreement = {r["name"]: r for r in official["results"] if r["kind"] == "agreement"}
+        assert agreement["ours vs official float32 64x96 9f b1"]["relative_error"] < 1e-5
+        for cond_type in ("t2v", "i2v_head"):
+            check = agreement[f"ours vs official sampler float32 {cond_type} 64x96 9f b1 12 steps"]
+            assert check["passed"] is True and check["relative_error"] < 1e-5
+        assert summary["agreement_failed"] == []
+        rows = {row["name"]: row for row in summary["comparison"]}
+        assert rows["sampler t2v 64x96 9f b1 12 steps"]["official_source"] == "measured"
+        assert rows["sampler t2v 64x96 9f b1 12 steps"]["official_passes"] == 36
+    else:
+        assert ".official/ absent" in done.stdout
+        assert not (out / "official_mmdit.json").exists()

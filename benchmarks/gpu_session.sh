@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The ONE command a GPU session runs for issue #5's performance figures (one H100 / H200), and its CPU dry run.
+#
+#   bash benchmarks/gpu_session.sh [--out DIR] [--budget SECONDS]     # GPU; DIR defaults to $OUT
+#   bash benchmarks/gpu_session.sh --dry-run [--out DIR]               # the same steps on CPU, tiny configs
+#
+# Writes into DIR (at most 8 files, each well under 16 MiB): session.log (everything printed), mmdit_cudnn.json,
+# official_mmdit.json, comfy_memory.json, mmdit_sdpa.json, stdit3.json, vae.json, summary.json; the summary
+# table is printed at the end. Every step runs under `timeout`, capped by what is left of --budget (default
+# 540 s, under the device tool's 600 s per command); a failing or timed-out step is recorded and the rest run.
+#
+# Steps, in priority order, with the estimate on one H200 (from issue #5's figures: official forward 256px b3
+# 1.26 s, b1 0.42 s, 768px b1 14.1 s; ours 1.16 s / ~0.4 s / 9.18 s with sdpa; ~8 s start + 11B build each):
+#   1. ours_cudnn  bench_mmdit --attention cudnn: forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
+#                  (80 passes, ~30 s) and i2v_head (110 passes, ~40 s)                           ~100 s
+#   2. official    official_mmdit: float32 + bf16 agreement (~15 s), compile + Liger JIT (~30 s), forwards
+#                  (~35 s), the official 50-step t2v and i2v (150 passes each, ~63 s each)      ~215 s
+#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps), if the file exists  ~40 s (cap 150)
+#   4. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~45 s
+#   5. stdit3      bench_stdit3 forwards (no sampler runs), only with time left                  ~60 s
+#   6. vae         bench_vae, only with time left                                                ~30 s
+# Expected total ~7.5 min (steps 1-4 ~400 s); the budget cuts 5-6 first if the estimates are short.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+DIR=${OUT:-artifacts/gpu_session}
+BUDGET=
+while (($#)); do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --out) DIR=$2; shift ;;
+        --budget) BUDGET=$2; shift ;;
+        *) echo "usage: $0 [--dry-run] [--out DIR] [--budget SECONDS]" >&2; exit 2 ;;
+    esac
+    shift
+done
+BUDGET=${BUDGET:-$((DRY ? 110 : 540))}
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+exec > >(tee -a "$DIR/session.log") 2>&1
+TEE=$!
+STEPS=$(mktemp)
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+export PYTHONUNBUFFERED=1
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3; fi
+
+if ((DRY)); then
+    MODE=dry-run
+    COMMON=(--tiny --device cpu --repeats 1 --warmup 1)
+else
+    MODE=full
+    COMMON=(--repeats 3 --max-seconds 8 --warmup 1)
+fi
+echo "== gpu_session ($MODE) $(date -u +%FT%TZ), budget ${BUDGET}s, python $PY, out $DIR"
+git log -1 --format='repo %h %s' 2>/dev/null || true
+if ! ((DRY)); then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: n/a"
+    # Carried wheels (liger_kernel for the official code): into /tmp/site, ahead on the path.
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+            export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+            echo "wheels installed: $(cd .whl && echo *.whl)"
+        else
+            echo "WARNING: carried wheels did not install; the official code falls back to the Liger shim"
+        fi
+    else
+        echo "WARNING: no .whl/ wheels; the official code falls back to the Liger shim (not the official kernels)"
+    fi
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"; }
+skip() { echo "== SKIP $1: $2"; record "$1" skipped - 0 "$2"; }
+
+# step NAME CAP_SECONDS COMMAND...: run under timeout (the cap or what is left of the budget, if less).
+step() {
+    local name=$1 cap=$2 left
+    shift 2
+    left=$((DEADLINE - $(date +%s)))
+    if ((left < 15)); then skip "$name" "session budget spent"; return; fi
+    ((cap > left)) && cap=$left
+    echo "== STEP $name (limit ${cap}s): $*"
+    local begin=$(date +%s) rc status
+    timeout --kill-after=10 "$cap" "$@"
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        *) status=failed ;;
+    esac
+    local took=$(($(date +%s) - begin))
+    echo "== END $name: $status (exit $rc, ${took}s)"
+    record "$name" "$status" "$rc" "$took" "limit ${cap}s"
+}
+
+official_json=()
+official_ready() { [[ -s $DIR/official_mmdit.json ]] && official_json=(--official-json "$DIR/official_mmdit.json"); }
+
+# 1. Ours with cuDNN attention: the forwards and both 50-step runs.
+step ours_cudnn 200 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
+    --out "$DIR/mmdit_cudnn.json"
+
+# 2. The official MMDiT and denoiser on the same random weights.
+if [[ -f .official/opensora/models/mmdit/model.py ]]; then
+    step official 330 "$PY" benchmarks/official_mmdit.py "${COMMON[@]}" --out "$DIR/official_mmdit.json"
+elif ((DRY)); then
+    skip official ".official/ absent (bash scripts/fetch_official.sh); dry run goes on without it"
+else
+    echo "== official: .official/ is missing (carry it; bash scripts/fetch_official.sh makes it)"
+    record official failed - 0 ".official/ missing"
+fi
+
+# 3. ComfyUI partial loading within 24 GiB (another helper's script; called when present).
+if [[ -f benchmarks/bench_comfy_memory.py ]]; then
+    if ((DRY)); then
+        step comfy_memory 60 "$PY" benchmarks/bench_comfy_memory.py --tiny --device cpu --out "$DIR/comfy_memory.json"
+    else
+        step comfy_memory 150 "$PY" benchmarks/bench_comfy_memory.py --out "$DIR/comfy_memory.json"
+    fi
+else
+    skip comfy_memory "benchmarks/bench_comfy_memory.py not present"
+fi
+
+# 4. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
+official_ready
+step ours_sdpa 120 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention sdpa --steps 0 "${official_json[@]}" \
+    --out "$DIR/mmdit_sdpa.json"
+
+# 5-6. Only with time left (the budget caps them).
+if ((DRY)); then
+    step stdit3 60 "$PY" benchmarks/bench_stdit3.py "${COMMON[@]}" --sampler --no-compile --out "$DIR/stdit3.json"
+else
+    step stdit3 150 "$PY" benchmarks/bench_stdit3.py "${COMMON[@]}" --sampler --out "$DIR/stdit3.json"
+fi
+step vae 120 "$PY" benchmarks/bench_vae.py "${COMMON[@]}" --out "$DIR/vae.json"
+
+"$PY" -m benchmarks.common summary "$DIR" --steps "$STEPS" --mode "$MODE"
+echo "== gpu_session done in $(($(date +%s) - START))s"
+rm -f "$STEPS"
+exec >&- 2>&-
+wait "$TEE" 2>/dev/null  # session.log complete before the command returns
