@@ -81,7 +81,10 @@ REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_DIR = REPO / ".official"
 # float32 agreement size (full: fewer frames than the benchmark, so the float32 forwards stay short).
 FP32_CHECK = {"full": "256px:33:1", "tiny": "64x96:9:1"}
-FP32_TOLERANCE = 1e-5  # relative error of ours vs official in float32; the same maths, only op order differs
+# Relative error allowed between ours and the official code in float32: the same maths, only the order of
+# operations differs (tiny, CPU: measured 0). At full size 57 blocks of random weights carry the reduction-order
+# differences of the Triton RMSNorm / RoPE kernels along; a real mistake (e.g. the other RoPE layout) is > 1e-2.
+FP32_TOLERANCE = {"tiny": 1e-5, "full": 1e-4}
 # Official 256px.py sampling options (configs/diffusion/inference/256px.py).
 GUIDANCE, GUIDANCE_IMG, SIGMA_MIN = 7.5, 3.0, 1e-5
 
@@ -264,7 +267,7 @@ def official_forward_inputs(config, size, text_tokens, dtype, device) -> dict:
     return inputs
 
 
-def agreement(ours, official_model, config, size, text_tokens, dtype, device) -> dict:
+def agreement(ours, official_model, config, size, text_tokens, dtype, device, tolerance: float) -> dict:
     """Our forward vs the official one on identical inputs. The float32 check runs with TF32 off and the official
     timestep embedding eager (a float32 compile would cost a second compile, for one tiny element-wise kernel)."""
     inputs = official_forward_inputs(config, size, text_tokens, dtype, device)
@@ -287,7 +290,7 @@ def agreement(ours, official_model, config, size, text_tokens, dtype, device) ->
         "official_compiled_embedding": not torch._dynamo.config.disable and not eager,
     }
     if eager:
-        result.update(tolerance=FP32_TOLERANCE, passed=errors["relative_error"] < FP32_TOLERANCE)
+        result.update(tolerance=tolerance, passed=errors["relative_error"] < tolerance)
     return result
 
 
@@ -334,7 +337,9 @@ def official_denoise(official, model, config, inputs: dict, steps: int, cond_typ
         )
 
 
-def sampler_agreement(ours, official, official_model, config, size, steps, text_tokens, cond_type, device) -> dict:
+def sampler_agreement(
+    ours, official, official_model, config, size, steps, text_tokens, cond_type, device, tolerance: float
+) -> dict:
     """Our sampler (passes skipped, float32 state) vs the official denoiser (3 passes), float32, same inputs."""
     inputs = sampler_inputs(config, size, text_tokens, device)
     options = V2SamplingOptions(num_steps=steps, state_dtype=torch.float32, paste_reference="none")
@@ -351,8 +356,8 @@ def sampler_agreement(ours, official, official_model, config, size, steps, text_
         "cond_type": cond_type,
         **errors,
         "finite": bool(torch.isfinite(packed).all() and torch.isfinite(mine).all()),
-        "tolerance": FP32_TOLERANCE,
-        "passed": errors["relative_error"] < FP32_TOLERANCE,
+        "tolerance": tolerance,
+        "passed": errors["relative_error"] < tolerance,
     }
 
 
@@ -462,22 +467,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours = MMDiT(config, dtype=first_dtype, device=device).eval()
     official_model = build_official(official, config, ours.state_dict())
     results = []
+    tolerance = FP32_TOLERANCE[mode]
     if first_dtype == torch.float32:
         if fp32_size is not None:
-            results.append(agreement(ours, official_model, config, fp32_size, text_tokens, torch.float32, device))
+            fp32 = agreement(ours, official_model, config, fp32_size, text_tokens, torch.float32, device, tolerance)
+            results.append(fp32)
         if compare_sampler:
             for size in runs.sampler:
                 for cond_type in args.cond_types:
-                    results.append(
-                        sampler_agreement(
-                            ours, official, official_model, config, size, runs.steps, text_tokens, cond_type, device
-                        )
-                    )
+                    case = (config, size, runs.steps, text_tokens, cond_type, device, tolerance)
+                    results.append(sampler_agreement(ours, official, official_model, *case))
         ours.to(dtype)
         official_model = build_official(official, config, ours.state_dict())  # share the cast tensors again
         release_memory(device)
     if runs.error is not None:
-        results.append(agreement(ours, official_model, config, runs.error, text_tokens, dtype, device))
+        results.append(agreement(ours, official_model, config, runs.error, text_tokens, dtype, device, tolerance))
     warmed: set[int] = set()
     for size in runs.forward:
         warmup = warmup_calls(args.warmup, size.batch, warmed)
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"official Open-Sora main {official.commit[:12]} from {OFFICIAL_DIR.name}/ (scripts/fetch_official.sh)",
             "same random weights as ours (seeded MMDiT, shared tensors); --attention applies to OUR model only",
             "x official here: this official run / the quoted official figure (does the setup reproduce the issue?)",
-            f"float32 agreement passes below relative error {FP32_TOLERANCE:g}",
+            f"float32 agreement passes below relative error {FP32_TOLERANCE[mode]:g}",
         ],
     }
     report(payload, args.out)
