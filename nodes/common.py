@@ -90,7 +90,69 @@ class Progress:
         self.bar.update_absolute(info["i"] + 1, self.total, preview)
 
 
-def load_for_sampling(model) -> tuple[torch.device, torch.dtype]:
-    """Put the DiT on its device through the memory manager; return (device, compute dtype)."""
-    comfy.model_management.load_models_gpu([model])
-    return model.load_device, model.model.manual_cast_dtype or model.model.get_dtype()
+# Peak activation bytes per token of one DiT forward, in units of (compute dtype size x hidden size H), with
+# M = H x mlp_ratio. Measured by tracking every tensor allocation of a forward on the meta device, attention
+# counted as the CUDA flash / memory-efficient kernels allocate (the output only, no L x L scores)
+# (benchmarks/bench_comfy_memory.py peak_activation_bytes; tests/test_benchmarks_memory.py keeps these formulas
+# between 1.0x and 1.3x of that measurement at the real model sizes):
+# - MMDiT (2.0): 25.1 H per token in bf16, 27.0 in float32 (mlp_ratio 4; 20.1 / 19.1 at mlp_ratio 2), the same
+#   for any image / text token count: the peak is inside one single-stream block (x, x_mod, q, k and their
+#   float32 norm / RoPE copies, the v + MLP projection [L, H + M] and its GELU, the concat fed to linear2).
+#   14 H + 4 M bounds both dtypes. The full 11B model at 256px 16:9 129 frames (8316 image + 512 text tokens)
+#   peaks at 1.27 GiB per batch row in bf16 (estimate 1.52), so the official 3-pass step needs ~3.8 GiB on top of
+#   the weights. Core's formula with OpenSoraV2ModelConfig.memory_usage_factor 1.8 gives 1.17 GiB per row (too
+#   low: 1.95 would match; it also ignores the 512 text tokens, which matter more for short videos).
+# - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
+#   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it;
+#   8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (104400 tokens) peaks at 3.2 GiB per row in
+#   bf16; core's formula with OpenSoraModelConfig.memory_usage_factor 2.0 gives 16.3 GiB (5x too high).
+# The memory_usage_factor values still drive core's samplers (KSampler, the Open-Sora Guider); these formulas
+# drive the pack's Sampler node.
+MMDIT_BYTES_PER_TOKEN = (14, 4)  # (x H, x M) in compute-dtype elements
+STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def activation_memory(
+    diffusion_model: torch.nn.Module, latent_shape, text_tokens: int = 0, dtype: torch.dtype | None = None
+) -> int:
+    """Peak activation bytes of one forward of an Open-Sora DiT on a latent batch [B, C, T, H, W] (B = every row
+    the forward sees, e.g. latent batch x guidance passes); text_tokens: T5 tokens in the joint sequence (2.0)."""
+    config = diffusion_model.config
+    batch, _channels, frames, height, width = (int(d) for d in latent_shape)
+    element = torch.empty((), dtype=dtype or torch.float32).element_size()
+    hidden = config.hidden_size
+    mlp = int(hidden * config.mlp_ratio)
+    if isinstance(config.patch_size, int):  # MMDiT: image tokens (latent padded to the patch) + text tokens
+        patch = config.patch_size
+        tokens = frames * _ceil_div(height, patch) * _ceil_div(width, patch) + text_tokens
+        per_token = MMDIT_BYTES_PER_TOKEN[0] * hidden + MMDIT_BYTES_PER_TOKEN[1] * mlp
+    else:  # STDiT3: (t, h, w) patches; the caption is only cross-attention keys
+        pt, ph, pw = config.patch_size
+        tokens = _ceil_div(frames, pt) * _ceil_div(height, ph) * _ceil_div(width, pw)
+        flat, base, wide = STDIT3_BYTES_PER_TOKEN
+        per_token = max(flat * hidden, base * hidden + wide * mlp)
+    return batch * tokens * per_token * element
+
+
+def load_for_sampling(
+    model, noise_shape=None, passes: int = 1, text_tokens: int = 0
+) -> tuple[torch.device, torch.dtype]:
+    """Put the DiT on its device through the memory manager; return (device, compute dtype).
+
+    With noise_shape [B, C, T, H, W], ComfyUI is told the activation memory of the largest forward the sampler
+    runs (B x passes rows: the guidance passes are batched), as core's sampling does with
+    BaseModel.memory_required, so partial loading leaves that much VRAM free instead of filling it with weights.
+    It is also the minimum: unlike core's calc_cond_batch, the samplers cannot split a batch when memory is short.
+    """
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    if noise_shape is None:
+        comfy.model_management.load_models_gpu([model])
+    else:
+        shape = (int(noise_shape[0]) * passes, *noise_shape[1:])
+        required = activation_memory(model.model.diffusion_model, shape, text_tokens, dtype)
+        comfy.model_management.load_models_gpu([model], memory_required=required, minimum_memory_required=required)
+    return model.load_device, dtype

@@ -204,7 +204,8 @@ class OpenSoraSampler:
             from .sampling_v2 import sample_v2_node
 
             return sample_v2_node(model, positive, negative, latent, seed, steps, cfg, **options)
-        device, dtype = load_for_sampling(model)
+        passes = 3 if latent.get("opensora_reference") is not None else 2  # cond, uncond (, image uncond) batched
+        device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
         z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
         rflow_options = v1_options(info, cfg, **options, num_steps=steps)
         generator = torch.Generator().manual_seed(seed + 1)

@@ -214,7 +214,9 @@ def sample_v2_node(
     text = text_v2(model, positive, negative)
     cond_type, reference, _ = reference_v2(model, latent)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
-    device, dtype = load_for_sampling(model)
+    passes = len(needed_passes(cond_type, float(cfg), float(image_cfg)))  # the rows one batched step runs
+    text_tokens = max(text["t5"].shape[1], text["neg_t5"].shape[1])
+    device, dtype = load_for_sampling(model, samples.shape, passes, text_tokens)
     options = options_v2(
         steps,
         cfg,
