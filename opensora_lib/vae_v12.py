@@ -218,12 +218,12 @@ class OpenSoraVAEv12(nn.Module):
                 mean = mean + std * _check_noise(draw, mean.shape)
             latents.append(mean)
         z = torch.cat(latents, dim=2) if len(latents) > 1 else latents[0]
-        return (z - self.shift.to(z.dtype)) / self.scale.to(z.dtype)
+        return (z - self.shift.to(z)) / self.scale.to(z)  # .to(z): dtype and device (partially loaded VAE)
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] in about [-1, 1]."""
         self._check_latent(z, num_frames)
-        z = z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+        z = z * self.scale.to(z) + self.shift.to(z)
         size, step, parts = self.micro_frame_size, self.micro_latent_frames, []
         remaining = num_frames
         for i in self._chunks(z.shape[2], step):

@@ -473,11 +473,6 @@ def test_vae_v13_partially_loaded_decode(measured):
     assert case["violations"] == [] and case["equal"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="opensora_lib/vae_v12.py scale / shift buffers are cast with .to(z.dtype) only: on a GPU with the VAE "
-    "partially loaded they stay on the CPU (device mismatch); needs .to(z)",
-)
 def test_vae_v12_partially_loaded_decode(measured):
     case = measured["vae_1.2"]
     assert case["cast_modules"] > 0 and case["error"] is None
