@@ -369,7 +369,7 @@ def environment(device: torch.device, dtype: torch.dtype, peak: float | None, ti
     }
 
 
-def _cell(value: Any, digits: int = 3) -> str:
+def cell(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -397,13 +397,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
     or a quoted figure; `target`: the issue's ratio target; `official (quoted)`: the figure from the issues."""
     columns = [
         ("name", lambda r: r["name"]),
-        ("seconds", lambda r: _cell(r.get("seconds"))),
-        ("s/step", lambda r: _cell(r.get("seconds_per_step"))),
-        ("peak GiB", lambda r: _cell(r.get("peak_memory_gib"))),
-        ("TFLOP/s", lambda r: _cell(r.get("tflops"))),
-        ("% peak", lambda r: _cell(100 * r["peak_fraction"]) if r.get("peak_fraction") else "-"),
+        ("seconds", lambda r: cell(r.get("seconds"))),
+        ("s/step", lambda r: cell(r.get("seconds_per_step"))),
+        ("peak GiB", lambda r: cell(r.get("peak_memory_gib"))),
+        ("TFLOP/s", lambda r: cell(r.get("tflops"))),
+        ("% peak", lambda r: cell(100 * r["peak_fraction"]) if r.get("peak_fraction") else "-"),
         ("passes", lambda r: f"{r['forward_passes']}/{r['official_forward_passes']}" if "forward_passes" in r else "-"),
-        ("rel err", lambda r: _cell(r.get("relative_error"))),
+        ("rel err", lambda r: cell(r.get("relative_error"))),
         ("x official", _ratio_cell),
         ("target", _target_cell),
         ("official (quoted)", lambda r: r.get("official_quoted") or "-"),
@@ -431,187 +431,3 @@ def report(payload: dict[str, Any], out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {out}")
-
-
-# ---------------------------------------------------------------- GPU session summary (gpu_session.sh)
-
-# JSON files of benchmarks/gpu_session.sh, by role.
-SESSION_FILES = {"ours_cudnn": "mmdit_cudnn.json", "ours_sdpa": "mmdit_sdpa.json", "official": "official_mmdit.json"}
-
-
-def _read_steps(path: Path | None) -> list[dict[str, Any]]:
-    """gpu_session.sh's step log: name, status, exit code, seconds, detail (tab-separated)."""
-    if path is None or not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        name, status, code, seconds, detail = (line.split("\t") + [""] * 5)[:5]
-        steps.append(
-            {"step": name, "status": status, "exit_code": code, "seconds": float(seconds or 0), "detail": detail}
-        )
-    return steps
-
-
-def _timed_rows(payload: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    rows = (payload or {}).get("results", [])
-    return {r["name"]: r for r in rows if r.get("kind") in ("forward", "sampler") and r.get("seconds")}
-
-
-def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ours (cudnn, sdpa) vs the official run of the same name measured in the session, else the quoted figure;
-    with issue #5's target where one is set (judged on the cudnn run when there is one)."""
-    from benchmarks.bench_mmdit import OFFICIAL_SECONDS, TARGETS
-
-    official = _timed_rows(payloads.get("official"))
-    ours = {key: _timed_rows(payloads.get(key)) for key in ("ours_cudnn", "ours_sdpa")}
-    names = list(dict.fromkeys([*ours["ours_cudnn"], *ours["ours_sdpa"], *official]))
-    rows = []
-    for name in names:
-        entry: dict[str, Any] = {"name": name}
-        if name in official:
-            entry.update(official_seconds=official[name]["seconds"], official_source="measured")
-            entry["official_passes"] = official[name].get("forward_passes")
-        elif name in OFFICIAL_SECONDS:
-            entry.update(official_seconds=OFFICIAL_SECONDS[name][0], official_source="quoted")
-        for key, found in ours.items():
-            row = found.get(name)
-            if row is None:
-                continue
-            entry[f"{key}_seconds"] = row["seconds"]
-            entry[f"{key}_peak_gib"] = row.get("peak_memory_gib")
-            entry[f"{key}_passes"] = row.get("forward_passes")
-            if entry.get("official_seconds"):
-                entry[f"{key}_ratio"] = row["seconds"] / entry["official_seconds"]
-        judged = entry.get("ours_cudnn_ratio", entry.get("ours_sdpa_ratio"))
-        if name in TARGETS and judged is not None:
-            entry.update(target_ratio=TARGETS[name], meets_target=judged < TARGETS[name])
-        rows.append(entry)
-    return rows
-
-
-def _compact(payload: dict[str, Any], width: int = 160) -> list[str]:
-    """One line per top-level field: scalars as they are, a dict as its scalar entries, a list as its length."""
-    lines = []
-    for key, value in payload.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k}={_cell(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
-            text = inner or f"{{{len(value)} fields}}"
-        elif isinstance(value, list):
-            text = f"[{len(value)} items]"
-        else:
-            text = _cell(value)
-        line = f"  {key}: {text}"
-        lines.append(line if len(line) <= width else line[: width - 3] + "...")
-    return lines
-
-
-def _other_rows(payload: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for r in payload.get("results", []) if isinstance(payload.get("results"), list) else []:
-        if isinstance(r, dict):
-            rows.append([str(r.get("name", "?")), _cell(r.get("seconds")), _cell(r.get("peak_memory_gib"))])
-    return rows
-
-
-def session_summary(directory: Path, steps_file: Path | None = None, mode: str = "full") -> dict[str, Any]:
-    """Print the session's summary tables and write directory/summary.json."""
-    steps = _read_steps(steps_file)
-    payloads = {}
-    for key, name in SESSION_FILES.items():
-        if (directory / name).is_file():
-            payloads[key] = json.loads((directory / name).read_text())
-    comparison = session_comparison(payloads)
-    agreement = [r for r in payloads.get("official", {}).get("results", []) if r.get("kind") == "agreement"]
-    others = {}
-    for path in sorted(directory.glob("*.json")):
-        if path.name not in SESSION_FILES.values() and path.name != "summary.json":
-            try:
-                others[path.name] = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                others[path.name] = {"error": f"unreadable JSON: {e}"}
-
-    print(f"\n==== GPU session summary ({mode}) ====")
-    envs = {key: p.get("environment", {}) for key, p in payloads.items()}
-    for key, env in envs.items():
-        extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
-        backend = env.get("attention_backend")
-        if env.get("attention_requested") not in (None, backend):
-            backend = f"{env['attention_requested']} (ran {backend}: not available here)"
-        print(f"{key}: {env.get('device_name')} torch {env.get('torch')} attention {backend} {extra}")
-    print(
-        text_table(
-            ["step", "status", "exit", "seconds", "detail"],
-            [[s["step"], s["status"], s["exit_code"], f"{s['seconds']:.0f}", s["detail"]] for s in steps],
-        )
-    )
-    print("\nours / official (official measured in this session where it says so, else quoted):")
-
-    def ratio(entry, key):
-        if f"{key}_seconds" not in entry:
-            return "-"
-        text = f"{entry[f'{key}_seconds']:.3g} s"
-        if entry.get(f"{key}_passes") is not None:
-            text += f" {entry[f'{key}_passes']}p"
-        return text + (f" = {entry[f'{key}_ratio']:.3f}x" if f"{key}_ratio" in entry else "")
-
-    print(
-        text_table(
-            ["run", "ours cudnn", "ours sdpa", "official", "target"],
-            [
-                [
-                    e["name"],
-                    ratio(e, "ours_cudnn"),
-                    ratio(e, "ours_sdpa"),
-                    f"{e['official_seconds']:.3g} s ({e['official_source']})" if "official_seconds" in e else "-",
-                    f"< {e['target_ratio']:g}: {'met' if e['meets_target'] else 'NOT met'}"
-                    if "target_ratio" in e
-                    else "-",
-                ]
-                for e in comparison
-            ],
-        )
-    )
-    if agreement:
-        print("\nours vs official, same weights and inputs:")
-        print(
-            text_table(
-                ["check", "rel err", "max abs", "passed"],
-                [
-                    [a["name"], _cell(a["relative_error"]), _cell(a["max_abs_error"]), str(a.get("passed", "-"))]
-                    for a in agreement
-                ],
-            )
-        )
-    for name, payload in others.items():
-        rows = _other_rows(payload) if isinstance(payload, dict) else []
-        print(f"\n{name}:")
-        if rows:
-            print(text_table(["name", "seconds", "peak GiB"], rows))
-        else:
-            print("\n".join(_compact(payload)) if isinstance(payload, dict) else str(payload)[:2000])
-    summary = {
-        "mode": mode,
-        "steps": steps,
-        "environments": envs,
-        "comparison": comparison,
-        "agreement": agreement,
-        "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
-        "other_files": sorted(others),
-    }
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {directory / 'summary.json'}")
-    return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Summarise a benchmarks/gpu_session.sh output folder.")
-    parser.add_argument("command", choices=["summary"])
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("--steps", type=Path, default=None, help="the session's step log (tab-separated)")
-    parser.add_argument("--mode", default="full")
-    args = parser.parse_args(argv)
-    session_summary(args.directory, args.steps, args.mode)
-
-
-if __name__ == "__main__":
-    main()

@@ -138,7 +138,7 @@ else
 fi
 step vae 120 "$PY" benchmarks/bench_vae.py "${COMMON[@]}" --out "$DIR/vae.json"
 
-"$PY" -m benchmarks.common summary "$DIR" --steps "$STEPS" --mode "$MODE"
+"$PY" -m benchmarks.session_summary "$DIR" --steps "$STEPS" --mode "$MODE"
 echo "== gpu_session done in $(($(date +%s) - START))s"
 rm -f "$STEPS"
 exec >&- 2>&-

@@ -53,7 +53,7 @@ class OpenSoraLoadDiT:
                     list(attention_lib.BACKENDS),
                     {
                         "default": "sdpa",
-                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; flash_attn / sageattention only when installed.",
+                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; cudnn: PyTorch SDPA with the cuDNN kernel first (NVIDIA bf16/fp16, else sdpa; reported faster for the long 2.0 sequences on Hopper GPUs); flash_attn / sageattention only when installed.",
                     },
                 ),
             }

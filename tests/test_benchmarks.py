@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_mmdit, bench_stdit3, bench_vae, official_mmdit
-from benchmarks.common import compare_with_official, parse_video, session_comparison, warmup_calls
+from benchmarks.common import compare_with_official, parse_video, warmup_calls
+from benchmarks.session_summary import session_comparison
 from opensora_lib import attention
 from opensora_lib.mmdit_layers import RMSNorm, rotary_tables
 
