@@ -167,6 +167,11 @@ def bench_forward(model, config, size, text_tokens, args, device, dtype, peak, w
     inputs = forward_inputs(config, size, text_tokens, dtype, device)
     image_tokens = inputs["img"].shape[1]
     timing, out = measure(lambda: model(**inputs), device, args.repeats, warmup, args.max_seconds)
+    return forward_row(config, size, image_tokens, text_tokens, timing, out, peak)
+
+
+def forward_row(config, size, image_tokens: int, text_tokens: int, timing, out, peak) -> dict:
+    """One forward's result row (ours and the official one are reported alike)."""
     name = f"forward {size.name}"
     return {
         "name": name,

@@ -49,6 +49,7 @@ from benchmarks.bench_mmdit import (
     OFFICIAL_SECONDS,
     VERSION,
     forward_inputs,
+    forward_row,
     latent_geometry,
     mmdit_flops,
     model_config,
@@ -370,18 +371,7 @@ def bench_official_forward(model, config, size, text_tokens, args, device, dtype
             return model(**inputs)
 
     timing, out = measure(run, device, args.repeats, warmup, args.max_seconds)
-    name = f"forward {size.name}"
-    return {
-        "name": name,
-        "kind": "forward",
-        **dataclasses.asdict(size),
-        "image_tokens": image_tokens,
-        "text_tokens": text_tokens,
-        **dataclasses.asdict(timing),
-        **throughput(mmdit_flops(config, size.batch, image_tokens, text_tokens), timing.seconds, peak),
-        "finite": bool(torch.isfinite(out).all()),
-        "official_quoted": OFFICIAL.get(name),
-    }
+    return forward_row(config, size, image_tokens, text_tokens, timing, out, peak)
 
 
 def bench_official_sampler(official, model, config, size, steps, text_tokens, cond_type, device, dtype, peak) -> dict:
