@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.sample
 import torch
 
 from ..opensora_lib import rflow
 from ..opensora_lib.schedules import rflow_timesteps
-from ..opensora_lib.stdit3 import STDiT3
 from .common import CATEGORY, Progress, load_for_sampling
 from .latent import latent_label, video_info
 from .previews import previewer_for
+
+# The key under which core's TorchCompileModel (comfy_api.torch_helpers.set_torch_compile_wrapper) registers its
+# APPLY_MODEL wrapper, which swaps the compiled module(s) into the BaseModel around each call.
+try:
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+except ImportError:  # a host without the helper has no TorchCompileModel either
+    COMPILE_KEY = "torch.compile"
 
 
 def model_version(model) -> str:
@@ -69,10 +79,47 @@ def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning |
     return rflow.ReferenceConditioning(placed, list(index))
 
 
-def dit_caller(model):
-    """The raw official-signature STDiT3 forward, fed in the model's compute dtype."""
-    dm = model.model.diffusion_model
+def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
+    """A function calling `model.model.diffusion_model(*args, **kwargs)` as core's BaseModel.apply_model reaches it,
+    so that core's MODEL patches apply to the Sampler node:
+
+    - object patches (e.g. "diffusion_model" replaced by a wrapper module) are in place once the patcher is loaded;
+      the module is looked up at every call, never held;
+    - TorchCompileModel's APPLY_MODEL wrapper (key "torch.compile") runs around every call and swaps the compiled
+      module in, as it does around apply_model;
+    - the forward gets the MODEL's transformer_options with its wrappers merged in, as core's prepare_model_patcher
+      builds them.
+
+    Other APPLY_MODEL wrappers are not run: they are written for apply_model's contract (sigma in, denoised out,
+    core's argument order), which the reference samplers do not use (their exact timesteps and velocities are not
+    reachable through it bit for bit). Sampler-level hooks (model_function_wrapper, cfg functions, PREDICT_NOISE /
+    SAMPLER_SAMPLE / OUTER_SAMPLE wrappers) belong to core's samplers: use the Guider with SamplerCustomAdvanced.
+    """
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    transformer_options = options.setdefault("transformer_options", {})
+    comfy.patcher_extension.merge_nested_dicts(
+        transformer_options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False
+    )
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    wrappers = comfy.patcher_extension.get_wrappers_with_key(apply_model, COMPILE_KEY, transformer_options)
+    base = model.model
+
+    def forward(*args, **kwargs):
+        return base.diffusion_model(*args, transformer_options=transformer_options, **kwargs)
+
+    def run(*args, **kwargs):
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(forward, base, wrappers)
+        return executor.execute(*args, **kwargs)
+
+    return run
+
+
+def dit_caller(model) -> Callable[..., torch.Tensor]:
+    """sample_rflow's model: the official STDiT3 signature in, the official prediction out, fed in the model's compute
+    dtype. It calls ComfySTDiT3's latent interface (what core calls, and what object patches and torch.compile wrap)
+    through diffusion_model_runner; the renames (y -> context, mask -> attention_mask) and the sign are exact."""
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    run = diffusion_model_runner(model)
 
     def call(x, timestep, **kwargs):
         cast = {
@@ -83,7 +130,9 @@ def dit_caller(model):
             )
             for k, v in kwargs.items()
         }
-        return STDiT3.forward(dm, x.to(dtype), timestep, **cast)
+        context, mask = cast.pop("y"), cast.pop("mask", None)
+        # ComfySTDiT3 returns -prediction[:, :C] (core's CONST sign); negating it back is exact
+        return -run(x.to(dtype), timestep, context=context, attention_mask=mask, **cast)
 
     return call
 

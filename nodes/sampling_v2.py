@@ -26,6 +26,7 @@ the prompt). The CLIP-L pooled vector is the same kind (unprojected EOS state, 7
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import comfy.model_management
 import comfy.sample
@@ -33,20 +34,22 @@ import comfy.samplers
 import torch
 
 from ..opensora_lib import sizes
-from ..opensora_lib.mmdit import MMDiT
 from ..opensora_lib.sampling_v2 import (
     COND_TYPES,
     V2SamplingOptions,
     guided_velocity,
     needed_passes,
+    pack,
     prepare_condition,
     sample_v2,
     step_scales,
+    unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, load_for_sampling
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
+from .sampling import diffusion_model_runner
 
 log = logging.getLogger("OpenSora")
 
@@ -184,12 +187,19 @@ def options_v2(
 # ---------------------------------------------------------------------------------------------- Sampler node
 
 
-def mmdit_caller(model):
-    """The raw official-signature MMDiT forward (packed tokens), past ComfyMMDiT's latent wrapper."""
-    dm = model.model.diffusion_model
+def mmdit_caller(model, latent_shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+    """sample_v2's model: MMDiT.forward's keyword signature (packed tokens) in and out, for latents of latent_shape
+    [B, C, T, H, W]. It calls ComfyMMDiT's latent interface (what core calls, and what object patches and
+    torch.compile wrap) through diffusion_model_runner: the tokens are unpacked to the latent it packs again (pure
+    rearranges, exact), and it builds the same img_ids / txt_ids from the shapes as sample_v2 does."""
+    frames, height, width = (int(size) for size in latent_shape[2:])
+    patch = model.model.diffusion_model.config.patch_size
+    run = diffusion_model_runner(model)
 
-    def call(**kwargs):
-        return MMDiT.forward(dm, **kwargs)
+    def call(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None, guidance=None):
+        x = unpack(img, frames, height, width, patch)
+        cond = None if cond is None else unpack(cond, frames, height, width, patch)
+        return pack(run(x, timesteps, context=txt, y_vec=y_vec, cond=cond, guidance=guidance), patch)
 
     return call
 
@@ -229,7 +239,7 @@ def sample_v2_node(
         dtype,
     )
     out = sample_v2(
-        mmdit_caller(model),
+        mmdit_caller(model, samples.shape),
         noise.to(device, torch.float32),
         {k: v.to(device) for k, v in text.items()},
         options,
