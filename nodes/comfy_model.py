@@ -19,6 +19,7 @@ import comfy.supported_models_base
 import torch
 
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config
+from .common import activation_memory
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -58,7 +59,8 @@ class OpenSoraModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
     sampling_settings = {"multiplier": 1000.0, "shift": 1.0}
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
-    memory_usage_factor = 2.0
+    # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
+    # OpenSoraModel replaces (core's area x factor 2.0 was ~5x too high for STDiT3).
 
     def __init__(self, unet_config: dict, latent_format):
         self.latent_format = latent_format
@@ -74,6 +76,12 @@ class OpenSoraModel(comfy.model_base.BaseModel):
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfySTDiT3)
         self.opensora_version = model_config.unet_config["version"]
+
+    def memory_required(self, input_shape, cond_shapes=None) -> int:
+        """Activation bytes of one forward on a latent batch [B, C, T, H, W], for core's prepare_sampling (KSampler,
+        SamplerCustomAdvanced) and calc_cond_batch, which batches conds only while 1.5x this fits; the same
+        nodes.common.activation_memory the pack's Sampler node passes. The caption is cross-attention only."""
+        return activation_memory(self.diffusion_model, input_shape, 0, compute_dtype(self))
 
     def extra_conds(self, **kwargs):
         import comfy.conds
@@ -92,6 +100,11 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         if mask_index is not None:
             out["mask_index"] = comfy.conds.CONDConstant(tuple(mask_index))
         return out
+
+
+def compute_dtype(model: comfy.model_base.BaseModel) -> torch.dtype:
+    """The dtype the DiT computes in (core's memory_required uses the same: manual cast, else the weights')."""
+    return model.manual_cast_dtype or model.get_dtype()
 
 
 def build_patcher(model_config_class, unet_config: dict, sd: dict, weight_dtype: torch.dtype | None, what: str, *args):

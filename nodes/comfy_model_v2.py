@@ -26,9 +26,11 @@ import torch
 
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
-from .comfy_model import build_patcher
+from .comfy_model import build_patcher, compute_dtype
+from .common import activation_memory
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
+OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
 
 
 class ComfyMMDiT(MMDiT):
@@ -111,7 +113,11 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
     sampling_settings = {"multiplier": 1.0, "shift": 1.0}  # MMDiT embeds 1000 * t itself
     latent_format = comfy.latent_formats.HunyuanVideo
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
-    memory_usage_factor = 1.8  # same latent, patching and token count as core's HunyuanVideo
+    # Read by nothing in core once OpenSoraV2Model.memory_required replaces core's formula (0.3.75 and 0.33.0 read
+    # it only there). Kept at the old values only because tests/test_dcae_nodes.py asserts them and
+    # benchmarks/bench_comfy_memory.py reports the old core formula with them. As a per-latent-element factor the
+    # estimate is ~2.3 at 256px 129 frames (it is per token, text included, so no single factor fits).
+    memory_usage_factor = 1.8
 
     def get_model(self, state_dict=None, prefix="", device=None):
         return OpenSoraV2Model(self, device=device)
@@ -119,8 +125,7 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
 
 class OpenSoraV2DCAEModelConfig(OpenSoraV2ModelConfig):
     latent_format = OpenSoraDCAELatent
-    # Per latent element: patch 1 makes one token per latent pixel, 4x the tokens of a HunyuanVideo latent pixel.
-    memory_usage_factor = 4 * OpenSoraV2ModelConfig.memory_usage_factor
+    memory_usage_factor = 4 * OpenSoraV2ModelConfig.memory_usage_factor  # unused, see above
 
 
 class OpenSoraV2Model(comfy.model_base.BaseModel):
@@ -130,6 +135,16 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyMMDiT)
         self.opensora_version = "2.0"
         self.opensora_autoencoder = autoencoder_of(model_config.unet_config["config"])
+
+    def memory_required(self, input_shape, cond_shapes=None) -> int:
+        """Activation bytes of one forward on a latent batch [B, C, T, H, W] (see OpenSoraModel.memory_required),
+        image tokens (patch 2, or 1 for the DC-AE variant) plus the T5 tokens of the conditioning."""
+        return activation_memory(self.diffusion_model, input_shape, text_tokens(cond_shapes), compute_dtype(self))
+
+    def extra_conds_shapes(self, **kwargs):
+        """The T5 states' shape for core's estimate_memory (prepare_sampling), which passes these as cond_shapes."""
+        cross = kwargs.get("cross_attn")
+        return {} if cross is None else {"c_crossattn": list(cross.shape)}
 
     def extra_conds(self, **kwargs):
         out = {}
@@ -148,6 +163,15 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         if guidance is not None and self.diffusion_model.config.guidance_embed:
             out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([guidance]))
         return out
+
+
+def text_tokens(cond_shapes: dict | None) -> int:
+    """T5 tokens per row from core's cond_shapes: the "c_crossattn" shapes [B, L, D] ([B, 1, L, D] for an encoder
+    with the 1.x layout). calc_cond_batch lists the batched conds' shapes and prepare_sampling those of
+    extra_conds_shapes; without any (e.g. a DynamicVRAM patcher asks with the shape alone), the official 512."""
+    shapes = (cond_shapes or {}).get("c_crossattn") or []
+    lengths = [int(shape[-2]) for shape in shapes if len(shape) >= 3]
+    return max(lengths) if lengths else OFFICIAL_TEXT_TOKENS
 
 
 def mmdit_config(config_values: dict) -> MMDiTConfig:

@@ -100,14 +100,17 @@ class Progress:
 #   float32 norm / RoPE copies, the v + MLP projection [L, H + M] and its GELU, the concat fed to linear2).
 #   14 H + 4 M bounds both dtypes. The full 11B model at 256px 16:9 129 frames (8316 image + 512 text tokens)
 #   peaks at 1.27 GiB per batch row in bf16 (estimate 1.52), so the official 3-pass step needs ~3.8 GiB on top of
-#   the weights. Core's formula with OpenSoraV2ModelConfig.memory_usage_factor 1.8 gives 1.17 GiB per row (too
+#   the weights. Core's formula with OpenSoraV2ModelConfig.memory_usage_factor 1.8 gave 1.17 GiB per row (too
 #   low: 1.95 would match; it also ignores the 512 text tokens, which matter more for short videos).
 # - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
 #   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it;
 #   8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (104400 tokens) peaks at 3.2 GiB per row in
-#   bf16; core's formula with OpenSoraModelConfig.memory_usage_factor 2.0 gives 16.3 GiB (5x too high).
-# The memory_usage_factor values still drive core's samplers (KSampler, the Open-Sora Guider); these formulas
-# drive the pack's Sampler node.
+#   bf16; core's formula with OpenSoraModelConfig.memory_usage_factor 2.0 gave 16.3 GiB (5x too high).
+# These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
+# overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
+# The measurements above count a reshape's copy twice (clone + aten._unsafe_view; the tracker's historical default):
+# counted once, the MMDiT peaks at 1.01 GiB per row at 256px (so 14 H + 4 M is ~1.5x, on the safe side); STDiT3 is
+# unchanged. Recalibrating needs tests/test_benchmarks_memory.py and test_partial_loading.py changed with it.
 MMDIT_BYTES_PER_TOKEN = (14, 4)  # (x H, x M) in compute-dtype elements
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 
