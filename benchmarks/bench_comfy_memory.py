@@ -23,15 +23,16 @@ The newest ComfyUI's DynamicVRAM (comfy-aimdo) starts only from main.py, so this
 estimate-based partial loading on any host version (pinned 0.3.75 by default; $COMFYUI_DIR for another).
 
 Expected on a 24 GiB budget (ComfyUI 0.3.75's own planning code run on a meta-device copy of the model, see
-tests/test_partial_loading.py): ComfyUI keeps ~20.0 GiB of the weights resident and streams ~2.1 GiB per forward;
-peak ~23.1 GiB with a 0.5 GiB CUDA context (weights + 2.53 GiB of activations for the batch-2 step + offload
-buffer), so PASS with ~0.9 GiB to spare for cuBLAS workspaces and fragmentation. With --estimate none (the old
-call without the activation estimate) every weight stays resident and the step needs ~25.2 GiB: FAIL (OOM).
+tests/test_partial_loading.py): the pack asks for 2.32 GiB of activations (11 H + 3 M per token, batch 2), so
+ComfyUI keeps ~20.7 GiB of the weights resident and streams ~1.4 GiB per forward; peak ~23.3 GiB with a 0.5 GiB
+CUDA context (weights + 2.02 GiB of tracked activations for the batch-2 step + offload buffer), so PASS with
+~0.7 GiB to spare for cuBLAS workspaces, context growth and fragmentation. With --estimate none (the old call
+without the activation estimate) every weight stays resident and the step needs ~24.7 GiB: FAIL (OOM).
 
 Expected time on one H200 (estimated, not yet measured): ComfyUI import ~5 s; random weights generated on the GPU
 and copied to host memory ~5 s (23.8 GB); partial load ~2 s (~20 GiB host->device); a 256px 129-frame forward is
-~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~2.1 GiB of streamed
-weights per forward (~0.05 s at ~50 GB/s). Default 10 steps (all batch 2): ~9 s sampling, ~25-35 s in all (seconds
+~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~1.4 GiB of streamed
+weights per forward (~0.03 s at ~50 GB/s). Default 10 steps (all batch 2): ~9 s sampling, ~25-35 s in all (seconds
 per step ~0.85). A whole 50-step run (30 batch-2 + 20 batch-1 steps with oscillation): ~35 s sampling, ~55 s in all.
 
     python benchmarks/bench_comfy_memory.py --out $OUT/comfy_memory.json            # GPU, 24 GiB, 10 steps
@@ -71,6 +72,9 @@ from opensora_lib.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 
 GIB = 2**30
 COMFY_DEFAULT_RESERVE_GIB = 0.4  # comfy.model_management.EXTRA_RESERVED_VRAM on Linux, replaced by --reserve-vram
+# The factor core's BaseModel.memory_required formula used for 2.0 before OpenSoraV2Model overrode it (reported
+# for comparison only; the model configs' memory_usage_factor attributes are read by nothing now).
+OLD_CORE_MEMORY_USAGE_FACTOR = 1.8
 SHIPPED = {"cfg": 7.5, "image_cfg": 3.0, "oscillation": True, "image_oscillation": True, "scale_image_weight": True}
 # (num_frames, height, width, text tokens) of the measured generation: 256px 16:9 129 frames; tiny: 9 x 64 x 96
 SIZES = {"full": (129, 192, 336, 512), "tiny": (9, 64, 96, 7)}
@@ -94,42 +98,40 @@ def mmdit_config(tiny: bool) -> MMDiTConfig:
 
 
 class AllocationTracker(TorchDispatchMode):
-    """Live and peak bytes of every storage allocated while active (views and in-place results allocate none);
-    a storage counts until it is freed, which weakref.finalize on the storage object observes.
+    """Live and peak bytes of every storage allocated while active, each storage counted once until it is freed
+    (weakref.finalize on the storage object observes that). Views and in-place results allocate nothing, and
+    neither does an op that hands back a storage it did not declare as an alias in its schema: aten._unsafe_view,
+    the second half of a reshape that had to copy, returns the storage of the clone before it."""
 
-    count_storage_once: an op that returns an input's storage without declaring the alias in its schema
-    (aten._unsafe_view, the second half of a reshape that had to copy) allocates nothing; False counts that
-    storage twice, as the tracker always did: nodes/common.py's DiT constants and their tests were calibrated
-    that way (the full-size MMDiT at 256px: 1.27 GiB counted twice, 1.01 GiB once; STDiT3 is unaffected)."""
-
-    def __init__(self, count_storage_once: bool = False):
+    def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self.count_storage_once = count_storage_once
+        self.counted: set[int] = set()  # the live storages counted, by StorageImpl address
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
+        self.counted.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        inputs = set()
-        if self.count_storage_once:
-            flat = tree_flatten((args, kwargs))[0]
-            inputs = {t.untyped_storage()._cdata for t in flat if isinstance(t, torch.Tensor)}
+        flat_inputs = tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage()._cdata for t in flat_inputs if isinstance(t, torch.Tensor)}
         for index, tensor in enumerate(tree_flatten(out)[0]):
             if not isinstance(tensor, torch.Tensor):
                 continue
             if index < len(returns) and returns[index].alias_info is not None:
                 continue  # a view of, or written into, an input
             storage = tensor.untyped_storage()
-            if storage._cdata in inputs:
-                continue  # an undeclared alias of an input (count_storage_once)
+            key = storage._cdata
+            if key in inputs or key in self.counted:
+                continue  # an undeclared alias: an input's storage, or one already counted
             nbytes = storage.nbytes()
             if nbytes:
+                self.counted.add(key)
                 self.live += nbytes
-                weakref.finalize(storage, self._release, nbytes)
+                weakref.finalize(storage, self._release, key, nbytes)
                 self.peak = max(self.peak, self.live)
         return out
 
@@ -146,10 +148,9 @@ class FlashAttentionStub(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def peak_activation_bytes(run: Callable[[], Any], count_storage_once: bool = False) -> int:
-    """Peak bytes allocated by run() above what existed before (its result is dropped inside); count_storage_once:
-    see AllocationTracker."""
-    tracker = AllocationTracker(count_storage_once)
+def peak_activation_bytes(run: Callable[[], Any]) -> int:
+    """Peak bytes allocated by run() above what existed before (its result is dropped inside), see AllocationTracker."""
+    tracker = AllocationTracker()
     with torch.no_grad(), FlashAttentionStub(), tracker:
         result = run()
         del result
@@ -164,7 +165,6 @@ def mmdit_forward_peak(
     width: int,
     text_tokens: int,
     dtype: torch.dtype,
-    count_storage_once: bool = False,
 ) -> int:
     """Activation peak of one MMDiT forward on a latent [batch, C, frames, height, width] (meta device)."""
     model = MMDiT(config, dtype=dtype, device="meta")
@@ -183,7 +183,7 @@ def mmdit_forward_peak(
         "y_vec": empty(batch, config.vec_in_dim),
         "cond": empty(batch, tokens, config.in_channels + patch**2),
     }
-    return peak_activation_bytes(lambda: model(**inputs), count_storage_once)
+    return peak_activation_bytes(lambda: model(**inputs))
 
 
 def stdit3_forward_peak(
@@ -193,7 +193,6 @@ def stdit3_forward_peak(
     height: int,
     width: int,
     dtype: torch.dtype,
-    count_storage_once: bool = False,
 ) -> int:
     """Activation peak of one STDiT3 forward on a latent [batch, C, frames, height, width] (meta device; every
     caption token valid, so no key mask)."""
@@ -202,7 +201,7 @@ def stdit3_forward_peak(
     y = torch.empty(batch, 1, config.model_max_length, config.caption_channels, device="meta", dtype=dtype)
     timestep = torch.empty(batch, device="meta")
     pixels = {"fps": 24.0, "height": height * 8.0, "width": width * 8.0}
-    return peak_activation_bytes(lambda: model(x, timestep, y, mask=None, **pixels), count_storage_once)
+    return peak_activation_bytes(lambda: model(x, timestep, y, mask=None, **pixels))
 
 
 def core_formula_bytes(latent_shape, dtype: torch.dtype, memory_usage_factor: float) -> float:
@@ -423,7 +422,7 @@ def run(args: argparse.Namespace) -> dict:
     comfy_dir = import_pack(device, reserve_gib)
     import comfy.model_management
     from opensora_pack.nodes import sampling_v2
-    from opensora_pack.nodes.comfy_model_v2 import OpenSoraV2ModelConfig, build_mmdit_patcher
+    from opensora_pack.nodes.comfy_model_v2 import build_mmdit_patcher
     from opensora_pack.nodes.common import activation_memory
     from opensora_pack.nodes.sampling_v2 import sample_v2_node
     from opensora_pack.opensora_lib.detection import ModelInfo
@@ -436,7 +435,7 @@ def run(args: argparse.Namespace) -> dict:
         size,
         compute_dtype,
         lambda shape, tokens: activation_memory(MMDiT(config, device="meta"), shape, tokens, compute_dtype),
-        OpenSoraV2ModelConfig.memory_usage_factor,
+        OLD_CORE_MEMORY_USAGE_FACTOR,
     )
 
     started = time.perf_counter()
