@@ -15,6 +15,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import torch
 
@@ -47,12 +48,29 @@ class ComfySTDiT3(STDiT3):
         self.dtype = dtype  # BaseModel.get_dtype() reads it
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
+        """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
+        none registered the executor calls _forward directly. transformer_options goes last positionally because
+        core's wrappers read it from args[-1]."""
+        return run_diffusion_model_wrappers(self, x, timesteps, context, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         mask = kwargs.pop("attention_mask", None)
         out = STDiT3.forward(
             self, x, timesteps, context.unsqueeze(1) if context.ndim == 3 else context, mask=mask, **kwargs
         )
         channels = x.shape[1]
         return -out[:, :channels]  # 1.x predicts x0 - noise; core's CONST expects noise - x0
+
+
+def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """module._forward(*args, **kwargs) inside the DIFFUSION_MODEL wrappers of transformer_options (args[-1]),
+    the way core's comfy/ldm models split forward -> WrapperExecutor -> _forward."""
+    transformer_options = args[-1] if args[-1] is not None else {}
+    wrappers = comfy.patcher_extension.get_all_wrappers(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
+    )
+    executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(module._forward, module, wrappers)
+    return executor.execute(*args[:-1], transformer_options, **kwargs)
 
 
 class OpenSoraModelConfig(comfy.supported_models_base.BASE):

@@ -26,7 +26,7 @@ import torch
 
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
-from .comfy_model import build_patcher, compute_dtype
+from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
 from .common import activation_memory
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
@@ -57,6 +57,25 @@ class ComfyMMDiT(MMDiT):
         control=None,
         transformer_options=None,
         guidance=None,
+        **kwargs,
+    ):
+        """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
+        none registered the executor calls _forward directly. transformer_options goes last positionally because
+        core's wrappers read it from args[-1]."""
+        return run_diffusion_model_wrappers(
+            self, x, timesteps, context, y_vec, cond, guidance, control, transformer_options, **kwargs
+        )
+
+    def _forward(
+        self,
+        x,
+        timesteps,
+        context=None,
+        y_vec=None,
+        cond=None,
+        guidance=None,
+        control=None,
+        transformer_options=None,
         **kwargs,
     ):
         config = self.config

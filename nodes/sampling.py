@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import comfy.model_management
@@ -22,6 +23,8 @@ try:
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 except ImportError:  # a host without the helper has no TorchCompileModel either
     COMPILE_KEY = "torch.compile"
+
+log = logging.getLogger("OpenSora")
 
 
 def model_version(model) -> str:
@@ -79,6 +82,25 @@ def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning |
     return rflow.ReferenceConditioning(placed, list(index))
 
 
+def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:
+    """Drop the DIFFUSION_MODEL wrappers from the Sampler node's transformer_options (a clone) and warn once.
+
+    ComfySTDiT3 / ComfyMMDiT run them, but wrappers such as EasyCache rely on state that core's samplers put into
+    transformer_options (its OUTER_SAMPLE wrapper's holder, calc_cond_batch's "sigmas" and "uuids"), which the
+    reference samplers do not provide: they would crash or cache across the wrong passes. Without them the output
+    is the one without the wrapper. Returns the dropped wrappers' keys."""
+    wrappers = transformer_options.get("wrappers", {}).pop(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    names = [str(key) for key, functions in wrappers.items() if functions]
+    if names:
+        log.warning(
+            "OpenSora: the Open-Sora Sampler node ignores this MODEL's diffusion-model wrappers (%s): they need core's "
+            "sampler context. To use them, sample with the Open-Sora Guider + Open-Sora Sigmas in core's "
+            "SamplerCustomAdvanced (or with KSampler).",
+            ", ".join(names),
+        )
+    return names
+
+
 def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     """A function calling `model.model.diffusion_model(*args, **kwargs)` as core's BaseModel.apply_model reaches it,
     so that core's MODEL patches apply to the Sampler node:
@@ -94,12 +116,14 @@ def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     core's argument order), which the reference samplers do not use (their exact timesteps and velocities are not
     reachable through it bit for bit). Sampler-level hooks (model_function_wrapper, cfg functions, PREDICT_NOISE /
     SAMPLER_SAMPLE / OUTER_SAMPLE wrappers) belong to core's samplers: use the Guider with SamplerCustomAdvanced.
+    DIFFUSION_MODEL wrappers are removed (see without_diffusion_model_wrappers).
     """
     options = comfy.model_patcher.create_model_options_clone(model.model_options)
     transformer_options = options.setdefault("transformer_options", {})
     comfy.patcher_extension.merge_nested_dicts(
         transformer_options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False
     )
+    without_diffusion_model_wrappers(transformer_options)
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     wrappers = comfy.patcher_extension.get_wrappers_with_key(apply_model, COMPILE_KEY, transformer_options)
     base = model.model
