@@ -132,11 +132,8 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
     sampling_settings = {"multiplier": 1.0, "shift": 1.0}  # MMDiT embeds 1000 * t itself
     latent_format = comfy.latent_formats.HunyuanVideo
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
-    # Read by nothing in core once OpenSoraV2Model.memory_required replaces core's formula (0.3.75 and 0.33.0 read
-    # it only there). Kept at the old values only because tests/test_dcae_nodes.py asserts them and
-    # benchmarks/bench_comfy_memory.py reports the old core formula with them. As a per-latent-element factor the
-    # estimate is ~2.3 at 256px 129 frames (it is per token, text included, so no single factor fits).
-    memory_usage_factor = 1.8
+    # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
+    # OpenSoraV2Model replaces with the per-token estimate (nodes/common.activation_memory).
 
     def get_model(self, state_dict=None, prefix="", device=None):
         return OpenSoraV2Model(self, device=device)
@@ -144,7 +141,6 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
 
 class OpenSoraV2DCAEModelConfig(OpenSoraV2ModelConfig):
     latent_format = OpenSoraDCAELatent
-    memory_usage_factor = 4 * OpenSoraV2ModelConfig.memory_usage_factor  # unused, see above
 
 
 class OpenSoraV2Model(comfy.model_base.BaseModel):

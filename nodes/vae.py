@@ -121,7 +121,7 @@ def build_dcae(info, sd: dict, dtype: torch.dtype, scaling_factor: float | None)
 # Peak bytes one OpenSoraVAE.encode / decode allocates on the device besides the weights: the input copy, the
 # largest piece of work the model does at once, what it keeps meanwhile, and the output with its float32 copy.
 # Measured with the meta-device allocation tracker (benchmarks/bench_comfy_memory.py peak_activation_bytes,
-# count_storage_once=True; attention as the CUDA kernels allocate) on the released architectures; the work of
+# each storage counted once; attention as the CUDA kernels allocate) on the released architectures; the work of
 # every stage is linear in its pixels, and in its frames plus the causal padding. GiB, bf16, measured -> estimate
 # (tests/test_memory_estimates.py keeps every estimate within 1.0x-1.5x of the measurement; fp32 is 2x):
 #   1.3 decode  360p 17 f 7.91 -> 7.98; 720p 113 f 32.20 -> 32.47; one 360p frame 1.76 -> 1.78
