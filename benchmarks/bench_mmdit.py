@@ -232,8 +232,14 @@ def bench_sampler(model, config, size, steps, text_tokens, cond_type, device, dt
     for rows in sorted({len(passes) * size.batch for passes in pass_plan(options, cond_type, frames)}):
         model(**forward_inputs(config, dataclasses.replace(size, batch=rows), text_tokens, dtype, device))
     timing, out = measure(run, device, repeats=1, warmup=0)
-    flops = sum(mmdit_flops(config, rows, image_tokens, text_tokens) for rows in batch_rows)
+    row = sampler_row(config, size, steps, cond_type, image_tokens, text_tokens, timing, out, batch_rows, peak)
+    return {**row, "passes_per_step": passes_per_step}
+
+
+def sampler_row(config, size, steps: int, cond_type: str, image_tokens: int, text_tokens: int, timing, out, rows, peak):
+    """One whole sampler run's result row; `rows` = the batch rows of every model call (ours and the official)."""
     name = sampler_name(cond_type, size, steps)
+    flops = sum(mmdit_flops(config, batch, image_tokens, text_tokens) for batch in rows)
     return {
         "name": name,
         "kind": "sampler",
@@ -244,9 +250,8 @@ def bench_sampler(model, config, size, steps, text_tokens, cond_type, device, dt
         "text_tokens": text_tokens,
         **dataclasses.asdict(timing),
         "seconds_per_step": timing.seconds / steps,
-        "model_calls": len(batch_rows),
-        "forward_passes": sum(batch_rows) // size.batch,
-        "passes_per_step": passes_per_step,
+        "model_calls": len(rows),
+        "forward_passes": sum(rows) // size.batch,
         "official_forward_passes": len(PASSES) * steps,  # the official denoiser always runs all three
         **throughput(flops, timing.seconds, peak),
         "finite": bool(torch.isfinite(out).all()),

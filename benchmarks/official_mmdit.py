@@ -45,16 +45,14 @@ from benchmarks.bench_mmdit import (
     DEFAULT_STEPS,
     DEFAULT_TEXT_TOKENS,
     DEFAULTS,
-    OFFICIAL,
     OFFICIAL_SECONDS,
     VERSION,
     forward_inputs,
     forward_row,
     latent_geometry,
-    mmdit_flops,
     model_config,
     sampler_inputs,
-    sampler_name,
+    sampler_row,
 )
 from benchmarks.common import (
     DTYPES,
@@ -72,11 +70,10 @@ from benchmarks.common import (
     release_memory,
     report,
     setup,
-    throughput,
     warmup_calls,
 )
 from opensora_lib.mmdit import MMDiT, MMDiTConfig
-from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, sample_v2
+from opensora_lib.sampling_v2 import V2SamplingOptions, sample_v2
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_DIR = REPO / ".official"
@@ -391,25 +388,7 @@ def bench_official_sampler(official, model, config, size, steps, text_tokens, co
         return official_denoise(official, counting, config, inputs, steps, cond_type, dtype)
 
     timing, out = measure(run, device, repeats=1, warmup=0)
-    flops = sum(mmdit_flops(config, rows, image_tokens, text_tokens) for rows in counting.rows)
-    name = sampler_name(cond_type, size, steps)
-    return {
-        "name": name,
-        "kind": "sampler",
-        "cond_type": cond_type,
-        **dataclasses.asdict(size),
-        "steps": steps,
-        "image_tokens": image_tokens,
-        "text_tokens": text_tokens,
-        **dataclasses.asdict(timing),
-        "seconds_per_step": timing.seconds / steps,
-        "model_calls": len(counting.rows),
-        "forward_passes": sum(counting.rows) // size.batch,
-        "official_forward_passes": len(PASSES) * steps,
-        **throughput(flops, timing.seconds, peak),
-        "finite": bool(torch.isfinite(out).all()),
-        "official_quoted": OFFICIAL.get(name),
-    }
+    return sampler_row(config, size, steps, cond_type, image_tokens, text_tokens, timing, out, counting.rows, peak)
 
 
 # ---------------------------------------------------------------- main

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from helpers_comfy_probe import run_probe
+from helpers_conditioning import random_conditioning
 
 REPO = Path(__file__).resolve().parent.parent
 DIT_FILES = {
@@ -107,21 +108,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             sampling.dit_caller, sampling_v2.mmdit_caller = saved
 
     # -- inputs
-    def conditioning(version, config):
-        gen = torch.Generator().manual_seed(7)
-        if version.startswith("2.0"):
-
-            def one():
-                t5 = torch.randn(1, 7, config.context_in_dim, generator=gen)
-                pooled = torch.randn(1, config.vec_in_dim, generator=gen)
-                return [[t5, {"pooled_output": pooled, "opensora_version": "2.0"}]]
-
-            return one(), one()
-        y = torch.randn(1, config.model_max_length, config.caption_channels, generator=gen)
-        mask = torch.zeros(1, config.model_max_length, dtype=torch.long)
-        mask[:, :9] = 1
-        positive = [[y, {"attention_mask": mask, "opensora_version": version}]]
-        return positive, [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": version}]]
 
     def latent_for(version, i2v):
         (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
@@ -140,7 +126,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     models, inputs = {}, {}
     for version, name in DIT_FILES.items():
         (models[version],) = loaders.OpenSoraLoadDiT().load(name, "fp32")
-        inputs[version] = conditioning(version, models[version].model.diffusion_model.config)
+        inputs[version] = random_conditioning(version, models[version].model.diffusion_model.config)
 
     def sample(model, version, i2v=False):
         positive, negative = inputs[version]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers_comfy_probe import run_probe
+from helpers_conditioning import random_conditioning
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = {"2.0": "tiny-v2.safetensors", "1.3": "tiny-v13/", "vae_1.2": "tiny-vae-v12/", "vae_1.3": "tiny-vae-v13/"}
@@ -208,22 +209,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         info = {"version": version, "height": size[0], "width": size[1], "num_frames": size[2], "fps": 24}
         return {"samples": samples, "opensora": info}
 
-    def conditioning(version, config):
-        gen = torch.Generator().manual_seed(7)
-        if version == "2.0":
-
-            def one():
-                t5 = torch.randn(1, 7, config.context_in_dim, generator=gen)
-                pooled = torch.randn(1, config.vec_in_dim, generator=gen)
-                return [[t5, {"pooled_output": pooled, "opensora_version": "2.0"}]]
-
-            return one(), one()
-        y = torch.randn(1, config.model_max_length, config.caption_channels, generator=gen)
-        mask = torch.zeros(1, config.model_max_length, dtype=torch.long)
-        mask[:, :9] = 1
-        positive = [[y, {"attention_mask": mask, "opensora_version": version}]]
-        return positive, [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": version}]]
-
     def residency(model):
         comfy_ops = [m for m in model.model.diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
         return {
@@ -249,7 +234,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         latent = latent_for(version)
         (model,) = OpenSoraLoadDiT().load(NAMES[version], "fp32")
         dm = model.model.diffusion_model
-        positive, negative = conditioning(version, dm.config)
+        positive, negative = random_conditioning(version, dm.config)
         dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         text_tokens = 7 if version == "2.0" else 0
         required = activation_memory(dm, (2, *latent["samples"].shape[1:]), text_tokens, dtype)
