@@ -70,6 +70,11 @@ if ! ((DRY)); then
     else
         echo "WARNING: no .whl/ wheels; the official code falls back to the Liger shim (not the official kernels)"
     fi
+    # The ComfyUI host for bench_comfy_memory travels packed (scripts/fetch_official.sh --wheels).
+    if [[ -z ${COMFYUI_DIR:-} && ! -d .cache/comfyui-0.3.75 && -f .whl/comfyui-host.tar.gz ]]; then
+        mkdir -p /tmp/comfyui-host && tar xzf .whl/comfyui-host.tar.gz -C /tmp/comfyui-host &&
+            export COMFYUI_DIR=/tmp/comfyui-host/comfyui-0.3.75 && echo "ComfyUI host unpacked to $COMFYUI_DIR"
+    fi
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 

@@ -11,6 +11,9 @@
 # dependencies (torch, triton, numpy, scipy are there): liger_kernel==0.5.2 (the official code's RoPE / RMSNorm
 # kernels) and torchsde==0.2.6 + trampoline==0.1.2 (imported by ComfyUI's k-diffusion, for bench_comfy_memory).
 # benchmarks/gpu_session.sh installs whatever is in .whl/ (git-ignored; carried to the GPU machine).
+# --wheels also packs the pinned ComfyUI host (.cache/comfyui-0.3.75, from scripts/setup.sh) into
+# .whl/comfyui-host.tar.gz: ~7 MB instead of ~24 MB carried, which keeps the device call under its 64 MiB limit;
+# gpu_session.sh unpacks it to /tmp when .cache/comfyui-0.3.75 is not there.
 #
 # Package __init__ files other than mmdit's are left out on purpose: they would import every model family
 # (and ColossalAI); the folders then load as namespace packages. official_mmdit.py stubs what the copied
@@ -24,6 +27,11 @@ if [[ ${1:-} == --wheels ]]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${WHEELS[@]}"
+    if [[ -d .cache/comfyui-0.3.75 ]]; then
+        tar czf .whl/comfyui-host.tar.gz --exclude=__pycache__ -C .cache comfyui-0.3.75
+    else
+        echo "WARNING: no .cache/comfyui-0.3.75 (run scripts/setup.sh): the GPU session skips the memory benchmark" >&2
+    fi
 fi
 MIRROR=${OPENSORA_MIRROR:-/work/.mirror/hpcaitech+Open-Sora/repo}
 REF=${OPENSORA_REF:-main}
