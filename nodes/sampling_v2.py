@@ -217,14 +217,21 @@ def sample_v2_node(
     image_oscillation,
     scale_image_weight,
     timestep_transform,
+    guidance_passes="batched",
     **_v1_only,  # sdedit, flaw_fix: 1.x options the Sampler node also has
 ) -> tuple[dict]:
-    """The Open-Sora Sampler node for 2.0: returns a LATENT in raw VAE space (reference dropped)."""
+    """The Open-Sora Sampler node for 2.0: returns a LATENT in raw VAE space (reference dropped).
+    guidance_passes "one at a time" runs each guidance pass as its own model call, so ComfyUI only has to keep
+    one pass's activations free (partial loading can keep more weights resident)."""
+    if guidance_passes not in ("batched", "one at a time"):
+        raise ValueError(f"guidance_passes must be 'batched' or 'one at a time', got {guidance_passes!r}")
+    batched = guidance_passes == "batched"
     samples = check_latent(model, latent)
     text = text_v2(model, positive, negative)
     cond_type, reference, _ = reference_v2(model, latent)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
-    passes = len(needed_passes(cond_type, float(cfg), float(image_cfg)))  # the rows one batched step runs
+    # the rows one model call runs: every needed pass when batched, else one
+    passes = len(needed_passes(cond_type, float(cfg), float(image_cfg))) if batched else 1
     text_tokens = max(text["t5"].shape[1], text["neg_t5"].shape[1])
     device, dtype = load_for_sampling(model, samples.shape, passes, text_tokens)
     options = options_v2(
@@ -238,6 +245,7 @@ def sample_v2_node(
         model.model.diffusion_model.config.patch_size,
         dtype,
     )
+    options.batch_passes = batched
     out = sample_v2(
         mmdit_caller(model, samples.shape),
         noise.to(device, torch.float32),
