@@ -46,7 +46,7 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, load_for_sampling
+from .common import Progress, activation_memory, load_for_sampling
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner
@@ -246,18 +246,40 @@ def sample_v2_node(
         dtype,
     )
     options.batch_passes = batched
-    out = sample_v2(
-        mmdit_caller(model, samples.shape),
-        noise.to(device, torch.float32),
-        {k: v.to(device) for k, v in text.items()},
-        options,
-        cond=None if reference is None else reference.to(device),
-        cond_type=cond_type,
-        callback=Progress(steps, previewer_for(model)),
-    )
+    try:
+        out = sample_v2(
+            mmdit_caller(model, samples.shape),
+            noise.to(device, torch.float32),
+            {k: v.to(device) for k, v in text.items()},
+            options,
+            cond=None if reference is None else reference.to(device),
+            cond_type=cond_type,
+            callback=Progress(steps, previewer_for(model)),
+        )
+    except torch.OutOfMemoryError as e:  # same type, so ComfyUI still frees its models; a message that says what to do
+        raise type(e)(
+            out_of_memory_advice(model, samples.shape, passes, text_tokens, dtype, batched) + f" ({e})"
+        ) from e
     result = {k: v for k, v in latent.items() if k != "opensora_reference"}
     result["samples"] = model.model.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return (result,)
+
+
+def out_of_memory_advice(model, latent_shape, passes: int, text_tokens: int, dtype, batched: bool) -> str:
+    """What ran out and what to change, with the activation estimate of this size."""
+    per_pass = activation_memory(model.model.diffusion_model, (1, *latent_shape[1:]), text_tokens, dtype) / 2**30
+    batch, _, frames, height, width = latent_shape
+    one_at_a_time = "guidance_passes 'one at a time' on the Sampler (one pass's activations instead of the whole step)"
+    tips = [one_at_a_time] if batched else []
+    tips += [
+        "weight_dtype fp8_e4m3fn on Load Open-Sora DiT (halves the weights)",
+        "fewer frames, a smaller resolution or batch_size 1 on Open-Sora Empty Latent Video",
+    ]
+    return (
+        f"Open-Sora 2.0 ran out of GPU memory sampling {batch} video(s) of {frames} latent frames at {height} x "
+        f"{width} latent pixels: one guidance pass needs about {per_pass * batch:.3g} GiB of activations besides the "
+        f"weights, and this run puts {passes} pass(es) in one model call. Try: " + "; ".join(tips) + "."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- SIGMAS

@@ -65,6 +65,17 @@ def probe(out_path: str, models_dir: str) -> None:
             results["bad_mode"] = "no error"
         except ValueError as e:
             results["bad_mode"] = str(e)
+
+        def out_of_memory(self, x, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        ComfyMMDiT._forward = out_of_memory
+        for mode in ("batched", "one at a time"):
+            try:
+                sampling.OpenSoraSampler().sample(model, positive, negative, empty, 3, 1, 7.5, guidance_passes=mode)
+                results[f"oom {mode}"] = {"type": None}
+            except Exception as e:  # noqa: BLE001 (the type is what is checked)
+                results[f"oom {mode}"] = {"type": type(e).__name__, "message": str(e)}
     finally:
         ComfyMMDiT._forward, mm.load_models_gpu = original_forward, original_load
 
@@ -124,3 +135,15 @@ def test_one_at_a_time_is_the_library_result_and_close_to_batched(measured):
 
 def test_unknown_mode_is_refused(measured):
     assert "guidance_passes" in measured["bad_mode"] and "one at a time" in measured["bad_mode"]
+
+
+def test_out_of_memory_keeps_its_type_and_says_what_to_change(measured):
+    batched, sequential = measured["oom batched"], measured["oom one at a time"]
+    # still torch.OutOfMemoryError, so ComfyUI's executor recognises it and unloads its models
+    assert batched["type"] == sequential["type"] == "OutOfMemoryError"
+    for values in (batched, sequential):
+        message = values["message"]
+        assert "Open-Sora 2.0 ran out of GPU memory" in message and "1 video(s) of 3 latent frames at 8 x 12" in message
+        assert "GiB of activations" in message and "fp8_e4m3fn" in message
+        assert "Tried to allocate 20.00 GiB" in message  # the original error is kept
+    assert "'one at a time'" in batched["message"] and "'one at a time'" not in sequential["message"]
