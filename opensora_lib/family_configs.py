@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from .checkpoint import CheckpointError
+from .dcae import INFERENCE_OPTIONS
 
 
 class ShapeView:
@@ -275,13 +276,7 @@ def _dc_ae(s: ShapeView) -> tuple[str | None, dict, str]:
         depth_list=enc_d,
         decoder_depth_list=dec_d,
         latent_channels=latent,
-        # runtime options of configs/diffusion/inference/high_compression.py (scaling unset there, see Q12)
-        use_spatial_tiling=True,
-        use_temporal_tiling=True,
-        spatial_tile_size=256,
-        temporal_tile_size=32,
-        tile_overlap_factor=0.25,
-        scaling_factor=None,
+        **INFERENCE_OPTIONS,  # runtime options of high_compression.py (scaling unset there, see Q12)
     )
     return "2.0", config, f"Video DC-AE (x{2 ** (len(enc_w) - 1)} spatial, {latent} latent channels)"
 
