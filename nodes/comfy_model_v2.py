@@ -110,8 +110,40 @@ class ComfyMMDiT(MMDiT):
             y_vec=y_vec.to(x.dtype),
             cond=pack(cond.to(x.dtype), patch),
             guidance=None if guidance is None else guidance.float(),
+            block_replace=dit_block_patches(transformer_options, len(self.double_blocks), len(self.single_blocks)),
         )
         return unpack(out, frames, padded_h, padded_w, patch)[..., :height, :width]
+
+
+BLOCK_TYPES = {"double_block": "double", "single_block": "single"}
+
+
+def dit_block_patches(transformer_options: dict | None, double_blocks: int, single_blocks: int) -> dict:
+    """Core's "dit" block replacements (transformer_options["patches_replace"]["dit"][("double_block", i)] or
+    ("single_block", i), as set by set_model_patch_replace / SkipLayerGuidanceDiT) for MMDiT.forward. Each patch gets
+    the args core's Flux gives it: also "attn_mask" (None: the MMDiT attends to every token) and its own copy of
+    transformer_options with block_type / block_index / total_blocks. Other keys are for other models: ignored."""
+    options = transformer_options or {}
+    patches = options.get("patches_replace", {}).get("dit", {})
+    totals = {"double_block": double_blocks, "single_block": single_blocks}
+    replace = {}
+    for key, patch in patches.items():
+        if isinstance(key, tuple) and len(key) == 2 and key[0] in BLOCK_TYPES and 0 <= key[1] < totals[key[0]]:
+            block_options = {
+                **options,
+                "block_type": BLOCK_TYPES[key[0]],
+                "block_index": key[1],
+                "total_blocks": totals[key[0]],
+            }
+            replace[key] = _with_core_args(patch, block_options)
+    return replace
+
+
+def _with_core_args(patch, block_options: dict):
+    def call(args: dict, extra: dict) -> dict:
+        return patch({**args, "attn_mask": None, "transformer_options": block_options}, extra)
+
+    return call
 
 
 class OpenSoraDCAELatent(comfy.latent_formats.LatentFormat):

@@ -47,6 +47,7 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
+from .guider_hooks import post_cfg, run_passes
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner
@@ -345,13 +346,14 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         step = self.step_index(timestep)
         text_scale, image_scale = step_scales(step, self.options, self.cond_type, x.shape[2])
         passes = needed_passes(self.cond_type, text_scale, image_scale)
-        conds = [self.conds[GUIDER_CONDS[name]] for name in passes]
-        denoised = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        names = [GUIDER_CONDS[name] for name in passes]
+        denoised = run_passes(self, names, x, timestep, model_options, text_scale)
         sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()
         outputs = {name: (x.float() - d.float()) / sigma for name, d in zip(passes, denoised)}
         if torch.is_tensor(image_scale):  # per latent frame
             image_scale = image_scale.to(x.device, torch.float32).reshape(1, 1, -1, 1, 1)
-        return x.float() - sigma * guided_velocity(outputs, passes, text_scale, image_scale)
+        guided = x.float() - sigma * guided_velocity(outputs, passes, text_scale, image_scale)
+        return post_cfg(self, names, denoised, guided, x, timestep, model_options, text_scale)
 
 
 def guider_v2(

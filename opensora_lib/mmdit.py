@@ -8,6 +8,7 @@ vector input, no guidance embedding. Inputs are packed tokens; packing lives in 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,12 @@ from .mmdit_layers import (
     rotary_tables,
     timestep_embedding,
 )
+
+# Optional per-block replacements, keyed ("double_block", i) or ("single_block", i): fn(args, {"original_block": f})
+# returns a dict like args. args holds "img", "txt" (double blocks; a single block's "img" is the joint
+# [txt, img] sequence), "vec", "pe"; f(args) runs the block itself. The protocol of ComfyUI's "dit" block
+# patches (Flux), so its skip-layer guidance and block patches work unchanged.
+BlockReplace = Mapping[tuple[str, int], Callable[[dict, dict], dict]]
 
 # Official config fields that only matter for training / loading in the reference.
 _IGNORED_FIELDS = ("from_pretrained", "cache_dir", "grad_ckpt_settings", "type", "model_type")
@@ -188,10 +195,11 @@ class MMDiT(nn.Module):
         y_vec: Tensor,
         cond: Tensor | None = None,
         guidance: Tensor | None = None,
+        block_replace: BlockReplace | None = None,
     ) -> Tensor:
         """img [B, L, in_channels] packed latent, txt [B, Lt, context_in_dim], ids [B or 1, L(t), 3],
-        timesteps [B] in [0, 1], y_vec [B, vec_in_dim], cond [B, L, in_channels + patch^2].
-        Returns the velocity [B, L, out_channels]."""
+        timesteps [B] in [0, 1], y_vec [B, vec_in_dim], cond [B, L, in_channels + patch^2];
+        block_replace: see BlockReplace (none: the official forward). Returns the velocity [B, L, out_channels]."""
         config = self.config
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y_vec, cond, guidance)
 
@@ -209,11 +217,18 @@ class MMDiT(nn.Module):
             txt_ids, img_ids = txt_ids.expand(batch, -1, -1), img_ids.expand(batch, -1, -1)
         pe = self.rope(torch.cat((txt_ids, img_ids), dim=1))
 
-        for block in self.double_blocks:
-            x, context = block(x, context, vec, pe)
+        replace = block_replace or {}
+        for index, block in enumerate(self.double_blocks):
+            if ("double_block", index) in replace:
+                x, context = _replaced_double(replace[("double_block", index)], block, x, context, vec, pe)
+            else:
+                x, context = block(x, context, vec, pe)
         joint = torch.cat((context, x), dim=1)
-        for block in self.single_blocks:
-            joint = block(joint, vec, pe)
+        for index, block in enumerate(self.single_blocks):
+            if ("single_block", index) in replace:
+                joint = _replaced_single(replace[("single_block", index)], block, joint, vec, pe)
+            else:
+                joint = block(joint, vec, pe)
         return self.final_layer(joint[:, context.shape[1] :], vec)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y_vec, cond, guidance) -> None:
@@ -245,4 +260,20 @@ class MMDiT(nn.Module):
             raise ValueError("this MMDiT has guidance_embed: pass guidance as a [B] tensor of guidance strengths")
 
 
-__all__ = ["MMDiT", "MMDiTConfig", "mmdit_v2_config", "mmdit_v2_dcae_config"]
+def _replaced_double(replace, block, img, txt, vec, pe) -> tuple[Tensor, Tensor]:
+    def original_block(args: dict) -> dict:
+        img_out, txt_out = block(args["img"], args["txt"], args["vec"], args["pe"])
+        return {"img": img_out, "txt": txt_out}
+
+    out = replace({"img": img, "txt": txt, "vec": vec, "pe": pe}, {"original_block": original_block})
+    return out["img"], out["txt"]
+
+
+def _replaced_single(replace, block, joint, vec, pe) -> Tensor:
+    def original_block(args: dict) -> dict:
+        return {"img": block(args["img"], args["vec"], args["pe"])}
+
+    return replace({"img": joint, "vec": vec, "pe": pe}, {"original_block": original_block})["img"]
+
+
+__all__ = ["BlockReplace", "MMDiT", "MMDiTConfig", "mmdit_v2_config", "mmdit_v2_dcae_config"]

@@ -1,0 +1,79 @@
+"""Core's sampling hooks inside the Open-Sora Guiders.
+
+Core's CFGGuider runs a MODEL's calc-cond-batch function, pre-CFG and post-CFG functions around its
+[cond, uncond] passes (comfy/samplers.py sampling_function and cfg_function); nodes such as
+SkipLayerGuidanceDiT / SkipLayerGuidanceDiTSimple are built from them. The Open-Sora Guiders run up to three
+passes (positive, negative text, negative image) and their own guidance formula, so the hooks see the text pair
+[positive, negative] exactly as core gives them [cond, uncond]: a skipped negative pass is None in "conds" and
+zeros in the outputs, as core's cfg-1 optimisation leaves it. The image-unconditional pass runs as usual. A
+sampler_cfg_function replaces core's CFG formula, which Open-Sora's guidance replaces already: not applied, with
+one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.samplers
+import torch
+
+log = logging.getLogger("OpenSora")
+_warned: set[str] = set()
+
+
+def run_passes(
+    guider, names: list[str], x: torch.Tensor, timestep, model_options: dict, text_scale: float
+) -> list[torch.Tensor]:
+    """Denoised output of each named cond ("positive", "negative", "negative_image"), through the MODEL's
+    sampler_calc_cond_batch_function and sampler_pre_cfg_functions when it has them."""
+    handler = model_options.get("sampler_calc_cond_batch_function")
+    pre_cfg = model_options.get("sampler_pre_cfg_function", [])
+    if "sampler_cfg_function" in model_options and "cfg_function" not in _warned:
+        _warned.add("cfg_function")
+        log.warning(
+            "Open-Sora Guider: the MODEL's sampler_cfg_function is not applied (Open-Sora guidance replaces it)"
+        )
+    model = guider.inner_model
+    if handler is None and not pre_cfg:
+        return comfy.samplers.calc_cond_batch(model, [guider.conds[n] for n in names], x, timestep, model_options)
+
+    text = [guider.conds["positive"], guider.conds["negative"] if "negative" in names else None]
+    if handler is None:
+        out = comfy.samplers.calc_cond_batch(model, text, x, timestep, model_options)
+    else:
+        args = {"conds": text, "input": x, "sigma": timestep, "model": model, "model_options": model_options}
+        out = handler(args)
+    for fn in pre_cfg:
+        args = {"conds": text, "conds_out": out, "cond_scale": text_scale, "timestep": timestep, "input": x}
+        out = fn({**args, "sigma": timestep, "model": model, "model_options": model_options})
+    outputs = {"positive": out[0], "negative": out[1]}
+    if "negative_image" in names:
+        image_cond = [guider.conds["negative_image"]]
+        outputs["negative_image"] = comfy.samplers.calc_cond_batch(model, image_cond, x, timestep, model_options)[0]
+    return [outputs[n] for n in names]
+
+
+def post_cfg(
+    guider,
+    names: list[str],
+    denoised: list[torch.Tensor],
+    guided: torch.Tensor,
+    x,
+    timestep,
+    model_options: dict,
+    text_scale: float,
+) -> torch.Tensor:
+    """The MODEL's sampler_post_cfg_functions on the guided denoised, with the positive / negative passes as
+    core's cond / uncond (SkipLayerGuidanceDiT adds its skip-layer term here)."""
+    functions = model_options.get("sampler_post_cfg_function", [])
+    if not functions:
+        return guided
+    outputs = dict(zip(names, denoised))
+    cond_pred = outputs["positive"]
+    uncond_pred = outputs.get("negative", torch.zeros_like(cond_pred))
+    uncond = guider.conds["negative"] if "negative" in names else None
+    for fn in functions:
+        args = {"denoised": guided, "cond": guider.conds["positive"], "uncond": uncond, "cond_scale": text_scale}
+        args.update(model=guider.inner_model, uncond_denoised=uncond_pred, cond_denoised=cond_pred)
+        guided = fn({**args, "sigma": timestep, "model_options": model_options, "input": x})
+    return guided
