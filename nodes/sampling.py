@@ -101,6 +101,29 @@ def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:
     return names
 
 
+SAMPLING_HOOKS = (
+    "sampler_calc_cond_batch_function",
+    "sampler_pre_cfg_function",
+    "sampler_cfg_function",
+    "sampler_post_cfg_function",
+    "model_function_wrapper",
+)
+
+
+def warn_sampling_hooks(model_options: dict) -> list[str]:
+    """Warn once per run about the MODEL's sampling hooks (e.g. SkipLayerGuidanceDiT's post-CFG function), which
+    belong to core's samplers and which the Sampler node's reference loop does not run. Returns their names."""
+    names = [name for name in SAMPLING_HOOKS if model_options.get(name)]
+    if names:
+        log.warning(
+            "OpenSora: the Open-Sora Sampler node does not run this MODEL's sampling hooks (%s, e.g. from "
+            "SkipLayerGuidanceDiT): sample with the Open-Sora Guider + Open-Sora Sigmas in core's "
+            "SamplerCustomAdvanced, which runs them.",
+            ", ".join(names),
+        )
+    return names
+
+
 def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     """A function calling `model.model.diffusion_model(*args, **kwargs)` as core's BaseModel.apply_model reaches it,
     so that core's MODEL patches apply to the Sampler node:
@@ -119,6 +142,7 @@ def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     DIFFUSION_MODEL wrappers are removed (see without_diffusion_model_wrappers).
     """
     options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    warn_sampling_hooks(options)
     transformer_options = options.setdefault("transformer_options", {})
     comfy.patcher_extension.merge_nested_dicts(
         transformer_options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False

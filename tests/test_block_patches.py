@@ -13,7 +13,9 @@
       without the chosen layers; a pass-through handler / pre-CFG function is bit-identical (t2v) or within float
       rounding (i2v, where the image pass runs on its own);
   (d) KSampler (core's CFG) with SkipLayerGuidanceDiT: the skip applies there too;
-  (e) a sampler_cfg_function is not applied by the Guider, with one warning.
+  (e) a sampler_cfg_function is not applied by the Guider, with one warning;
+  (f) the Sampler node runs no sampling hooks: with SkipLayerGuidanceDiT its output is unchanged, with one warning
+      that points to the Guider.
 """
 
 from __future__ import annotations
@@ -305,10 +307,15 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     cfg_fn.set_model_sampler_cfg_function(lambda args: args["cond"] * 0.0)
     try:
         out = guided(cfg_fn)
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        results["cfg_function"] = {**compare(out, plain["guider t2v"]), "warnings": warnings}
+        # (f) the Sampler node runs no sampling hooks: SLG there leaves the output alone, with one warning
+        records.clear()
+        out = sampler_node(slg(3.0))
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        results["sampler_slg"] = {**compare(out, plain["sampler t2v"]), "warnings": warnings}
     finally:
         logging.getLogger("OpenSora").removeHandler(handler)
-    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    results["cfg_function"] = {**compare(out, plain["guider t2v"]), "warnings": warnings}
 
     Path(out_path).write_text(json.dumps(results))
 
@@ -397,3 +404,10 @@ def test_cfg_function_is_not_applied_and_warned(measured):
     values = measured["cfg_function"]
     assert values["equal"], values["max_abs_diff"]
     assert len(values["warnings"]) == 1 and "sampler_cfg_function" in values["warnings"][0]
+
+
+def test_sampler_node_warns_about_sampling_hooks(measured):
+    values = measured["sampler_slg"]
+    assert values["equal"], values["max_abs_diff"]
+    assert len(values["warnings"]) == 1, values["warnings"]
+    assert "sampler_post_cfg_function" in values["warnings"][0] and "Open-Sora Guider" in values["warnings"][0]
