@@ -19,7 +19,7 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 import torch
 
-from ..opensora_lib.stdit3 import STDiT3, STDiT3Config
+from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import activation_memory
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
@@ -50,7 +50,15 @@ class ComfySTDiT3(STDiT3):
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
         none registered the executor calls _forward directly. transformer_options goes last positionally because
-        core's wrappers read it from args[-1]."""
+        core's wrappers read it from args[-1].
+
+        The tensor values the forward needs as numbers (pixel height / width, caption lengths) are read here first,
+        in one eager call: under core's TorchCompileModel this is the outermost frame, so the rest of the forward is
+        one graph (a read deeper down would split every frame above it)."""
+        height, width, mask = kwargs.get("height"), kwargs.get("width"), kwargs.get("attention_mask")
+        if reads_tensor_values(height, width, mask, kwargs.get("caption_lengths")):
+            values = read_step_values(context, mask, height, width, len(x))
+            kwargs["height"], kwargs["width"], kwargs["caption_lengths"] = values
         return run_diffusion_model_wrappers(self, x, timesteps, context, control, transformer_options, **kwargs)
 
     def _forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):

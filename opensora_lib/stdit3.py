@@ -111,6 +111,7 @@ def stdit3_v13_config() -> STDiT3Config:
 
 
 def _first_value(value, name: str) -> float:
+    """Element 0 of a pixel size as a Python float (reads a tensor's value: a device sync, a graph break)."""
     if value is None:
         raise ValueError(f"{name} (the pixel size; only element 0 is used) is required")
     if isinstance(value, torch.Tensor):
@@ -120,6 +121,39 @@ def _first_value(value, name: str) -> float:
     if isinstance(value, (list, tuple)):
         return float(value[0])
     return float(value)
+
+
+def _valid_caption_tokens(mask, length: int, batch: int, device) -> torch.Tensor:
+    """The caption mask as [B, L] bool (True = valid token), checked by shape only and repeated to the batch."""
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != length or mask.numel() % length:
+        raise ValueError(f"mask must be [B, {length}] 0/1 (one row per caption), got {getattr(mask, 'shape', mask)}")
+    valid = (mask.reshape(-1, length) != 0).to(device)
+    if valid.shape[0] != batch:
+        if batch % valid.shape[0]:
+            raise ValueError(f"mask has {valid.shape[0]} rows, which does not divide the batch {batch}")
+        valid = valid.repeat(batch // valid.shape[0], 1)  # as the official encode_text
+    return valid
+
+
+def reads_tensor_values(height, width, mask, caption_lengths) -> bool:
+    """Whether the forward would read tensor values (pixel sizes, caption lengths); see read_step_values."""
+    sizes_are_tensors = isinstance(height, torch.Tensor) or isinstance(width, torch.Tensor)
+    return sizes_are_tensors or (mask is not None and caption_lengths is None)
+
+
+@torch.compiler.disable
+def read_step_values(y, mask, height, width, batch: int) -> tuple[float, float, tuple[int, ...] | None]:
+    """The Python numbers a forward needs from its tensor inputs, read in one eager call: (height, width) (element 0)
+    and caption_lengths (valid caption tokens per row, None without a mask).
+
+    They set shapes (the trimmed caption length) and constants (the pos-emb / RoPE scale), so they must be Python
+    numbers; reading them at the top of the forward, outside torch.compile (disable), keeps a compiled forward in one
+    graph instead of breaking it at each read. The values are the ones the forward would read itself."""
+    lengths = None
+    if mask is not None:
+        length = STDiT3._caption_states(y, "y", batch).shape[1]
+        lengths = tuple(_valid_caption_tokens(mask, length, batch, mask.device).sum(dim=1).tolist())
+    return _first_value(height, "height"), _first_value(width, "width"), lengths
 
 
 def _per_sample(value, batch: int, name: str, device: torch.device) -> torch.Tensor:
@@ -165,8 +199,11 @@ class STDiT3(nn.Module):
 
     # ------------------------------------------------------------ conditioning
 
-    def _encode_captions(self, y, mask, y_null, batch: int, dtype: torch.dtype) -> CaptionKeys:
-        """Project each sample's valid caption tokens; keep them first and trim to the longest caption."""
+    def _encode_captions(
+        self, y, mask, y_null, batch: int, dtype: torch.dtype, caption_lengths: tuple[int, ...] | None
+    ) -> CaptionKeys:
+        """Project each sample's valid caption tokens; keep them first and trim to the longest caption.
+        caption_lengths: the valid tokens per row (as read_step_values reads them from mask)."""
         y = self._caption_states(y, "y", batch)
         length = y.shape[1]
         if y_null is not None:
@@ -175,17 +212,11 @@ class STDiT3(nn.Module):
                 raise ValueError(f"y_null must have the shape of y {tuple(y.shape)}, got {tuple(y_null.shape)}")
         key_mask = None
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.shape[-1] != length or mask.numel() % length:
-                raise ValueError(
-                    f"mask must be [B, {length}] 0/1 (one row per caption), got {getattr(mask, 'shape', mask)}"
-                )
-            valid = (mask.reshape(-1, length) != 0).to(y.device)
-            if valid.shape[0] != batch:
-                if batch % valid.shape[0]:
-                    raise ValueError(f"mask has {valid.shape[0]} rows, which does not divide the batch {batch}")
-                valid = valid.repeat(batch // valid.shape[0], 1)  # as the official encode_text
+            valid = _valid_caption_tokens(mask, length, batch, y.device)
+            if len(caption_lengths) != batch:
+                raise ValueError(f"caption_lengths must hold {batch} values (one per row), got {caption_lengths}")
             counts = valid.sum(dim=1)
-            longest, shortest = int(counts.max()), int(counts.min())
+            longest, shortest = max(caption_lengths), min(caption_lengths)
             if shortest == 0:
                 raise ValueError("mask has a sample with no valid caption token; every caption needs at least one")
             # stable sort puts each sample's valid tokens first, in order; key order does not change attention
@@ -260,6 +291,7 @@ class STDiT3(nn.Module):
         cond_mask: torch.Tensor | None = None,
         mask_index=None,
         y_null: torch.Tensor | None = None,
+        caption_lengths: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """Predict [B, out_channels, T, H, W] (float32) for the latent x [B, C, T, H, W].
 
@@ -267,6 +299,10 @@ class STDiT3(nn.Module):
         fps [B] (24 for video, 120 for images); height / width pixel sizes (element 0 is used);
         x_mask [B, T] bool (False frames use timestep-0 modulation); 1.3 i2v: cond and cond_mask
         [B, C, T, H, W], mask_index (latent frames that cross-attend to y_null [B, 1, L, caption_channels]).
+        caption_lengths: the valid tokens of mask per row (trusted, not checked against mask), read from mask when
+        None. Tensor values (height, width, the mask's lengths) are read first, in one eager call (read_step_values);
+        a caller that compiles the model reads them before it (numbers for height / width, caption_lengths), so the
+        compiled forward has no break.
         """
         c = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or not x.is_floating_point():
@@ -275,6 +311,8 @@ class STDiT3(nn.Module):
             raise ValueError(f"x has {x.shape[1]} channels, this model takes {c.in_channels}")
         dtype, device = x.dtype, x.device
         b, _, tx, hx, wx = x.shape
+        if reads_tensor_values(height, width, mask, caption_lengths):
+            height, width, caption_lengths = read_step_values(y, mask, height, width, b)
         pt, ph, pw = c.patch_size
         frames, rows, cols = -(-tx // pt), -(-hx // ph), -(-wx // pw)
         tokens_per_frame = rows * cols
@@ -306,7 +344,8 @@ class STDiT3(nn.Module):
         frame_split = self._frame_split(mask_index, frames, device)
         if frame_split is not None and y_null is None:
             raise ValueError("mask_index needs y_null (the null caption the conditioned frames attend to)")
-        captions = self._encode_captions(y, mask, y_null if frame_split is not None else None, b, dtype)
+        null = y_null if frame_split is not None else None
+        captions = self._encode_captions(y, mask, null, b, dtype, caption_lengths)
 
         # tokens
         h = self.x_embedder(x)

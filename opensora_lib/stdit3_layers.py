@@ -42,7 +42,8 @@ def compiled_on_cuda(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
-        if not (_compile_enabled and args[0].is_cuda) or state["failed"] or torch.compiler.is_compiling():
+        # inside an outer torch.compile (e.g. core's TorchCompileModel) this is traced as plain eager maths, on any device
+        if torch.compiler.is_compiling() or not (_compile_enabled and args[0].is_cuda) or state["failed"]:
             return fn(*args)
         if state["compiled"] is None:
             state["compiled"] = torch.compile(fn)
