@@ -10,6 +10,8 @@ Open-Sora 2.0 predicts exactly that; 1.x predicts x0 - noise on t = 1000*sigma, 
 
 from __future__ import annotations
 
+import logging
+
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
@@ -21,6 +23,8 @@ import torch
 
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import activation_memory
+
+log = logging.getLogger("OpenSora")
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -55,6 +59,8 @@ class ComfySTDiT3(STDiT3):
         The tensor values the forward needs as numbers (pixel height / width, caption lengths) are read here first,
         in one eager call: under core's TorchCompileModel this is the outermost frame, so the rest of the forward is
         one graph (a read deeper down would split every frame above it)."""
+        if (transformer_options or {}).get("patches_replace", {}).get("dit"):
+            warn_block_patches_ignored()
         height, width, mask = kwargs.get("height"), kwargs.get("width"), kwargs.get("attention_mask")
         if reads_tensor_values(height, width, mask, kwargs.get("caption_lengths")):
             values = read_step_values(context, mask, height, width, len(x))
@@ -68,6 +74,20 @@ class ComfySTDiT3(STDiT3):
         )
         channels = x.shape[1]
         return -out[:, :channels]  # 1.x predicts x0 - noise; core's CONST expects noise - x0
+
+
+_WARNED: set[str] = set()
+
+
+def warn_block_patches_ignored() -> None:
+    """Core's "dit" block patches (e.g. from SkipLayerGuidanceDiT) name Flux-style double / single blocks; the
+    STDiT3 has spatial / temporal block pairs, so they are not applied: say so once instead of silently."""
+    if "dit" not in _WARNED:
+        _WARNED.add("dit")
+        log.warning(
+            "OpenSora: block patches (patches_replace 'dit', e.g. SkipLayerGuidanceDiT) are not applied to the "
+            "Open-Sora 1.x STDiT3; they work with the 2.0 MMDiT"
+        )
 
 
 def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> torch.Tensor:

@@ -15,7 +15,9 @@
   (d) KSampler (core's CFG) with SkipLayerGuidanceDiT: the skip applies there too;
   (e) a sampler_cfg_function is not applied by the Guider, with one warning;
   (f) the Sampler node runs no sampling hooks: with SkipLayerGuidanceDiT its output is unchanged, with one warning
-      that points to the Guider.
+      that points to the Guider;
+  (g) the 1.x STDiT3 (spatial / temporal block pairs) does not apply "dit" patches: output unchanged, one warning
+      per process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from helpers_comfy_probe import run_probe
 
 REPO = Path(__file__).resolve().parent.parent
 DIT_FILE = "opensora-tiny-v2-4blocks.safetensors"
+V13_FILE = "opensora-tiny-v13/"
 LATENT = ("2.0", "256px", "16:9", 9, 1, 64, 48)  # Empty Latent Video: version, preset, ratio, frames, batch, w, h
 STEPS = 12  # past step 10 the odd steps run one pass (oscillation): step 11 has no negative pass
 SEED, CFG, IMAGE_CFG = 17, 7.5, 3.0
@@ -317,16 +320,44 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     finally:
         logging.getLogger("OpenSora").removeHandler(handler)
 
+    # (g) 1.x: the STDiT3 has no double / single blocks; "dit" patches are not applied, with one warning
+    (v13,) = loaders.OpenSoraLoadDiT().load(V13_FILE, "fp32")
+    v13_positive, v13_negative = random_conditioning("1.3", v13.model.diffusion_model.config)
+    (v13_latent,) = latent.OpenSoraEmptyLatentVideo().generate("1.3", "144p", "9:16", 17)
+
+    def v13_sample(m):
+        args = (m, v13_positive, v13_negative, v13_latent, SEED, 3, CFG)
+        (out,) = sampling.OpenSoraSampler().sample(*args)
+        mm.unload_all_models()
+        return out["samples"]
+
+    v13_skip = v13.clone()
+    v13_skip.set_model_patch_replace(skip, "dit", "double_block", 0)
+    records.clear()
+    logging.getLogger("OpenSora").addHandler(handler)
+    try:
+        base, out, again = v13_sample(v13), v13_sample(v13_skip), v13_sample(v13_skip)
+    finally:
+        logging.getLogger("OpenSora").removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    results["v13_dit_patch"] = {
+        **compare(out, base),
+        "again_equal": bool(torch.equal(again, base)),
+        "warnings": warnings,
+    }
+
     Path(out_path).write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     sys.path.insert(0, str(REPO / "scripts"))
+    from demo_models import make_dit
     from demo_models_v2 import make_mmdit
 
     models = tmp_path_factory.mktemp("models-block-patches")
     make_mmdit(models / "diffusion_models" / DIT_FILE, _tiny_config())
+    make_dit("1.3", models / "diffusion_models" / V13_FILE.rstrip("/"))
     return run_probe("test_block_patches", models / "results.json", models)
 
 
@@ -411,3 +442,9 @@ def test_sampler_node_warns_about_sampling_hooks(measured):
     assert values["equal"], values["max_abs_diff"]
     assert len(values["warnings"]) == 1, values["warnings"]
     assert "sampler_post_cfg_function" in values["warnings"][0] and "Open-Sora Guider" in values["warnings"][0]
+
+
+def test_stdit3_ignores_dit_patches_with_one_warning(measured):
+    values = measured["v13_dit_patch"]
+    assert values["equal"] and values["again_equal"], values["max_abs_diff"]
+    assert len(values["warnings"]) == 1 and "not applied to the Open-Sora 1.x STDiT3" in values["warnings"][0]
