@@ -4,6 +4,13 @@ Core loads hunyuan_vae.safetensors as a 3-D AutoencoderKL whose encoder and deco
 over every latent frame; the official HunyuanVideo VAE masks that attention frame-causally (a token of latent
 frame t sees frames <= t). Everything else already matches (scripts/verify_hunyuan_vae.py).
 
+Newer ComfyUI (the 0.3.75 pin does not) also runs this VAE's encoder and decoder in temporal chunks (the first
+frame, then 8 frames / 2 latent frames at a time, `carried` causal convolutions) to save memory. Each chunk's
+GroupNorm then normalises over that chunk only, while the official VAE (temporal tiling off at inference)
+normalises over the whole video: on the tiny golden case that alone moves the encoded latent by 0.24. With
+`whole_video` (default) the copy runs the whole video at once, as the official VAE and ComfyUI 0.3.75 do, and
+reports the memory that takes.
+
 `frame_causal_vae(vae)` returns a copy of core's VAE object that differs only there. The copy shares every weight
 with the original: only the module path down to the two attention blocks is shallow-copied (the copies hold no
 tensors of their own), and the copy's patcher is a clone of the original's, so ComfyUI's memory manager sees one
@@ -97,8 +104,9 @@ def _check_patch_is_used(attention: torch.nn.Module) -> None:
         )
 
 
-def frame_causal_vae(vae):
-    """A copy of core's HunyuanVideo VAE object whose encoder/decoder mid attention is frame-causal (official).
+def frame_causal_vae(vae, whole_video: bool = True):
+    """A copy of core's HunyuanVideo VAE object whose encoder/decoder mid attention is frame-causal (official);
+    with whole_video, a host's temporal chunking is switched off in the copy too (see the module docstring).
 
     Shares all weights with `vae` and leaves `vae` unchanged. Raises ValueError for a VAE that is not core's 3-D
     HunyuanVideo layout (e.g. the Flux AE) and for a ComfyUI whose VAE modules are laid out differently.
@@ -125,12 +133,32 @@ def frame_causal_vae(vae):
 
     patched = copy.copy(vae)
     patched.first_stage_model = root
+    chunked = [root._modules[name] for name in ("encoder", "decoder") if getattr(root._modules[name], "carried", False)]
+    if whole_video and chunked:
+        for module in chunked:  # the copies made above: the original keeps its chunks
+            module.carried = False
+        patched.memory_used_encode, patched.memory_used_decode = whole_video_memory_estimates()
     patcher = getattr(vae, "patcher", None)
     if patcher is not None:
         # A clone manages the same weights (the original model tree, whose weight-bearing modules are the ones
         # `root` uses), so ComfyUI loads / offloads them once for both VAE objects.
         patched.patcher = patcher.clone()
     return patched
+
+
+def whole_video_memory_estimates():
+    """Core's own estimates for this VAE before it processed videos in chunks (ComfyUI 0.3.75, comfy/sd.py: the
+    same layout run on the whole video): encode 900 x max(T, 2) x H x W, decode 1500 x T x H x W x (4 x 8 x 8)
+    elements, T / H / W of the tensor each is given."""
+    import comfy.model_management
+
+    def encode(shape, dtype):
+        return 900 * max(shape[2], 2) * shape[3] * shape[4] * comfy.model_management.dtype_size(dtype)
+
+    def decode(shape, dtype):
+        return 1500 * shape[2] * shape[3] * shape[4] * (4 * 8 * 8) * comfy.model_management.dtype_size(dtype)
+
+    return encode, decode
 
 
 class OpenSoraHunyuanVAE:
@@ -145,7 +173,19 @@ class OpenSoraHunyuanVAE:
                         "VAE). Not the Flux AE."
                     },
                 )
-            }
+            },
+            "optional": {
+                "whole_video": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "On: encode / decode the whole video at once, as the official VAE does (exact "
+                        "Open-Sora numbers). Off: newer ComfyUI's chunks of a few frames (less memory; each chunk is "
+                        "normalised on its own, so frames drift from the official numbers). ComfyUI 0.3.75 has no "
+                        "chunks: no effect there.",
+                    },
+                )
+            },
         }
 
     RETURN_TYPES = ("VAE",)
@@ -157,8 +197,8 @@ class OpenSoraHunyuanVAE:
         "Open-Sora 2.0 for multi-frame latents (single images are unaffected). Weights are shared, not copied."
     )
 
-    def patch(self, vae):
-        return (frame_causal_vae(vae),)
+    def patch(self, vae, whole_video=True):
+        return (frame_causal_vae(vae, whole_video),)
 
 
 NODE_CLASS_MAPPINGS = {"OpenSoraHunyuanVAE": OpenSoraHunyuanVAE}

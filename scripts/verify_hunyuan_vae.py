@@ -22,6 +22,9 @@ Checks (all deterministic: posterior mean; latent = mean * 0.476986; decode take
     frame-causal mask, so these differ.
   - the same clip with core's mid attention given the official frame-causal mask (the same one-head attention
     otherwise): everything else is core's code, so a match here means the mask is the only difference.
+    Newer core also runs the encoder / decoder in temporal chunks (GroupNorm per chunk, not over the video as
+    the official); the masked variant runs the whole video (chunks off), and the masked-but-chunked encode is
+    reported for information (`masked.chunked.small.latent`). `load.temporal_chunks` says which host this is.
   - one latent frame: the mask is inert there, so core as shipped equals the masked core (exactly).
     (A first-frame-only comparison with the fixture is not possible: GroupNorm statistics span all frames, so
     the reference's first latent frame depends on the later frames too.)
@@ -30,7 +33,8 @@ Checks (all deterministic: posterior mean; latent = mean * 0.476986; decode take
   - the pack's fix, nodes/hunyuan_vae.py (OpenSoraHunyuanVAE().patch(vae)): the VAE copy it returns matches the
     fixture on the `small` clip (model and VAE.encode / VAE.decode wrapper), its encode_tiled / decode_tiled equal
     the masked core's, it shares every weight with the original, and the original VAE object is unchanged
-    afterwards (same attention functions, same outputs as before, still different from the fixture).
+    afterwards (same attention functions, same outputs as before, still different from the fixture). With
+    whole_video off it keeps a newer core's chunks (`node.chunked.*`).
 """
 
 from __future__ import annotations
@@ -175,7 +179,13 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
         "max_weight_diff": max(float((state[k].double() - v.double()).abs().max()) for k, v in converted.items()),
         "group_norm_groups": sorted({m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}),
         "mid_attention": type(model.encoder.mid.attn_1).__name__,
+        # newer core runs encoder / decoder in temporal chunks (GroupNorm per chunk); 0.3.75 has no such switch
+        "temporal_chunks": [
+            bool(getattr(model.encoder, "carried", False)),
+            bool(getattr(model.decoder, "carried", False)),
+        ],
     }
+    chunked = [m for m in (model.encoder, model.decoder) if getattr(m, "carried", False)]
     check = report["compare"]
 
     def encode_moments(x):
@@ -203,6 +213,10 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
         for attention in attentions:
             attention.optimized_attention = frame_causal_attention
         try:
+            if chunked:  # mask on, chunks kept (information: what a newer core gives with the mask alone)
+                report["info"]["masked.chunked.small.latent"] = compare(model.encode(x) * scale, z, atol, rtol)
+            for module in chunked:  # and the whole video at once, as the official VAE (and 0.3.75) run it
+                module.carried = False
             check["masked.small.moments"] = compare(encode_moments(x), io["small.moments"], atol, rtol)
             check["masked.small.latent"] = compare(model.encode(x) * scale, z, atol, rtol)
             check["masked.small.decoded"] = compare(model.decode(z / scale), io["small.decoded"], atol, rtol)
@@ -236,6 +250,8 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
         finally:
             for attention, original in zip(attentions, originals):
                 attention.optimized_attention = original
+            for module in chunked:
+                module.carried = True
 
         # -- the pack's fix: OpenSoraHunyuanVAE returns a patched copy; the original must stay as it was -------
         unmasked_small = (model.encode(x) * scale, model.decode(z / scale), vae.encode(images) * scale)
@@ -259,6 +275,22 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
         fixed_single = (fixed_model.encode(x[:, :, :1]), fixed_model.decode(z[:, :, :1] / scale))
         check["node.single_latent_frame.latent"] = compare(*zip_pair(unmasked_single, fixed_single, 0))
         check["node.single_latent_frame.decoded"] = compare(*zip_pair(unmasked_single, fixed_single, 1))
+        # whole_video off: a newer core's chunks stay (less memory, not the official numbers); 0.3.75: no effect
+        chunks = node.patch(vae, whole_video=False)[0]
+        check["node.chunked.small.latent"] = compare(chunks.first_stage_model.encode(x) * scale, z, atol, rtol)
+        check["node.chunked.small.decoded"] = compare(
+            chunks.first_stage_model.decode(z / scale), io["small.decoded"], atol, rtol
+        )
+        # 3 latent frames: more than one decoder chunk on a newer core
+        report["info"]["node.whole_vs_chunked.decoded_3_latent_frames_max_abs"] = float(
+            (fixed_model.decode(tiled_z / scale) - chunks.first_stage_model.decode(tiled_z / scale)).abs().max()
+        )
+        shape = (1, 16, 33, 24, 42)  # 256px 16:9 129 frames
+        report["info"]["decode_memory_estimate_gib"] = {
+            "original": vae.memory_used_decode(shape, torch.bfloat16) / 2**30,
+            "node_whole_video": fixed.memory_used_decode(shape, torch.bfloat16) / 2**30,
+            "node_chunked": chunks.memory_used_decode(shape, torch.bfloat16) / 2**30,
+        }
 
         # the original VAE object after the node ran: untouched, still the unmasked core
         after = (model.encode(x) * scale, model.decode(z / scale), vae.encode(images) * scale)
@@ -274,6 +306,7 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
             "original_attention_functions_kept": [a.optimized_attention is o for a, o in zip(attentions, originals)],
             "original_modules_kept": model.encoder.mid.attn_1 is attentions[0]
             and model.decoder.mid.attn_1 is attentions[1],
+            "original_chunks_kept": all(getattr(m, "carried", False) for m in chunked),
             "fixed_attention_function": [
                 fixed_model.encoder.mid.attn_1.optimized_attention.__name__,
                 fixed_model.decoder.mid.attn_1.optimized_attention.__name__,

@@ -309,3 +309,24 @@ def test_node_registration():
     assert node.CATEGORY == "OpenSora/loaders" and node.RETURN_TYPES == ("VAE",) and node.FUNCTION == "patch"
     vae_input = node.INPUT_TYPES()["required"]["vae"]
     assert vae_input[0] == "VAE" and "hunyuan_vae.safetensors" in vae_input[1]["tooltip"]
+
+
+def test_whole_video_switch_restores_the_official_numbers_on_a_chunking_core(report):
+    """Newer core runs this VAE in temporal chunks (GroupNorm per chunk); the node's whole_video (default) runs the
+    whole video as the official VAE does. On the pinned 0.3.75 (no chunks) the switch changes nothing. Measured on
+    0.33.0: chunked encode 0.244 max abs off the reference, whole video 3.2e-7; 3-latent-frame decode whole vs
+    chunked 0.044; decode estimate 256px 129 frames 2.69 GiB chunked, 23.8 GiB whole (0.3.75's own formula)."""
+    info, compare = report["info"], report["compare"]
+    memory = info["decode_memory_estimate_gib"]
+    if any(report["load"]["temporal_chunks"]):
+        assert report["load"]["temporal_chunks"] == [True, True]
+        assert not compare["node.chunked.small.latent"]["passed"]
+        assert info["masked.chunked.small.latent"]["max_abs"] > 1e-2  # the mask alone is not enough there
+        assert info["node.whole_vs_chunked.decoded_3_latent_frames_max_abs"] > 1e-3  # the decoder switch acts
+        assert report["node"]["original_chunks_kept"]
+        assert memory["node_whole_video"] > memory["original"] == memory["node_chunked"]
+    else:
+        assert compare["node.chunked.small.latent"]["passed"]
+        assert info["node.whole_vs_chunked.decoded_3_latent_frames_max_abs"] == 0.0
+        assert memory["node_whole_video"] == memory["original"] == memory["node_chunked"]
+    assert compare["node.chunked.small.decoded"]["passed"]  # 2 latent frames: one decoder chunk either way
