@@ -44,8 +44,17 @@ def run_passes(
         args = {"conds": text, "input": x, "sigma": timestep, "model": model, "model_options": model_options}
         out = handler(args)
     for fn in pre_cfg:
-        args = {"conds": text, "conds_out": out, "cond_scale": text_scale, "timestep": timestep, "input": x}
-        out = fn({**args, "sigma": timestep, "model": model, "model_options": model_options})
+        args = {
+            "conds": text,
+            "conds_out": out,
+            "cond_scale": text_scale,
+            "timestep": timestep,
+            "input": x,
+            "sigma": timestep,
+            "model": model,
+            "model_options": model_options,
+        }
+        out = fn(args)
     outputs = {"positive": out[0], "negative": out[1]}
     if "negative_image" in names:
         image_cond = [guider.conds["negative_image"]]
@@ -73,7 +82,17 @@ def post_cfg(
     uncond_pred = outputs.get("negative", torch.zeros_like(cond_pred))
     uncond = guider.conds["negative"] if "negative" in names else None
     for fn in functions:
-        args = {"denoised": guided, "cond": guider.conds["positive"], "uncond": uncond, "cond_scale": text_scale}
-        args.update(model=guider.inner_model, uncond_denoised=uncond_pred, cond_denoised=cond_pred)
-        guided = fn({**args, "sigma": timestep, "model_options": model_options, "input": x})
+        args = {
+            "denoised": guided,
+            "cond": guider.conds["positive"],
+            "uncond": uncond,
+            "cond_scale": text_scale,
+            "model": guider.inner_model,
+            "uncond_denoised": uncond_pred,
+            "cond_denoised": cond_pred,
+            "sigma": timestep,
+            "model_options": model_options,
+            "input": x,
+        }
+        guided = fn(args)
     return guided
