@@ -153,9 +153,19 @@ def compute_dtype(model: comfy.model_base.BaseModel) -> torch.dtype:
     return model.manual_cast_dtype or model.get_dtype()
 
 
-def build_patcher(model_config_class, unet_config: dict, sd: dict, weight_dtype: torch.dtype | None, what: str, *args):
+def build_patcher(
+    model_config_class,
+    unet_config: dict,
+    sd: dict,
+    weight_dtype: torch.dtype | None,
+    what: str,
+    *args,
+    fp8_matmul: bool = False,
+):
     """Build a ComfyUI MODEL: pick the weight/compute dtypes as core's loaders do, build the BaseModel on the
-    offload device with comfy.ops layers, load the weights strictly, wrap it in the (Core)ModelPatcher."""
+    offload device with comfy.ops layers, load the weights strictly, wrap it in the (Core)ModelPatcher.
+    fp8_matmul: core's "fp8_e4m3fn_fast" (UNETLoader sets the same model_config optimization), fp8 matrix
+    multiplication where the GPU supports it (comfy.ops.pick_operations), plain fp8 storage elsewhere."""
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     supported = model_config_class.supported_inference_dtypes
@@ -166,18 +176,20 @@ def build_patcher(model_config_class, unet_config: dict, sd: dict, weight_dtype:
     model_config = model_config_class(unet_config, *args)
     model_config.set_inference_dtype(weight_dtype, manual_cast)
     model_config.unet_config["dtype"] = weight_dtype
+    model_config.optimizations["fp8"] = fp8_matmul
     model = model_config.get_model(device=offload_device)
     load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)
 
 
 def build_stdit3_patcher(
-    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None
+    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None, fp8_matmul: bool = False
 ) -> comfy.model_patcher.ModelPatcher:
     """The ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
     unet_config = {"config": config, "version": version}
+    what = f"the {version} STDiT3"
     return build_patcher(
-        OpenSoraModelConfig, unet_config, sd, weight_dtype, f"the {version} STDiT3", LATENT_FORMATS[version]
+        OpenSoraModelConfig, unet_config, sd, weight_dtype, what, LATENT_FORMATS[version], fp8_matmul=fp8_matmul
     )
 
 

@@ -227,9 +227,11 @@ def mmdit_config(config_values: dict) -> MMDiTConfig:
     return MMDiTConfig.from_dict({k: v for k, v in config_values.items() if k in CONFIG_FIELDS})
 
 
-def build_mmdit_patcher(sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None):
+def build_mmdit_patcher(
+    sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None, fp8_matmul: bool = False
+):
     """Build the ComfyUI MODEL for an Open-Sora 2.0 MMDiT state dict (already detected as "mmdit"); the DC-AE
     variant gets the DC-AE latent format, the others the HunyuanVideo one."""
     config = mmdit_config(config_values)
     model_config = OpenSoraV2DCAEModelConfig if autoencoder_of(config) == "dc_ae" else OpenSoraV2ModelConfig
-    return build_patcher(model_config, {"config": config}, sd, weight_dtype, info.description)
+    return build_patcher(model_config, {"config": config}, sd, weight_dtype, info.description, fp8_matmul=fp8_matmul)
