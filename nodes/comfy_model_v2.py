@@ -100,9 +100,13 @@ class ComfyMMDiT(MMDiT):
         if config.guidance_embed and guidance is None:
             raise ValueError("this MMDiT has a guidance embedding: add guidance to the conditioning (FluxGuidance)")
         padded_h, padded_w = x.shape[-2:]
+        img = pack(x, patch)
+        block_replace = dit_block_patches(
+            transformer_options, len(self.double_blocks), len(self.single_blocks), context.shape[1], img.shape[1]
+        )
         out = MMDiT.forward(
             self,
-            img=pack(x, patch),
+            img=img,
             img_ids=image_ids(frames, padded_h, padded_w, patch, device=x.device).to(x.dtype),
             txt=context.to(x.dtype),
             txt_ids=text_ids(context.shape[1], device=x.device).to(x.dtype),
@@ -110,7 +114,7 @@ class ComfyMMDiT(MMDiT):
             y_vec=y_vec.to(x.dtype),
             cond=pack(cond.to(x.dtype), patch),
             guidance=None if guidance is None else guidance.float(),
-            block_replace=dit_block_patches(transformer_options, len(self.double_blocks), len(self.single_blocks)),
+            block_replace=block_replace,
         )
         return unpack(out, frames, padded_h, padded_w, patch)[..., :height, :width]
 
@@ -118,11 +122,14 @@ class ComfyMMDiT(MMDiT):
 BLOCK_TYPES = {"double_block": "double", "single_block": "single"}
 
 
-def dit_block_patches(transformer_options: dict | None, double_blocks: int, single_blocks: int) -> dict:
+def dit_block_patches(
+    transformer_options: dict | None, double_blocks: int, single_blocks: int, text_tokens: int, image_tokens: int
+) -> dict:
     """Core's "dit" block replacements (transformer_options["patches_replace"]["dit"][("double_block", i)] or
     ("single_block", i), as set by set_model_patch_replace / SkipLayerGuidanceDiT) for MMDiT.forward. Each patch gets
     the args core's Flux gives it: also "attn_mask" (None: the MMDiT attends to every token) and its own copy of
-    transformer_options with block_type / block_index / total_blocks. Other keys are for other models: ignored."""
+    transformer_options with block_type / block_index / total_blocks (and img_slice, where the image tokens sit in a
+    single block's joint sequence). Other keys are for other models: ignored."""
     options = transformer_options or {}
     patches = options.get("patches_replace", {}).get("dit", {})
     totals = {"double_block": double_blocks, "single_block": single_blocks}
@@ -135,13 +142,26 @@ def dit_block_patches(transformer_options: dict | None, double_blocks: int, sing
                 "block_index": key[1],
                 "total_blocks": totals[key[0]],
             }
+            if key[0] == "single_block":
+                block_options["img_slice"] = [text_tokens, text_tokens + image_tokens]
             replace[key] = _with_core_args(patch, block_options)
     return replace
 
 
 def _with_core_args(patch, block_options: dict):
     def call(args: dict, extra: dict) -> dict:
-        return patch({**args, "attn_mask": None, "transformer_options": block_options}, extra)
+        original_block = extra["original_block"]
+
+        def checked_original(block_args: dict) -> dict:
+            if block_args.get("attn_mask") is not None:
+                raise ValueError(
+                    "A block patch passed an attention mask to the Open-Sora 2.0 MMDiT block, which attends to every "
+                    "token and takes no mask (the official model has none); this patch is not supported here."
+                )
+            return original_block(block_args)
+
+        core_args = {**args, "attn_mask": None, "transformer_options": block_options}
+        return patch(core_args, {**extra, "original_block": checked_original})
 
     return call
 

@@ -14,7 +14,7 @@ import torch
 
 from ..opensora_lib import rflow
 from .common import CATEGORY
-from .guider_hooks import post_cfg, run_passes
+from .guider_hooks import post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
     CFG_INPUT,
@@ -84,13 +84,14 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
             names += ["negative", "negative_image"]
         elif text_scale != 1.0:
             names.append("negative")
-        denoised = run_passes(self, names, x, timestep, model_options, text_scale)
+        run = with_negative(names, model_options)
+        denoised = run_passes(self, run, x, timestep, model_options, text_scale)
         sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()
-        velocities = [(d.float() - x.float()) / sigma for d in denoised]  # 1.x convention: x0 - noise
+        velocities = [(d.float() - x.float()) / sigma for d in denoised[: len(names)]]  # 1.x: x0 - noise
         v = rflow.guided_velocity(
             velocities, text_scale, image_scale, self.options.use_flaw_fix and not self.has_reference
         )
-        return post_cfg(self, names, denoised, x.float() + sigma * v, x, timestep, model_options, text_scale)
+        return post_cfg(self, run, denoised, x.float() + sigma * v, x, timestep, model_options, text_scale)
 
 
 class OpenSoraGuider:

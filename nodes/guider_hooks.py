@@ -5,7 +5,8 @@ Core's CFGGuider runs a MODEL's calc-cond-batch function, pre-CFG and post-CFG f
 SkipLayerGuidanceDiT / SkipLayerGuidanceDiTSimple are built from them. The Open-Sora Guiders run up to three
 passes (positive, negative text, negative image) and their own guidance formula, so the hooks see the text pair
 [positive, negative] exactly as core gives them [cond, uncond]: a skipped negative pass is None in "conds" and
-zeros in the outputs, as core's cfg-1 optimisation leaves it. The image-unconditional pass runs as usual. A
+zeros in the outputs, as core's cfg-1 optimisation leaves it (unless the MODEL sets disable_cfg1_optimization: then
+it runs, see with_negative). The image-unconditional pass runs as usual. A
 sampler_cfg_function replaces core's CFG formula, which Open-Sora's guidance replaces already: not applied, with
 one warning.
 """
@@ -19,6 +20,15 @@ import torch
 
 log = logging.getLogger("OpenSora")
 _warned: set[str] = set()
+
+
+def with_negative(names: list[str], model_options: dict) -> list[str]:
+    """The passes to run: `names` plus the negative text pass when the MODEL sets disable_cfg1_optimization (core
+    then computes uncond even at scale 1, for hooks that read it, e.g. the CFG++ samplers and SAG). The guidance
+    itself still uses only `names` (they come first), so its result does not change."""
+    if model_options.get("disable_cfg1_optimization", False) and "negative" not in names:
+        return [*names, "negative"]
+    return names
 
 
 def run_passes(

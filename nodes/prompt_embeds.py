@@ -25,9 +25,15 @@ FOLDER = "opensora_prompts"
 FORMAT, FORMAT_VERSION = "opensora_prompt_embeds", "1"
 
 
+# models/opensora_prompts as a model folder, so extra_model_paths.yaml can add more ("opensora_prompts: path").
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+
+
 def embed_dirs() -> list[str]:
-    """Where saved prompts are looked for: the output folder (where Save writes) first, then models/."""
-    return [os.path.join(folder_paths.get_output_directory(), FOLDER), os.path.join(folder_paths.models_dir, FOLDER)]
+    """Where saved prompts are looked for: the output folder (where Save writes) first, then the model folders
+    (a file of the same name in both is taken from the output folder)."""
+    return [os.path.join(folder_paths.get_output_directory(), FOLDER), *folder_paths.get_folder_paths(FOLDER)]
 
 
 def embed_files() -> list[str]:
@@ -68,13 +74,24 @@ def _plain(value, key: str):
 def save_conditioning(conditioning: list, path: str) -> None:
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("Nothing to save: the conditioning is empty.")
-    tensors, entries = {}, []
+    tensors, entries, stored = {}, [], set()
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        # entries often share a tensor (core's ConditioningSetTimestepRange / Combine); safetensors refuses shared
+        # memory, so a second sight of the same storage is saved as a copy
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in stored:
+            return tensor.clone()
+        stored.add(pointer)
+        return tensor
+
     for index, (cond, extras) in enumerate(conditioning):
-        tensors[f"{index}.cond"] = cond.detach().cpu().contiguous()
+        tensors[f"{index}.cond"] = own(cond)
         entry = {"tensors": [], "values": {}}
         for key, value in extras.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.extra.{key}"] = own(value)
                 entry["tensors"].append(key)
             else:
                 entry["values"][key] = _plain(value, key)
@@ -97,15 +114,21 @@ def load_conditioning(path: str) -> list:
                 f"{path} was saved in prompt format version {metadata.get('format_version')!r}; this pack reads "
                 f"version {FORMAT_VERSION}: update the pack or save the prompt again"
             )
+        try:
+            entries = json.loads(metadata["entries"])
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is damaged: its prompt metadata is unreadable ({error})") from None
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{path} is damaged: it lists no conditioning entries")
         available = set(f.keys())
         conditioning = []
-        for index, entry in enumerate(json.loads(metadata["entries"])):
-            names = [f"{index}.cond"] + [f"{index}.{key}" for key in entry["tensors"]]
+        for index, entry in enumerate(entries):
+            names = [f"{index}.cond"] + [f"{index}.extra.{key}" for key in entry["tensors"]]
             missing = [name for name in names if name not in available]
             if missing:
                 raise ValueError(f"{path} is damaged: tensor(s) {missing} listed in its metadata are missing")
             extras = dict(entry["values"])
-            extras.update({key: f.get_tensor(f"{index}.{key}") for key in entry["tensors"]})
+            extras.update({key: f.get_tensor(f"{index}.extra.{key}") for key in entry["tensors"]})
             conditioning.append([f.get_tensor(f"{index}.cond"), extras])
     return conditioning
 

@@ -118,7 +118,8 @@ def warn_sampling_hooks(model_options: dict) -> list[str]:
         log.warning(
             "OpenSora: the Open-Sora Sampler node does not run this MODEL's sampling hooks (%s, e.g. from "
             "SkipLayerGuidanceDiT): sample with the Open-Sora Guider + Open-Sora Sigmas in core's "
-            "SamplerCustomAdvanced, which runs them.",
+            "SamplerCustomAdvanced, which runs them (all but a sampler_cfg_function: Open-Sora's guidance replaces "
+            "the CFG formula).",
             ", ".join(names),
         )
     return names
@@ -340,6 +341,12 @@ class OpenSoraSampler:
         return (result,)
 
 
+def flow_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """SIGMAS for core's samplers: the shifted schedule's first value can round to 1.0000001 in float32, and core's
+    half-log-SNR samplers (CFG++, dpmpp_*_sde, res_multistep) take logit(sigma), NaN above 1; clamp it to 1."""
+    return sigmas.clamp(max=1.0)
+
+
 class OpenSoraSigmas:
     @classmethod
     def INPUT_TYPES(cls):
@@ -378,7 +385,7 @@ class OpenSoraSigmas:
             info["version"],
             use_timestep_transform=timestep_transform,
         )
-        return (torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float(),)
+        return (flow_sigmas(torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float()),)
 
 
 NODE_CLASS_MAPPINGS = {"OpenSoraSampler": OpenSoraSampler, "OpenSoraSigmas": OpenSoraSigmas}

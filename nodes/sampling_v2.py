@@ -47,10 +47,10 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
-from .guider_hooks import post_cfg, run_passes
+from .guider_hooks import post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
-from .sampling import diffusion_model_runner
+from .sampling import diffusion_model_runner, flow_sigmas
 
 log = logging.getLogger("OpenSora")
 
@@ -292,7 +292,7 @@ def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
     autoencoder = latent_autoencoder(info)
     frames, _, _ = sizes.latent_shape("2.0", info["num_frames"], info["height"], info["width"], autoencoder=autoencoder)
     tokens = sizes.tokens_per_frame("2.0", info["height"], info["width"], autoencoder=autoencoder)
-    return v2_timesteps(steps, tokens, frames, shift=bool(shift)).float()
+    return flow_sigmas(v2_timesteps(steps, tokens, frames, shift=bool(shift)).float())
 
 
 # ---------------------------------------------------------------------------------------------- GUIDER
@@ -346,14 +346,14 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         step = self.step_index(timestep)
         text_scale, image_scale = step_scales(step, self.options, self.cond_type, x.shape[2])
         passes = needed_passes(self.cond_type, text_scale, image_scale)
-        names = [GUIDER_CONDS[name] for name in passes]
-        denoised = run_passes(self, names, x, timestep, model_options, text_scale)
+        run = with_negative([GUIDER_CONDS[name] for name in passes], model_options)
+        denoised = run_passes(self, run, x, timestep, model_options, text_scale)
         sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()
         outputs = {name: (x.float() - d.float()) / sigma for name, d in zip(passes, denoised)}
         if torch.is_tensor(image_scale):  # per latent frame
             image_scale = image_scale.to(x.device, torch.float32).reshape(1, 1, -1, 1, 1)
         guided = x.float() - sigma * guided_velocity(outputs, passes, text_scale, image_scale)
-        return post_cfg(self, names, denoised, guided, x, timestep, model_options, text_scale)
+        return post_cfg(self, run, denoised, guided, x, timestep, model_options, text_scale)
 
 
 def guider_v2(

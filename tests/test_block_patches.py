@@ -141,11 +141,11 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         mm.unload_all_models()
         return out["samples"]
 
-    def guided(m, i2v=False):  # Open-Sora Guider + Sigmas + euler in core's SamplerCustomAdvanced
+    def guided(m, i2v=False, sampler_name="euler"):  # Open-Sora Guider + Sigmas + a core sampler (euler: reference)
         lat = latent_for(i2v)
         (g,) = guider.OpenSoraGuider().get_guider(m, positive, negative, lat, CFG, IMAGE_CFG)
         (sigmas,) = sampling.OpenSoraSigmas().sigmas(lat, STEPS)
-        noise, euler = result_of(RandomNoise.execute(SEED)), result_of(KSamplerSelect.execute("euler"))
+        noise, euler = result_of(RandomNoise.execute(SEED)), result_of(KSamplerSelect.execute(sampler_name))
         out = result_of(SamplerCustomAdvanced.execute(noise, g, euler, sigmas, lat))
         mm.unload_all_models()
         return out["samples"]
@@ -193,6 +193,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
                 "keys": sorted(args),
                 "attn_mask": args["attn_mask"] is None,
                 "where": [options.get("block_type"), options.get("block_index"), options.get("total_blocks")],
+                "img_slice": options.get("img_slice"),
             }
         )
         return extra["original_block"](args)
@@ -262,7 +263,35 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
     recorder = model.clone()
     recorder.set_model_sampler_post_cfg_function(recording_post_cfg)
-    results["post_cfg_identity"] = {**compare(guided(recorder), plain["guider t2v"]), "calls": recorded}
+    results["post_cfg_identity"] = {**compare(guided(recorder), plain["guider t2v"]), "calls": list(recorded)}
+
+    # disable_cfg1_optimization (set by CFG++ samplers' hooks, SAG): the negative pass runs on every step, for the
+    # hooks; the guidance still uses only the passes it needs
+    recorded.clear()
+    cfg1 = model.clone()
+    cfg1.set_model_sampler_post_cfg_function(recording_post_cfg, disable_cfg1_optimization=True)
+    out = guided(cfg1)
+    results["post_cfg_cfg1"] = {**compare(out, plain["guider t2v"]), "calls": list(recorded)}
+    results["post_cfg_cfg1"]["magnitude"] = float(plain["guider t2v"].abs().mean())
+    # core samplers that take logit(sigma) (CFG++, SDE) need sigma <= 1 on the first step
+    results["first_sigma"] = results["slg"]["sigmas"][0]
+    cfg_pp = guided(model, sampler_name="euler_cfg_pp")
+    sde = guided(model, sampler_name="dpmpp_2m_sde")
+    results["other_samplers_finite"] = {"euler_cfg_pp": bool(torch.isfinite(cfg_pp).all())}
+    results["other_samplers_finite"]["dpmpp_2m_sde"] = bool(torch.isfinite(sde).all())
+
+    # a patch that hands the block an attention mask: refused with a clear error (the MMDiT takes none)
+    def masking(args, extra):
+        return extra["original_block"]({**args, "attn_mask": torch.ones(1)})
+
+    masked = model.clone()
+    masked.set_model_patch_replace(masking, "dit", "double_block", 0)
+    try:
+        sampler_node(masked)
+        results["mask_patch_error"] = "no error"
+    except ValueError as error:
+        results["mask_patch_error"] = str(error)
+    mm.unload_all_models()
 
     # -- (c) SkipLayerGuidanceDiTSimple: a calc-cond-batch function on the [positive, negative] pair
     simple = result_of(SkipLayerGuidanceDiTSimple.execute(model, 0.0, 1.0, *SLG_LAYERS))
@@ -370,10 +399,13 @@ def test_pass_through_patches_are_bit_identical(measured):
         "keys": ["attn_mask", "img", "pe", "transformer_options", "txt", "vec"],
         "attn_mask": True,
         "where": ["double", 0, 2],
+        "img_slice": None,
     }
     assert args[1]["where"] == ["double", 1, 2]
     assert args[2]["keys"] == ["attn_mask", "img", "pe", "transformer_options", "vec"]
     assert args[2]["where"] == ["single", 1, 2]
+    # where the image tokens sit in the single blocks' joint sequence: after the 7 T5 tokens, 3 x 3 x 4 of them
+    assert args[2]["img_slice"] == [7, 7 + 36] and args[0]["img_slice"] is None
     # the Sampler node batches the guidance passes: one call of each of the 3 patches per step
     assert measured["pass_through"]["sampler t2v"]["patch_calls"] == 3 * STEPS
 
@@ -390,7 +422,7 @@ def test_skip_layer_guidance_with_the_open_sora_guider(measured):
     plain, slg = measured["guider_plain_counts"], measured["slg"]
     assert slg["finite"] and slg["vs_plain"] > 1e-3
     # one extra model call per step in core's window, in which double 1 and single 0 are skipped
-    assert slg["steps_in_window"] >= STEPS - 1, slg["sigmas"]
+    assert slg["steps_in_window"] == STEPS, slg["sigmas"]
     assert slg["counts"]["double 0"] == plain["double 0"] + slg["steps_in_window"]
     assert slg["counts"]["single 1"] == plain["single 1"] + slg["steps_in_window"]
     assert slg["counts"]["double 1"] == plain["double 1"] and slg["counts"]["single 0"] == plain["single 0"]
@@ -407,11 +439,11 @@ def test_skip_layer_guidance_with_the_open_sora_guider(measured):
 def test_skip_layer_guidance_simple_with_the_open_sora_guider(measured):
     simple, plain, sigmas = measured["slg_simple"], measured["guider_plain_counts"], measured["slg"]["sigmas"]
     assert simple["vs_plain"] > 1e-3
-    # in core's window (sigma <= 1.0: the schedule's first sigma is 1.0000001 in float32) the handler runs the
-    # positive and negative passes as separate calls, the negative one without double 1 / single 0; step 11 (odd,
-    # past step 10) has no negative pass
+    # in core's window (sigma <= 1.0: every step, the Sigmas clamp the first to 1.0) the handler runs the positive
+    # and negative passes as separate calls, the negative one without double 1 / single 0; step 11 (odd, past step
+    # 10) has no negative pass
     split_steps = sum(1 for step, sigma in enumerate(sigmas) if sigma <= 1.0 and step != 11)
-    assert plain["double 0"] == STEPS and split_steps == 10, sigmas
+    assert plain["double 0"] == STEPS and split_steps == 11, sigmas
     assert simple["counts"]["double 0"] == STEPS + split_steps and simple["counts"]["single 1"] == STEPS + split_steps
     assert simple["counts"]["double 1"] == STEPS and simple["counts"]["single 0"] == STEPS
 
@@ -448,3 +480,20 @@ def test_stdit3_ignores_dit_patches_with_one_warning(measured):
     values = measured["v13_dit_patch"]
     assert values["equal"] and values["again_equal"], values["max_abs_diff"]
     assert len(values["warnings"]) == 1 and "not applied to the Open-Sora 1.x STDiT3" in values["warnings"][0]
+
+
+def test_disable_cfg1_optimization_runs_the_negative_pass_for_hooks(measured):
+    values = measured["post_cfg_cfg1"]
+    calls = values["calls"]
+    assert len(calls) == STEPS and not any(c["uncond_is_none"] or c["uncond_zero"] for c in calls)
+    # the guidance is unchanged (step 11 still uses the positive pass alone; batching may round differently)
+    assert values["max_abs_diff"] <= 1e-5 * max(1.0, values["magnitude"]), values
+
+
+def test_sigmas_suit_core_samplers_that_take_logit_sigma(measured):
+    assert measured["first_sigma"] == 1.0  # the float32 schedule rounds to 1.0000001 without the clamp
+    assert measured["other_samplers_finite"] == {"euler_cfg_pp": True, "dpmpp_2m_sde": True}
+
+
+def test_block_patch_passing_an_attention_mask_is_refused(measured):
+    assert "attention mask" in measured["mask_patch_error"] and "takes no mask" in measured["mask_patch_error"]

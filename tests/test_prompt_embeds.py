@@ -34,6 +34,10 @@ def _conditionings() -> dict:
             [torch.randn(1, 300, 48, generator=gen), {"attention_mask": mask, "opensora_version": "1.3", "fps": 24}]
         ],
         "1.3 null": [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": "1.3"}]],
+        "shared tensors": [  # core's ConditioningSetTimestepRange + Combine keep one tensor in both entries
+            [shared := torch.randn(1, 4, 8, generator=gen), {"start_percent": 0.0, "end_percent": 0.5}],
+            [shared, {"start_percent": 0.5, "end_percent": 1.0, "cond": shared[:, :2]}],
+        ],
         "two entries": [
             [torch.randn(1, 4, 8, generator=gen), {"start_percent": 0.25, "area": (8, 8, 0, 0), "strength": 1.0}],
             [torch.randn(1, 4, 8, generator=gen), {"opensora_text": "", "nested": {"a": [1, 2.5, None]}}],
@@ -67,7 +71,7 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
 
     work = Path(work_dir)
     folder_paths.set_output_directory(str(work / "output"))
-    folder_paths.models_dir = str(work / "models")
+    folder_paths.add_model_folder_path(embeds.FOLDER, str(work / "models" / embeds.FOLDER), is_default=True)
     save, load = embeds.OpenSoraSavePromptEmbeds(), embeds.OpenSoraLoadPromptEmbeds()
     results: dict = {"round_trip": {}}
 
@@ -105,6 +109,11 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     embeds.save_conditioning(_conditionings()["2.0"], str(good))
     (folder / "cut.safetensors").write_bytes(good.read_bytes()[:-100])
     (folder / "pickle.safetensors").write_bytes(b"\x80\x02}q\x00." + bytes(64))
+    embeds.save_conditioning(_conditionings()["2.0"], str(work / "models" / "outside.safetensors"))  # a real file
+    no_entries = {"format": embeds.FORMAT, "format_version": "1"}
+    save_file({"0.cond": torch.zeros(1)}, str(folder / "no_entries.safetensors"), metadata=no_entries)
+    metadata = {"format": embeds.FORMAT, "format_version": "1", "entries": "[]"}
+    save_file({"0.cond": torch.zeros(1)}, str(folder / "empty_entries.safetensors"), metadata=metadata)
     results["errors"] = {
         "object": error_of(lambda: save.save([[torch.zeros(1, 2, 3), {"control": object()}]], "bad")),
         "empty": error_of(lambda: save.save([], "bad")),
@@ -112,6 +121,8 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
         "truncated": error_of(lambda: load.load("cut.safetensors")),
         "pickle": error_of(lambda: load.load("pickle.safetensors")),
         "outside": error_of(lambda: load.load("../outside.safetensors")),
+        "no_entries": error_of(lambda: load.load("no_entries.safetensors")),
+        "empty_entries": error_of(lambda: load.load("empty_entries.safetensors")),
         "missing": error_of(lambda: load.load("missing.safetensors")),
     }
     Path(out_path).write_text(json.dumps(results))
@@ -144,7 +155,10 @@ def test_bad_input_gets_specific_errors(measured):
     assert "is not a saved Open-Sora prompt" in errors["foreign"]
     assert "truncated" in errors["truncated"]
     assert "pickle" in errors["pickle"]
+    # a valid prompt file exists at models/outside.safetensors: the name must not reach out of the prompt folders
     assert errors["outside"].startswith("FileNotFoundError") and "not found" in errors["outside"]
+    assert "damaged" in errors["no_entries"] and "unreadable" in errors["no_entries"]
+    assert "damaged" in errors["empty_entries"] and "no conditioning entries" in errors["empty_entries"]
     assert errors["missing"].startswith("FileNotFoundError") and "not found" in errors["missing"]
 
 
