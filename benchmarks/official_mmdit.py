@@ -179,6 +179,10 @@ def _missing(name: str) -> bool:
 def install_shims(liger: str) -> dict[str, str]:
     """Install the replacements described in the module docstring; returns what each name resolves to."""
     used = {"flash_attn": "shim: torch SDPA (default kernel choice)"}
+    # transformers asks importlib.util.find_spec("flash_attn") when its modeling code is first imported (the official
+    # sampling module reaches it through peft), which raises on a stub module: import it before the stub exists.
+    with contextlib.suppress(ImportError):
+        import transformers.modeling_utils  # noqa: F401
     _install("flash_attn", flash_attn_func=flash_attn_func)
     if liger == "real":
         import liger_kernel.ops.rms_norm  # noqa: F401  (raises here if the wheel is not installed)
