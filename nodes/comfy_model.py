@@ -10,8 +10,6 @@ Open-Sora 2.0 predicts exactly that; 1.x predicts x0 - noise on t = 1000*sigma, 
 
 from __future__ import annotations
 
-import logging
-
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
@@ -22,9 +20,7 @@ import comfy.supported_models_base
 import torch
 
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import activation_memory
-
-log = logging.getLogger("OpenSora")
+from .common import activation_memory, warn_once
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -76,18 +72,14 @@ class ComfySTDiT3(STDiT3):
         return -out[:, :channels]  # 1.x predicts x0 - noise; core's CONST expects noise - x0
 
 
-_WARNED: set[str] = set()
-
-
 def warn_block_patches_ignored() -> None:
     """Core's "dit" block patches (e.g. from SkipLayerGuidanceDiT) name Flux-style double / single blocks; the
     STDiT3 has spatial / temporal block pairs, so they are not applied: say so once instead of silently."""
-    if "dit" not in _WARNED:
-        _WARNED.add("dit")
-        log.warning(
-            "OpenSora: block patches (patches_replace 'dit', e.g. SkipLayerGuidanceDiT) are not applied to the "
-            "Open-Sora 1.x STDiT3; they work with the 2.0 MMDiT"
-        )
+    warn_once(
+        "stdit3 dit patches",
+        "OpenSora: block patches (patches_replace 'dit', e.g. SkipLayerGuidanceDiT) are not applied to the "
+        "Open-Sora 1.x STDiT3; they work with the 2.0 MMDiT",
+    )
 
 
 def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.model_management
@@ -12,6 +13,16 @@ import torch
 
 CATEGORY = "OpenSora"
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log `message` as a warning the first time `key` is seen in this process (for per-step conditions)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.getLogger("OpenSora").warning(message)
+
 
 WEIGHT_DTYPES = {
     "default": None,

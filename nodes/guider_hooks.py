@@ -13,13 +13,10 @@ one warning.
 
 from __future__ import annotations
 
-import logging
-
 import comfy.samplers
 import torch
 
-log = logging.getLogger("OpenSora")
-_warned: set[str] = set()
+from .common import warn_once
 
 
 def with_negative(names: list[str], model_options: dict) -> list[str]:
@@ -38,10 +35,10 @@ def run_passes(
     sampler_calc_cond_batch_function and sampler_pre_cfg_functions when it has them."""
     handler = model_options.get("sampler_calc_cond_batch_function")
     pre_cfg = model_options.get("sampler_pre_cfg_function", [])
-    if "sampler_cfg_function" in model_options and "cfg_function" not in _warned:
-        _warned.add("cfg_function")
-        log.warning(
-            "Open-Sora Guider: the MODEL's sampler_cfg_function is not applied (Open-Sora guidance replaces it)"
+    if "sampler_cfg_function" in model_options:
+        warn_once(
+            "guider cfg_function",
+            "Open-Sora Guider: the MODEL's sampler_cfg_function is not applied (Open-Sora guidance replaces it)",
         )
     model = guider.inner_model
     if handler is None and not pre_cfg:
