@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,17 @@ def run_probe(test_module: str, out: Path, models: Path, timeout: float = 600) -
     )
     assert result.returncode == 0, result.stderr[-5000:]
     return json.loads(Path(out).read_text())
+
+
+@contextlib.contextmanager
+def pack_warnings():
+    """Collects the messages of the warnings the pack logs ("OpenSora" logger) inside the block into a list."""
+    messages: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("OpenSora")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

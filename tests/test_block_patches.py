@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import pack_warnings, run_probe
 
 REPO = Path(__file__).resolve().parent.parent
 DIT_FILE = "opensora-tiny-v2-4blocks.safetensors"
@@ -102,7 +102,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     """Runs inside ComfyUI (--cpu). Writes {check: value} to out_path."""
     import contextlib
     import json
-    import logging
 
     import comfy.model_management as mm
     import folder_paths
@@ -331,23 +330,15 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     results["ksampler_plain_counts"] = dict(counts)
 
     # -- (e) a sampler_cfg_function: not applied by the Guider, one warning
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("OpenSora").addHandler(handler)
     cfg_fn = model.clone()
     cfg_fn.set_model_sampler_cfg_function(lambda args: args["cond"] * 0.0)
-    try:
+    with pack_warnings() as warnings:
         out = guided(cfg_fn)
-        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-        results["cfg_function"] = {**compare(out, plain["guider t2v"]), "warnings": warnings}
-        # (f) the Sampler node runs no sampling hooks: SLG there leaves the output alone, with one warning
-        records.clear()
+    results["cfg_function"] = {**compare(out, plain["guider t2v"]), "warnings": warnings}
+    # (f) the Sampler node runs no sampling hooks: SLG there leaves the output alone, with one warning
+    with pack_warnings() as warnings:
         out = sampler_node(slg(3.0))
-        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-        results["sampler_slg"] = {**compare(out, plain["sampler t2v"]), "warnings": warnings}
-    finally:
-        logging.getLogger("OpenSora").removeHandler(handler)
+    results["sampler_slg"] = {**compare(out, plain["sampler t2v"]), "warnings": warnings}
 
     # (g) 1.x: the STDiT3 has no double / single blocks; "dit" patches are not applied, with one warning
     (v13,) = loaders.OpenSoraLoadDiT().load(V13_FILE, "fp32")
@@ -362,13 +353,8 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
     v13_skip = v13.clone()
     v13_skip.set_model_patch_replace(skip, "dit", "double_block", 0)
-    records.clear()
-    logging.getLogger("OpenSora").addHandler(handler)
-    try:
+    with pack_warnings() as warnings:
         base, out, again = v13_sample(v13), v13_sample(v13_skip), v13_sample(v13_skip)
-    finally:
-        logging.getLogger("OpenSora").removeHandler(handler)
-    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     results["v13_dit_patch"] = {
         **compare(out, base),
         "again_equal": bool(torch.equal(again, base)),

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import pack_warnings, run_probe
 from helpers_conditioning import random_conditioning
 
 REPO = Path(__file__).resolve().parent.parent
@@ -292,7 +292,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 def easycache_probe(models, inputs, latent_for, sample, reference) -> dict:  # noqa: C901 (one measurement each)
     """(d) core's EasyCache node: a DIFFUSION_MODEL wrapper plus core sampler state, on core's paths and the node."""
     import contextlib
-    import logging
 
     import comfy.model_management as mm
     import torch
@@ -380,26 +379,17 @@ def easycache_probe(models, inputs, latent_for, sample, reference) -> dict:  # n
         results[f"{version} ksampler"] = measure(ksampler, version)
 
     # the pack's Sampler node: no crash, one warning, the output without EasyCache
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("OpenSora").addHandler(handler)
-    try:
-        for version in ("1.3", "2.0"):
-            for i2v in (False, True):
-                key = f"{version} {'i2v' if i2v else 't2v'}"
-                records.clear()
-                with counting(family[version]) as calls:
-                    out = sample(with_easycache(models[version]), version, i2v)
-                warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-                results[f"sampler {key}"] = {
-                    "equal": bool(torch.equal(out, reference[key])),
-                    "calls": calls["calls"],
-                    "steps": STEPS[version],
-                    "warnings": warnings,
-                }
-    finally:
-        logging.getLogger("OpenSora").removeHandler(handler)
+    for version in ("1.3", "2.0"):
+        for i2v in (False, True):
+            key = f"{version} {'i2v' if i2v else 't2v'}"
+            with counting(family[version]) as calls, pack_warnings() as warnings:
+                out = sample(with_easycache(models[version]), version, i2v)
+            results[f"sampler {key}"] = {
+                "equal": bool(torch.equal(out, reference[key])),
+                "calls": calls["calls"],
+                "steps": STEPS[version],
+                "warnings": warnings,
+            }
     return results
 
 
