@@ -302,10 +302,12 @@ def cudnn_probes(config: MMDiTConfig, sizes: list[VideoSize], text_tokens: int, 
 
 
 def compile_blocks(model: MMDiT, backend: str) -> None:
-    """torch.compile each block in place: the blocks of one kind share their code, so each kind compiles once per
-    input shape (the first warm-up call of a shape is untimed; a second batch size makes the shapes dynamic)."""
+    """torch.compile each block in place with static shapes: the blocks of one kind share their code, so each kind
+    compiles once per input shape (every new shape's first call is untimed). Static, because automatic dynamic
+    shapes would turn the sequence length symbolic once a second resolution runs in the process; a user's
+    TorchCompileModel sees one resolution per run (only the batch rows change)."""
     for block in (*model.double_blocks, *model.single_blocks):
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -348,9 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_blocks != "off":
         compile_blocks(model, args.compile_blocks)
         env["compiled_blocks"] = args.compile_blocks
-    warmed: set[int] = set()
+    warmed: set = set()
     for size in runs.forward:
-        warmup = warmup_calls(args.warmup, size.batch, warmed)
+        key = size.batch if args.compile_blocks == "off" else (size.batch, size.label, size.num_frames)
+        warmup = warmup_calls(args.warmup, key, warmed)
         results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak, warmup))
     for size in runs.sampler:
         for cond_type in args.cond_types:

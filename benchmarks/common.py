@@ -15,7 +15,7 @@ import platform
 import re
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,12 +262,13 @@ def measure(
     return timing, out
 
 
-def warmup_calls(requested: int, batch: int, warmed: set[int]) -> int:
-    """Warm-up calls for a forward of `batch` rows: `requested` the first time, 0 once a forward of that batch size
-    ran in this process (the same kernels: nothing left to compile or autotune; a new sequence length only picks
-    cuBLAS heuristics, and the cudnn probe already planned its attention). Saves an untimed 10 s 768px call."""
-    calls = 0 if batch in warmed else requested
-    warmed.add(batch)
+def warmup_calls(requested: int, key: Hashable, warmed: set) -> int:
+    """Warm-up calls for a forward keyed `key`: `requested` the first time, 0 once a forward of that key ran in this
+    process. Eager code keys on the batch size (the same kernels: nothing left to compile or autotune; a new sequence
+    length only picks cuBLAS heuristics, and the cudnn probe already planned its attention), which saves an untimed
+    10 s 768px call; torch.compile'd code keys on the whole shape (every new shape compiles)."""
+    calls = 0 if key in warmed else requested
+    warmed.add(key)
     return calls
 
 

@@ -17,12 +17,13 @@
 #   2. official    official_mmdit: float32 + bf16 agreement (~15 s), compile + Liger JIT (~30 s), forwards
 #                  (~35 s), the official 50-step t2v and i2v (150 passes each, ~63 s each)      ~215 s
 #   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps), if the file exists  ~40 s (cap 150)
-#   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and the 50-step
-#                  t2v with every block compiled (as TorchCompileModel gives users)            ~150 s (cap 200)
+#   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
+#                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
+#                  new shape compiled in an untimed call (~13-17 s each, 5 shapes)               ~170 s (cap 240)
 #   5. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~45 s
 #   6. stdit3      bench_stdit3 forwards (no sampler runs), only with time left                  ~60 s
-# Expected: steps 1-5 ~550 s against the 540 s budget, so 5 may be cut short and 6 (STDiT3 was measured in an
-# earlier session) is usually skipped. bench_vae.py (also measured then) is not part of the session.
+# Expected (the 2026-11-28 H200 run took 101 / 21 (failed) / 52 / 119 / 26 / 44 s): steps 1-4 ~540 s against the
+# 540 s budget, so 5 may be cut short and 6 (STDiT3 was measured in an earlier session) is usually skipped. bench_vae.py (also measured then) is not part of the session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -135,13 +136,13 @@ fi
 
 official_ready
 # 4. Ours with cuDNN attention and every block torch.compile'd (core's TorchCompileModel gives users the same):
-#    the forwards and the 50-step t2v. Dry run: the eager backend (the code path, no inductor build on a CPU).
+#    the forwards and both 50-step runs. Dry run: the eager backend (the code path, no inductor build on a CPU).
 if ((DRY)); then
     step ours_compiled 60 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
-        --compile-blocks eager --cond-types t2v "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
+        --compile-blocks eager "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
 else
-    step ours_compiled 200 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
-        --compile-blocks inductor --cond-types t2v "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
+    step ours_compiled 240 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
+        --compile-blocks inductor "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
 fi
 
 # 5. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
