@@ -275,10 +275,8 @@ def test_warmup_only_for_the_first_forward_of_a_batch_size():
 def test_compiled_blocks_warm_up_every_new_shape(tmp_path):
     """With torch.compile'd blocks a new resolution at an already seen batch size compiles again: its first call
     must be untimed (a GPU session once timed a 768px recompile as the forward: 23.8 s for a 9 s forward)."""
-    payload = run_script(
-        "bench_mmdit", tmp_path, "--compile-blocks", "eager", "--forward", "64x96:9:1", "64x128:9:1",
-        "--steps", "0", "--error-size", "none",
-    )
+    extra = "--compile-blocks eager --forward 64x96:9:1 64x128:9:1 --steps 0 --error-size none".split()
+    payload = run_script("bench_mmdit", tmp_path, *extra)
     forwards = by_kind(payload, "forward")
     assert [(r["width"], r["batch"]) for r in forwards] == [(96, 1), (128, 1)]
     assert all(r["first_call_seconds"] is not None for r in forwards)  # each shape had its untimed call
