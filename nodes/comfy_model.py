@@ -20,7 +20,7 @@ import comfy.supported_models_base
 import torch
 
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import activation_memory, warn_once
+from .common import forward_memory, warn_once
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -116,10 +116,10 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         self.opensora_version = model_config.unet_config["version"]
 
     def memory_required(self, input_shape, cond_shapes=None) -> int:
-        """Activation bytes of one forward on a latent batch [B, C, T, H, W], for core's prepare_sampling (KSampler,
+        """Bytes of one forward on a latent batch [B, C, T, H, W], for core's prepare_sampling (KSampler,
         SamplerCustomAdvanced) and calc_cond_batch, which batches conds only while 1.5x this fits; the same
-        nodes.common.activation_memory the pack's Sampler node passes. The caption is cross-attention only."""
-        return activation_memory(self.diffusion_model, input_shape, 0, compute_dtype(self))
+        nodes.common.forward_memory the pack's Sampler node passes. The caption is cross-attention only."""
+        return forward_memory(self.diffusion_model, input_shape, 0, compute_dtype(self))
 
     def extra_conds(self, **kwargs):
         import comfy.conds

@@ -27,7 +27,7 @@ import torch
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
-from .common import activation_memory
+from .common import forward_memory
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
@@ -185,7 +185,7 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
     latent_format = comfy.latent_formats.HunyuanVideo
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
     # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
-    # OpenSoraV2Model replaces with the per-token estimate (nodes/common.activation_memory).
+    # OpenSoraV2Model replaces with the per-token estimate (nodes/common.forward_memory).
 
     def get_model(self, state_dict=None, prefix="", device=None):
         return OpenSoraV2Model(self, device=device)
@@ -204,9 +204,9 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         self.opensora_autoencoder = autoencoder_of(model_config.unet_config["config"])
 
     def memory_required(self, input_shape, cond_shapes=None) -> int:
-        """Activation bytes of one forward on a latent batch [B, C, T, H, W] (see OpenSoraModel.memory_required),
-        image tokens (patch 2, or 1 for the DC-AE variant) plus the T5 tokens of the conditioning."""
-        return activation_memory(self.diffusion_model, input_shape, text_tokens(cond_shapes), compute_dtype(self))
+        """Bytes of one forward on a latent batch [B, C, T, H, W] (see OpenSoraModel.memory_required), image
+        tokens (patch 2, or 1 for the DC-AE variant) plus the T5 tokens of the conditioning."""
+        return forward_memory(self.diffusion_model, input_shape, text_tokens(cond_shapes), compute_dtype(self))
 
     def extra_conds_shapes(self, **kwargs):
         """The T5 states' shape for core's estimate_memory (prepare_sampling), which passes these as cond_shapes."""

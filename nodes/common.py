@@ -130,6 +130,11 @@ class Progress:
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
 MMDIT_BYTES_PER_TOKEN = (11, 3)  # (x H, x M) in compute-dtype elements
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
+# What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
+# PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor
+# peak (reserved - allocated: 0.68 GiB there). Without it that 24 GiB run (10 steps, ComfyUI 0.3.75 partial
+# loading) needed 24.16 GiB; ComfyUI's own 0.4 GiB reserve did not cover both. Added once per forward estimate.
+FORWARD_WORKSPACE_BYTES = 512 * 2**20
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -158,13 +163,21 @@ def activation_memory(
     return batch * tokens * per_token * element
 
 
+def forward_memory(
+    diffusion_model: torch.nn.Module, latent_shape, text_tokens: int = 0, dtype: torch.dtype | None = None
+) -> int:
+    """VRAM to keep free for one forward (what ComfyUI's memory manager is told): the activation estimate plus the
+    workspace margin."""
+    return activation_memory(diffusion_model, latent_shape, text_tokens, dtype) + FORWARD_WORKSPACE_BYTES
+
+
 def load_for_sampling(
     model, noise_shape=None, passes: int = 1, text_tokens: int = 0
 ) -> tuple[torch.device, torch.dtype]:
     """Put the DiT on its device through the memory manager; return (device, compute dtype).
 
-    With noise_shape [B, C, T, H, W], ComfyUI is told the activation memory of the largest forward the sampler
-    runs (B x passes rows: the guidance passes are batched), as core's sampling does with
+    With noise_shape [B, C, T, H, W], ComfyUI is told the memory of the largest forward the sampler runs
+    (forward_memory of B x passes rows: the guidance passes are batched), as core's sampling does with
     BaseModel.memory_required, so partial loading leaves that much VRAM free instead of filling it with weights.
     It is also the minimum: unlike core's calc_cond_batch, the samplers cannot split a batch when memory is short.
     """
@@ -173,6 +186,6 @@ def load_for_sampling(
         comfy.model_management.load_models_gpu([model])
     else:
         shape = (int(noise_shape[0]) * passes, *noise_shape[1:])
-        required = activation_memory(model.model.diffusion_model, shape, text_tokens, dtype)
+        required = forward_memory(model.model.diffusion_model, shape, text_tokens, dtype)
         comfy.model_management.load_models_gpu([model], memory_required=required, minimum_memory_required=required)
     return model.load_device, dtype

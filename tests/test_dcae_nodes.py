@@ -82,7 +82,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     }
     # memory_required (what core plans with; the memory_usage_factor attributes are no longer read): a DC-AE latent
     # [2, 128, 8, 6, 10] with 7 T5 tokens per row, vs activation_memory and the per-token formula by hand
-    from opensora_pack.nodes.common import MMDIT_BYTES_PER_TOKEN, activation_memory
+    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, MMDIT_BYTES_PER_TOKEN, activation_memory
 
     dcae_shape = (2, 128, 8, 6, 10)
     hidden, mlp = dm.config.hidden_size, int(dm.config.hidden_size * dm.config.mlp_ratio)
@@ -90,6 +90,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         "required": model.model.memory_required(dcae_shape, cond_shapes={"c_crossattn": [torch.Size([1, 7, 32])]}),
         "activation_memory": activation_memory(dm, dcae_shape, 7, torch.float32),
         "by_hand": 2 * (8 * 6 * 10 + 7) * (MMDIT_BYTES_PER_TOKEN[0] * hidden + MMDIT_BYTES_PER_TOKEN[1] * mlp) * 4,
+        "workspace": FORWARD_WORKSPACE_BYTES,
     }
 
     # -- Load VAE: the DC-AE with the official tiles and the chosen scaling
@@ -345,7 +346,8 @@ def test_load_dit_gives_a_dc_ae_model(measured):
     assert load["weights_equal"]
     assert load["hunyuan_format"] == "HunyuanVideo" and load["hunyuan_autoencoder"] == "hunyuan"
     memory = load["memory"]  # one token per DC-AE latent pixel (patch 1) plus the T5 tokens, float32 compute
-    assert memory["required"] == memory["activation_memory"] == memory["by_hand"] > 0, memory
+    assert memory["activation_memory"] == memory["by_hand"] > 0, memory
+    assert memory["required"] == memory["activation_memory"] + memory["workspace"], memory
 
 
 def test_load_vae_gives_the_dc_ae_with_official_tiles_and_the_chosen_scaling(measured):
