@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cell, text_table
+from benchmarks.common import cell, official_stand_in, official_time, text_table
 
 # JSON files of benchmarks/gpu_session.sh, by role.
 SESSION_FILES = {
@@ -52,11 +52,13 @@ def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, An
     rows = []
     for name in names:
         entry: dict[str, Any] = {"name": name}
-        if name in official:
-            entry.update(official_seconds=official[name]["seconds"], official_source="measured")
-            entry["official_passes"] = official[name].get("forward_passes")
-        elif name in OFFICIAL_SECONDS:
-            entry.update(official_seconds=OFFICIAL_SECONDS[name][0], official_source="quoted")
+        found = official_time(name, {n: r["seconds"] for n, r in official.items()}, OFFICIAL_SECONDS)
+        if found is not None:
+            source = found[1] if found[1].startswith("measured") else "quoted"
+            entry.update(official_seconds=found[0], official_source=source)
+            official_row = official.get(name) or official.get(official_stand_in(name) or "")
+            if official_row is not None:
+                entry["official_passes"] = official_row.get("forward_passes")
         for key, found in ours.items():
             row = found.get(name)
             if row is None:
