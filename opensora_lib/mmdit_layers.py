@@ -47,14 +47,22 @@ class RotaryTables:
 
     def apply(self, x: Tensor) -> Tensor:
         """Rotate x [B, L, heads, head_dim]; computed in float32, returned in x's dtype."""
-        xf = x.float()
         if self.half_split:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1)
-        else:
-            pairs = xf.unflatten(-1, (-1, 2))
-            x1, x2 = pairs[..., 0], pairs[..., 1]
-            out = torch.stack((x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos), dim=-1).flatten(-2)
+            # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy
+            # of x would give), and eagerly the sums are rounded straight into x's dtype: no float32 copy of x, no
+            # concatenation, no final cast (~40% less memory traffic; identical values). torch.compile refuses the
+            # strided out= (a graph break) and fuses the plain form anyway.
+            x1, x2 = x.chunk(2, dim=-1)
+            if torch.compiler.is_compiling():
+                return torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1).to(x.dtype)
+            out = torch.empty_like(x)
+            out1, out2 = out.chunk(2, dim=-1)
+            torch.sub(x1 * self.cos, x2 * self.sin, out=out1)
+            torch.add(x2 * self.cos, x1 * self.sin, out=out2)
+            return out
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos), dim=-1).flatten(-2)
         return out.to(x.dtype)
 
 
@@ -102,10 +110,10 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain.
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)).to(x.dtype)
-        return (normed * self.scale.to(device=x.device, dtype=x.dtype)).to(x.dtype)
+        # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain. F.rms_norm does the
+        # first two in float32 and returns x's dtype (one fused kernel on CUDA instead of six float32 passes).
+        normed = F.rms_norm(x, x.shape[-1:], eps=RMS_NORM_EPS)
+        return normed * self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -11,7 +11,7 @@ from opensora_lib import mmdit as mmdit_module
 from opensora_lib.fixtures.mmdit_cases import build_model
 from opensora_lib.fixtures.runner import load_case, run_path
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config, mmdit_v2_dcae_config
-from opensora_lib.mmdit_layers import rotary_tables
+from opensora_lib.mmdit_layers import RMS_NORM_EPS, RMSNorm, rotary_tables
 
 CASE = "mmdit_v2_forward"
 
@@ -166,6 +166,28 @@ def test_interleaved_rope_is_the_half_split_rope_on_permuted_dims():
     perm = torch.stack((torch.arange(head_dim // 2), torch.arange(head_dim // 2) + head_dim // 2), -1).flatten()
     assert torch.allclose(inter.apply(x[..., perm]), half.apply(x)[..., perm], atol=1e-5)
     assert not torch.allclose(inter.apply(x), half.apply(x), atol=1e-2)  # the layouts really differ (Q25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_and_rms_norm_are_the_float32_formulas(dtype):
+    """The eager RoPE (products rounded straight into x's dtype) and RMSNorm (F.rms_norm) give exactly what the
+    plain upcast formulas give: rotate in float32, then cast; normalise in float32, cast, then multiply by the gain
+    (Liger's "llama" casting)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (2, 11, 3)).float()
+    tables = rotary_tables(ids, [8, 28, 28], 10000, half_split=True)
+    x = (3 * torch.randn(2, 11, 3, 64)).to(dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = tables.cos, tables.sin
+    expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    rotated = tables.apply(x)
+    assert rotated.dtype == dtype and torch.equal(rotated, expected)
+
+    norm = RMSNorm(64, dtype=dtype)
+    nn.init.normal_(norm.scale)
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)).to(dtype)
+    assert torch.equal(norm(x), normed * norm.scale)
 
 
 def _fused_state_dict(split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
