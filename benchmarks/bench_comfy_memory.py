@@ -8,8 +8,11 @@ and CLIP-L pooled [1, 768] conditioning (no text encoder runs). The node loads t
 nodes/common.load_for_sampling, i.e. comfy.model_management.load_models_gpu, so ComfyUI decides what stays
 resident and what is streamed per forward (its "lowvram" partial loading). Recorded: seconds (load, first step,
 per step), steps/s, torch.cuda.max_memory_allocated / reserved, weight bytes resident vs streamed (the patcher's
-loaded_size vs model_size), the memory_required the pack passed, and PASS/FAIL against the budget. Also, for
-every run, the activation peak of the forward measured on the meta device vs the pack's estimate
+loaded_size vs model_size), the memory_required the pack passed, and PASS/FAIL against the budget. Then (--decode,
+default on) the shipped workflow's decode in the same budget: core VAEDecodeTiled (256 / 64 / 4096 / 8) on the
+sampled latent, through the pack's HunyuanVideo VAE fix, with core's VAE built from random weights in the
+hunyuan_vae.safetensors layout (ComfyUI offloads the DiT for it); the verdict covers both. The T5 (9.5 GB in bf16)
+is not run: it fits any 24 GB card alone. Also, for every run, the activation peak of the forward measured on the meta device vs the pack's estimate
 (nodes/common.activation_memory) and core's memory_usage_factor formula.
 
 The budget is applied twice, because one knob alone does not simulate a smaller card:
@@ -389,6 +392,61 @@ def use_estimate(sampling_module, mode: str) -> dict:
     return record
 
 
+def cuda_peak(device: torch.device, context_gib: float) -> dict[str, float]:
+    """Peak bytes since the last reset_peak_memory_stats, in GiB: allocated, reserved, what the CUDA libraries hold
+    outside the allocator now (the context grows as libraries load), and reserved + outside (what the card needs)."""
+    torch.cuda.synchronize(device)
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    free_now, total = torch.cuda.mem_get_info(device)
+    outside = max(context_gib * GIB, total - free_now - torch.cuda.memory_reserved(device))
+    return {
+        "max_allocated_gib": allocated / GIB,
+        "max_reserved_gib": reserved / GIB,
+        "outside_allocator_end_gib": outside / GIB,
+        "peak_with_context_gib": (reserved + outside) / GIB,
+    }
+
+
+# The shipped opensora20_t2v workflow's decode: core VAEDecodeTiled(tile_size, overlap, temporal_size, temporal_overlap)
+SHIPPED_DECODE = (256, 64, 4096, 8)
+
+
+def decode_phase(device: torch.device, samples: dict, seed: int, context_gib: float | None) -> dict:
+    """The workflow's decode in the same budget: core's VAE from a random state dict in the hunyuan_vae.safetensors
+    layout (official sizes, 246.5M parameters), the pack's frame-causal fix with whole_video (its default), core
+    VAEDecodeTiled with the shipped settings. ComfyUI offloads the DiT for it as it would in the workflow."""
+    import comfy.sd
+    from demo_models_v2 import hunyuan_vae_layout, random_weights
+    from opensora_pack.nodes.hunyuan_vae import frame_causal_vae
+
+    import nodes as comfy_nodes
+
+    started = time.perf_counter()
+    vae = frame_causal_vae(comfy.sd.VAE(sd=random_weights(hunyuan_vae_layout(), seed)), whole_video=True)
+    build_seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    error, frames = None, None
+    started = time.perf_counter()
+    try:
+        (images,) = comfy_nodes.VAEDecodeTiled().decode(vae, samples, *SHIPPED_DECODE)
+        frames = list(images.shape)
+        finite = bool(torch.isfinite(images).all())
+    except torch.OutOfMemoryError as oom:
+        error, finite = f"OutOfMemoryError: {str(oom).splitlines()[0]}", False
+    result = {
+        "settings": dict(zip(("tile_size", "overlap", "temporal_size", "temporal_overlap"), SHIPPED_DECODE)),
+        "vae_dtype": str(vae.vae_dtype).removeprefix("torch."),
+        "frames_shape": frames,
+        "error": error,
+        "finite": finite,
+        "seconds": {"build_vae": build_seconds, "decode": time.perf_counter() - started},
+    }
+    if device.type == "cuda":
+        result["memory"] = cuda_peak(device, context_gib)
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -475,20 +533,17 @@ def run(args: argparse.Namespace) -> dict:
         error, finite = f"OutOfMemoryError: {str(oom).splitlines()[0]}", False
     sampling_seconds = time.perf_counter() - started
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-        free_now, total = torch.cuda.mem_get_info(device)
-        outside = max(memory["context_gib"] * GIB, total - free_now - torch.cuda.memory_reserved(device))
-        memory.update(
-            max_allocated_gib=allocated / GIB,
-            max_reserved_gib=reserved / GIB,
-            outside_allocator_end_gib=outside / GIB,  # the CUDA context grows as libraries load
-            peak_with_context_gib=(reserved + outside) / GIB,
-        )
-        verdict = "FAIL" if error or reserved + outside > budget else "PASS"
+        memory.update(cuda_peak(device, memory["context_gib"]))
+        verdict = "FAIL" if error or memory["peak_with_context_gib"] * GIB > budget else "PASS"
     else:
         verdict = None  # no VRAM on the CPU: the run checks the code path only
-    residency = weight_residency(patcher)
+    residency = weight_residency(patcher)  # before the decode offloads the DiT
+    comfy.model_management.load_models_gpu = loads.original  # load_calls: the sampler's only
+    decode = None
+    if args.decode and not error:
+        decode = decode_phase(device, result, args.seed, memory.get("context_gib"))
+        if device.type == "cuda" and (decode["error"] or decode["memory"]["peak_with_context_gib"] * GIB > budget):
+            verdict = "FAIL"
     if device.type == "cuda":
         resident = residency["resident_bytes"]
         memory["activations_and_buffers_gib"] = (memory["max_allocated_gib"] * GIB - resident) / GIB
@@ -515,9 +570,10 @@ def run(args: argparse.Namespace) -> dict:
             "conditioning": "random T5 / CLIP-L tensors (no text encoder run)",
         },
         "model": {"config": config.to_dict(), "parameters": sum(math.prod(s) for s in mmdit_shapes(config))},
-        "verdict": verdict,
+        "verdict": verdict,  # sampling and (with --decode) the decode, each within the budget
         "error": error,
         "finite": finite,
+        "decode": decode,
         "seconds": {
             "comfy_import": import_seconds,
             "random_weights": weights_seconds,
@@ -564,6 +620,12 @@ def summary(payload: dict) -> str:
     lines.append(
         f"estimate: --estimate {estimate['mode']}, the node passed one itself: {estimate['node_passed_estimate']}"
     )
+    decode = payload.get("decode")
+    if decode:
+        lines.append(
+            f"decode: frames {decode['frames_shape']} error {decode['error']} finite {decode['finite']} "
+            + ", ".join(f"{k} {v:.3f}" for k, v in {**decode["seconds"], **decode.get("memory", {})}.items())
+        )
     for call in payload["load_calls"]:
         lines.append(f"load_models_gpu: memory_required {call['memory_required'] / GIB:.4f} GiB")
     lines.append("activation peak per forward (GiB): batch, meta-measured, pack estimate, core formula")
@@ -587,6 +649,13 @@ def main(argv: list[str] | None = None) -> dict:
         default="node",
         help="node: the Sampler node tells ComfyUI its activation memory (default); none: it tells nothing (the old "
         "behaviour, for comparison)",
+    )
+    parser.add_argument(
+        "--decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after sampling, decode as the shipped workflow does (core VAEDecodeTiled 256/64/4096/8, HunyuanVideo "
+        "VAE with the pack's fix) in the same budget (default on)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -190,3 +190,11 @@ def test_script_tiny_cpu(tmp_path):
     for row in payload["activation_check"]:
         assert 1.0 <= row["pack_over_measured"] <= 1.25, row
     assert payload["generation"]["latent_shape"] == [1, 16, 3, 8, 12]
+    # the workflow's decode after sampling: core VAEDecodeTiled through the pack's HunyuanVideo VAE fix
+    decode = payload["decode"]
+    assert decode["error"] is None and decode["finite"] is True
+    assert decode["frames_shape"] == [9, 64, 96, 3]  # 9 frames of 64 x 96 RGB from the [1, 16, 3, 8, 12] latent
+    workflow = json.loads((REPO / "workflows" / "api" / "opensora20_t2v.json").read_text())
+    (tiled,) = [node["inputs"] for node in workflow.values() if node["class_type"] == "VAEDecodeTiled"]
+    assert decode["settings"] == {key: tiled[key] for key in decode["settings"]}  # the shipped workflow's decode
+    assert decode["seconds"]["decode"] > 0 and "decode:" in done.stdout
