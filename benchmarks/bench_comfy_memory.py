@@ -415,32 +415,41 @@ def decode_phase(device: torch.device, samples: dict, seed: int, context_gib: fl
     """The workflow's decode in the same budget: core's VAE from a random state dict in the hunyuan_vae.safetensors
     layout (official sizes, 246.5M parameters), the pack's frame-causal fix with whole_video (its default), core
     VAEDecodeTiled with the shipped settings. ComfyUI offloads the DiT for it as it would in the workflow."""
+    import comfy.model_management
     import comfy.sd
     from demo_models_v2 import hunyuan_vae_layout, random_weights
     from opensora_pack.nodes.hunyuan_vae import frame_causal_vae
 
     import nodes as comfy_nodes
 
-    started = time.perf_counter()
-    vae = frame_causal_vae(comfy.sd.VAE(sd=random_weights(hunyuan_vae_layout(), seed)), whole_video=True)
-    build_seconds = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    error, frames = None, None
+    error, frames, finite, build_seconds = None, None, False, 0.0
     started = time.perf_counter()
     try:
+        vae = frame_causal_vae(comfy.sd.VAE(sd=random_weights(hunyuan_vae_layout(), seed)), whole_video=True)
+        # The load decode_tiled does first (the whole-video estimate makes ComfyUI offload the DiT), done here so
+        # that the peak below starts from what the decode itself finds on the card, not from the sampling state.
+        latent_shape = samples["samples"].shape
+        comfy.model_management.load_models_gpu(
+            [vae.patcher],
+            memory_required=vae.memory_used_decode(latent_shape, vae.vae_dtype),
+            force_full_load=getattr(vae, "disable_offload", False),
+        )
+        comfy.model_management.soft_empty_cache()
+        build_seconds = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
         (images,) = comfy_nodes.VAEDecodeTiled().decode(vae, samples, *SHIPPED_DECODE)
         frames = list(images.shape)
         finite = bool(torch.isfinite(images).all())
-    except torch.OutOfMemoryError as oom:
-        error, finite = f"OutOfMemoryError: {str(oom).splitlines()[0]}", False
+    except Exception as e:  # recorded (the verdict fails); the sampling results are still written
+        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     result = {
         "settings": dict(zip(("tile_size", "overlap", "temporal_size", "temporal_overlap"), SHIPPED_DECODE)),
-        "vae_dtype": str(vae.vae_dtype).removeprefix("torch."),
         "frames_shape": frames,
         "error": error,
         "finite": finite,
-        "seconds": {"build_vae": build_seconds, "decode": time.perf_counter() - started},
+        "seconds": {"build_and_load_vae": build_seconds, "decode": time.perf_counter() - started},
     }
     if device.type == "cuda":
         result["memory"] = cuda_peak(device, context_gib)

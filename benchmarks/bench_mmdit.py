@@ -45,6 +45,7 @@ from benchmarks.common import (
     setup,
     throughput,
     warmup_calls,
+    write_json,
 )
 from opensora_lib import attention
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
@@ -345,21 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = MMDiT(config, dtype=torch.float32 if runs.error else dtype, device=device).eval()
     results = []
     if runs.error is not None:
-        results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))
+        results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))  # before any write
     release_memory(device)
     if args.compile_blocks != "off":
         compile_blocks(model, args.compile_blocks)
         env["compiled_blocks"] = args.compile_blocks
-    warmed: set = set()
-    for size in runs.forward:
-        key = size.batch if args.compile_blocks == "off" else (size.batch, size.label, size.num_frames)
-        warmup = warmup_calls(args.warmup, key, warmed)
-        results.append(bench_forward(model, config, size, text_tokens, args, device, dtype, peak, warmup))
-    for size in runs.sampler:
-        for cond_type in args.cond_types:
-            results.append(bench_sampler(model, config, size, runs.steps, text_tokens, cond_type, device, dtype, peak))
-    compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
-
     payload = {
         "benchmark": "mmdit v2.0",
         "environment": env,
@@ -372,7 +363,25 @@ def main(argv: list[str] | None = None) -> dict:
             "sampler: t2v skips the uncond-all pass (identical to uncond-text) and 1.0-guidance passes, i2v the "
             "passes of 1.0-guidance steps; the official denoiser runs 3 per step",
         ],
+        "complete": False,
     }
+
+    def add(result: dict) -> None:
+        """Keep a row and write what is done so far: a run its time limit kills still leaves its finished rows."""
+        results.append(result)
+        compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
+        write_json(payload, args.out)
+
+    warmed: set = set()
+    for size in runs.forward:
+        key = size.batch if args.compile_blocks == "off" else (size.batch, size.label, size.num_frames)
+        warmup = warmup_calls(args.warmup, key, warmed)
+        add(bench_forward(model, config, size, text_tokens, args, device, dtype, peak, warmup))
+    for size in runs.sampler:
+        for cond_type in args.cond_types:
+            add(bench_sampler(model, config, size, runs.steps, text_tokens, cond_type, device, dtype, peak))
+    compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
+    payload["complete"] = True
     report(payload, args.out)
     return payload
 

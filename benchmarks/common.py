@@ -440,6 +440,16 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def write_json(payload: dict[str, Any], out: Path | None) -> None:
+    """Write the payload (whole, replacing the file: a reader never sees half a file's worth of rows as JSON)."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(out)
+
+
 def report(payload: dict[str, Any], out: Path | None) -> None:
     """Print the table (and the quoted reference notes), and write the JSON if asked."""
     env = payload["environment"]
@@ -448,6 +458,5 @@ def report(payload: dict[str, Any], out: Path | None) -> None:
     for note in payload.get("notes", []):
         print(f"note: {note}")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(payload, out)
         print(f"wrote {out}")

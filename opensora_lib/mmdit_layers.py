@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
+from .norms import rms_norm
 
 LAYER_NORM_EPS = 1e-6
 RMS_NORM_EPS = 1e-6
@@ -47,13 +48,15 @@ class RotaryTables:
 
     def apply(self, x: Tensor) -> Tensor:
         """Rotate x [B, L, heads, head_dim]; computed in float32, returned in x's dtype."""
+        if self.cos.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"RoPE tables for batch {self.cos.shape[0]} cannot rotate a batch of {x.shape[0]}")
         if self.half_split:
             # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy
             # of x would give), and eagerly the sums are rounded straight into x's dtype: no float32 copy of x, no
             # concatenation, no final cast (~40% less memory traffic; identical values). torch.compile refuses the
-            # strided out= (a graph break) and fuses the plain form anyway.
+            # strided out= (a graph break) and fuses the plain form anyway; autograd cannot go through out=.
             x1, x2 = x.chunk(2, dim=-1)
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
                 return torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1).to(x.dtype)
             out = torch.empty_like(x)
             out1, out2 = out.chunk(2, dim=-1)
@@ -110,10 +113,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain. F.rms_norm does the
-        # first two in float32 and returns x's dtype (one fused kernel on CUDA instead of six float32 passes).
-        normed = F.rms_norm(x, x.shape[-1:], eps=RMS_NORM_EPS)
-        return normed * self.scale.to(device=x.device, dtype=x.dtype)
+        # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain.
+        return rms_norm(x, RMS_NORM_EPS) * self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .norms import rms_norm
 from .rope import apply_rope, swap_pairs
 from .stdit3_embedders import Mlp
 
@@ -86,7 +87,7 @@ def qk_norm_rope(
     weights when RoPE applies; otherwise weight (or None) scales the normalised values.
     """
     if normalize:
-        qk = F.rms_norm(qk, (qk.shape[-1],), eps=1e-6)  # LlamaRMSNorm maths, weight applied below
+        qk = rms_norm(qk, 1e-6)  # LlamaRMSNorm maths, weight applied below
     if cos_w is not None:
         return apply_rope(qk, cos_w, sin_w)
     return qk * weight if weight is not None else qk

@@ -70,6 +70,7 @@ def test_stdit3_script_tiny_cpu(tmp_path):
 def test_mmdit_script_tiny_cpu(tmp_path):
     # --attention cudnn on a CPU machine: cudnn is not available, so the benchmark runs sdpa and says so.
     payload = run_script("bench_mmdit", tmp_path, "--steps", "12", "--attention", "cudnn")
+    assert payload["complete"] is True
     env = payload["environment"]
     assert (env["attention_requested"], env["attention_backend"]) == ("cudnn", "sdpa")
     assert "cudnn not available here" in env["attention_note"]
@@ -291,6 +292,24 @@ def test_compiled_blocks_warm_up_every_new_shape(tmp_path):
     assert [(r["width"], r["batch"]) for r in forwards] == [(96, 1), (128, 1)]
     assert all(r["first_call_seconds"] is not None for r in forwards)  # each shape had its untimed call
     assert payload["environment"]["compiled_blocks"] == "eager"
+
+
+def test_mmdit_rows_are_written_as_they_finish(tmp_path):
+    """A run killed by its time limit (the GPU session's `timeout`) still leaves the rows it finished: here the
+    sampler runs fail after both forwards."""
+    out = tmp_path / "m.json"
+    arguments = ["--tiny", "--device", "cpu", "--repeats", "1", "--error-size", "none", "--out", str(out)]
+    code = (
+        "from benchmarks import bench_mmdit\n"
+        "def killed(*args, **kwargs):\n    raise RuntimeError('killed')\n"
+        f"bench_mmdit.bench_sampler = killed\nbench_mmdit.main({arguments!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode != 0 and "RuntimeError: killed" in done.stderr
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is False
+    assert [(r["kind"], r["batch"]) for r in payload["results"]] == [("forward", 3), ("forward", 1)]
+    assert not list(tmp_path.glob("*.partial"))
 
 
 # ---------------------------------------------------------------- the GPU session script, on the CPU

@@ -8,6 +8,7 @@ from helpers_torch import no_grad, one_thread  # noqa: F401 (autouse fixtures)
 from torch import nn
 
 from opensora_lib import mmdit as mmdit_module
+from opensora_lib import norms
 from opensora_lib.fixtures.mmdit_cases import build_model
 from opensora_lib.fixtures.runner import load_case, run_path
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config, mmdit_v2_dcae_config
@@ -169,7 +170,7 @@ def test_interleaved_rope_is_the_half_split_rope_on_permuted_dims():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rope_and_rms_norm_are_the_float32_formulas(dtype):
+def test_rope_and_rms_norm_are_the_float32_formulas(dtype, monkeypatch):
     """The eager RoPE (products rounded straight into x's dtype) and RMSNorm (F.rms_norm) give exactly what the
     plain upcast formulas give: rotate in float32, then cast; normalise in float32, cast, then multiply by the gain
     (Liger's "llama" casting)."""
@@ -183,10 +184,23 @@ def test_rope_and_rms_norm_are_the_float32_formulas(dtype):
     rotated = tables.apply(x)
     assert rotated.dtype == dtype and torch.equal(rotated, expected)
 
+    # autograd cannot go through the out= form (LoRA training, gradient guidance): the plain form runs instead
+    with torch.enable_grad():
+        needs_grad = x.clone().requires_grad_(dtype != torch.float16)  # CPU fp16 backward is not the point here
+        if needs_grad.requires_grad:
+            rotated_with_grad = tables.apply(needs_grad)
+            rotated_with_grad.float().sum().backward()
+            assert torch.equal(rotated_with_grad.detach(), expected) and needs_grad.grad is not None
+    with pytest.raises(ValueError, match="RoPE tables for batch 2 cannot rotate a batch of 1"):
+        tables.apply(x[:1])
+
     norm = RMSNorm(64, dtype=dtype)
     nn.init.normal_(norm.scale)
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS)).to(dtype)
+    assert torch.equal(norm(x), normed * norm.scale)
+    # torch < 2.5 (no F.rms_norm upcast): the spelled-out formula gives the same
+    monkeypatch.setattr(norms, "FUSED_RMS_NORM", False)
     assert torch.equal(norm(x), normed * norm.scale)
 
 
