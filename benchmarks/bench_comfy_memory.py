@@ -439,7 +439,8 @@ def decode_phase(device: torch.device, samples: dict, seed: int, context_gib: fl
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        (images,) = comfy_nodes.VAEDecodeTiled().decode(vae, samples, *SHIPPED_DECODE)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node (newer hosts rely on it)
+            (images,) = comfy_nodes.VAEDecodeTiled().decode(vae, samples, *SHIPPED_DECODE)
         frames = list(images.shape)
         finite = bool(torch.isfinite(images).all())
     except Exception as e:  # recorded (the verdict fails); the sampling results are still written
@@ -534,9 +535,10 @@ def run(args: argparse.Namespace) -> dict:
     error = None
     started = time.perf_counter()
     try:
-        (result,) = sample_v2_node(
-            patcher, positive, negative, latent, args.seed, args.steps, timestep_transform=True, **SHIPPED
-        )
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            (result,) = sample_v2_node(
+                patcher, positive, negative, latent, args.seed, args.steps, timestep_transform=True, **SHIPPED
+            )
         finite = bool(torch.isfinite(result["samples"]).all())
     except torch.OutOfMemoryError as oom:
         error, finite = f"OutOfMemoryError: {str(oom).splitlines()[0]}", False
