@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
@@ -164,8 +165,11 @@ def _install(name: str, path: Path | None = None, **attributes) -> None:
     """Put a module `name` with `attributes` into sys.modules (a package, when `path` holds its real files)."""
     module = types.ModuleType(name)
     module.__dict__.update(attributes)
+    # A spec, so that importlib.util.find_spec(name) answers instead of raising "__spec__ is None" (transformers
+    # probes flash_attn so, and then finds no installed distribution: not available, as wanted).
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=path is not None)
     if path is not None:
-        module.__path__ = [str(path)]
+        module.__path__ = module.__spec__.submodule_search_locations = [str(path)]
     sys.modules[name] = module
 
 
@@ -179,10 +183,6 @@ def _missing(name: str) -> bool:
 def install_shims(liger: str) -> dict[str, str]:
     """Install the replacements described in the module docstring; returns what each name resolves to."""
     used = {"flash_attn": "shim: torch SDPA (default kernel choice)"}
-    # transformers asks importlib.util.find_spec("flash_attn") when its modeling code is first imported (the official
-    # sampling module reaches it through peft), which raises on a stub module: import it before the stub exists.
-    with contextlib.suppress(ImportError):
-        import transformers.modeling_utils  # noqa: F401
     _install("flash_attn", flash_attn_func=flash_attn_func)
     if liger == "real":
         import liger_kernel.ops.rms_norm  # noqa: F401  (raises here if the wheel is not installed)

@@ -224,6 +224,25 @@ def test_official_flash_attn_shim_is_sdpa_in_the_flash_layout():
     assert torch.equal(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))
 
 
+def test_official_stubs_answer_find_spec():
+    """The stub modules carry a spec: transformers' availability probe (find_spec, then the distribution) says
+    flash_attn is not installed instead of raising "flash_attn.__spec__ is None", the failure of the H200 run, where
+    peft imported transformers' modeling code after the stubs were installed. In a subprocess: stubs are global."""
+    code = (
+        "import importlib.util\n"
+        "from benchmarks import official_mmdit\n"
+        "official_mmdit.install_shims('shim')\n"
+        "for name in ('flash_attn', 'liger_kernel', 'liger_kernel.ops.rope', 'opensora.models.text'):\n"
+        "    assert importlib.util.find_spec(name) is not None, name\n"
+        "from transformers.utils import import_utils\n"
+        "assert import_utils._is_package_available('flash_attn', return_version=True)[0] is False\n"
+        "import transformers.modeling_utils\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_official_code_missing_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(official_mmdit, "OFFICIAL_DIR", tmp_path / "nothing")
     with pytest.raises(official_mmdit.OfficialMissing, match="run `bash scripts/fetch_official.sh` first"):
