@@ -17,7 +17,7 @@
 #   2. official    official_mmdit: float32 + bf16 agreement (~15 s), compile + Liger JIT (~30 s), forwards
 #                  (~35 s), the official 50-step t2v (150 passes, ~63 s; its i2v runs the same
 #                  passes, so it is not run again)                                               ~150 s
-#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps), if the file exists  ~40 s (cap 150)
+#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~75 s (cap 150)
 #   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
 #                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
 #                  new shape compiled in an untimed call (~13-17 s each, 5 shapes)               ~170 s (cap 240)
