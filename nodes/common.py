@@ -110,8 +110,9 @@ class Progress:
 # - MMDiT (2.0): 20.08 H per token in bf16, 20.04 in float32 at mlp_ratio 4 (8 H + 3 M from mlp_ratio 3 up; 15.1 /
 #   14.0 H at mlp_ratio 2), the same for any image / text token count and batch: the peak is inside one
 #   single-stream block (the v + MLP projection [L, 3 H + M], its GELU, the concat fed to linear2, x; the q / k norm
-#   and RoPE temporaries come earlier and are smaller). 11 H + 3 M (23 H) bounds it for mlp_ratio >= 2, ~15% above the ideal count for
-#   the caching allocator's rounding and block reuse on a GPU (not measured yet). Per batch row, full 11B model:
+#   and RoPE temporaries come earlier and are smaller). 11 H + 3 M (23 H) bounds it for mlp_ratio >= 2, ~15% above
+#   the ideal count for the caching allocator's rounding and block reuse on a GPU (the workspace margin below adds
+#   what a GPU run showed on top). Per batch row, full 11B model:
 #     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
 #     256px 16:9 129f (33x24x42)          8828  bf16         1.015         1.162  1.145  (1.012 / row at 3 rows)
 #     256px 16:9 33f (9x24x42)            2780  bf16         0.319         0.366  1.145
