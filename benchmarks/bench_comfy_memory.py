@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -71,6 +70,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+from benchmarks.common import write_json  # noqa: E402
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config  # noqa: E402
 from opensora_lib.sampling_v2 import V2SamplingOptions, image_ids, pass_plan, text_ids  # noqa: E402
 from opensora_lib.stdit3 import STDiT3, STDiT3Config  # noqa: E402
@@ -677,9 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out = args.out.resolve()  # import_pack changes the working directory
     payload = run(args)
     print(summary(payload))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2))
+    write_json(payload, args.out)
     return payload
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cell, official_stand_in, official_time, text_table
+from benchmarks.common import cell, official_stand_in, official_time, text_table, write_json
 
 # JSON files of benchmarks/gpu_session.sh, by role.
 SESSION_FILES = {
@@ -195,7 +195,7 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
         "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
         "other_files": sorted(others),
     }
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, directory / "summary.json")
     print(f"wrote {directory / 'summary.json'}")
     return summary
 
