@@ -12,8 +12,8 @@ loaded_size vs model_size), the memory_required the pack passed, and PASS/FAIL a
 default on) the shipped workflow's decode in the same budget: core VAEDecodeTiled (256 / 64 / 4096 / 8) on the
 sampled latent, through the pack's HunyuanVideo VAE fix, with core's VAE built from random weights in the
 hunyuan_vae.safetensors layout (ComfyUI offloads the DiT for it); the verdict covers both. The T5 (9.5 GB in bf16)
-is not run: it fits any 24 GB card alone. Also, for every run, the activation peak of the forward measured on the meta device vs the pack's estimate
-(nodes/common.activation_memory) and core's memory_usage_factor formula.
+is not run: it fits any 24 GB card alone. Also, for every run, the activation peak of the forward measured on the
+meta device vs the pack's estimate (nodes/common.activation_memory) and core's memory_usage_factor formula.
 
 The budget is applied twice, because one knob alone does not simulate a smaller card:
 - `--reserve-vram` (comfy.model_management.EXTRA_RESERVED_VRAM) = total - budget + 0.4 GiB (0.4 GiB is ComfyUI's

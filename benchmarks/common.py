@@ -329,15 +329,18 @@ def official_stand_in(name: str) -> str | None:
     return None
 
 
+def measured_name(name: str, measured) -> str | None:
+    """`name` itself, else its stand-in (official_stand_in), whichever the official run measured; None if neither."""
+    return next((n for n in (name, official_stand_in(name)) if n is not None and n in measured), None)
+
+
 def official_time(name: str, measured: dict[str, float], quoted: dict[str, tuple[float, str]]):
     """(seconds, source) of the official figure for `name`: measured under that name, else measured under its
-    stand-in (official_stand_in), else quoted; None when there is none."""
-    stand_in = official_stand_in(name)
-    if name in measured:
-        return measured[name], "measured"
-    if stand_in in measured:
-        return measured[stand_in], "measured (its t2v run: the same 3 passes per step)"
-    return quoted.get(name)
+    stand-in, else quoted; None when there is none."""
+    found = measured_name(name, measured)
+    if found is None:
+        return quoted.get(name)
+    return measured[found], "measured" if found == name else "measured (its t2v run: the same 3 passes per step)"
 
 
 def compare_with_official(
@@ -348,8 +351,7 @@ def compare_with_official(
 ) -> None:
     """Add, by result name: official_seconds, official_source ("measured" when the official run of the same name,
     or of its stand-in, is in `official_results`, else the quoted figure's source), ratio_to_official = ours /
-    official, and where
-    the issue sets a target ratio: target_ratio and meets_target (ratio < target)."""
+    official, and where the issue sets a target ratio: target_ratio and meets_target (ratio < target)."""
     measured = {r["name"]: r["seconds"] for r in official_results or [] if r.get("seconds")}
     for result in results:
         name, seconds = result["name"], result.get("seconds")

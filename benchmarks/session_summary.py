@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cell, official_stand_in, official_time, text_table, write_json
+from benchmarks.common import cell, measured_name, official_time, text_table, write_json
 
 # JSON files of benchmarks/gpu_session.sh, by role.
 SESSION_FILES = {
@@ -56,9 +56,9 @@ def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, An
         if found is not None:
             source = found[1] if found[1].startswith("measured") else "quoted"
             entry.update(official_seconds=found[0], official_source=source)
-            official_row = official.get(name) or official.get(official_stand_in(name) or "")
-            if official_row is not None:
-                entry["official_passes"] = official_row.get("forward_passes")
+            official_name = measured_name(name, official)
+            if official_name is not None:
+                entry["official_passes"] = official[official_name].get("forward_passes")
         for key, found in ours.items():
             row = found.get(name)
             if row is None:
