@@ -107,29 +107,30 @@ class Progress:
 # allocate (the output only, no L x L scores) (benchmarks/bench_comfy_memory.py peak_activation_bytes;
 # tests/test_benchmarks_memory.py and test_memory_estimates.py keep these formulas between 1.0x and 1.25x of that
 # measurement at the real model sizes):
-# - MMDiT (2.0): 20.08 H per token in bf16, 20.04 in float32 at mlp_ratio 4 (8 H + 3 M from mlp_ratio 3 up; 15.1 /
-#   14.0 H at mlp_ratio 2), the same for any image / text token count and batch: the peak is inside one
-#   single-stream block (the v + MLP projection [L, 3 H + M], its GELU, the concat fed to linear2, x; the q / k norm
-#   and RoPE temporaries come earlier and are smaller). 11 H + 3 M (23 H) bounds it for mlp_ratio >= 2, ~15% above
-#   the ideal count for the caching allocator's rounding and block reuse on a GPU (the workspace margin below adds
-#   what a GPU run showed on top). Per batch row, full 11B model:
+# - MMDiT (2.0): 17.08 H per token in bf16, 17.04 in float32 at mlp_ratio 4 (9.1 H + 2 M: 13.1 / 15.1 / 21.1 H at
+#   mlp_ratio 2 / 3 / 6), the same for any image / text token count and batch: the peak is inside one single-stream
+#   block (the v + MLP projection [L, H + M], linear2's input [L, H + M] that its GELU is written into, x; the
+#   q / k norm and RoPE temporaries come earlier and are smaller). 12 H + 2 M (20 H) bounds it for mlp_ratio >= 2,
+#   ~17% above the ideal count for the caching allocator's rounding and block reuse on a GPU (the same ~3 H per token
+#   of headroom as before the GELU was written in place; the workspace margin below adds what a GPU run showed on
+#   top). Per batch row, full 11B model:
 #     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
-#     256px 16:9 129f (33x24x42)          8828  bf16         1.015         1.162  1.145  (1.012 / row at 3 rows)
-#     256px 16:9 33f (9x24x42)            2780  bf16         0.319         0.366  1.145
-#     256px 16:9 129f                     8828  fp32         2.025         2.324  1.148
-#     768px 16:9 129f (33x96x168)       133568  bf16        15.349        17.578  1.145
-#     768px 16:9 33f (9x96x168)          36800  bf16         4.229         4.843  1.145  (fp32: 8.440 / 9.686)
-#     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         3.766         4.312  1.145
-#   So the official 3-pass 256px step needs ~3.0 GiB (estimate 3.5) on top of the weights. Core's formula with
+#     256px 16:9 129f (33x24x42)          8828  bf16         0.863         1.010  1.171  (0.860 / row at 3 rows)
+#     256px 16:9 33f (9x24x42)            2780  bf16         0.272         0.318  1.170
+#     256px 16:9 129f                     8828  fp32         1.722         2.021  1.173
+#     768px 16:9 129f (33x96x168)       133568  bf16        13.057        15.286  1.171
+#     768px 16:9 33f (9x96x168)          36800  bf16         3.597         4.211  1.171  (fp32: 7.177 / 8.423)
+#     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         3.203         3.750  1.171
+#   So a 3-pass 256px step needs ~2.6 GiB (estimate 3.0) on top of the weights. Core's formula with
 #   memory_usage_factor 1.8 scales with the latent only and ignores the 512 text tokens: 1.17 GiB per row at 256px
-#   129f (1.15x), 0.319 at 33f (1.0x), 0.035 for one frame (0.4x): no single per-latent-element factor fits.
+#   129f (1.36x), 0.319 at 33f (1.17x), 0.035 for one frame (0.47x): no single per-latent-element factor fits.
 # - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
 #   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it
 #   (1.03x - 1.21x); 8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (104400 tokens) peaks at 3.2 GiB
 #   per row in bf16; core's formula with memory_usage_factor 2.0 gave 16.3 GiB (5x too high).
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
-MMDIT_BYTES_PER_TOKEN = (11, 3)  # (x H, x M) in compute-dtype elements
+MMDIT_BYTES_PER_TOKEN = (12, 2)  # (x H, x M) in compute-dtype elements
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 # What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
 # PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor

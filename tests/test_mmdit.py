@@ -8,11 +8,11 @@ from helpers_torch import no_grad, one_thread  # noqa: F401 (autouse fixtures)
 from torch import nn
 
 from opensora_lib import mmdit as mmdit_module
-from opensora_lib import norms
+from opensora_lib import mmdit_layers, norms
 from opensora_lib.fixtures.mmdit_cases import build_model
 from opensora_lib.fixtures.runner import load_case, run_path
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config, mmdit_v2_dcae_config
-from opensora_lib.mmdit_layers import RMS_NORM_EPS, RMSNorm, rotary_tables
+from opensora_lib.mmdit_layers import RMS_NORM_EPS, DoubleStreamBlock, RMSNorm, SingleStreamBlock, rotary_tables
 
 CASE = "mmdit_v2_forward"
 
@@ -202,6 +202,46 @@ def test_rope_and_rms_norm_are_the_float32_formulas(dtype, monkeypatch):
     # torch < 2.5 (no F.rms_norm upcast): the spelled-out formula gives the same
     monkeypatch.setattr(norms, "FUSED_RMS_NORM", False)
     assert torch.equal(norm(x), normed * norm.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_blocks_writing_into_buffers_are_bit_identical_to_the_plain_forms(dtype, monkeypatch):
+    """Eagerly a double block's RoPE writes txt and img straight into one joint q / k, and a single block's GELU
+    straight into linear2's input: the same values, bit for bit, as cat-then-rotate and cat(attn, gelu)."""
+    torch.manual_seed(0)
+    heads, head_dim, batch, txt_len, img_len = 2, 64, 2, 5, 9
+    hidden = heads * head_dim
+    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
+    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=False, dtype=dtype)
+    for param in [*double.parameters(), *single.parameters()]:
+        nn.init.normal_(param, std=0.2)
+    img, txt = torch.randn(batch, img_len, hidden, dtype=dtype), torch.randn(batch, txt_len, hidden, dtype=dtype)
+    vec = torch.randn(batch, hidden, dtype=dtype)
+    pe = rotary_tables(torch.randint(0, 9, (1, txt_len + img_len, 3)).float(), [16, 24, 24], 10000)
+
+    buffered = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    monkeypatch.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
+    plain = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    for got, expected in zip(buffered, plain):
+        assert got.dtype == dtype and torch.equal(got, expected)
+    assert not torch.equal(buffered[0], img)  # the blocks did something
+
+
+def test_joint_rope_checks_lengths_and_keeps_autograd():
+    torch.manual_seed(0)
+    pe = rotary_tables(torch.randint(0, 9, (1, 7, 3)).float(), [8, 12, 12], 10000)
+    txt, img = torch.randn(1, 3, 2, 32), torch.randn(1, 4, 2, 32)
+    joint = pe.apply_joint((txt, img))
+    assert torch.equal(joint, pe.apply(torch.cat((txt, img), 1)))
+    with pytest.raises(ValueError, match="RoPE tables for 7 tokens cannot rotate 4 tokens"):
+        pe.apply(img)
+    # Gradient guidance: only the image part needs a gradient; the buffered form must not be taken.
+    with torch.enable_grad():
+        img_grad = img.clone().requires_grad_()
+        assert not mmdit_layers.eager_out_allowed(txt, img_grad)
+        rotated = pe.apply_joint((txt, img_grad))
+        rotated.sum().backward()
+    assert torch.equal(rotated.detach(), joint) and img_grad.grad is not None
 
 
 def _fused_state_dict(split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
