@@ -1,0 +1,126 @@
+"""Element-wise memory traffic of one eager 2.0 MMDiT block, traced op by op (CPU, no GPU needed).
+
+What the GPU spends outside the matrix products and attention in an eager forward is mostly memory traffic of the
+element-wise ops (norms, modulation, RoPE, GELU, residuals, copies). This script runs one double-stream and one
+single-stream block at the real width ratios under a TorchDispatchMode and adds up, for every op that is not a
+matrix product, attention or a view, the bytes it reads (its tensor inputs that are not its outputs) and writes
+(its outputs). The result is given in passes: multiples of one read or write of the joint [batch, tokens, hidden]
+activation in the compute dtype, so it does not depend on the size. Not counted: the matrix products and
+attention themselves, and the small per-sample tensors (modulation vectors, RoPE tables) that broadcast.
+
+F.rms_norm is one fused kernel on CUDA but decomposes on the CPU, so the trace counts it as one read and one write
+(what the CUDA kernel moves), listed under `clone`. Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import DTYPES, write_json  # noqa: E402
+from opensora_lib import mmdit_layers  # noqa: E402
+from opensora_lib.mmdit_layers import DoubleStreamBlock, SingleStreamBlock, rotary_tables  # noqa: E402
+
+# Matrix products, attention and ops that only make views or allocate: not element-wise traffic.
+NOT_TRAFFIC = {
+    "mm", "addmm", "bmm", "baddbmm", "linear",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
+    "t", "view", "_unsafe_view", "_reshape_alias", "transpose", "permute", "slice", "select", "split",
+    "split_with_sizes", "unbind", "chunk", "expand", "unsqueeze", "squeeze", "detach", "alias", "as_strided",
+    "empty", "empty_like", "new_empty", "empty_strided",
+}  # fmt: skip
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Bytes read + written per op name (reads: tensor inputs that are not also outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        if name in NOT_TRAFFIC:
+            return result
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        written = {(t.data_ptr(), t.shape, t.stride()) for t in outputs}
+        reads = [t for t in inputs if (t.data_ptr(), t.shape, t.stride()) not in written]
+        if name == "copy_":  # copy_(dst, src): reads src only
+            reads = [args[1]]
+        self.bytes[name] += sum(t.numel() * t.element_size() for t in reads + outputs)
+        self.calls[name] += 1
+        return result
+
+
+def _fused_rms_norm_stand_in(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.clone()  # one read, one write: what CUDA's fused F.rms_norm moves
+
+
+def block_traffic(
+    batch: int = 3,
+    image_tokens: int = 2048,
+    text_tokens: int = 128,
+    heads: int = 3,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
+    """Passes per block kind, by op, for blocks with the 2.0 head size and MLP ratio (fewer heads than the real
+    24: the passes are ratios, and the ops are the same)."""
+    torch.manual_seed(0)
+    hidden = heads * head_dim
+    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
+    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=False, dtype=dtype)
+    img = torch.randn(batch, image_tokens, hidden, dtype=dtype)
+    txt = torch.randn(batch, text_tokens, hidden, dtype=dtype)
+    vec = torch.randn(batch, hidden, dtype=dtype)
+    joint = torch.cat((txt, img), 1)  # a single block's input, made outside the trace
+    ids = torch.randint(0, 9, (1, text_tokens + image_tokens, 3)).float()
+    pe = rotary_tables(ids, [16, 56, 56], 10000)
+    one_pass = batch * (text_tokens + image_tokens) * hidden * img.element_size()
+    results = {}
+    with torch.no_grad(), mock.patch.object(mmdit_layers, "rms_norm", _fused_rms_norm_stand_in):
+        for name, run in (
+            ("double", lambda: double(img, txt, vec, pe)),
+            ("single", lambda: single(joint, vec, pe)),
+        ):
+            counter = TrafficCounter()
+            with counter:
+                run()
+            by_op = {op: round(b / one_pass, 2) for op, b in counter.bytes.most_common() if b >= one_pass / 100}
+            results[name] = {"passes": round(sum(counter.bytes.values()) / one_pass, 2), "by_op": by_op}
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    results = block_traffic(batch=args.batch, dtype=DTYPES[args.dtype])
+    for name, row in results.items():
+        ops = ", ".join(f"{op} {passes}" for op, passes in row["by_op"].items())
+        print(f"{name} block: {row['passes']} passes ({ops})")
+    if args.out:
+        write_json({"benchmark": "mmdit eager traffic", "batch": args.batch, "results": results}, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

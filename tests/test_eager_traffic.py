@@ -1,0 +1,27 @@
+"""benchmarks/eager_traffic.py: the traced element-wise traffic of the eager 2.0 blocks (a CPU measurement)."""
+
+import json
+
+from benchmarks import eager_traffic
+from opensora_lib import mmdit_layers
+
+
+def test_eager_blocks_stay_within_their_traced_traffic(tmp_path):
+    """The buffered forms (RoPE rounded straight into one joint q / k, GELU into linear2's input) keep the double
+    block at ~67 and the single block at ~52 passes over the joint activation at batch 3."""
+    out = tmp_path / "traffic.json"
+    results = eager_traffic.main(["--batch", "3", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == results
+    double, single = results["double"], results["single"]
+    assert 66 < double["passes"] < 68 and 51 < single["passes"] < 53
+    assert single["by_op"]["gelu"] == 8.0 and "cat" not in single["by_op"]  # gelu reads 4x, writes 4x; no concat
+    assert double["by_op"]["cat"] == 2.0  # only v is concatenated
+
+
+def test_plain_forms_cost_more(monkeypatch):
+    """The forms torch.compile and autograd get (float32 RoPE halves concatenated and cast, q / k concatenated
+    before RoPE, cat(attn, gelu)): ~87 and ~76 passes, which inductor then fuses."""
+    monkeypatch.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
+    results = eager_traffic.block_traffic(batch=3)
+    assert 86 < results["double"]["passes"] < 88 and 75 < results["single"]["passes"] < 77
+    assert results["double"]["by_op"]["cat"] == 14.0 and results["single"]["by_op"]["cat"] == 18.0
