@@ -19,6 +19,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: opensora_lib and benchmarks
 
@@ -47,7 +48,7 @@ from benchmarks.common import (
     warmup_calls,
     write_json,
 )
-from opensora_lib import attention
+from opensora_lib import attention, mmdit_layers
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
 from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, pass_plan, sample_v2, text_ids
 from opensora_lib.sizes import latent_shape
@@ -278,6 +279,34 @@ def bench_precision(model, config, size, text_tokens, device, dtype) -> dict:
     }
 
 
+def buffered_forms_check(model: MMDiT, device, dtype, text_tokens: int = 64, image_tokens: int = 1024) -> dict:
+    """The eager forms that write into buffers (RoPE into one joint q / k, GELU into linear2's input) against the
+    plain forms, on the model's first double and single block on this device: identical values, bit for bit, is
+    what the CPU tests show; this checks the device's kernels (the strided out= writes) too."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = model.config.hidden_size
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    img, txt, vec = randn(2, image_tokens, hidden), randn(2, text_tokens, hidden), randn(2, hidden)
+    pe = model.rope(torch.randint(0, 32, (1, text_tokens + image_tokens, 3), generator=generator).float().to(device))
+
+    def run():
+        with torch.no_grad():
+            double, single = model.double_blocks[0], model.single_blocks[0]
+            return (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+
+    buffered = run()
+    with mock.patch.object(mmdit_layers, "eager_out_allowed", lambda *tensors: False):
+        plain = run()
+    return {
+        "bit_identical": all(torch.equal(a, b) for a, b in zip(buffered, plain)),
+        "max_abs_difference": max((a.float() - b.float()).abs().max().item() for a, b in zip(buffered, plain)),
+        "tokens": [text_tokens, image_tokens],
+    }
+
+
 def read_official(path: Path | None) -> tuple[list[dict], str | None]:
     """Results of official_mmdit.py (same names as ours), and a line saying where they come from."""
     if path is None:
@@ -347,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     if runs.error is not None:
         results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))  # before any write
+    env["buffered_forms_check"] = buffered_forms_check(model, device, dtype)
     release_memory(device)
     if args.compile_blocks != "off":
         compile_blocks(model, args.compile_blocks)

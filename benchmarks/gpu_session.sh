@@ -12,7 +12,8 @@
 #
 # Steps, in priority order, with the estimate on one H200 (from issue #5's figures: official forward 256px b3
 # 1.26 s, b1 0.42 s, 768px b1 14.1 s; ours 1.16 s / ~0.4 s / 9.18 s with sdpa; ~8 s start + 11B build each):
-#   1. ours_cudnn  bench_mmdit --attention cudnn: forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
+#   1. ours_cudnn  bench_mmdit --attention cudnn: the eager buffered forms vs the plain ones on the GPU
+#                  (bit-identical?, <1 s), forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
 #                  (80 passes, ~30 s) and i2v_head (110 passes, ~40 s)                           ~100 s
 #   2. official    official_mmdit: float32 + bf16 agreement (~15 s), compile + Liger JIT (~30 s), forwards
 #                  (~35 s), the official 50-step t2v (150 passes, ~63 s; its i2v runs the same

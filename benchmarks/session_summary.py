@@ -132,6 +132,10 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
     envs = {key: p.get("environment", {}) for key, p in payloads.items()}
     for key, env in envs.items():
         extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
+        check = env.get("buffered_forms_check")
+        if check:
+            same = "bit-identical" if check["bit_identical"] else f"DIFFER (max {check['max_abs_difference']:.3g})"
+            extra = f"{extra} buffered eager forms vs plain: {same}"
         backend = env.get("attention_backend")
         if env.get("attention_requested") not in (None, backend):
             backend = f"{env['attention_requested']} (ran {backend}: not available here)"
@@ -193,6 +197,9 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
         "comparison": comparison,
         "agreement": agreement,
         "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
+        "buffered_forms_differ": [
+            k for k, env in envs.items() if env.get("buffered_forms_check", {}).get("bit_identical") is False
+        ],
         "other_files": sorted(others),
     }
     write_json(summary, directory / "summary.json")

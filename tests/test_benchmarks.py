@@ -74,6 +74,8 @@ def test_mmdit_script_tiny_cpu(tmp_path):
     env = payload["environment"]
     assert (env["attention_requested"], env["attention_backend"]) == ("cudnn", "sdpa")
     assert "cudnn not available here" in env["attention_note"]
+    check = env["buffered_forms_check"]  # on the GPU this checks the device's kernels
+    assert check["bit_identical"] is True and check["max_abs_difference"] == 0.0
     forwards = by_kind(payload, "forward")
     assert [r["batch"] for r in forwards] == [3, 1]
     for result in forwards:
@@ -360,7 +362,9 @@ def test_gpu_session_dry_run(tmp_path):
     assert steps["comfy_memory"] == "ok" or not (REPO / "benchmarks" / "bench_comfy_memory.py").exists()
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "session.log" in files  # the device tool returns at most 8 files
-    assert "== END ours_cudnn: ok" in (out / "session.log").read_text()
+    log = (out / "session.log").read_text()
+    assert "== END ours_cudnn: ok" in log and "buffered eager forms vs plain: bit-identical" in log
+    assert summary["buffered_forms_differ"] == []
 
     cudnn = json.loads((out / "mmdit_cudnn.json").read_text())
     assert cudnn["environment"]["attention_requested"] == "cudnn"
