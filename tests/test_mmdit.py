@@ -244,6 +244,21 @@ def test_joint_rope_checks_lengths_and_keeps_autograd():
     assert torch.equal(rotated.detach(), joint) and img_grad.grad is not None
 
 
+def test_single_block_trains_through_the_plain_forms():
+    """LoRA training (core's TrainLoraNode) runs the blocks with gradients: the GELU is not written into a buffer
+    then, and the weights get gradients equal in value to what the inference forward computes."""
+    torch.manual_seed(0)
+    block = SingleStreamBlock(64, 1, 4.0, fused_qkv=False)
+    x, vec = torch.randn(1, 7, 64), torch.randn(1, 64)
+    pe = rotary_tables(torch.randint(0, 9, (1, 7, 3)).float(), [16, 24, 24], 10000)
+    inference = block(x, vec, pe)
+    with torch.enable_grad():
+        trained = block(x, vec, pe)
+        trained.square().sum().backward()
+    assert torch.equal(trained.detach(), inference)
+    assert block.linear2.weight.grad is not None and block.v_mlp.weight.grad.abs().sum() > 0
+
+
 def _fused_state_dict(split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     fused = {}
     for key, value in split.items():
