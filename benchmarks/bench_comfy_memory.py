@@ -36,7 +36,7 @@ stays resident and the step needs ~24.4 GiB: FAIL (OOM).
 
 Expected time on one H200 (estimated, not yet measured): ComfyUI import ~5 s; random weights generated on the GPU
 and copied to host memory ~5 s (23.8 GB); partial load ~2 s (~20 GiB host->device); a 256px 129-frame forward is
-~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~1.4 GiB of streamed
+~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~1.6 GiB of streamed
 weights per forward (~0.03 s at ~50 GB/s). Default 10 steps (all batch 2): ~9 s sampling, ~25-35 s in all (seconds
 per step ~0.85). A whole 50-step run (30 batch-2 + 20 batch-1 steps with oscillation): ~35 s sampling, ~55 s in all.
 

@@ -126,8 +126,8 @@ class Progress:
 #   129f (1.36x), 0.319 at 33f (1.17x), 0.035 for one frame (0.47x): no single per-latent-element factor fits.
 # - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
 #   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it
-#   (1.03x - 1.21x); 8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (104400 tokens) peaks at 3.2 GiB
-#   per row in bf16; core's formula with memory_usage_factor 2.0 gave 16.3 GiB (5x too high).
+#   (1.03x - 1.21x); 8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (126000 tokens) peaks at 3.9 GiB
+#   per row in bf16; core's formula with memory_usage_factor 2.0 gave 19.7 GiB (5x too high).
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
 MMDIT_BYTES_PER_TOKEN = (12, 2)  # (x H, x M) in compute-dtype elements

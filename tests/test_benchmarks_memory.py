@@ -30,8 +30,8 @@ GRID = [
     ("mmdit", "full", 1, 33, 96, 168, 512, "bf16"),  # 768px 16:9 129 frames
     ("mmdit", "full", 1, 33, 24, 42, 512, "fp32"),
     ("mmdit", "tiny", 2, 3, 8, 12, 7, "fp32"),
-    ("stdit3", "1.3", 2, 13, 45, 80, 0, "bf16"),  # 360p 49 frames, CFG batch
-    ("stdit3", "1.3", 1, 29, 90, 160, 0, "bf16"),  # 720p 113 frames
+    ("stdit3", "1.3", 2, 15, 45, 80, 0, "bf16"),  # 360p 49 frames, CFG batch
+    ("stdit3", "1.3", 1, 35, 90, 160, 0, "bf16"),  # 720p 113 frames
     ("stdit3", "1.3", 1, 1, 90, 160, 0, "bf16"),  # one frame: the most per token
     ("stdit3", "1.2", 1, 30, 90, 160, 0, "fp32"),
 ]

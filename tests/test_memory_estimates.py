@@ -28,8 +28,8 @@ DIT_GRID = [
     ("2.0 256px 33f, 300 T5 tokens", "v2", (1, 16, 9, 24, 42), 300, "bf16"),
     ("2.0 768px 129f, no cond_shapes", "v2", (1, 16, 33, 96, 168), None, "bf16"),
     ("2.0 DC-AE 768px 128f", "v2_dcae", (1, 128, 32, 24, 42), 512, "bf16"),
-    ("1.3 360p 49f cond+uncond", "v13", (2, 16, 13, 45, 80), None, "bf16"),
-    ("1.3 720p 113f", "v13", (1, 16, 29, 90, 160), None, "bf16"),
+    ("1.3 360p 49f cond+uncond", "v13", (2, 16, 15, 45, 80), None, "bf16"),
+    ("1.3 720p 113f", "v13", (1, 16, 35, 90, 160), None, "bf16"),
     ("1.2 720p 102f fp32", "v12", (1, 4, 30, 90, 160), None, "fp32"),
 ]
 # (kind, direction, shape: latent for decode / pixels for encode, dtype, tile_size px, num_frames)
@@ -139,7 +139,7 @@ def probe(out_path: str, _models_dir: str) -> None:  # noqa: C901 (one subproces
     noise_shape = (1, 16, 9, 24, 42)
     planned = comfy.sampler_helpers.estimate_memory(SimpleNamespace(model=model), noise_shape, conds)
     v1_model, _ = base_model("v13", torch.bfloat16)
-    v1_shape = (1, 16, 13, 45, 80)
+    v1_shape = (1, 16, 15, 45, 80)  # 360p 49 frames
     v1_planned = comfy.sampler_helpers.estimate_memory(SimpleNamespace(model=v1_model), v1_shape, {"positive": [{}]})
     results["core"] = {
         "estimate_memory": list(planned),
