@@ -26,17 +26,18 @@ The newest ComfyUI's DynamicVRAM (comfy-aimdo) starts only from main.py, so this
 estimate-based partial loading on any host version (pinned 0.3.75 by default; $COMFYUI_DIR for another).
 
 Expected on a 24 GiB budget (ComfyUI 0.3.75's own planning code run on a meta-device copy of the model, see
-tests/test_partial_loading.py): the pack asks for 2.02 GiB of activations (12 H + 2 M per token, batch 2) plus the
-0.5 GiB workspace margin (nodes/common.FORWARD_WORKSPACE_BYTES), so ComfyUI keeps ~20.5 GiB of the weights resident
-and streams ~1.6 GiB per forward; tensors peak at ~22.8 GiB with a 0.5 GiB CUDA context (weights + 1.72 GiB of
-tracked activations for the batch-2 step + offload buffer). Measured on an H200 before the margin (20.6 GiB
+tests/test_partial_loading.py): the pack asks for 1.62 GiB of activations (6 H + M per token in bf16 + 3 H in float32,
+batch 2) plus the 0.5 GiB workspace margin (nodes/common.FORWARD_WORKSPACE_BYTES), so ComfyUI keeps ~20.9 GiB of the
+weights resident and streams ~1.2 GiB per forward; tensors peak at ~22.8 GiB with a 0.5 GiB CUDA context (weights
++ 1.32 GiB of tracked activations for the batch-2 step + offload buffer). Measured on an H200 before the margin (20.6 GiB
 resident): allocated 22.7 GiB, but reserved 23.4 GiB + 0.75 GiB outside the allocator = 24.16 GiB, FAIL by 0.16; the
 margin should leave ~0.3 GiB. With --estimate none (the old call without the activation estimate) every weight
-stays resident and the step needs ~24.4 GiB: FAIL (OOM).
+stays resident and the step needs ~24.0 GiB of tensors, plus the ~0.9 GiB of workspaces and allocator cache the H200
+showed: FAIL (OOM) expected.
 
 Expected time on one H200 (estimated, not yet measured): ComfyUI import ~5 s; random weights generated on the GPU
 and copied to host memory ~5 s (23.8 GB); partial load ~2 s (~20 GiB host->device); a 256px 129-frame forward is
-~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~1.6 GiB of streamed
+~0.4 s at batch 1 (265 TFLOP at ~790 TFLOP/s; ~0.8 s for the batch-2 cond+uncond steps) plus ~1.2 GiB of streamed
 weights per forward (~0.03 s at ~50 GB/s). Default 10 steps (all batch 2): ~9 s sampling, ~25-35 s in all (seconds
 per step ~0.85). A whole 50-step run (30 batch-2 + 20 batch-1 steps with oscillation): ~35 s sampling, ~55 s in all.
 

@@ -44,7 +44,8 @@ NOT_TRAFFIC = {
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Bytes read + written per op name (reads: tensor inputs that are not also outputs)."""
+    """Bytes read + written per op name. Reads: the tensor inputs, except an out= destination and copy_'s target
+    (written, not read); an in-place op's self is read and written."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,10 +58,9 @@ class TrafficCounter(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in NOT_TRAFFIC:
             return result
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        destination = kwargs.get("out")
+        reads = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t is not destination]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-        written = {(t.data_ptr(), t.shape, t.stride()) for t in outputs}
-        reads = [t for t in inputs if (t.data_ptr(), t.shape, t.stride()) not in written]
         if name == "copy_":  # copy_(dst, src): reads src only
             reads = [args[1]]
         self.bytes[name] += sum(t.numel() * t.element_size() for t in reads + outputs)

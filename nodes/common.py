@@ -107,30 +107,32 @@ class Progress:
 # allocate (the output only, no L x L scores) (benchmarks/bench_comfy_memory.py peak_activation_bytes;
 # tests/test_benchmarks_memory.py and test_memory_estimates.py keep these formulas between 1.0x and 1.25x of that
 # measurement at the real model sizes):
-# - MMDiT (2.0): 17.08 H per token in bf16, 17.04 in float32 at mlp_ratio 4 (9.1 H + 2 M: 13.1 / 15.1 / 21.1 H at
-#   mlp_ratio 2 / 3 / 6), the same for any image / text token count and batch: the peak is inside one single-stream
-#   block (the v + MLP projection [L, H + M], linear2's input [L, H + M] that its GELU is written into, x; the
-#   q / k norm and RoPE temporaries come earlier and are smaller). 12 H + 2 M (20 H) bounds it for mlp_ratio >= 2,
-#   ~17% above the ideal count for the caching allocator's rounding and block reuse on a GPU (the same ~3 H per token
-#   of headroom as before the GELU was written in place; the workspace margin below adds what a GPU run showed on
-#   top). Per batch row, full 11B model:
+# - MMDiT (2.0): 13.12 H per token in bf16 at mlp_ratio 4 (11.1 / 17.1 H at mlp_ratio 2 / 8), 11.04 H in float32:
+#   5 H + M in the compute dtype plus ~2.1 H in float32 (RoPE's float32 products, whatever the compute dtype), the
+#   same for any image / text token count and batch. The peak is at the RoPE of k in a single-stream block (x, the
+#   v + MLP projection [L, H + M], q / k normalised and rotated, two float32 product halves): eagerly a single block
+#   writes linear2's input over that projection and the MLPs run their GELU in place, so no 4x-wide activation is
+#   held twice. 6 H + M + 3 H float32 bounds it: 1.22x in bf16, 1.18x in float32 (1.17x - 1.26x for mlp_ratio 8 - 2),
+#   the same ~3 H per token (bf16) of headroom as before, for the caching allocator's rounding and block reuse on a
+#   GPU (the workspace margin below adds what a GPU run showed on top). Per batch row, full 11B model:
 #     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
-#     256px 16:9 129f (33x24x42)          8828  bf16         0.863         1.010  1.171  (0.860 / row at 3 rows)
-#     256px 16:9 33f (9x24x42)            2780  bf16         0.272         0.318  1.170
-#     256px 16:9 129f                     8828  fp32         1.722         2.021  1.173
-#     768px 16:9 129f (33x96x168)       133568  bf16        13.057        15.286  1.171
-#     768px 16:9 33f (9x96x168)          36800  bf16         3.597         4.211  1.171  (fp32: 7.177 / 8.423)
-#     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         3.203         3.750  1.171
-#   So a 3-pass 256px step needs ~2.6 GiB (estimate 3.0) on top of the weights. Core's formula with
+#     256px 16:9 129f (33x24x42)          8828  bf16         0.662         0.808  1.221  (0.660 / row at 2-3 rows)
+#     256px 16:9 33f (9x24x42)            2780  bf16         0.209         0.255  1.218
+#     256px 16:9 129f                     8828  fp32         1.116         1.313  1.177
+#     768px 16:9 129f (33x96x168)       133568  bf16        10.023        12.229  1.220
+#     768px 16:9 33f (9x96x168)          36800  bf16         2.762         3.369  1.220  (fp32: 4.650 / 5.475)
+#     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         2.459         3.000  1.220
+#   So a 3-pass 256px step needs ~2.0 GiB (estimate 2.4) on top of the weights. Core's formula with
 #   memory_usage_factor 1.8 scales with the latent only and ignores the 512 text tokens: 1.17 GiB per row at 256px
-#   129f (1.36x), 0.319 at 33f (1.17x), 0.035 for one frame (0.47x): no single per-latent-element factor fits.
+#   129f (1.77x), 0.319 at 33f (1.53x), 0.035 for one frame (0.61x of 0.057): no single per-latent-element factor
+#   fits.
 # - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
 #   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it
 #   (1.03x - 1.21x); 8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (126000 tokens) peaks at 3.9 GiB
 #   per row in bf16; core's formula with memory_usage_factor 2.0 gave 19.7 GiB (5x too high).
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
-MMDIT_BYTES_PER_TOKEN = (12, 2)  # (x H, x M) in compute-dtype elements
+MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (RoPE temporaries)
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 # What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
 # PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor
@@ -156,13 +158,14 @@ def activation_memory(
     if isinstance(config.patch_size, int):  # MMDiT: image tokens (latent padded to the patch) + text tokens
         patch = config.patch_size
         tokens = frames * _ceil_div(height, patch) * _ceil_div(width, patch) + text_tokens
-        per_token = MMDIT_BYTES_PER_TOKEN[0] * hidden + MMDIT_BYTES_PER_TOKEN[1] * mlp
-    else:  # STDiT3: (t, h, w) patches; the caption is only cross-attention keys
-        pt, ph, pw = config.patch_size
-        tokens = _ceil_div(frames, pt) * _ceil_div(height, ph) * _ceil_div(width, pw)
-        flat, base, wide = STDIT3_BYTES_PER_TOKEN
-        per_token = max(flat * hidden, base * hidden + wide * mlp)
-    return batch * tokens * per_token * element
+        per_hidden, per_mlp, float32_per_hidden = MMDIT_BYTES_PER_TOKEN
+        per_token_bytes = (per_hidden * hidden + per_mlp * mlp) * element + float32_per_hidden * hidden * 4
+        return batch * tokens * per_token_bytes
+    # STDiT3: (t, h, w) patches; the caption is only cross-attention keys
+    pt, ph, pw = config.patch_size
+    tokens = _ceil_div(frames, pt) * _ceil_div(height, ph) * _ceil_div(width, pw)
+    flat, base, wide = STDIT3_BYTES_PER_TOKEN
+    return batch * tokens * max(flat * hidden, base * hidden + wide * mlp) * element
 
 
 def forward_memory(

@@ -292,7 +292,7 @@ class OpenSoraSampler:
                     {
                         "default": "batched",
                         "tooltip": "2.0: run a step's guidance passes (up to 3) as one batch (faster, as the official) "
-                        "or one at a time, so only one pass's activations are in memory (768px: ~15.3 GiB per pass in "
+                        "or one at a time, so only one pass's activations are in memory (768px: ~12.2 GiB per pass in "
                         "bf16); results differ from batched by float rounding only. 1.x always batches.",
                     },
                 ),

@@ -223,13 +223,15 @@ class MMDiT(nn.Module):
                 x, context = _replaced_double(replace[("double_block", index)], block, x, context, vec, pe)
             else:
                 x, context = block(x, context, vec, pe)
+        txt_len = context.shape[1]
         joint = torch.cat((context, x), dim=1)
+        del x, context  # the single blocks' peak holds no more than needed
         for index, block in enumerate(self.single_blocks):
             if ("single_block", index) in replace:
                 joint = _replaced_single(replace[("single_block", index)], block, joint, vec, pe)
             else:
                 joint = block(joint, vec, pe)
-        return self.final_layer(joint[:, context.shape[1] :], vec)
+        return self.final_layer(joint[:, txt_len:], vec)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y_vec, cond, guidance) -> None:
         config = self.config

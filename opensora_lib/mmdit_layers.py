@@ -239,13 +239,13 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
         joint = rope_attention((txt_q, img_q), (txt_k, img_k), (txt_v, img_v), pe)
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # the activation peak is in the MLPs: hold no more than needed
         txt_len = txt.shape[1]
-        txt_attn, img_attn = joint[:, :txt_len], joint[:, txt_len:]
-
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        img = img + img_gate1 * self.img_attn.proj(joint[:, txt_len:])
+        txt = txt + txt_gate1 * self.txt_attn.proj(joint[:, :txt_len])
+        del joint
+        img = img + img_gate2 * _mlp_forward(self.img_mlp, modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate2 * _mlp_forward(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
         return img, txt
 
 
@@ -283,28 +283,41 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: RotaryTables) -> Tensor:
         shift, scale, gate = self.modulation(vec)
         x_mod = modulate(x, shift, scale)
+        hidden = self.hidden_size
         if self.fused_qkv:
-            qkv, mlp = self.linear1(x_mod).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-            q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+            projected = self.linear1(x_mod)
+            q, k, v_and_mlp = projected[..., :hidden], projected[..., hidden : 2 * hidden], projected[..., 2 * hidden :]
         else:
-            q = self.q_proj(x_mod).unflatten(-1, (self.num_heads, -1))
-            k = self.k_proj(x_mod).unflatten(-1, (self.num_heads, -1))
-            v, mlp = self.v_mlp(x_mod).split([self.hidden_size, self.mlp_hidden_dim], dim=-1)
-            v = v.unflatten(-1, (self.num_heads, -1))
-        q, k = self.norm(q, k, v)
+            q, k, v_and_mlp = self.q_proj(x_mod), self.k_proj(x_mod), self.v_mlp(x_mod)
+        del x_mod  # the activation peak is at linear2: hold no more than needed
+        heads = (self.num_heads, -1)
+        v = v_and_mlp[..., :hidden].unflatten(-1, heads)
+        q, k = self.norm(q.unflatten(-1, heads), k.unflatten(-1, heads), v)
         attn = rope_attention((q,), (k,), (v,), pe)
-        return x + gate * self.linear2(_cat_attn_gelu(attn, mlp))
+        del q, k, v
+        return x + gate * self.linear2(_attn_and_gelu(attn, v_and_mlp))
 
 
-def _cat_attn_gelu(attn: Tensor, mlp: Tensor) -> Tensor:
-    """cat(attn, gelu_tanh(mlp)) on the last dim; eagerly the GELU is written straight into the result, which
-    saves rewriting the 4x-wide MLP activation (the same values as the plain form)."""
-    if not eager_out_allowed(attn, mlp):
+def _attn_and_gelu(attn: Tensor, v_and_mlp: Tensor) -> Tensor:
+    """linear2's input [attn | gelu_tanh(mlp)] from the [v | mlp] projection. Eagerly it is written over that
+    projection (v is spent once attention has run; the GELU runs in place): no new [L, H + M] tensor, and the
+    same values as the concatenation."""
+    width = attn.shape[-1]
+    mlp = v_and_mlp[..., width:]
+    if not eager_out_allowed(attn, v_and_mlp):
         return torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1)
-    out = mlp.new_empty(*mlp.shape[:-1], attn.shape[-1] + mlp.shape[-1])
-    out[..., : attn.shape[-1]] = attn
-    torch.ops.aten.gelu.out(mlp, approximate="tanh", out=out[..., attn.shape[-1] :])
-    return out
+    v_and_mlp[..., :width] = attn
+    torch.ops.aten.gelu_(mlp, approximate="tanh")
+    return v_and_mlp
+
+
+def _mlp_forward(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """mlp(x) for the [Linear, GELU, Linear] MLP; eagerly the GELU runs in place on the 4x-wide hidden activation,
+    so it is not held twice (the same values)."""
+    hidden = mlp[0](x)
+    if eager_out_allowed(hidden):
+        return mlp[2](torch.ops.aten.gelu_(hidden, approximate=mlp[1].approximate))
+    return mlp[2](mlp[1](hidden))
 
 
 class LastLayer(nn.Module):

@@ -82,14 +82,15 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     }
     # memory_required (what core plans with; the memory_usage_factor attributes are no longer read): a DC-AE latent
     # [2, 128, 8, 6, 10] with 7 T5 tokens per row, vs activation_memory and the per-token formula by hand
-    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, MMDIT_BYTES_PER_TOKEN, activation_memory
+    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, activation_memory
 
     dcae_shape = (2, 128, 8, 6, 10)
     hidden, mlp = dm.config.hidden_size, int(dm.config.hidden_size * dm.config.mlp_ratio)
     results["load_dit"]["memory"] = {
         "required": model.model.memory_required(dcae_shape, cond_shapes={"c_crossattn": [torch.Size([1, 7, 32])]}),
         "activation_memory": activation_memory(dm, dcae_shape, 7, torch.float32),
-        "by_hand": 2 * (8 * 6 * 10 + 7) * (MMDIT_BYTES_PER_TOKEN[0] * hidden + MMDIT_BYTES_PER_TOKEN[1] * mlp) * 4,
+        # rows x (latent tokens, patch 1, + T5 tokens) x (6 H + M + 3 H) x float32
+        "by_hand": 2 * (8 * 6 * 10 + 7) * (6 * hidden + mlp + 3 * hidden) * 4,
         "workspace": FORWARD_WORKSPACE_BYTES,
     }
 

@@ -14,7 +14,7 @@ def test_eager_blocks_stay_within_their_traced_traffic(tmp_path):
     assert json.loads(out.read_text())["results"] == results
     double, single = results["double"], results["single"]
     assert 66 < double["passes"] < 68 and 51 < single["passes"] < 53
-    assert single["by_op"]["gelu"] == 8.0 and "cat" not in single["by_op"]  # gelu reads 4x, writes 4x; no concat
+    assert single["by_op"]["gelu_"] == 8.0 and "cat" not in single["by_op"]  # in place: reads 4x, writes 4x; no concat
     assert double["by_op"]["cat"] == 2.0  # only v is concatenated
 
 

@@ -225,9 +225,9 @@ def test_dit_estimates_match_the_nodes_common_table(measured):
     """The 2.0 rows the table in nodes/common.py quotes (GiB per batch row, measured and estimated)."""
     rows = {row["name"]: row for row in measured["dit"]}
     table = {
-        "2.0 256px 129f cond+uncond": (2, 0.861, 1.010),
-        "2.0 768px 129f, no cond_shapes": (1, 13.057, 15.286),
-        "2.0 DC-AE 768px 128f": (1, 3.203, 3.750),
+        "2.0 256px 129f cond+uncond": (2, 0.660, 0.808),
+        "2.0 768px 129f, no cond_shapes": (1, 10.023, 12.229),
+        "2.0 DC-AE 768px 128f": (1, 2.459, 3.000),
     }
     for name, (batch, peak, estimate) in table.items():
         row = rows[name]
