@@ -301,10 +301,11 @@ class SingleStreamBlock(nn.Module):
 def _attn_and_gelu(attn: Tensor, v_and_mlp: Tensor) -> Tensor:
     """linear2's input [attn | gelu_tanh(mlp)] from the [v | mlp] projection. Eagerly it is written over that
     projection (v is spent once attention has run; the GELU runs in place): no new [L, H + M] tensor, and the
-    same values as the concatenation."""
+    same values as the concatenation. Not for the fused layout, whose [v | mlp] is a strided view of linear1's
+    output (a matrix product over a strided input may sum in another order)."""
     width = attn.shape[-1]
     mlp = v_and_mlp[..., width:]
-    if not eager_out_allowed(attn, v_and_mlp):
+    if not (eager_out_allowed(attn, v_and_mlp) and v_and_mlp.is_contiguous()):
         return torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1)
     v_and_mlp[..., :width] = attn
     torch.ops.aten.gelu_(mlp, approximate="tanh")

@@ -204,15 +204,16 @@ def test_rope_and_rms_norm_are_the_float32_formulas(dtype, monkeypatch):
     assert torch.equal(norm(x), normed * norm.scale)
 
 
+@pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_blocks_writing_into_buffers_are_bit_identical_to_the_plain_forms(dtype, monkeypatch):
+def test_blocks_writing_into_buffers_are_bit_identical_to_the_plain_forms(dtype, fused_qkv, monkeypatch):
     """Eagerly a double block's RoPE writes txt and img straight into one joint q / k, and a single block's GELU
     straight into linear2's input: the same values, bit for bit, as cat-then-rotate and cat(attn, gelu)."""
     torch.manual_seed(0)
     heads, head_dim, batch, txt_len, img_len = 2, 64, 2, 5, 9
     hidden = heads * head_dim
-    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
-    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=False, dtype=dtype)
+    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=fused_qkv, dtype=dtype)
+    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=fused_qkv, dtype=dtype)
     for param in [*double.parameters(), *single.parameters()]:
         nn.init.normal_(param, std=0.2)
     img, txt = torch.randn(batch, img_len, hidden, dtype=dtype), torch.randn(batch, txt_len, hidden, dtype=dtype)
