@@ -280,9 +280,10 @@ def bench_precision(model, config, size, text_tokens, device, dtype) -> dict:
 
 
 def buffered_forms_check(model: MMDiT, device, dtype, text_tokens: int = 64, image_tokens: int = 1024) -> dict:
-    """The eager forms that write into buffers (RoPE into one joint q / k, GELU into linear2's input) against the
-    plain forms, on the model's first double and single block on this device: identical values, bit for bit, is
-    what the CPU tests show; this checks the device's kernels (the strided out= writes) too."""
+    """The eager forms that write into buffers or over spent tensors (RoPE into one joint q / k, linear2's input over
+    the v + MLP projection, GELU in place) against the plain forms, on the model's first double and single block on
+    this device: identical values, bit for bit, is what the CPU tests show; this checks the device's kernels (the
+    strided out= and in-place writes) too."""
     generator = torch.Generator().manual_seed(0)
     hidden = model.config.hidden_size
 

@@ -3,13 +3,15 @@
 What the GPU spends outside the matrix products and attention in an eager forward is mostly memory traffic of the
 element-wise ops (norms, modulation, RoPE, GELU, residuals, copies). This script runs one double-stream and one
 single-stream block at the real width ratios under a TorchDispatchMode and adds up, for every op that is not a
-matrix product, attention or a view, the bytes it reads (its tensor inputs that are not its outputs) and writes
-(its outputs). The result is given in passes: multiples of one read or write of the joint [batch, tokens, hidden]
+matrix product, attention or a view, the bytes it reads (its tensor inputs: an in-place op's self too, an out=
+destination not) and writes (its outputs). The result is given in passes: multiples of one read or write of the joint [batch, tokens, hidden]
 activation in the compute dtype, so it does not depend on the size. Not counted: the matrix products and
 attention themselves, and the small per-sample tensors (modulation vectors, RoPE tables) that broadcast.
 
 F.rms_norm is one fused kernel on CUDA but decomposes on the CPU, so the trace counts it as one read and one write
-(what the CUDA kernel moves), listed under `clone`. Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--out F.json]
+(what the CUDA kernel moves), listed under `clone`.
+
+Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--out F.json]
 """
 
 from __future__ import annotations

@@ -35,9 +35,10 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, t
 
 
 def eager_out_allowed(*tensors: Tensor) -> bool:
-    """Whether results may be written into preallocated buffers (out=, slices): in eager inference only.
-    torch.compile graph-breaks on a strided out= (and fuses the plain form anyway); autograd cannot go through out=
-    (core's LoRA training, gradient guidance)."""
+    """Whether results may be written into preallocated buffers or over spent tensors (out=, slices, in-place GELU):
+    in eager inference only. torch.compile graph-breaks on a strided out= (and fuses the plain form anyway);
+    autograd cannot go through out= or in-place writes to what backward needs (core's LoRA training, gradient
+    guidance)."""
     if torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -207,8 +207,9 @@ def test_rope_and_rms_norm_are_the_float32_formulas(dtype, monkeypatch):
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_blocks_writing_into_buffers_are_bit_identical_to_the_plain_forms(dtype, fused_qkv, monkeypatch):
-    """Eagerly a double block's RoPE writes txt and img straight into one joint q / k, and a single block's GELU
-    straight into linear2's input: the same values, bit for bit, as cat-then-rotate and cat(attn, gelu)."""
+    """Eagerly a double block's RoPE writes txt and img straight into one joint q / k and its MLPs run GELU in place,
+    and a single block builds linear2's input over its v + MLP projection: the same values, bit for bit, as
+    cat-then-rotate, the GELU module and cat(attn, gelu)."""
     torch.manual_seed(0)
     heads, head_dim, batch, txt_len, img_len = 2, 64, 2, 5, 9
     hidden = heads * head_dim
