@@ -298,10 +298,20 @@ def buffered_forms_check(model: MMDiT, device, dtype, text_tokens: int = 64, ima
             double, single = model.double_blocks[0], model.single_blocks[0]
             return (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
 
-    buffered = run()
+    allowed = []  # what eager_out_allowed answered: the buffered forms must really have run
+
+    real_answer = mmdit_layers.eager_out_allowed
+
+    def spy(*tensors):
+        allowed.append(real_answer(*tensors))
+        return allowed[-1]
+
+    with mock.patch.object(mmdit_layers, "eager_out_allowed", spy):
+        buffered = run()
     with mock.patch.object(mmdit_layers, "eager_out_allowed", lambda *tensors: False):
         plain = run()
     return {
+        "buffered_forms_ran": bool(allowed) and all(allowed),
         "bit_identical": all(torch.equal(a, b) for a, b in zip(buffered, plain)),
         "max_abs_difference": max((a.float() - b.float()).abs().max().item() for a, b in zip(buffered, plain)),
         "tokens": [text_tokens, image_tokens],

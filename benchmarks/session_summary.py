@@ -135,6 +135,8 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
         check = env.get("buffered_forms_check")
         if check:
             same = "bit-identical" if check["bit_identical"] else f"DIFFER (max {check['max_abs_difference']:.3g})"
+            if not check.get("buffered_forms_ran", True):
+                same = "NOT CHECKED (the buffered forms did not run)"
             extra = f"{extra} buffered eager forms vs plain: {same}"
         backend = env.get("attention_backend")
         if env.get("attention_requested") not in (None, backend):
@@ -198,7 +200,10 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
         "agreement": agreement,
         "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
         "buffered_forms_differ": [
-            k for k, env in envs.items() if env.get("buffered_forms_check", {}).get("bit_identical") is False
+            k
+            for k, env in envs.items()
+            if False
+            in (env.get("buffered_forms_check", {}).get(key) for key in ("bit_identical", "buffered_forms_ran"))
         ],
         "other_files": sorted(others),
     }

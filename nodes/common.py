@@ -122,6 +122,9 @@ class Progress:
 #     768px 16:9 129f (33x96x168)       133568  bf16        10.023        12.229  1.220
 #     768px 16:9 33f (9x96x168)          36800  bf16         2.762         3.369  1.220  (fp32: 4.650 / 5.475)
 #     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         2.459         3.000  1.220
+#   Flux-layout files (fused qkv / linear1, `fused_qkv`) keep the plain concatenation in single blocks (linear1's
+#   [v | mlp] is a strided view there), so they hold linear1's output, the GELU and the concatenation: 6.1 H + 3 M
+#   (18.1 H in bf16 and float32 at mlp_ratio 4, 12.1 / 30.1 H at 2 / 8), bounded by 9 H + 3 M (1.16x; 1.10x - 1.24x).
 #   So a 3-pass 256px step needs ~2.0 GiB (estimate 2.4) on top of the weights. Core's formula with
 #   memory_usage_factor 1.8 scales with the latent only and ignores the 512 text tokens: 1.17 GiB per row at 256px
 #   129f (1.77x), 0.319 at 33f (1.53x), 0.035 for one frame (0.61x of 0.057): no single per-latent-element factor
@@ -133,6 +136,7 @@ class Progress:
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
 MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (RoPE temporaries)
+MMDIT_FUSED_BYTES_PER_TOKEN = (9, 3)  # the fused (Flux) layout: (x H, x M) in compute-dtype elements
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 # What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
 # PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor
@@ -158,7 +162,10 @@ def activation_memory(
     if isinstance(config.patch_size, int):  # MMDiT: image tokens (latent padded to the patch) + text tokens
         patch = config.patch_size
         tokens = frames * _ceil_div(height, patch) * _ceil_div(width, patch) + text_tokens
-        per_hidden, per_mlp, float32_per_hidden = MMDIT_BYTES_PER_TOKEN
+        if config.fused_qkv:
+            per_hidden, per_mlp, float32_per_hidden = (*MMDIT_FUSED_BYTES_PER_TOKEN, 0)
+        else:
+            per_hidden, per_mlp, float32_per_hidden = MMDIT_BYTES_PER_TOKEN
         per_token_bytes = (per_hidden * hidden + per_mlp * mlp) * element + float32_per_hidden * hidden * 4
         return batch * tokens * per_token_bytes
     # STDiT3: (t, h, w) patches; the caption is only cross-attention keys

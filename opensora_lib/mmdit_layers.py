@@ -7,6 +7,7 @@ views, so no copy is made for the layout change.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,7 +78,8 @@ class RotaryTables:
         # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy of x
         # would give), and the sums are rounded straight into the joint output: no float32 copy of x, no
         # concatenation before or after, no final cast (identical values, much less memory traffic).
-        out = x.new_empty(x.shape[0], length, *x.shape[2:])
+        dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])  # as cat would give
+        out = x.new_empty(x.shape[0], length, *x.shape[2:], dtype=dtype)
         start = 0
         for part in parts:
             rows = slice(start, start + part.shape[1])
@@ -315,7 +317,8 @@ def _attn_and_gelu(attn: Tensor, v_and_mlp: Tensor) -> Tensor:
 
 def _mlp_forward(mlp: nn.Sequential, x: Tensor) -> Tensor:
     """mlp(x) for the [Linear, GELU, Linear] MLP; eagerly the GELU runs in place on the 4x-wide hidden activation,
-    so it is not held twice (the same values)."""
+    so it is not held twice (the same values). Calls the layers, not the Sequential: hooks on the Sequential itself
+    do not run."""
     hidden = mlp[0](x)
     if eager_out_allowed(hidden):
         return mlp[2](torch.ops.aten.gelu_(hidden, approximate=mlp[1].approximate))

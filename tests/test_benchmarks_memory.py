@@ -30,6 +30,8 @@ GRID = [
     ("mmdit", "full", 1, 33, 96, 168, 512, "bf16"),  # 768px 16:9 129 frames
     ("mmdit", "full", 1, 33, 24, 42, 512, "fp32"),
     ("mmdit", "tiny", 2, 3, 8, 12, 7, "fp32"),
+    ("mmdit", "fused", 1, 33, 24, 42, 512, "bf16"),  # a Flux-layout file (fused qkv / linear1)
+    ("mmdit", "fused", 1, 9, 24, 42, 512, "fp32"),
     ("stdit3", "1.3", 2, 15, 45, 80, 0, "bf16"),  # 360p 49 frames, CFG batch
     ("stdit3", "1.3", 1, 35, 90, 160, 0, "bf16"),  # 720p 113 frames
     ("stdit3", "1.3", 1, 1, 90, 160, 0, "bf16"),  # one frame: the most per token
@@ -54,6 +56,8 @@ def probe(out_path: str, _models_dir: str) -> None:
         shape = (batch, 16, frames, height, width)
         if family == "mmdit":
             config = mmdit_config(variant == "tiny")
+            if variant == "fused":
+                config = dataclasses.replace(config, fused_qkv=True)
             measured = mmdit_forward_peak(config, batch, frames, height, width, text_tokens, dtype)
             model = MMDiT(config, device="meta")
         else:

@@ -235,6 +235,8 @@ def test_joint_rope_checks_lengths_and_keeps_autograd():
     txt, img = torch.randn(1, 3, 2, 32), torch.randn(1, 4, 2, 32)
     joint = pe.apply_joint((txt, img))
     assert torch.equal(joint, pe.apply(torch.cat((txt, img), 1)))
+    mixed = pe.apply_joint((txt.bfloat16(), img))  # promoted as the concatenation would be
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, pe.apply(torch.cat((txt.bfloat16(), img), 1)))
     with pytest.raises(ValueError, match="RoPE tables for 7 tokens cannot rotate 4 tokens"):
         pe.apply(img)
     # Gradient guidance: only the image part needs a gradient; the buffered form must not be taken.
