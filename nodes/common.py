@@ -136,7 +136,7 @@ class Progress:
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
 MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (RoPE temporaries)
-MMDIT_FUSED_BYTES_PER_TOKEN = (9, 3)  # the fused (Flux) layout: (x H, x M) in compute-dtype elements
+MMDIT_FUSED_BYTES_PER_TOKEN = (9, 3, 0)  # the fused (Flux) layout: the same terms, no float32 one
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 # What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
 # PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor
@@ -162,10 +162,8 @@ def activation_memory(
     if isinstance(config.patch_size, int):  # MMDiT: image tokens (latent padded to the patch) + text tokens
         patch = config.patch_size
         tokens = frames * _ceil_div(height, patch) * _ceil_div(width, patch) + text_tokens
-        if config.fused_qkv:
-            per_hidden, per_mlp, float32_per_hidden = (*MMDIT_FUSED_BYTES_PER_TOKEN, 0)
-        else:
-            per_hidden, per_mlp, float32_per_hidden = MMDIT_BYTES_PER_TOKEN
+        terms = MMDIT_FUSED_BYTES_PER_TOKEN if config.fused_qkv else MMDIT_BYTES_PER_TOKEN
+        per_hidden, per_mlp, float32_per_hidden = terms
         per_token_bytes = (per_hidden * hidden + per_mlp * mlp) * element + float32_per_hidden * hidden * 4
         return batch * tokens * per_token_bytes
     # STDiT3: (t, h, w) patches; the caption is only cross-attention keys

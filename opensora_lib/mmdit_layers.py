@@ -69,10 +69,10 @@ class RotaryTables:
         length = sum(part.shape[1] for part in parts)
         if length != self.cos.shape[1]:
             raise ValueError(f"RoPE tables for {self.cos.shape[1]} tokens cannot rotate {length} tokens")
-        if not self.half_split:
-            return self._rotate_interleaved(torch.cat(parts, dim=1) if len(parts) > 1 else x)
-        if not eager_out_allowed(*parts):
+        if not (self.half_split and eager_out_allowed(*parts)):
             x = torch.cat(parts, dim=1) if len(parts) > 1 else x
+            if not self.half_split:
+                return self._rotate_interleaved(x)
             x1, x2 = x.chunk(2, dim=-1)
             return torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1).to(x.dtype)
         # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy of x
