@@ -5,28 +5,27 @@
 #   bash benchmarks/gpu_session.sh --dry-run [--out DIR]               # the same steps on CPU, tiny configs
 #
 # Writes into DIR (8 files, the device tool's limit, each well under 16 MiB): session.log (everything printed),
-# mmdit_cudnn.json, official_mmdit.json, comfy_memory.json, mmdit_compiled.json, mmdit_sdpa.json, stdit3.json,
-# summary.json; the summary
-# table is printed at the end. Every step runs under `timeout`, capped by what is left of --budget (default
+# mmdit_cudnn.json, official_mmdit.json, comfy_memory.json, mmdit_compiled.json, mmdit_cudnn_torch_rope.json,
+# mmdit_sdpa.json, summary.json; the summary table is printed at the end. Every step runs under `timeout`, capped by what is left of --budget (default
 # 540 s, under the device tool's 600 s per command); a failing or timed-out step is recorded and the rest run.
 #
-# Steps, in priority order, with the estimate on one H200 (from issue #5's figures: official forward 256px b3
-# 1.26 s, b1 0.42 s, 768px b1 14.1 s; ours 1.16 s / ~0.4 s / 9.18 s with sdpa; ~8 s start + 11B build each):
-#   1. ours_cudnn  bench_mmdit --attention cudnn: the eager buffered forms vs the plain ones on the GPU
-#                  (bit-identical?, <1 s), forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
+# Steps, in priority order, with the estimate on one H200 (the 2026-11-28 runs: official forward 256px b3 1.18 s,
+# b1 0.40 s, 768px b1 14.1 s with SDPA's flash kernel, 50-step t2v 59 s; ours eager 1.10 s / 0.36 s / 8.95 s before
+# the Triton RoPE kernel; ~8 s start + 11B build each):
+#   1. ours_cudnn  bench_mmdit --attention cudnn: the eager buffered forms (Triton RoPE included) vs the plain ones
+#                  on the GPU (bit-identical?, <1 s), forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
 #                  (80 passes, ~30 s) and i2v_head (110 passes, ~40 s)                           ~100 s
-#   2. official    official_mmdit: float32 + bf16 agreement (~15 s), compile + Liger JIT (~30 s), forwards
-#                  (~35 s), the official 50-step t2v (150 passes, ~63 s; its i2v runs the same
-#                  passes, so it is not run again)                                               ~150 s
-#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~75 s (cap 150)
+#   2. official    official_mmdit (attention: SDPA's flash backend, as published): compile + Liger JIT (~30 s),
+#                  forwards (~45 s), the official 50-step t2v (150 passes, ~60 s; its i2v runs the same passes,
+#                  so it is not run again), a torch.profiler table of one 256px b3 forward of ours and of it  ~150 s
+#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~85 s (cap 150)
 #   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
 #                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
-#                  new shape compiled in an untimed call (~13-17 s each, 5 shapes)               ~170 s (cap 240)
-#   5. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~45 s
-#   6. stdit3      bench_stdit3 forwards (no sampler runs), only with time left                  ~60 s
-# Expected (the 2026-11-28 H200 run took 101 / 21 (failed) / 52 / 119 / 26 / 44 s): steps 1-4 ~475 s against the
-# 540 s budget, so 5 may be cut short and 6 (STDiT3 was measured in an earlier session) is usually skipped.
-# bench_vae.py (also measured then) is not part of the session.
+#                  new shape compiled in an untimed call                                         ~140 s (cap 240)
+#   5. ours_torch_rope  the forwards of step 1 with OPENSORA_TRITON_ROPE=0: what the kernel saves   ~40 s
+#   6. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~25 s
+# The second 2026-11-28 H200 run took 96 / 90 / 49 (failed: no PyAV, since stubbed) / 140 / - / 24 s. STDiT3
+# (bench_stdit3.py, measured in two H200 sessions) is no longer a step: the device returns at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -121,8 +120,8 @@ if [[ -f .official/opensora/models/mmdit/model.py ]]; then
     # Full size: only the official t2v sampler (its I2VDenoiser runs the same 3 passes per step for i2v; the
     # summary compares our i2v with it). The dry run keeps both for the float32 sampler agreement.
     if ((DRY)); then OFFICIAL_RUNS=(); else OFFICIAL_RUNS=(--cond-types t2v); fi
-    step official 330 "$PY" benchmarks/official_mmdit.py "${COMMON[@]}" "${OFFICIAL_RUNS[@]}" \
-        --out "$DIR/official_mmdit.json"
+    step official 330 "$PY" benchmarks/official_mmdit.py "${COMMON[@]}" "${OFFICIAL_RUNS[@]}" --attention cudnn \
+        --profile --out "$DIR/official_mmdit.json"
 elif ((DRY)); then
     skip official ".official/ absent (bash scripts/fetch_official.sh); dry run goes on without it"
 else
@@ -152,16 +151,14 @@ else
         --compile-blocks inductor "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
 fi
 
-# 5. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
+# 5. Ours with cuDNN attention and the torch RoPE instead of the Triton kernel (OPENSORA_TRITON_ROPE=0): the
+#    forwards only, what the kernel saves.
+OPENSORA_TRITON_ROPE=0 step ours_torch_rope 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
+    --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_rope.json"
+
+# 6. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
 step ours_sdpa 120 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention sdpa --steps 0 "${official_json[@]}" \
     --out "$DIR/mmdit_sdpa.json"
-
-# 6. Only with time left (the budget caps it).
-if ((DRY)); then
-    step stdit3 60 "$PY" benchmarks/bench_stdit3.py "${COMMON[@]}" --sampler --no-compile --out "$DIR/stdit3.json"
-else
-    step stdit3 150 "$PY" benchmarks/bench_stdit3.py "${COMMON[@]}" --sampler --out "$DIR/stdit3.json"
-fi
 
 "$PY" -m benchmarks.session_summary "$DIR" --steps "$STEPS" --mode "$MODE"
 echo "== gpu_session done in $(($(date +%s) - START))s"

@@ -3,8 +3,10 @@
 The official code is not part of this project: scripts/fetch_official.sh copies the few files needed from a git
 mirror into the git-ignored .official/, and this script imports them from there at run time. What those files
 import but the device lacks is replaced here:
-- flash_attn.flash_attn_func -> torch SDPA with its default kernel choice (how issue #5's official figures
-  were measured; FA3 is not installed, so the official code takes this path).
+- flash_attn.flash_attn_func -> torch SDPA. On CUDA its flash backend by default (--official-attention flash):
+  the FlashAttention-2 kernel, which the official code reaches through flash_attn v2 when FA3 is not installed,
+  and how issue #5 defines the official figures ("flash attention through PyTorch SDPA"). --official-attention
+  default leaves the kernel choice to torch (cuDNN on an H200 with torch 2.11: faster than what is published).
 - liger_kernel RoPE / RMSNorm: the real liger_kernel==0.5.2 (Triton; carried as a wheel in .whl/) on CUDA, a
   plain-torch shim of the same formulas for CPU dry runs (--liger).
 - colossalai, mmengine, peft (when missing), and the official modules for checkpoint loading, text encoders,
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: o
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.bench_mmdit import (
     ASPECT_RATIO,
@@ -71,6 +74,7 @@ from benchmarks.common import (
     release_memory,
     report,
     setup,
+    synchronize,
     warmup_calls,
 )
 from opensora_lib.mmdit import MMDiT, MMDiTConfig
@@ -95,16 +99,21 @@ class OfficialMissing(RuntimeError):
 # ---------------------------------------------------------------- shims for what the device lacks
 
 
+SDPA_BACKENDS: list | None = None  # the official attention's SDPA backends (None: torch's own choice)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, **kwargs):
-    """flash_attn's [B, L, heads, D] call through torch SDPA (default kernel choice)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        dropout_p=dropout_p,
-        is_causal=causal,
-        scale=softmax_scale,
-    )
+    """flash_attn's [B, L, heads, D] call through torch SDPA (the backends in SDPA_BACKENDS)."""
+    backends = sdpa_kernel(SDPA_BACKENDS) if SDPA_BACKENDS else contextlib.nullcontext()
+    with backends:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=dropout_p,
+            is_causal=causal,
+            scale=softmax_scale,
+        )
     return out.transpose(1, 2)
 
 
@@ -180,9 +189,12 @@ def _missing(name: str) -> bool:
         return True
 
 
-def install_shims(liger: str) -> dict[str, str]:
+def install_shims(liger: str, attention: str = "default") -> dict[str, str]:
     """Install the replacements described in the module docstring; returns what each name resolves to."""
-    used = {"flash_attn": "shim: torch SDPA (default kernel choice)"}
+    global SDPA_BACKENDS
+    SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION] if attention == "flash" else None
+    kernel = "flash backend (FlashAttention-2)" if SDPA_BACKENDS else "default kernel choice"
+    used = {"flash_attn": f"shim: torch SDPA, {kernel}"}
     _install("flash_attn", flash_attn_func=flash_attn_func)
     if liger == "real":
         import liger_kernel.ops.rms_norm  # noqa: F401  (raises here if the wheel is not installed)
@@ -223,11 +235,11 @@ def install_shims(liger: str) -> dict[str, str]:
     return used
 
 
-def import_official(liger: str, compile_embedding: bool) -> types.SimpleNamespace:
+def import_official(liger: str, compile_embedding: bool, attention: str = "default") -> types.SimpleNamespace:
     """Import the official model, sampling and inference modules from .official/ with the shims installed."""
     if not (OFFICIAL_DIR / "opensora" / "models" / "mmdit" / "model.py").is_file():
         raise OfficialMissing(f"the official code is not in {OFFICIAL_DIR}: run `bash scripts/fetch_official.sh` first")
-    shims = install_shims(liger)
+    shims = install_shims(liger, attention)
     sys.path.insert(0, str(OFFICIAL_DIR))
     if not compile_embedding:
         torch._dynamo.config.disable = True  # the official @torch.compile'd timestep embedding then runs eagerly
@@ -305,6 +317,33 @@ class CountingModel:
     def __call__(self, **kwargs):
         self.rows.append(kwargs["img"].shape[0])
         return self.model(**kwargs)
+
+
+def profile_forward(model, inputs: dict, device, top: int = 25) -> list[dict]:
+    """One forward (after one untimed) under torch.profiler: the `top` ops by device time (CPU time on a CPU),
+    printed and returned as rows of name / calls / milliseconds / share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.inference_mode():
+        model(**inputs)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            model(**inputs)
+            synchronize(device)
+    attr = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    rows = [
+        {"name": e.key[:90], "calls": e.count, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total}
+        for e in events[:top]
+    ]
+    print(f"profile {type(model).__module__}.{type(model).__name__}: total {total / 1e3:.1f} ms ({attr})")
+    for row in rows:
+        print(f"  {row['ms']:9.2f} ms {row['share']:6.1%} {row['calls']:6d}x  {row['name']}")
+    return rows
 
 
 def official_denoise(official, model, config, inputs: dict, steps: int, cond_type: str, dtype) -> torch.Tensor:
@@ -409,6 +448,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--liger", choices=("auto", "real", "shim"), default="auto", help="auto: real on CUDA if installed"
     )
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="official @torch.compile")
+    parser.add_argument(
+        "--official-attention",
+        choices=("auto", "flash", "default"),
+        default="auto",
+        help="the official attention's SDPA kernel: flash (FlashAttention-2, as published) or torch's default "
+        "choice; auto: flash on CUDA, default on the CPU (no flash kernel there)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one forward of ours and of the official model"
+    )
     parser.add_argument("--compare-sampler", choices=("auto", "on", "off"), default="auto", help="float32; auto: tiny")
     args = parser.parse_args(argv)
     device = setup(args)
@@ -421,9 +470,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if on_cuda and liger == "shim":
             print("WARNING: liger_kernel is not installed: the official RoPE / RMSNorm run as plain-torch shims")
     compile_embedding = on_cuda if args.compile == "auto" else args.compile == "on"
+    attention = args.official_attention
+    if attention == "auto":
+        attention = "flash" if on_cuda else "default"
     compare_sampler = args.tiny if args.compare_sampler == "auto" else args.compare_sampler == "on"
     try:
-        official = import_official(liger, compile_embedding)
+        official = import_official(liger, compile_embedding, attention)
     except OfficialMissing as e:
         raise SystemExit(f"official_mmdit: {e}") from None
 
@@ -468,11 +520,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     official, official_model, config, size, runs.steps, text_tokens, cond_type, device, dtype, peak
                 )
             )
+    profiles = {}
+    if args.profile and runs.forward:
+        inputs = official_forward_inputs(config, runs.forward[0], text_tokens, dtype, device)
+        profiles = {
+            "ours": profile_forward(ours, inputs, device),
+            "official": profile_forward(official_model, inputs, device),
+        }
     compare_with_official(results, None, OFFICIAL_SECONDS, {})  # here: this official run / the quoted figure
 
     failed = [r["name"] for r in results if r.get("passed") is False]
     env = environment(device, dtype, peak, args.tiny)
-    env.update(official_shims=official.shims, official_compile=compile_embedding)
+    env.update(official_shims=official.shims, official_compile=compile_embedding, official_attention=attention)
     payload = {
         "benchmark": "official mmdit v2.0",
         "official_commit": official.commit,
@@ -480,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": {"config": dataclasses.asdict(config), "parameters": parameter_count(official_model)},
         "results": results,
         "agreement_failed": failed,
+        **({"profile": profiles} if profiles else {}),
         "notes": [
             f"official Open-Sora main {official.commit[:12]} from {OFFICIAL_DIR.name}/ (scripts/fetch_official.sh)",
             "same random weights as ours (seeded MMDiT, shared tensors); --attention applies to OUR model only",

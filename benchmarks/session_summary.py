@@ -132,12 +132,17 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
     envs = {key: p.get("environment", {}) for key, p in payloads.items()}
     for key, env in envs.items():
         extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
+        if env.get("official_attention"):
+            extra = f"official attention {env['official_attention']} {extra}"
         check = env.get("buffered_forms_check")
         if check:
             same = "bit-identical" if check["bit_identical"] else f"DIFFER (max {check['max_abs_difference']:.3g})"
             if not check.get("buffered_forms_ran", True):
                 same = "NOT CHECKED (the buffered forms did not run)"
             extra = f"{extra} buffered eager forms vs plain: {same}"
+            if "rope_kernel_launches" in check:
+                checked = check.get("rope_kernel", {}).get("checked") or "not self-checked"
+                extra = f"{extra}; Triton RoPE launches {check['rope_kernel_launches']} (self-check {checked})"
         backend = env.get("attention_backend")
         if env.get("attention_requested") not in (None, backend):
             backend = f"{env['attention_requested']} (ran {backend}: not available here)"

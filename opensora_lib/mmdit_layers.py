@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .norms import rms_norm
+from .rope_kernel import rotate_into
 
 LAYER_NORM_EPS = 1e-6
 RMS_NORM_EPS = 1e-6
@@ -78,16 +79,13 @@ class RotaryTables:
         # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy of x
         # would give), and the sums are rounded straight into the joint output: no float32 copy of x, no
         # concatenation before or after, no final cast (identical values, much less memory traffic).
+        # On CUDA one Triton kernel does it with the same values (rope_kernel; self-checked, else this torch form).
         dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])  # as cat would give
         out = x.new_empty(x.shape[0], length, *x.shape[2:], dtype=dtype)
         start = 0
         for part in parts:
             rows = slice(start, start + part.shape[1])
-            cos, sin = self.cos[:, rows], self.sin[:, rows]
-            x1, x2 = part.chunk(2, dim=-1)
-            out1, out2 = out[:, rows].chunk(2, dim=-1)
-            torch.sub(x1 * cos, x2 * sin, out=out1)
-            torch.add(x2 * cos, x1 * sin, out=out2)
+            rotate_into(out[:, rows], part, self.cos[:, rows], self.sin[:, rows])
             start += part.shape[1]
         return out
 

@@ -76,6 +76,7 @@ def test_mmdit_script_tiny_cpu(tmp_path):
     assert "cudnn not available here" in env["attention_note"]
     check = env["buffered_forms_check"]  # on the GPU this checks the device's kernels
     assert check["buffered_forms_ran"] is True and check["bit_identical"] is True
+    assert check["rope_kernel_launches"] == 0 and check["rope_kernel"]["checked"] == {}  # CPU: the torch form
     assert check["max_abs_difference"] == 0.0
     forwards = by_kind(payload, "forward")
     assert [r["batch"] for r in forwards] == [3, 1]
@@ -227,6 +228,38 @@ def test_official_flash_attn_shim_is_sdpa_in_the_flash_layout():
     assert torch.equal(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))
 
 
+def test_official_attention_shim_runs_the_chosen_sdpa_backend(monkeypatch):
+    """--official-attention flash (the GPU default) restricts the shim to SDPA's flash backend, which issue #5's
+    official figures used; torch's default choice (cuDNN on an H200) would make the official side faster than
+    published. On the CPU: the flash backend runs (the CPU flash kernel, same values as the default choice), and a
+    backend the CPU lacks is refused, so the restriction really reaches the call."""
+    from torch.nn.attention import SDPBackend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 16) for _ in "qkv")
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    monkeypatch.setattr(official_mmdit, "SDPA_BACKENDS", [SDPBackend.FLASH_ATTENTION])
+    torch.testing.assert_close(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))
+    monkeypatch.setattr(official_mmdit, "SDPA_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        official_mmdit.flash_attn_func(q, k, v)
+
+
+def test_profile_forward_rows(capsys):
+    """--profile's table: the top ops of one forward by time, shares of the whole, the matrix products among them."""
+    torch.manual_seed(0)
+    config = bench_mmdit.model_config(tiny=True)
+    model = bench_mmdit.MMDiT(config).eval()
+    size = parse_video("64x96:9:1", bench_mmdit.VERSION, bench_mmdit.ASPECT_RATIO)
+    inputs = official_mmdit.official_forward_inputs(config, size, 7, torch.float32, torch.device("cpu"))
+    rows = official_mmdit.profile_forward(model, inputs, torch.device("cpu"), top=8)
+    assert 0 < len(rows) <= 8 and all(row["ms"] > 0 and row["calls"] > 0 for row in rows)
+    assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
+    assert 0 < sum(row["share"] for row in rows) <= 1.0 + 1e-9
+    assert any(row["name"] in ("aten::addmm", "aten::mm") for row in rows)
+    assert "profile opensora_lib.mmdit.MMDiT: total" in capsys.readouterr().out
+
+
 def test_official_stubs_answer_find_spec():
     """The stub modules carry a spec: transformers' availability probe (find_spec, then the distribution) says
     flash_attn is not installed instead of raising "flash_attn.__spec__ is None", the failure of the H200 run, where
@@ -357,7 +390,9 @@ def test_gpu_session_dry_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s["status"] for s in summary["steps"]}
     official_present = (REPO / ".official" / "opensora" / "models" / "mmdit" / "model.py").is_file()
-    assert steps["ours_cudnn"] == steps["ours_compiled"] == steps["ours_sdpa"] == steps["stdit3"] == "ok", steps
+    assert steps["ours_cudnn"] == steps["ours_compiled"] == steps["ours_sdpa"] == steps["ours_torch_rope"] == "ok", (
+        steps
+    )
     assert steps["official"] == ("ok" if official_present else "skipped"), steps
     assert steps["comfy_memory"] in ("ok", "skipped")
     assert steps["comfy_memory"] == "ok" or not (REPO / "benchmarks" / "bench_comfy_memory.py").exists()
@@ -369,6 +404,10 @@ def test_gpu_session_dry_run(tmp_path):
 
     cudnn = json.loads((out / "mmdit_cudnn.json").read_text())
     assert cudnn["environment"]["attention_requested"] == "cudnn"
+    # the same forwards with the Triton RoPE switched off (on the CPU the torch form runs either way)
+    torch_rope = json.loads((out / "mmdit_cudnn_torch_rope.json").read_text())
+    assert torch_rope["environment"]["buffered_forms_check"]["rope_kernel"]["disabled"] is True
+    assert by_kind(torch_rope, "sampler") == [] and len(by_kind(torch_rope, "forward")) == 2
     assert [r["cond_type"] for r in by_kind(cudnn, "sampler")] == ["t2v", "i2v_head"]
     assert all(r["seconds"] > 0 and r["finite"] for r in cudnn["results"])
     sdpa = json.loads((out / "mmdit_sdpa.json").read_text())
@@ -378,6 +417,8 @@ def test_gpu_session_dry_run(tmp_path):
     assert "sampler i2v_head 64x96 9f b1 12 steps" in names and "forward 64x96 9f b3" in names
     if official_present:
         official = json.loads((out / "official_mmdit.json").read_text())
+        assert official["environment"]["official_attention"] == "default"  # no flash kernel choice on the CPU
+        assert set(official["profile"]) == {"ours", "official"} and all(official["profile"].values())
         agreement = {r["name"]: r for r in official["results"] if r["kind"] == "agreement"}
         assert agreement["ours vs official float32 64x96 9f b1"]["relative_error"] < 1e-5
         for cond_type in ("t2v", "i2v_head"):

@@ -1,0 +1,114 @@
+"""Run by tests/test_rope_kernel.py in a subprocess with TRITON_INTERPRET=1 (Triton's CPU interpreter, read when
+the kernel is defined): the Triton RoPE kernel against the torch form, alone and inside the MMDiT blocks. Prints
+one JSON object of findings; the test asserts on them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from opensora_lib import mmdit_layers, rope_kernel  # noqa: E402
+from opensora_lib.mmdit_layers import DoubleStreamBlock, SingleStreamBlock, rotary_tables  # noqa: E402
+
+launches = []
+real_launch = rope_kernel._launch
+
+
+def counting_launch(*args):
+    launches.append(args[1].shape)
+    real_launch(*args)
+
+
+rope_kernel._launch = counting_launch
+found: dict[str, object] = {"interpreting": rope_kernel._INTERPRETING, "triton": rope_kernel.triton is not None}
+
+
+def tables(batch: int, length: int, half: int):
+    angle = torch.randn(batch, length, 1, half) * 40
+    return angle.cos(), angle.sin()
+
+
+def kernel_vs_torch(x: torch.Tensor, cos, sin) -> dict:
+    expected, got = torch.empty_like(x), torch.empty_like(x)
+    rope_kernel.torch_rotate_into(expected, x, cos, sin)
+    real_launch(got, x, cos, sin)
+    as_float = torch.empty(x.shape, dtype=torch.float32)
+    rope_kernel.torch_rotate_into(as_float, x, cos, sin)
+    truncated = (as_float.view(torch.int32) & ~0xFFFF).view(torch.float32).to(x.dtype)
+    return {"equal": torch.equal(got, expected), "equal_to_truncated_float32": torch.equal(got, truncated)}
+
+
+torch.manual_seed(0)
+cases = {}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    name = str(dtype).removeprefix("torch.")
+    x = (torch.randn(2, 6, 3, 32) * 3).to(dtype)
+    cases[f"{name} shared tables"] = kernel_vs_torch(x, *tables(1, 6, 16))
+    cases[f"{name} per-item tables"] = kernel_vs_torch(x, *tables(2, 6, 16))
+    # q as the official layout gives it: a strided view of a wider projection output
+    wide = (torch.randn(2, 6, 3 * 3 * 32) * 3).to(dtype)
+    strided = wide[..., : 3 * 32].unflatten(-1, (3, 32))
+    cases[f"{name} strided input"] = kernel_vs_torch(strided, *tables(1, 6, 16))
+found["kernel_vs_torch"] = cases
+
+# rotate_into: the self-check per (device, dtype); bf16 fails it under the interpreter (its casts truncate)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    rotate = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(1, 4, 3, 32).to(dtype)
+        cos, sin = tables(1, 4, 16)
+        before = len(launches)
+        out, expected = torch.empty_like(x), torch.empty_like(x)
+        rope_kernel.rotate_into(out, x, cos, sin)
+        rope_kernel.torch_rotate_into(expected, x, cos, sin)
+        rotate[str(dtype).removeprefix("torch.")] = {
+            "kernel_calls": len(launches) - before,
+            "equal": torch.equal(out, expected),
+        }
+    found["rotate_into"] = rotate
+    found["warnings"] = [str(w.message) for w in caught]
+found["state"] = rope_kernel.kernel_state()
+
+
+def blocks(dtype, head_dim: int) -> dict:
+    """A double and a single block, eager (kernel) vs the plain forms: equal? how many kernel launches?"""
+    torch.manual_seed(0)
+    heads, batch, txt_len, img_len = 2, 2, 5, 9
+    hidden = heads * head_dim
+    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
+    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=False, dtype=dtype)
+    for param in [*double.parameters(), *single.parameters()]:
+        nn.init.normal_(param, std=0.2)
+    img, txt = torch.randn(batch, img_len, hidden, dtype=dtype), torch.randn(batch, txt_len, hidden, dtype=dtype)
+    vec = torch.randn(batch, hidden, dtype=dtype)
+    third = head_dim // 4
+    pe = rotary_tables(
+        torch.randint(0, 9, (1, txt_len + img_len, 3)).float(), [head_dim - 2 * third, third, third], 10000
+    )
+    before = len(launches)
+    with_kernel = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    calls = len(launches) - before
+    allowed = mmdit_layers.eager_out_allowed
+    mmdit_layers.eager_out_allowed = lambda *tensors: False
+    try:
+        plain = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    finally:
+        mmdit_layers.eager_out_allowed = allowed
+    return {"kernel_calls": calls, "equal": all(torch.equal(a, b) for a, b in zip(with_kernel, plain))}
+
+
+torch.set_grad_enabled(False)  # inference, as ComfyUI samples (with gradients the plain forms run)
+found["blocks"] = {
+    "float32": blocks(torch.float32, 64),
+    "float16": blocks(torch.float16, 64),
+    "float32 head 48 (half 24: not a power of two)": blocks(torch.float32, 48),
+}
+print(json.dumps(found))
