@@ -413,6 +413,12 @@ def cuda_peak(device: torch.device, context_gib: float) -> dict[str, float]:
 SHIPPED_DECODE = (256, 64, 4096, 8)
 
 
+def _placeholder(name: str) -> type:
+    if name.startswith("__"):  # __file__, __wrapped__ ...: absent, as on a real module (inspect relies on it)
+        raise AttributeError(name)
+    return type(name, (), {})
+
+
 def stub_av_if_missing() -> bool:
     """ComfyUI's nodes.py imports comfy_api, which imports PyAV (`av`) at module level for video I/O. The GPU machine
     has no PyAV and its wheel (35 MB) does not fit the device call; this benchmark does no video I/O, so when `av`
@@ -428,7 +434,7 @@ def stub_av_if_missing() -> bool:
     def module(name: str, **names) -> types.ModuleType:
         stub = types.ModuleType(name)
         stub.__dict__.update(names)
-        stub.__getattr__ = lambda attr: type(attr, (), {})  # av.VideoStream etc. in isinstance / annotations
+        stub.__getattr__ = _placeholder  # av.VideoStream etc. in isinstance / annotations
         sys.modules[name] = stub
         return stub
 

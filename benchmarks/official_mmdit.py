@@ -103,8 +103,10 @@ SDPA_BACKENDS: list | None = None  # the official attention's SDPA backends (Non
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, **kwargs):
-    """flash_attn's [B, L, heads, D] call through torch SDPA (the backends in SDPA_BACKENDS)."""
-    backends = sdpa_kernel(SDPA_BACKENDS) if SDPA_BACKENDS else contextlib.nullcontext()
+    """flash_attn's [B, L, heads, D] call through torch SDPA (the backends in SDPA_BACKENDS for fp16 / bf16; the
+    float32 agreement check gets torch's choice: flash kernels, flash_attn's included, take half precision only)."""
+    restrict = SDPA_BACKENDS and q.dtype in (torch.float16, torch.bfloat16)
+    backends = sdpa_kernel(SDPA_BACKENDS) if restrict else contextlib.nullcontext()
     with backends:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -322,6 +324,7 @@ class CountingModel:
 def profile_forward(model, inputs: dict, device, top: int = 25) -> list[dict]:
     """One forward (after one untimed) under torch.profiler: the `top` ops by device time (CPU time on a CPU),
     printed and returned as rows of name / calls / milliseconds / share of the total."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_cuda = device.type == "cuda"
@@ -333,7 +336,13 @@ def profile_forward(model, inputs: dict, device, top: int = 25) -> list[dict]:
             model(**inputs)
             synchronize(device)
     attr = "self_device_time_total" if on_cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    # The op rows only (each kernel's time is also a row of its own, on the device; counting both doubles the
+    # total), without CUPTI's "Command Buffer Full" marker (launch-queue back-pressure, not work).
+    events = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CPU and getattr(e, attr) > 0 and e.key != "Command Buffer Full"
+    ]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     rows = [

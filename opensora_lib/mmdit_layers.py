@@ -41,7 +41,7 @@ def eager_out_allowed(*tensors: Tensor) -> bool:
     in eager inference only. torch.compile graph-breaks on a strided out= (and fuses the plain form anyway);
     autograd cannot go through out= or in-place writes to what backward needs (core's LoRA training, gradient
     guidance)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # a trace would record the unwritten buffer
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

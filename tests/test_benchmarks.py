@@ -229,10 +229,11 @@ def test_official_flash_attn_shim_is_sdpa_in_the_flash_layout():
 
 
 def test_official_attention_shim_runs_the_chosen_sdpa_backend(monkeypatch):
-    """--official-attention flash (the GPU default) restricts the shim to SDPA's flash backend, which issue #5's
-    official figures used; torch's default choice (cuDNN on an H200) would make the official side faster than
-    published. On the CPU: the flash backend runs (the CPU flash kernel, same values as the default choice), and a
-    backend the CPU lacks is refused, so the restriction really reaches the call."""
+    """--official-attention flash (the GPU default) restricts the shim to SDPA's flash backend for fp16 / bf16, which
+    issue #5's official figures used; torch's default choice (cuDNN on an H200) would make the official side faster
+    than published. Float32 (the agreement check) keeps torch's choice: flash kernels, flash_attn's included, take
+    half precision only, and a flash-only float32 call fails on CUDA. On the CPU: the flash backend runs, and a
+    backend the CPU lacks is refused for bf16, so the restriction really reaches the call."""
     from torch.nn.attention import SDPBackend
 
     torch.manual_seed(0)
@@ -240,9 +241,13 @@ def test_official_attention_shim_runs_the_chosen_sdpa_backend(monkeypatch):
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     monkeypatch.setattr(official_mmdit, "SDPA_BACKENDS", [SDPBackend.FLASH_ATTENTION])
     torch.testing.assert_close(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))
+    half = [t.bfloat16() for t in (q, k, v)]
+    expected_half = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in half)).transpose(1, 2)
+    torch.testing.assert_close(official_mmdit.flash_attn_func(*half), expected_half)
     monkeypatch.setattr(official_mmdit, "SDPA_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
     with pytest.raises(RuntimeError, match="No viable backend"):
-        official_mmdit.flash_attn_func(q, k, v)
+        official_mmdit.flash_attn_func(*half)
+    torch.testing.assert_close(official_mmdit.flash_attn_func(q, k, v), expected.transpose(1, 2))  # float32
 
 
 def test_profile_forward_rows(capsys):
