@@ -17,6 +17,7 @@ the kernel off.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 
@@ -175,6 +176,7 @@ def _self_check(x: Tensor) -> bool:
         if not torch.equal(got, expected):
             _refuse(f"differs from the torch form on {x.device} {x.dtype}")
             return False
+    logging.getLogger(__name__).info("Triton RoPE kernel in use on %s %s (self-check passed)", x.device, x.dtype)
     return True
 
 
