@@ -12,10 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from helpers_mmdit import random_blocks  # noqa: E402  (tests/ is the script's folder, first on sys.path)
 
 from opensora_lib import mmdit_layers, rope_kernel  # noqa: E402
-from opensora_lib.mmdit_layers import DoubleStreamBlock, SingleStreamBlock, rotary_tables  # noqa: E402
 
 launches = []
 real_launch = rope_kernel._launch
@@ -80,26 +79,14 @@ found["state"] = rope_kernel.kernel_state()
 
 def blocks(dtype, head_dim: int) -> dict:
     """A double and a single block, eager (kernel) vs the plain forms: equal? how many kernel launches?"""
-    torch.manual_seed(0)
-    heads, batch, txt_len, img_len = 2, 2, 5, 9
-    hidden = heads * head_dim
-    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
-    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=False, dtype=dtype)
-    for param in [*double.parameters(), *single.parameters()]:
-        nn.init.normal_(param, std=0.2)
-    img, txt = torch.randn(batch, img_len, hidden, dtype=dtype), torch.randn(batch, txt_len, hidden, dtype=dtype)
-    vec = torch.randn(batch, hidden, dtype=dtype)
-    third = head_dim // 4
-    pe = rotary_tables(
-        torch.randint(0, 9, (1, txt_len + img_len, 3)).float(), [head_dim - 2 * third, third, third], 10000
-    )
+    case = random_blocks(dtype, head_dim)
     before = len(launches)
-    with_kernel = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    with_kernel = case.run()
     calls = len(launches) - before
     allowed = mmdit_layers.eager_out_allowed
     mmdit_layers.eager_out_allowed = lambda *tensors: False
     try:
-        plain = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+        plain = case.run()
     finally:
         mmdit_layers.eager_out_allowed = allowed
     return {"kernel_calls": calls, "equal": all(torch.equal(a, b) for a, b in zip(with_kernel, plain))}

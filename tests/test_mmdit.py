@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers_mmdit import random_blocks
 from helpers_torch import no_grad, one_thread  # noqa: F401 (autouse fixtures)
 from torch import nn
 
@@ -12,7 +13,7 @@ from opensora_lib import mmdit_layers, norms
 from opensora_lib.fixtures.mmdit_cases import build_model
 from opensora_lib.fixtures.runner import load_case, run_path
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config, mmdit_v2_dcae_config
-from opensora_lib.mmdit_layers import RMS_NORM_EPS, DoubleStreamBlock, RMSNorm, SingleStreamBlock, rotary_tables
+from opensora_lib.mmdit_layers import RMS_NORM_EPS, RMSNorm, SingleStreamBlock, rotary_tables
 
 CASE = "mmdit_v2_forward"
 
@@ -210,23 +211,13 @@ def test_blocks_writing_into_buffers_are_bit_identical_to_the_plain_forms(dtype,
     """Eagerly a double block's RoPE writes txt and img straight into one joint q / k and its MLPs run GELU in place,
     and a single block builds linear2's input over its v + MLP projection: the same values, bit for bit, as
     cat-then-rotate, the GELU module and cat(attn, gelu)."""
-    torch.manual_seed(0)
-    heads, head_dim, batch, txt_len, img_len = 2, 64, 2, 5, 9
-    hidden = heads * head_dim
-    double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=fused_qkv, dtype=dtype)
-    single = SingleStreamBlock(hidden, heads, 4.0, fused_qkv=fused_qkv, dtype=dtype)
-    for param in [*double.parameters(), *single.parameters()]:
-        nn.init.normal_(param, std=0.2)
-    img, txt = torch.randn(batch, img_len, hidden, dtype=dtype), torch.randn(batch, txt_len, hidden, dtype=dtype)
-    vec = torch.randn(batch, hidden, dtype=dtype)
-    pe = rotary_tables(torch.randint(0, 9, (1, txt_len + img_len, 3)).float(), [16, 24, 24], 10000)
-
-    buffered = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    case = random_blocks(dtype, fused_qkv=fused_qkv)
+    buffered = case.run()
     monkeypatch.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
-    plain = (*double(img, txt, vec, pe), single(torch.cat((txt, img), 1), vec, pe))
+    plain = case.run()
     for got, expected in zip(buffered, plain):
         assert got.dtype == dtype and torch.equal(got, expected)
-    assert not torch.equal(buffered[0], img)  # the blocks did something
+    assert not torch.equal(buffered[0], case.img)  # the blocks did something
 
 
 def test_joint_rope_checks_lengths_and_keeps_autograd():
