@@ -7,8 +7,8 @@ benchmarks/official_mmdit.py --profile); the official code's Liger Triton kernel
 
 This kernel reads x once, does the same float32 operations in the same order, each rounded to float32 (fused
 multiply-adds are switched off: enable_fp_fusion=False), and rounds once into the output dtype (round to nearest
-even, as torch's cast). So its results are the torch form's bit for bit. Where that has not been checked it is
-not used: `rotate_into` self-checks against the torch form once per (device, dtype) before the first real use and
+even, as torch's cast), so its results are meant to be the torch form's bit for bit; where that has not been
+checked it is not used: `rotate_into` self-checks against the torch form once per (device, dtype) before the first real use and
 falls back to torch for good (with a warning) on any difference or error. Triton absent (e.g. many Windows
 installs), a CPU tensor, a head size whose half is not a power of two: torch form. OPENSORA_TRITON_ROPE=0 turns
 the kernel off.
@@ -116,32 +116,26 @@ def _launch(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
     batch, length, heads, dim = x.shape
     table_stride_b = cos.stride(0) if cos.shape[0] == batch else 0
     # Triton launches on the current CUDA device: make it x's (a second GPU, ComfyUI's --cuda-device aside).
-    on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with on_device:
-        _launch_kernel(out, x, cos, sin, table_stride_b)
-
-
-def _launch_kernel(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, table_stride_b: int) -> None:
-    batch, length, heads, dim = x.shape
-    _rope_half_split[(batch * length,)](
-        x,
-        cos,
-        sin,
-        out,
-        length,
-        heads,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        table_stride_b,
-        cos.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        HALF=dim // 2,
-        BLOCK_HEADS=triton.next_power_of_2(heads),
-        enable_fp_fusion=False,  # each product rounded to float32 before the sum, as torch does
-    )
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _rope_half_split[(batch * length,)](
+            x,
+            cos,
+            sin,
+            out,
+            length,
+            heads,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            table_stride_b,
+            cos.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            HALF=dim // 2,
+            BLOCK_HEADS=triton.next_power_of_2(heads),
+            enable_fp_fusion=False,  # each product rounded to float32 before the sum, as torch does
+        )
 
 
 def torch_rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
