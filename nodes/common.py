@@ -114,7 +114,10 @@ class Progress:
 #   writes linear2's input over that projection and the MLPs run their GELU in place, so no 4x-wide activation is
 #   held twice. 6 H + M + 3 H float32 bounds it: 1.22x in bf16, 1.18x in float32 (1.17x - 1.26x for mlp_ratio 8 - 2),
 #   the same ~3 H per token (bf16) of headroom as before, for the caching allocator's rounding and block reuse on a
-#   GPU (the workspace margin below adds what a GPU run showed on top). Per batch row, full 11B model:
+#   GPU (the workspace margin below adds what a GPU run showed on top). Without RoPE's float32 products (the Triton
+#   RoPE of opensora_lib/rope_kernel.py) the same peak comes from k's RMSNorm upcast in the traced (unfused) form;
+#   with both as CUDA runs them (F.rms_norm one fused kernel, the Triton RoPE) the trace gives 11.08 H at 256px 129f
+#   bf16. The estimate keeps the bound of the form every device can run. Per batch row, full 11B model:
 #     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
 #     256px 16:9 129f (33x24x42)          8828  bf16         0.662         0.808  1.221  (0.660 / row at 2-3 rows)
 #     256px 16:9 33f (9x24x42)            2780  bf16         0.209         0.255  1.218
