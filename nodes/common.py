@@ -108,16 +108,17 @@ class Progress:
 # tests/test_benchmarks_memory.py and test_memory_estimates.py keep these formulas between 1.0x and 1.25x of that
 # measurement at the real model sizes):
 # - MMDiT (2.0): 13.12 H per token in bf16 at mlp_ratio 4 (11.1 / 17.1 H at mlp_ratio 2 / 8), 11.04 H in float32:
-#   5 H + M in the compute dtype plus ~2.1 H in float32 (RoPE's float32 products, whatever the compute dtype), the
-#   same for any image / text token count and batch. The peak is at the RoPE of k in a single-stream block (x, the
-#   v + MLP projection [L, H + M], q / k normalised and rotated, two float32 product halves): eagerly a single block
+#   5 H + M in the compute dtype plus ~2.1 H in float32 (the float32 temporaries of q / k's RMSNorm, whatever the
+#   compute dtype), the same for any image / text token count and batch. The traced peak is at the q / k RMSNorm in a
+#   single-stream block (x, the v + MLP projection [L, H + M], q, k and the norm's float32 upcast); RoPE's float32
+#   products come next (12.08 H with the norm's temporaries removed, 11.08 H with RoPE's removed too, as CUDA runs
+#   both: F.rms_norm is one fused kernel there and the Triton RoPE of opensora_lib/rope_kernel.py has no
+#   temporaries; measured on the meta device with output-only replacements). Eagerly a single block
 #   writes linear2's input over that projection and the MLPs run their GELU in place, so no 4x-wide activation is
 #   held twice. 6 H + M + 3 H float32 bounds it: 1.22x in bf16, 1.18x in float32 (1.17x - 1.26x for mlp_ratio 8 - 2),
 #   the same ~3 H per token (bf16) of headroom as before, for the caching allocator's rounding and block reuse on a
-#   GPU (the workspace margin below adds what a GPU run showed on top). Without RoPE's float32 products (the Triton
-#   RoPE of opensora_lib/rope_kernel.py) the same peak comes from k's RMSNorm upcast in the traced (unfused) form;
-#   with both as CUDA runs them (F.rms_norm one fused kernel, the Triton RoPE) the trace gives 11.08 H at 256px 129f
-#   bf16. The estimate keeps the bound of the form every device can run. Per batch row, full 11B model:
+#   GPU (the workspace margin below adds what a GPU run showed on top). The estimate keeps the bound of the form
+#   every device can run. Per batch row, full 11B model:
 #     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
 #     256px 16:9 129f (33x24x42)          8828  bf16         0.662         0.808  1.221  (0.660 / row at 2-3 rows)
 #     256px 16:9 33f (9x24x42)            2780  bf16         0.209         0.255  1.218
@@ -138,7 +139,7 @@ class Progress:
 #   per row in bf16; core's formula with memory_usage_factor 2.0 gave 19.7 GiB (5x too high).
 # These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
 # overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
-MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (RoPE temporaries)
+MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (q / k norm temporaries)
 MMDIT_FUSED_BYTES_PER_TOKEN = (9, 3, 0)  # the fused (Flux) layout: the same terms, no float32 one
 STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
 # What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
