@@ -33,6 +33,7 @@ except Exception:  # not installed (or a broken install): the torch form is used
 # TRITON_INTERPRET=1 runs kernels on the CPU in numpy (the tests); then CPU tensors, and only they, use the kernel.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _checked: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype) -> the self-check passed
+_launches = 0  # kernel launches so far, the self-checks' included (kernel_state; benchmarks and tests read it)
 
 
 def _define_kernel():
@@ -113,6 +114,8 @@ def _eligible(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> bool:
 
 def _launch(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """out, x: [B, L, heads, D] (last dim contiguous); cos, sin: [B or 1, L, 1, D / 2] float32."""
+    global _launches
+    _launches += 1
     batch, length, heads, dim = x.shape
     table_stride_b = cos.stride(0) if cos.shape[0] == batch else 0
     # Triton launches on the current CUDA device: make it x's (a second GPU, ComfyUI's --cuda-device aside).
@@ -192,9 +195,10 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 
 def kernel_state() -> dict[str, object]:
-    """What the kernel is doing here (benchmarks record it): Triton present, the self-checks run so far."""
+    """What the kernel is doing here (benchmarks record it): Triton present, the self-checks and launches so far."""
     return {
         "triton": getattr(triton, "__version__", None),
+        "launches": _launches,
         "disabled": os.environ.get("OPENSORA_TRITON_ROPE", "1") == "0",
         "checked": {f"{device} {str(dtype).removeprefix('torch.')}": ok for (device, dtype), ok in _checked.items()},
     }
