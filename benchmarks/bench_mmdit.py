@@ -48,7 +48,7 @@ from benchmarks.common import (
     warmup_calls,
     write_json,
 )
-from opensora_lib import attention, mmdit_layers, rope_kernel
+from opensora_lib import attention, fused_ops, mmdit_layers
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
 from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, pass_plan, sample_v2, text_ids
 from opensora_lib.sizes import latent_shape
@@ -306,16 +306,16 @@ def buffered_forms_check(model: MMDiT, device, dtype, text_tokens: int = 64, ima
         allowed.append(real_answer(*tensors))
         return allowed[-1]
 
-    launched = rope_kernel.kernel_state()["launches"]  # the Triton RoPE's (self-check included); 0 where unused
+    used = fused_ops.uses()  # the fast eager forms' runs (self-checks included); 0 where none is used
     with mock.patch.object(mmdit_layers, "eager_out_allowed", spy):
         buffered = run()
-    launched = rope_kernel.kernel_state()["launches"] - launched
+    used = fused_ops.uses() - used
     with mock.patch.object(mmdit_layers, "eager_out_allowed", lambda *tensors: False):
         plain = run()
     return {
         "buffered_forms_ran": bool(allowed) and all(allowed),
-        "rope_kernel_launches": launched,
-        "rope_kernel": rope_kernel.kernel_state(),
+        "fused_ops_uses": used,
+        "fused_ops": fused_ops.state(),
         "bit_identical": all(torch.equal(a, b) for a, b in zip(buffered, plain)),
         "max_abs_difference": max((a.float() - b.float()).abs().max().item() for a, b in zip(buffered, plain)),
         "tokens": [text_tokens, image_tokens],

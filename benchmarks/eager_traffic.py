@@ -9,14 +9,17 @@ activation in the compute dtype, so it does not depend on the size. Not counted:
 attention themselves, and the small per-sample tensors (modulation vectors, RoPE tables) that broadcast.
 
 F.rms_norm is one fused kernel on CUDA but decomposes on the CPU, so the trace counts it as one read and one write
-(what the CUDA kernel moves), listed under `clone`.
+(what the CUDA kernel moves), listed under `clone`. With --fused, opensora_lib/fused_ops' forms (which run on CUDA
+only) are counted as CUDA runs them: one kernel reading each input once and writing its output once, listed under
+the form's name; the values still come from the torch forms.
 
-Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--out F.json]
+Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--fused] [--out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import DTYPES, write_json  # noqa: E402
-from opensora_lib import mmdit_layers  # noqa: E402
+from opensora_lib import fused_ops, mmdit_layers  # noqa: E402
 from opensora_lib.mmdit_layers import DoubleStreamBlock, SingleStreamBlock, rotary_tables  # noqa: E402
 
 # Matrix products, attention and ops that only make views or allocate: not element-wise traffic.
@@ -53,21 +56,52 @@ class TrafficCounter(TorchDispatchMode):
         super().__init__()
         self.bytes: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.paused = False  # inside a stand-in for one fused kernel, counted by `add`
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
-        if name in NOT_TRAFFIC:
+        if name in NOT_TRAFFIC or self.paused:
             return result
         destination = kwargs.get("out")
         reads = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t is not destination]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         if name == "copy_":  # copy_(dst, src): reads src only
             reads = [args[1]]
-        self.bytes[name] += sum(t.numel() * t.element_size() for t in reads + outputs)
-        self.calls[name] += 1
+        self.add(name, reads + outputs)
         return result
+
+    def add(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+        self.calls[name] += 1
+
+
+# fused_ops' functions -> (their torch form, what their one kernel reads and writes). The RoPE reads the tables once
+# per batch item; they are float32 [1, L, 1, D / 2], counted once (a cache holds them across the batch).
+FUSED_KERNELS = {
+    "rotate_into": (
+        fused_ops.torch_rotate_into,
+        lambda out, x, cos, sin, gain=None: [x, cos, sin, out] + ([] if gain is None else [gain]),
+    ),
+    "add_product_into": (fused_ops.torch_add_product_into, lambda out, a, b, c: [a, b, c, out]),
+    "gelu_tail_": (fused_ops.torch_gelu_tail_, lambda buffer, start: [buffer, buffer]),  # the whole buffer
+}
+
+
+def _one_kernel(counter: TrafficCounter, name: str):
+    torch_form, moved = FUSED_KERNELS[name]
+
+    def run(*args):
+        counter.paused = True
+        try:
+            result = torch_form(*args)
+        finally:
+            counter.paused = False
+        counter.add(name, moved(*args))
+        return result
+
+    return run
 
 
 def _fused_rms_norm_stand_in(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,9 +115,10 @@ def block_traffic(
     heads: int = 3,
     head_dim: int = 128,
     dtype: torch.dtype = torch.bfloat16,
+    fused: bool = False,
 ) -> dict:
     """Passes per block kind, by op, for blocks with the 2.0 head size and MLP ratio (fewer heads than the real
-    24: the passes are ratios, and the ops are the same)."""
+    24: the passes are ratios, and the ops are the same); fused: fused_ops' forms as one kernel each."""
     torch.manual_seed(0)
     hidden = heads * head_dim
     double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
@@ -102,7 +137,10 @@ def block_traffic(
             ("single", lambda: single(joint, vec, pe)),
         ):
             counter = TrafficCounter()
-            with counter:
+            with contextlib.ExitStack() as stack:
+                for form in FUSED_KERNELS if fused else ():
+                    stack.enter_context(mock.patch.object(fused_ops, form, _one_kernel(counter, form)))
+                stack.enter_context(counter)
                 run()
             by_op = {op: round(b / one_pass, 2) for op, b in counter.bytes.most_common() if b >= one_pass / 100}
             results[name] = {"passes": round(sum(counter.bytes.values()) / one_pass, 2), "by_op": by_op}
@@ -113,14 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--fused", action="store_true", help="count fused_ops' forms as CUDA runs them")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    results = block_traffic(batch=args.batch, dtype=DTYPES[args.dtype])
+    results = block_traffic(batch=args.batch, dtype=DTYPES[args.dtype], fused=args.fused)
     for name, row in results.items():
         ops = ", ".join(f"{op} {passes}" for op, passes in row["by_op"].items())
         print(f"{name} block: {row['passes']} passes ({ops})")
     if args.out:
-        write_json({"benchmark": "mmdit eager traffic", "batch": args.batch, "results": results}, args.out)
+        payload = {"benchmark": "mmdit eager traffic", "batch": args.batch, "fused": args.fused, "results": results}
+        write_json(payload, args.out)
     return results
 
 

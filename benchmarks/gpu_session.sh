@@ -5,14 +5,14 @@
 #   bash benchmarks/gpu_session.sh --dry-run [--out DIR]               # the same steps on CPU, tiny configs
 #
 # Writes into DIR (8 files, the device tool's limit, each well under 16 MiB): session.log (everything printed),
-# mmdit_cudnn.json, official_mmdit.json, comfy_memory.json, mmdit_compiled.json, mmdit_cudnn_torch_rope.json,
+# mmdit_cudnn.json, official_mmdit.json, comfy_memory.json, mmdit_compiled.json, mmdit_cudnn_torch_forms.json,
 # mmdit_sdpa.json, summary.json; the summary table is printed at the end. Every step runs under `timeout`, capped by what is left of --budget (default
 # 540 s, under the device tool's 600 s per command); a failing or timed-out step is recorded and the rest run.
 #
 # Steps, in priority order, with the estimate on one H200 (the 2026-11-28 runs: official forward 256px b3 1.18 s,
 # b1 0.40 s, 768px b1 14.1 s with SDPA's flash kernel, 50-step t2v 59 s; ours eager 1.10 s / 0.36 s / 8.95 s before
-# the Triton RoPE kernel; ~8 s start + 11B build each):
-#   1. ours_cudnn  bench_mmdit --attention cudnn: the eager buffered forms (Triton RoPE included) vs the plain ones
+# opensora_lib/fused_ops; ~8 s start + 11B build each):
+#   1. ours_cudnn  bench_mmdit --attention cudnn: the eager buffered forms (fused_ops included) vs the plain ones
 #                  on the GPU (bit-identical?, <1 s), forwards 256px b3/b1 + 768px b1 (~20 s), 50-step t2v
 #                  (80 passes, ~30 s) and i2v_head (110 passes, ~40 s)                           ~100 s
 #   2. official    official_mmdit (attention: SDPA's flash backend, as published): compile + Liger JIT (~30 s),
@@ -22,7 +22,7 @@
 #   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
 #                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
 #                  new shape compiled in an untimed call                                         ~140 s (cap 240)
-#   5. ours_torch_rope  the forwards of step 1 with OPENSORA_TRITON_ROPE=0: what the kernel saves   ~40 s
+#   5. ours_torch_forms  the forwards of step 1 with OPENSORA_FUSED_OPS=0: what fused_ops saves   ~40 s
 #   6. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~25 s
 # The second 2026-11-28 H200 run took 96 / 90 / 49 (failed: no PyAV, since stubbed) / 140 / - / 24 s. STDiT3
 # (bench_stdit3.py, measured in two H200 sessions) is no longer a step: the device returns at most 8 files.
@@ -151,10 +151,10 @@ else
         --compile-blocks inductor "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
 fi
 
-# 5. Ours with cuDNN attention and the torch RoPE instead of the Triton kernel (OPENSORA_TRITON_ROPE=0): the
-#    forwards only, what the kernel saves.
-OPENSORA_TRITON_ROPE=0 step ours_torch_rope 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
-    --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_rope.json"
+# 5. Ours with cuDNN attention and the torch forms instead of fused_ops' kernels (OPENSORA_FUSED_OPS=0): the
+#    forwards only, what the fused forms save.
+OPENSORA_FUSED_OPS=0 step ours_torch_forms 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
+    --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_forms.json"
 
 # 6. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
 step ours_sdpa 120 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention sdpa --steps 0 "${official_json[@]}" \

@@ -112,7 +112,7 @@ class Progress:
 #   compute dtype), the same for any image / text token count and batch. The traced peak is at the q / k RMSNorm in a
 #   single-stream block (x, the v + MLP projection [L, H + M], q, k and the norm's float32 upcast); RoPE's float32
 #   products come next (12.08 H with the norm's temporaries removed, 11.08 H with RoPE's removed too, as CUDA runs
-#   both: F.rms_norm is one fused kernel there and the Triton RoPE of opensora_lib/rope_kernel.py has no
+#   both: F.rms_norm is one fused kernel there and the Triton RoPE of opensora_lib/fused_ops.py has no
 #   temporaries; measured on the meta device with output-only replacements). Eagerly a single block
 #   writes linear2's input over that projection and the MLPs run their GELU in place, so no 4x-wide activation is
 #   held twice. 6 H + M + 3 H float32 bounds it: 1.22x in bf16, 1.18x in float32 (1.17x - 1.26x for mlp_ratio 8 - 2),

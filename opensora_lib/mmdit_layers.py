@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_ops
 from .attention import attention
 from .norms import rms_norm
-from .rope_kernel import rotate_into
 
 LAYER_NORM_EPS = 1e-6
 RMS_NORM_EPS = 1e-6
@@ -62,8 +63,10 @@ class RotaryTables:
         """Rotate x [B, L, heads, head_dim]; computed in float32, returned in x's dtype."""
         return self.apply_joint((x,))
 
-    def apply_joint(self, parts: tuple[Tensor, ...]) -> Tensor:
-        """Rotate cat(parts, dim=1) (a double block's [txt, img] q or k; the tables cover the joint length)."""
+    def apply_joint(self, parts: tuple[Tensor, ...], gains: tuple[Tensor | None, ...] | None = None) -> Tensor:
+        """Rotate cat(parts, dim=1) (a double block's [txt, img] q or k; the tables cover the joint length), each
+        part first multiplied by its gain where one is given (the q / k RMSNorm gain, in the part's dtype)."""
+        gains = gains or (None,) * len(parts)
         x = parts[0]
         if self.cos.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"RoPE tables for batch {self.cos.shape[0]} cannot rotate a batch of {x.shape[0]}")
@@ -71,7 +74,8 @@ class RotaryTables:
         if length != self.cos.shape[1]:
             raise ValueError(f"RoPE tables for {self.cos.shape[1]} tokens cannot rotate {length} tokens")
         if not (self.half_split and eager_out_allowed(*parts)):
-            x = torch.cat(parts, dim=1) if len(parts) > 1 else x
+            parts = tuple(part if gain is None else part * gain for part, gain in zip(parts, gains))
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if not self.half_split:
                 return self._rotate_interleaved(x)
             x1, x2 = x.chunk(2, dim=-1)
@@ -79,13 +83,13 @@ class RotaryTables:
         # x's halves times the float32 tables compute in float32 (type promotion: the products an upcast copy of x
         # would give), and the sums are rounded straight into the joint output: no float32 copy of x, no
         # concatenation before or after, no final cast (identical values, much less memory traffic).
-        # On CUDA one Triton kernel does it with the same values (rope_kernel; self-checked, else this torch form).
+        # On CUDA one Triton kernel does it, the gain included, with the same values (fused_ops: self-checked).
         dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])  # as cat would give
         out = x.new_empty(x.shape[0], length, *x.shape[2:], dtype=dtype)
         start = 0
-        for part in parts:
+        for part, gain in zip(parts, gains):
             rows = slice(start, start + part.shape[1])
-            rotate_into(out[:, rows], part, self.cos[:, rows], self.sin[:, rows])
+            fused_ops.rotate_into(out[:, rows], part, self.cos[:, rows], self.sin[:, rows], gain)
             start += part.shape[1]
         return out
 
@@ -109,18 +113,43 @@ def rotary_tables(ids: Tensor, axes_dim: list[int], theta: float, half_split: bo
     return RotaryTables(angle.cos().float(), angle.sin().float(), half_split)
 
 
-def rope_attention(q: tuple[Tensor, ...], k: tuple[Tensor, ...], v: tuple[Tensor, ...], pe: RotaryTables) -> Tensor:
-    """Joint attention over cat(parts, dim=1) of [B, L, heads, D] q/k/v, RoPE on q and k; returns [B, L, heads * D].
-    A single block passes 1-tuples; a double block passes (txt, img) and RoPE writes them into one joint q / k."""
-    q, k = pe.apply_joint(q), pe.apply_joint(k)
-    v = torch.cat(v, dim=1) if len(v) > 1 else v[0]
+class Heads(NamedTuple):
+    """One stream's attention inputs [B, L, heads, head_dim]: q and k RMS-normed, still to be multiplied by q_gain /
+    k_gain where those are given (eagerly the RoPE multiplies them in: one kernel on CUDA; q and k are then
+    temporaries it may overwrite)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    q_gain: Tensor | None = None
+    k_gain: Tensor | None = None
+
+
+def rope_attention(parts: tuple[Heads, ...], pe: RotaryTables) -> Tensor:
+    """Joint attention over the parts concatenated along the tokens, RoPE on q and k; returns [B, L, heads * D].
+    A single block passes one part; a double block passes (txt, img) and RoPE writes them into one joint q / k."""
+    q = pe.apply_joint(tuple(part.q for part in parts), tuple(part.q_gain for part in parts))
+    k = pe.apply_joint(tuple(part.k for part in parts), tuple(part.k_gain for part in parts))
+    v = torch.cat([part.v for part in parts], dim=1) if len(parts) > 1 else parts[0].v
     out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """(1 + scale) * LayerNorm(x) + shift, LayerNorm without affine parameters."""
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) + shift
+    return add_product(shift, 1 + scale, F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS))
+
+
+def add_product(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a + b * c, rounded as torch rounds it (the product, then the sum). Eagerly it is written over c, which must be
+    a spent temporary: on CUDA one kernel instead of two, the product never written out (fused_ops)."""
+    if (
+        eager_out_allowed(a, b, c)
+        and a.dtype == b.dtype == c.dtype
+        and torch.broadcast_shapes(a.shape, b.shape, c.shape) == c.shape
+    ):
+        return fused_ops.add_product_into(c, a, b, c)
+    return a + b * c
 
 
 class MLPEmbedder(nn.Module):
@@ -143,7 +172,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Liger "llama" casting: normalise in float32, cast back, then multiply by the gain.
-        return rms_norm(x, RMS_NORM_EPS) * self.scale.to(device=x.device, dtype=x.dtype)
+        return rms_norm(x, RMS_NORM_EPS) * self.gain(x)
+
+    def gain(self, x: Tensor) -> Tensor:
+        return self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -154,6 +186,14 @@ class QKNorm(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+    def heads(self, q: Tensor, k: Tensor, v: Tensor) -> Heads:
+        """q and k normed as forward does. Eagerly their gains are left to the RoPE (where the official cast to v's
+        dtype is a no-op, as it always is in the blocks); then the norm modules' own hooks do not run."""
+        if not (eager_out_allowed(q, k) and q.dtype == k.dtype == v.dtype):
+            return Heads(*self(q, k, v), v)
+        query, key = self.query_norm, self.key_norm
+        return Heads(rms_norm(q, RMS_NORM_EPS), rms_norm(k, RMS_NORM_EPS), v, query.gain(q), key.gain(k))
 
 
 class SelfAttention(nn.Module):
@@ -175,7 +215,7 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads, dtype=dtype, device=device)
         self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv_heads(self, x: Tensor) -> Heads:
         """q, k (RMS-normed), v as [B, L, heads, head_dim]."""
         if self.fused_qkv:
             q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
@@ -183,8 +223,7 @@ class SelfAttention(nn.Module):
             q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))
             k = self.k_proj(x).unflatten(-1, (self.num_heads, -1))
             v = self.v_proj(x).unflatten(-1, (self.num_heads, -1))
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return self.norm.heads(q, k, v)
 
 
 class Modulation(nn.Module):
@@ -237,16 +276,16 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        joint = rope_attention((txt_q, img_q), (txt_k, img_k), (txt_v, img_v), pe)
-        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # the activation peak is in the MLPs: hold no more than needed
+        img_heads = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
+        txt_heads = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        joint = rope_attention((txt_heads, img_heads), pe)
+        del img_heads, txt_heads  # the activation peak is in the MLPs: hold no more than needed
         txt_len = txt.shape[1]
-        img = img + img_gate1 * self.img_attn.proj(joint[:, txt_len:])
-        txt = txt + txt_gate1 * self.txt_attn.proj(joint[:, :txt_len])
+        img = add_product(img, img_gate1, self.img_attn.proj(joint[:, txt_len:]))
+        txt = add_product(txt, txt_gate1, self.txt_attn.proj(joint[:, :txt_len]))
         del joint
-        img = img + img_gate2 * _mlp_forward(self.img_mlp, modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate2 * _mlp_forward(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
+        img = add_product(img, img_gate2, _mlp_forward(self.img_mlp, modulate(img, img_shift2, img_scale2)))
+        txt = add_product(txt, txt_gate2, _mlp_forward(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2)))
         return img, txt
 
 
@@ -293,23 +332,24 @@ class SingleStreamBlock(nn.Module):
         del x_mod  # the activation peak is at linear2: hold no more than needed
         heads = (self.num_heads, -1)
         v = v_and_mlp[..., :hidden].unflatten(-1, heads)
-        q, k = self.norm(q.unflatten(-1, heads), k.unflatten(-1, heads), v)
-        attn = rope_attention((q,), (k,), (v,), pe)
+        qkv = self.norm.heads(q.unflatten(-1, heads), k.unflatten(-1, heads), v)
         del q, k, v
-        return x + gate * self.linear2(_attn_and_gelu(attn, v_and_mlp))
+        attn = rope_attention((qkv,), pe)
+        del qkv
+        return add_product(x, gate, self.linear2(_attn_and_gelu(attn, v_and_mlp)))
 
 
 def _attn_and_gelu(attn: Tensor, v_and_mlp: Tensor) -> Tensor:
     """linear2's input [attn | gelu_tanh(mlp)] from the [v | mlp] projection. Eagerly it is written over that
-    projection (v is spent once attention has run; the GELU runs in place): no new [L, H + M] tensor, and the
-    same values as the concatenation. Not for the fused layout, whose [v | mlp] is a strided view of linear1's
-    output (a matrix product over a strided input may sum in another order)."""
+    projection (v is spent once attention has run; the GELU runs in place, on CUDA over the whole buffer: see
+    fused_ops.gelu_tail_): no new [L, H + M] tensor, and the same values as the concatenation. Not for the fused
+    layout, whose [v | mlp] is a strided view of linear1's output (a matrix product over a strided input may sum
+    in another order)."""
     width = attn.shape[-1]
-    mlp = v_and_mlp[..., width:]
     if not (eager_out_allowed(attn, v_and_mlp) and v_and_mlp.is_contiguous()):
-        return torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1)
+        return torch.cat((attn, F.gelu(v_and_mlp[..., width:], approximate="tanh")), dim=-1)
+    fused_ops.gelu_tail_(v_and_mlp, width)
     v_and_mlp[..., :width] = attn
-    torch.ops.aten.gelu_(mlp, approximate="tanh")
     return v_and_mlp
 
 

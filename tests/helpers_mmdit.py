@@ -1,5 +1,5 @@
 """A double and a single MMDiT block with random weights and inputs, for the tests that compare the eager forms
-with the plain ones (tests/test_mmdit.py, and tests/rope_kernel_probe.py in its subprocess)."""
+with the plain ones (tests/test_mmdit.py, and tests/fused_ops_probe.py in its subprocess)."""
 
 from __future__ import annotations
 

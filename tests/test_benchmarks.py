@@ -76,7 +76,8 @@ def test_mmdit_script_tiny_cpu(tmp_path):
     assert "cudnn not available here" in env["attention_note"]
     check = env["buffered_forms_check"]  # on the GPU this checks the device's kernels
     assert check["buffered_forms_ran"] is True and check["bit_identical"] is True
-    assert check["rope_kernel_launches"] == 0 and check["rope_kernel"]["checked"] == {}  # CPU: the torch form
+    assert check["fused_ops_uses"] == 0  # CPU: the torch forms
+    assert all(form["checked"] == {} for form in check["fused_ops"]["forms"].values())
     assert check["max_abs_difference"] == 0.0
     forwards = by_kind(payload, "forward")
     assert [r["batch"] for r in forwards] == [3, 1]
@@ -395,7 +396,7 @@ def test_gpu_session_dry_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s["status"] for s in summary["steps"]}
     official_present = (REPO / ".official" / "opensora" / "models" / "mmdit" / "model.py").is_file()
-    assert steps["ours_cudnn"] == steps["ours_compiled"] == steps["ours_sdpa"] == steps["ours_torch_rope"] == "ok", (
+    assert steps["ours_cudnn"] == steps["ours_compiled"] == steps["ours_sdpa"] == steps["ours_torch_forms"] == "ok", (
         steps
     )
     assert steps["official"] == ("ok" if official_present else "skipped"), steps
@@ -409,10 +410,10 @@ def test_gpu_session_dry_run(tmp_path):
 
     cudnn = json.loads((out / "mmdit_cudnn.json").read_text())
     assert cudnn["environment"]["attention_requested"] == "cudnn"
-    # the same forwards with the Triton RoPE switched off (on the CPU the torch form runs either way)
-    torch_rope = json.loads((out / "mmdit_cudnn_torch_rope.json").read_text())
-    assert torch_rope["environment"]["buffered_forms_check"]["rope_kernel"]["disabled"] is True
-    assert by_kind(torch_rope, "sampler") == [] and len(by_kind(torch_rope, "forward")) == 2
+    # the same forwards with fused_ops switched off (on the CPU the torch forms run either way)
+    torch_forms = json.loads((out / "mmdit_cudnn_torch_forms.json").read_text())
+    assert torch_forms["environment"]["buffered_forms_check"]["fused_ops"]["disabled"] is True
+    assert by_kind(torch_forms, "sampler") == [] and len(by_kind(torch_forms, "forward")) == 2
     assert [r["cond_type"] for r in by_kind(cudnn, "sampler")] == ["t2v", "i2v_head"]
     assert all(r["seconds"] > 0 and r["finite"] for r in cudnn["results"])
     sdpa = json.loads((out / "mmdit_sdpa.json").read_text())

@@ -25,3 +25,21 @@ def test_plain_forms_cost_more(monkeypatch):
     results = eager_traffic.block_traffic(batch=3)
     assert 86 < results["double"]["passes"] < 88 and 75 < results["single"]["passes"] < 77
     assert results["double"]["by_op"]["cat"] == 14.0 and results["single"]["by_op"]["cat"] == 18.0
+
+
+def test_fused_forms_move_less(tmp_path):
+    """fused_ops' forms counted as CUDA runs them (one kernel each: RoPE with the gain, a + b * c, GELU over the
+    whole [v | mlp] buffer): ~36.5 and ~27.5 passes, no separate product, sum or difference over the activation."""
+    out = tmp_path / "traffic.json"
+    results = eager_traffic.main(["--batch", "3", "--fused", "--out", str(out)])
+    assert json.loads(out.read_text())["fused"] is True
+    double, single = results["double"], results["single"]
+    assert 36 < double["passes"] < 37 and 27 < single["passes"] < 28
+    for row in (double, single):
+        assert not {"mul", "mul_", "sub"} & row["by_op"].keys()
+        assert 4.0 < row["by_op"]["rotate_into"] < 4.5  # q and k read and written once (+ the float32 tables)
+    assert double["by_op"]["add_product_into"] == 10.01  # 4 modulations + 4 residuals (img and txt), 3 reads + 1 write
+    # what is left of "add": the projections' bias (F.linear over the sliced joint attention output, not contiguous
+    # across the batch, runs mm + add; so does the official code)
+    assert double["by_op"]["add"] == 2.0
+    assert single["by_op"]["gelu_tail_"] == 10.0  # the whole [v | mlp] buffer, 5x wide, read and written

@@ -1,0 +1,152 @@
+"""opensora_lib/fused_ops.py (+ triton_kernels.py): the fast eager forms give the torch forms' values bit for bit,
+inside the MMDiT blocks too, and are only used where that was checked.
+
+No GPU here: tests/fused_ops_probe.py runs the Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, in a
+subprocess because Triton reads it when the kernels are defined); its docstring says how bfloat16 is checked there.
+The GPU check is bench_mmdit's buffered_forms_check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_mmdit import random_blocks
+
+from opensora_lib import fused_ops, mmdit_layers, triton_kernels
+
+PROBE = Path(__file__).resolve().parent / "fused_ops_probe.py"
+
+
+def run_probe(**env: str) -> dict:
+    environment = {**os.environ, "TRITON_INTERPRET": "1", **env}
+    done = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    return run_probe()
+
+
+def test_kernels_equal_the_torch_forms(probe):
+    assert probe["interpreting"] and probe["triton"]  # torch's Linux wheels bring Triton
+    assert len(probe["kernel_vs_torch"]) == 21
+    for name, case in probe["kernel_vs_torch"].items():
+        if "bfloat16" in name:  # the interpreter's truncating cast, in the torch form's order of operations
+            assert not case["equal"] and case["equal_to_truncating"], name
+        else:
+            assert case["equal"], name
+
+
+def test_the_self_checks_admit_only_equal_kernels(probe):
+    # float32 / float16: the self-check's probes (RoPE 4: shared and per-item tables, with and without a gain;
+    # a + b * c 2: residual and modulation patterns), then the real call. bfloat16 is refused at the first probe
+    # with one warning per form, and the torch form did the work.
+    assert probe["public"] == {
+        "float32": {"uses": {"RoPE": 5, "a + b * c": 3}, "equal": True},
+        "float16": {"uses": {"RoPE": 5, "a + b * c": 3}, "equal": True},
+        "bfloat16": {"uses": {"RoPE": 1, "a + b * c": 1}, "equal": True},
+    }
+    assert probe["warnings"] == [
+        "fused RoPE differs from the torch form on cpu torch.bfloat16; using the torch form",
+        "fused a + b * c differs from the torch form on cpu torch.bfloat16; using the torch form",
+    ]
+    checked = {"cpu float32": True, "cpu float16": True, "cpu bfloat16": False}
+    assert probe["state"]["forms"]["RoPE"]["checked"] == checked
+    assert probe["state"]["forms"]["a + b * c"]["checked"] == checked
+
+
+def test_blocks_with_the_kernels_equal_the_plain_forms(probe):
+    # A double block rotates q and k of txt and img (4), a single block q and k (2); a + b * c: a double block's
+    # 4 modulations and 4 gated residuals, a single block's 1 + 1.
+    blocks = probe["blocks"]
+    assert blocks["float32"] == {"uses": {"RoPE": 6, "a + b * c": 10}, "equal": True}
+    assert blocks["float16"] == {"uses": {"RoPE": 6, "a + b * c": 10}, "equal": True}
+    # A head size whose half is not a power of two (tl.arange cannot cover it): the torch RoPE, the rest fused.
+    assert blocks["float32 head 48 (half 24: not a power of two)"] == {"uses": {"a + b * c": 10}, "equal": True}
+
+
+def test_switched_off_no_fast_form_runs():
+    found = run_probe(**{fused_ops.DISABLE_VARIABLE: "0"})
+    assert found["state"]["disabled"] is True
+    assert all(form == {"uses": 0, "checked": {}} for form in found["state"]["forms"].values())
+    assert all(case["uses"] == {} and case["equal"] for case in found["public"].values())
+    assert all(case["uses"] == {} and case["equal"] for case in found["blocks"].values())
+
+
+def test_cpu_tensors_use_the_torch_forms_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
+    launched = []
+    monkeypatch.setattr(triton_kernels, "launch_rope", lambda *args: launched.append("rope"))
+    monkeypatch.setattr(triton_kernels, "launch_add_product", lambda *args: launched.append("add_product"))
+    torch.manual_seed(0)
+    x, gain = torch.randn(1, 4, 2, 16), torch.randn(16)
+    angle = torch.randn(1, 4, 1, 8)
+    out, expected = torch.empty_like(x), torch.empty_like(x)
+    fused_ops.rotate_into(out, x.clone(), angle.cos(), angle.sin(), gain)
+    fused_ops.torch_rotate_into(expected, x.clone(), angle.cos(), angle.sin(), gain)
+    assert torch.equal(out, expected)
+    assert torch.equal(out, pe_reference(x * gain, angle))
+    a, b, c = torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 3, 8)
+    assert torch.equal(fused_ops.add_product_into(torch.empty_like(c), a, b, c), a + b * c)
+    assert launched == []
+
+
+def pe_reference(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """The plain RoPE of mmdit_layers (concatenation, then rotation) on x."""
+    tables = mmdit_layers.RotaryTables(angle.cos(), angle.sin())
+    with pytest.MonkeyPatch.context() as plain_forms:
+        plain_forms.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
+        return tables.apply(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_over_the_whole_buffer_gives_the_strided_values(monkeypatch, dtype):
+    """The single block's GELU over its whole [v | mlp] buffer (CUDA only; here forced on the CPU, whose vectorized
+    kernel covers these widths whole) equals the plain form, and only the mlp part is what the block reads."""
+    monkeypatch.setattr(fused_ops, "_gelu_eligible", lambda buffer: buffer.is_contiguous())
+    form = fused_ops._GELU_TAIL
+    monkeypatch.setattr(form, "checked", {})
+    case = random_blocks(dtype, 64)
+    used = form.uses
+    with torch.no_grad():
+        fast = case.run()
+        with pytest.MonkeyPatch.context() as plain_forms:
+            plain_forms.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
+            plain = case.run()
+    assert form.uses - used == 2  # the self-check's probe, then the single block
+    assert form.checked == {("cpu", dtype): True}
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+
+
+def test_a_fast_form_that_differs_or_fails_is_refused_once_and_the_torch_form_answers():
+    calls = []
+
+    def wrong(out, x):
+        calls.append("fast")
+        return out.copy_(x + 1e-3)
+
+    def broken(out, x):
+        raise RuntimeError("no kernel image for this device")
+
+    def reference(out, x):
+        return out.copy_(x * 2)
+
+    def probes(args):
+        return [(torch.empty(4), torch.ones(4))]
+
+    for fast, why in ((wrong, "differs from the torch form on cpu torch.float32"), (broken, "failed its check")):
+        form = fused_ops.CheckedForm("test", fast, reference, probes)
+        x = torch.arange(3.0)
+        with pytest.warns(UserWarning, match=f"fused test {why}"):
+            first = form(True, torch.empty(3), x)
+        second = form(True, torch.empty(3), x)  # refused for good: no second check, no warning
+        assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
+        assert form.checked == {("cpu", torch.float32): False}
+    assert calls == ["fast"]  # the differing form ran once, in its check
