@@ -36,24 +36,27 @@ _HALF_OR_FLOAT = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def disabled() -> bool:
-    return os.environ.get(DISABLE_VARIABLE, "1") == "0"
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "off", "no")
 
 
 @dataclass
 class CheckedForm:
     """A fast form and the torch form it must equal; both take the same arguments (the first is the tensor written)
-    and return the result. `probes(args)` makes fresh argument tuples like args: same device, dtype and widths."""
+    and return the result. `probes(args)` makes fresh argument tuples like args: same device, dtype and widths;
+    `variant(args)`: what else selects a separately compiled fast form (a kernel's compile-time sizes), checked
+    separately."""
 
     name: str
     fast: Callable[..., Tensor]
     reference: Callable[..., Tensor]
     probes: Callable[[tuple], list[tuple]]
-    checked: dict[tuple[str, torch.dtype], bool] = field(default_factory=dict)
+    variant: Callable[[tuple], tuple] = lambda args: ()
+    checked: dict[tuple, bool] = field(default_factory=dict)
     uses: int = 0  # fast-form runs so far, the self-checks' included
 
     def __call__(self, eligible: bool, *args) -> Tensor:
         if eligible and not disabled():
-            key = (str(args[0].device), args[0].dtype)
+            key = (str(args[0].device), args[0].dtype, *self.variant(args))
             if key not in self.checked:
                 self.checked[key] = self._self_check(args)
             if self.checked[key]:
@@ -75,16 +78,16 @@ class CheckedForm:
         """Equal bit for bit on every probe? ~1M elements each: a fused multiply-add or another rounding rule moves
         a few half-precision results per million. The fast form compiled here is the one then used."""
         device, dtype = args[0].device, args[0].dtype
-        for expected_args, got_args in zip(self.probes(args), self.probes(args)):  # each form writes its inputs
-            expected = self.reference(*expected_args)
-            try:
+        try:
+            for expected_args, got_args in zip(self.probes(args), self.probes(args)):  # each form writes its inputs
+                expected = self.reference(*expected_args)
                 got = self._fast(*got_args)
-            except Exception as e:  # a Triton / driver problem: torch form from now on
-                self._refuse(f"failed its check ({type(e).__name__}: {e})")
-                return False
-            if not torch.equal(got, expected):
-                self._refuse(f"differs from the torch form on {device} {dtype}")
-                return False
+                if not torch.equal(got, expected):
+                    self._refuse(f"differs from the torch form on {device} {dtype}")
+                    return False
+        except Exception as e:  # a Triton / driver problem, or no memory for the probes: torch form from now on
+            self._refuse(f"failed its check ({type(e).__name__}: {e})")
+            return False
         logging.getLogger(__name__).info("fused %s in use on %s %s (self-check passed)", self.name, device, dtype)
         return True
 
@@ -128,7 +131,7 @@ def _rope_probes(args: tuple) -> list[tuple]:
     return probes
 
 
-_ROPE = CheckedForm("RoPE", _triton_rotate_into, torch_rotate_into, _rope_probes)
+_ROPE = CheckedForm("RoPE", _triton_rotate_into, torch_rotate_into, _rope_probes, lambda args: args[1].shape[2:])
 
 
 def _rope_eligible(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> bool:
@@ -256,11 +259,16 @@ def state() -> dict[str, object]:
         "forms": {
             form.name: {
                 "uses": form.uses,
-                "checked": {f"{d} {str(t).removeprefix('torch.')}": ok for (d, t), ok in form.checked.items()},
+                "checked": {_key_name(key): ok for key, ok in form.checked.items()},
             }
             for form in FORMS
         },
     }
+
+
+def _key_name(key: tuple) -> str:
+    device, dtype, *variant = key
+    return " ".join([device, str(dtype).removeprefix("torch."), *[str(size) for size in variant]])
 
 
 def uses() -> int:

@@ -74,7 +74,13 @@ class RotaryTables:
         if length != self.cos.shape[1]:
             raise ValueError(f"RoPE tables for {self.cos.shape[1]} tokens cannot rotate {length} tokens")
         if not (self.half_split and eager_out_allowed(*parts)):
-            parts = tuple(part if gain is None else part * gain for part, gain in zip(parts, gains))
+            # Gains come eagerly only (QKNorm.heads), with q / k temporaries: multiplied in place then, as the torch
+            # RoPE form does (no second copy of q / k).
+            in_place = eager_out_allowed(*parts, *[gain for gain in gains if gain is not None])
+            parts = tuple(
+                part if gain is None else part.mul_(gain) if in_place else part * gain
+                for part, gain in zip(parts, gains)
+            )
             x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if not self.half_split:
                 return self._rotate_interleaved(x)
@@ -188,12 +194,17 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor) -> Heads:
-        """q and k normed as forward does. Eagerly their gains are left to the RoPE (where the official cast to v's
-        dtype is a no-op, as it always is in the blocks); then the norm modules' own hooks do not run."""
-        if not (eager_out_allowed(q, k) and q.dtype == k.dtype == v.dtype):
-            return Heads(*self(q, k, v), v)
+        """q and k normed with the values forward gives. Eagerly their gains are left to the RoPE where nothing
+        changes dtype on the way (else the official order: times the gain, then cast to v's dtype); then the forward
+        hooks of this module and its norms do not run."""
         query, key = self.query_norm, self.key_norm
-        return Heads(rms_norm(q, RMS_NORM_EPS), rms_norm(k, RMS_NORM_EPS), v, query.gain(q), key.gain(k))
+        if not eager_out_allowed(q, k, query.scale, key.scale):  # e.g. a trainable gain: autograd needs the plain form
+            return Heads(*self(q, k, v), v)
+        q_gain, k_gain = query.gain(q), key.gain(k)
+        q, k = rms_norm(q, RMS_NORM_EPS), rms_norm(k, RMS_NORM_EPS)
+        if not q.dtype == k.dtype == v.dtype == q_gain.dtype == k_gain.dtype:  # CUDA autocast normalises in float32
+            return Heads((q * q_gain).to(v.dtype), (k * k_gain).to(v.dtype), v)
+        return Heads(q, k, v, q_gain, k_gain)
 
 
 class SelfAttention(nn.Module):

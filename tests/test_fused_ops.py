@@ -58,16 +58,18 @@ def test_the_self_checks_admit_only_equal_kernels(probe):
         "fused a + b * c differs from the torch form on cpu torch.bfloat16; using the torch form",
     ]
     checked = {"cpu float32": True, "cpu float16": True, "cpu bfloat16": False}
-    assert probe["state"]["forms"]["RoPE"]["checked"] == checked
     assert probe["state"]["forms"]["a + b * c"]["checked"] == checked
+    # the RoPE kernel is compiled per head count and head size (3 x 32 here): checked per those too
+    assert probe["state"]["forms"]["RoPE"]["checked"] == {f"{key} 3 32": ok for key, ok in checked.items()}
 
 
 def test_blocks_with_the_kernels_equal_the_plain_forms(probe):
-    # A double block rotates q and k of txt and img (4), a single block q and k (2); a + b * c: a double block's
-    # 4 modulations and 4 gated residuals, a single block's 1 + 1.
+    # A double block rotates q and k of txt and img (4), a single block q and k (2), after a self-check of 4 probes
+    # for these heads (2 x 64); a + b * c: a double block's 4 modulations and 4 gated residuals, a single block's
+    # 1 + 1 (checked before for these dtypes).
     blocks = probe["blocks"]
-    assert blocks["float32"] == {"uses": {"RoPE": 6, "a + b * c": 10}, "equal": True}
-    assert blocks["float16"] == {"uses": {"RoPE": 6, "a + b * c": 10}, "equal": True}
+    assert blocks["float32"] == {"uses": {"RoPE": 4 + 6, "a + b * c": 10}, "equal": True}
+    assert blocks["float16"] == {"uses": {"RoPE": 4 + 6, "a + b * c": 10}, "equal": True}
     # A head size whose half is not a power of two (tl.arange cannot cover it): the torch RoPE, the rest fused.
     assert blocks["float32 head 48 (half 24: not a power of two)"] == {"uses": {"a + b * c": 10}, "equal": True}
 
@@ -150,3 +152,72 @@ def test_a_fast_form_that_differs_or_fails_is_refused_once_and_the_torch_form_an
         assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
         assert form.checked == {("cpu", torch.float32): False}
     assert calls == ["fast"]  # the differing form ran once, in its check
+
+
+def plain_and_eager(case, **patches) -> tuple[tuple, tuple]:
+    """The blocks' outputs with the eager forms, then with the plain ones (mmdit_layers attributes patched in both)."""
+    with pytest.MonkeyPatch.context() as patched:
+        for name, value in patches.items():
+            patched.setattr(mmdit_layers, name, value)
+        eager = case.run()
+        patched.setattr(mmdit_layers, "eager_out_allowed", lambda *tensors: False)
+        return case.run(), eager
+
+
+def test_a_trainable_gain_gets_the_plain_forms_and_its_gradient():
+    """Gradients on, activations and weights frozen but the q / k norm gains (norm-only tuning): the gains must not
+    go to the eager RoPE (out= forms and the Triton kernel have no backward)."""
+    case = random_blocks(torch.float32)
+    gains = []
+    for name, param in [*case.double.named_parameters(), *case.single.named_parameters()]:
+        param.requires_grad_(name.endswith("norm.scale"))
+        if param.requires_grad:
+            gains.append(param)
+    assert len(gains) == 6  # img / txt query and key norms, the single block's two
+    with torch.enable_grad():
+        outputs = case.run()
+        sum(out.sum() for out in outputs).backward()
+    assert all(gain.grad is not None and gain.grad.abs().sum() > 0 for gain in gains)
+
+
+def test_float32_norms_under_autocast_keep_the_official_order():
+    """CUDA autocast runs rms_norm in float32 (emulated here): the q / k the blocks attend with are then the gain's
+    product cast to v's dtype, as forward gives, and the eager blocks equal the plain ones."""
+    case = random_blocks(torch.bfloat16)
+
+    def as_float32(x, eps):
+        return torch.nn.functional.rms_norm(x.float(), x.shape[-1:], eps=eps)
+
+    norm = case.single.norm
+    q, k, v = (torch.randn(2, 5, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patched:
+        patched.setattr(mmdit_layers, "rms_norm", as_float32)
+        heads = norm.heads(q, k, v)
+        expected = norm(q, k, v)
+    assert heads.q_gain is None and heads.k_gain is None
+    assert heads.q.dtype == heads.k.dtype == torch.bfloat16
+    assert torch.equal(heads.q, expected[0]) and torch.equal(heads.k, expected[1])
+    with torch.no_grad():
+        plain, eager = plain_and_eager(case, rms_norm=as_float32)
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(eager, plain))
+
+
+def test_the_interleaved_layout_takes_the_gains_in_place():
+    """Flux-layout tables (half_split=False) rotate in torch: the deferred gains are multiplied into the q / k
+    temporaries in place (no second copy), with the plain forms' values."""
+    case = random_blocks(torch.float32)
+    case.pe = mmdit_layers.RotaryTables(case.pe.cos, case.pe.sin, half_split=False)
+    with torch.no_grad():
+        plain, eager = plain_and_eager(case)
+        q, gain = torch.randn(2, 14, 2, 64), torch.randn(64)
+        expected, gained = case.pe.apply(q * gain), q * gain
+        rotated = case.pe.apply_joint((q,), (gain,))
+    assert all(torch.equal(a, b) for a, b in zip(eager, plain))
+    assert torch.equal(rotated, expected)
+    assert torch.equal(q, gained)  # in place: q now holds q * gain
+
+
+@pytest.mark.parametrize(("value", "off"), [("0", True), ("false", True), ("Off", True), ("1", False), ("", False)])
+def test_the_switch_reads_common_spellings(monkeypatch, value, off):
+    monkeypatch.setenv(fused_ops.DISABLE_VARIABLE, value)
+    assert fused_ops.disabled() is off
