@@ -166,3 +166,14 @@ def test_a_build_that_allows_fusion_fails_the_reading(launches, dtype):
         compiled = compile_launch(getattr(triton_kernels, name), args, kwargs, 90, enable_fp_fusion=True)
         assert ptx_problems(compiled.asm["ptx"])[0], name
         assert sass_problems(compiled.asm["sass"]), name
+
+
+def test_the_kernels_move_memory_128_bits_at_a_time(launches):
+    # Element-wise kernels are bound by memory bandwidth: every global load and store of the probes' launches (the
+    # real widths, aligned as the blocks' buffers are) is a 128-bit access on the H100 / H200.
+    for dtype, by_kernel in launches.items():
+        for name, calls in by_kernel.items():
+            for args, kwargs in calls:
+                ptx = compile_launch(getattr(triton_kernels, name), args, kwargs, 90).asm["ptx"]
+                accesses = re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx)
+                assert accesses and all(a.endswith(".v4.b32") for a in accesses), (name, dtype, set(accesses))
