@@ -112,6 +112,34 @@ def target_text(entry: dict[str, Any]) -> str:
     return f"< {entry['target_ratio']:g}: {', '.join(verdicts)}"
 
 
+def fused_ops_refused(env: dict[str, Any]) -> list[str]:
+    """Each fused form a self-check refused in this run: form, device and dtype, and how it differed."""
+    forms = env.get("buffered_forms_check", {}).get("fused_ops", {}).get("forms", {})
+    return [f"{name} on {key}: {why}" for name, form in forms.items() for key, why in form.get("refused", {}).items()]
+
+
+def environment_line(key: str, env: dict[str, Any]) -> str:
+    """One step's device, torch, attention backend and the eager forms' checks."""
+    extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
+    if env.get("official_attention"):
+        extra = f"official attention {env['official_attention']} {extra}"
+    check = env.get("buffered_forms_check")
+    if check:
+        same = "bit-identical" if check["bit_identical"] else f"DIFFER (max {check['max_abs_difference']:.3g})"
+        if not check.get("buffered_forms_ran", True):
+            same = "NOT CHECKED (the buffered forms did not run)"
+        extra = f"{extra} buffered eager forms vs plain: {same}"
+        if "fused_ops_uses" in check:
+            checks = {name: form["checked"] or "not self-checked" for name, form in check["fused_ops"]["forms"].items()}
+            extra = f"{extra}; fused ops used {check['fused_ops_uses']} times (self-checks {checks})"
+            if refused := fused_ops_refused(env):
+                extra = f"{extra}; REFUSED: {'; '.join(refused)}"
+    backend = env.get("attention_backend")
+    if env.get("attention_requested") not in (None, backend):
+        backend = f"{env['attention_requested']} (ran {backend}: not available here)"
+    return f"{key}: {env.get('device_name')} torch {env.get('torch')} attention {backend} {extra}"
+
+
 def session_summary(directory: Path, steps_file: Path | None = None, mode: str = "full") -> dict[str, Any]:
     """Print the session's summary tables and write directory/summary.json."""
     steps = _read_steps(steps_file)
@@ -132,24 +160,7 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
     print(f"\n==== GPU session summary ({mode}) ====")
     envs = {key: p.get("environment", {}) for key, p in payloads.items()}
     for key, env in envs.items():
-        extra = env.get("cudnn_attention_probe") or env.get("official_shims") or ""
-        if env.get("official_attention"):
-            extra = f"official attention {env['official_attention']} {extra}"
-        check = env.get("buffered_forms_check")
-        if check:
-            same = "bit-identical" if check["bit_identical"] else f"DIFFER (max {check['max_abs_difference']:.3g})"
-            if not check.get("buffered_forms_ran", True):
-                same = "NOT CHECKED (the buffered forms did not run)"
-            extra = f"{extra} buffered eager forms vs plain: {same}"
-            if "fused_ops_uses" in check:
-                checks = {
-                    name: form["checked"] or "not self-checked" for name, form in check["fused_ops"]["forms"].items()
-                }
-                extra = f"{extra}; fused ops used {check['fused_ops_uses']} times (self-checks {checks})"
-        backend = env.get("attention_backend")
-        if env.get("attention_requested") not in (None, backend):
-            backend = f"{env['attention_requested']} (ran {backend}: not available here)"
-        print(f"{key}: {env.get('device_name')} torch {env.get('torch')} attention {backend} {extra}")
+        print(environment_line(key, env))
     print(
         text_table(
             ["step", "status", "exit", "seconds", "detail"],
@@ -214,6 +225,7 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
             if False
             in (env.get("buffered_forms_check", {}).get(key) for key in ("bit_identical", "buffered_forms_ran"))
         ],
+        "fused_ops_refused": {k: refused for k, env in envs.items() if (refused := fused_ops_refused(env))},
         "other_files": sorted(others),
     }
     write_json(summary, directory / "summary.json")

@@ -52,29 +52,34 @@ class CheckedForm:
     probes: Callable[[tuple], list[tuple]]
     variant: Callable[[tuple], tuple] = lambda args: ()
     checked: dict[tuple, bool] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # why, per refused key
     uses: int = 0  # fast-form runs so far, the self-checks' included
 
     def __call__(self, eligible: bool, *args) -> Tensor:
         if eligible and not disabled():
-            key = (str(args[0].device), args[0].dtype, *self.variant(args))
+            key = self._key(args)
             if key not in self.checked:
-                self.checked[key] = self._self_check(args)
+                self.checked[key] = self._self_check(key, args)
             if self.checked[key]:
                 try:
                     return self._fast(*args)
                 except Exception as e:  # e.g. a new shape that does not compile: torch form from now on
                     self.checked[key] = False
-                    self._refuse(f"failed ({type(e).__name__}: {e})")
+                    self._refuse(key, f"failed ({type(e).__name__}: {e})")
         return self.reference(*args)
+
+    def _key(self, args: tuple) -> tuple:
+        return (str(args[0].device), args[0].dtype, *self.variant(args))
 
     def _fast(self, *args) -> Tensor:
         self.uses += 1
         return self.fast(*args)
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, key: tuple, why: str) -> None:
+        self.refused[_key_name(key)] = why
         warnings.warn(f"fused {self.name} {why}; using the torch form", stacklevel=4)
 
-    def _self_check(self, args: tuple) -> bool:
+    def _self_check(self, key: tuple, args: tuple) -> bool:
         """Equal bit for bit on every probe? ~1M elements each: a fused multiply-add or another rounding rule moves
         a few half-precision results per million. The fast form compiled here is the one then used."""
         device, dtype = args[0].device, args[0].dtype
@@ -83,13 +88,25 @@ class CheckedForm:
                 expected = self.reference(*expected_args)
                 got = self._fast(*got_args)
                 if not torch.equal(got, expected):
-                    self._refuse(f"differs from the torch form on {device} {dtype}")
+                    self._refuse(key, f"differs from the torch form on {device} {dtype} ({_difference(got, expected)})")
                     return False
         except Exception as e:  # a Triton / driver problem, or no memory for the probes: torch form from now on
-            self._refuse(f"failed its check ({type(e).__name__}: {e})")
+            self._refuse(key, f"failed its check ({type(e).__name__}: {e})")
             return False
         logging.getLogger(__name__).info("fused %s in use on %s %s (self-check passed)", self.name, device, dtype)
         return True
+
+
+def _difference(got: Tensor, expected: Tensor) -> str:
+    """How many elements differ, and the first of them: what a failed self-check reports."""
+    if got.shape != expected.shape:
+        return f"shape {tuple(got.shape)}, the torch form's {tuple(expected.shape)}"
+    differ = got != expected  # NaN in both counts: torch.equal says they differ
+    first = tuple(int(i) for i in differ.nonzero()[0])
+    return (
+        f"{int(differ.sum())} of {differ.numel()} elements, the first at {first}: "
+        f"{expected[first].item()!r} expected, {got[first].item()!r} got"
+    )
 
 
 def _random(like: Tensor, *shape: int, seed: int, scale: float = 3.0) -> Tensor:
@@ -260,6 +277,7 @@ def state() -> dict[str, object]:
             form.name: {
                 "uses": form.uses,
                 "checked": {_key_name(key): ok for key, ok in form.checked.items()},
+                "refused": dict(form.refused),
             }
             for form in FORMS
         },

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_mmdit, bench_stdit3, bench_vae, official_mmdit
 from benchmarks.common import compare_with_official, parse_video, warmup_calls
-from benchmarks.session_summary import session_comparison
+from benchmarks.session_summary import environment_line, fused_ops_refused, session_comparison
 from opensora_lib import attention
 from opensora_lib.mmdit_layers import RMSNorm, rotary_tables
 
@@ -339,6 +339,28 @@ def test_session_comparison_prefers_the_measured_official_and_judges_cudnn():
     assert i2v_row["official_source"] == "quoted"
 
 
+def test_the_summary_names_each_refused_fused_form_and_how_it_differed():
+    forms = {
+        "RoPE": {"uses": 12, "checked": {"cuda:0 bfloat16 24 128": True}, "refused": {}},
+        "a + b * c": {
+            "uses": 1,
+            "checked": {"cuda:0 bfloat16": False},
+            "refused": {"cuda:0 bfloat16": "differs from the torch form on cuda:0 torch.bfloat16 (3 of 1572864 ...)"},
+        },
+    }
+    check = {"bit_identical": True, "fused_ops_uses": 13, "fused_ops": {"forms": forms}}
+    env = {"device_name": "NVIDIA H200", "torch": "2.14.1", "attention_backend": "cudnn", "buffered_forms_check": check}
+    line = environment_line("ours_cudnn", env)
+    assert "buffered eager forms vs plain: bit-identical; fused ops used 13 times" in line
+    assert line.endswith(
+        "; REFUSED: a + b * c on cuda:0 bfloat16: differs from the torch form on cuda:0 "
+        "torch.bfloat16 (3 of 1572864 ...)"
+    )
+    assert fused_ops_refused(env) == [line.split("REFUSED: ")[1]]
+    forms["a + b * c"].update(checked={"cuda:0 bfloat16": True}, refused={})
+    assert "REFUSED" not in environment_line("ours_cudnn", env) and fused_ops_refused(env) == []
+
+
 def test_warmup_only_for_the_first_forward_of_a_batch_size():
     warmed: set[int] = set()
     assert [warmup_calls(1, batch, warmed) for batch in (3, 1, 1, 3)] == [1, 1, 0, 0]
@@ -406,7 +428,7 @@ def test_gpu_session_dry_run(tmp_path):
     assert len(files) <= 8 and "session.log" in files  # the device tool returns at most 8 files
     log = (out / "session.log").read_text()
     assert "== END ours_cudnn: ok" in log and "buffered eager forms vs plain: bit-identical" in log
-    assert summary["buffered_forms_differ"] == []
+    assert summary["buffered_forms_differ"] == [] and summary["fused_ops_refused"] == {}
 
     cudnn = json.loads((out / "mmdit_cudnn.json").read_text())
     assert cudnn["environment"]["attention_requested"] == "cudnn"

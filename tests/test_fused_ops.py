@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +54,16 @@ def test_the_self_checks_admit_only_equal_kernels(probe):
         "float16": {"uses": {"RoPE": 5, "a + b * c": 3}, "equal": True},
         "bfloat16": {"uses": {"RoPE": 1, "a + b * c": 1}, "equal": True},
     }
+    # each refusal says how many of the first probe's elements differ, and the first of them
+    refused = {name: form["refused"] for name, form in probe["state"]["forms"].items()}
+    assert set(refused["RoPE"]) == {"cpu bfloat16 3 32"} and set(refused["a + b * c"]) == {"cpu bfloat16"}
+    differs = "differs from the torch form on cpu torch.bfloat16"
+    pattern = r"\((\d+) of (\d+) elements, the first at \(\d+, \d+, \d+(, \d+)?\): \S+ expected, \S+ got\)"
+    for why in (*refused["RoPE"].values(), *refused["a + b * c"].values()):
+        match = re.fullmatch(f"{differs} {pattern}", why)
+        assert match and 0 < int(match[1]) < int(match[2]), why
     assert probe["warnings"] == [
-        "fused RoPE differs from the torch form on cpu torch.bfloat16; using the torch form",
-        "fused a + b * c differs from the torch form on cpu torch.bfloat16; using the torch form",
+        f"fused {name} {next(iter(refused[name].values()))}; using the torch form" for name in ("RoPE", "a + b * c")
     ]
     checked = {"cpu float32": True, "cpu float16": True, "cpu bfloat16": False}
     assert probe["state"]["forms"]["a + b * c"]["checked"] == checked
@@ -77,7 +85,7 @@ def test_blocks_with_the_kernels_equal_the_plain_forms(probe):
 def test_switched_off_no_fast_form_runs():
     found = run_probe(**{fused_ops.DISABLE_VARIABLE: "0"})
     assert found["state"]["disabled"] is True
-    assert all(form == {"uses": 0, "checked": {}} for form in found["state"]["forms"].values())
+    assert all(form == {"uses": 0, "checked": {}, "refused": {}} for form in found["state"]["forms"].values())
     assert all(case["uses"] == {} and case["equal"] for case in found["public"].values())
     assert all(case["uses"] == {} and case["equal"] for case in found["blocks"].values())
 
@@ -143,14 +151,18 @@ def test_a_fast_form_that_differs_or_fails_is_refused_once_and_the_torch_form_an
     def probes(args):
         return [(torch.empty(4), torch.ones(4))]
 
-    for fast, why in ((wrong, "differs from the torch form on cpu torch.float32"), (broken, "failed its check")):
+    for fast, why in (
+        (wrong, "differs from the torch form on cpu torch.float32 (4 of 4 elements, the first at (0,): 2.0 expected, "),
+        (broken, "failed its check (RuntimeError: no kernel image for this device)"),
+    ):
         form = fused_ops.CheckedForm("test", fast, reference, probes)
         x = torch.arange(3.0)
-        with pytest.warns(UserWarning, match=f"fused test {why}"):
+        with pytest.warns(UserWarning, match=re.escape(f"fused test {why}")):
             first = form(True, torch.empty(3), x)
         second = form(True, torch.empty(3), x)  # refused for good: no second check, no warning
         assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
         assert form.checked == {("cpu", torch.float32): False}
+        assert list(form.refused) == ["cpu float32"] and form.refused["cpu float32"].startswith(why)
     assert calls == ["fast"]  # the differing form ran once, in its check
 
 
