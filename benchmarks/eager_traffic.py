@@ -13,7 +13,13 @@ F.rms_norm is one fused kernel on CUDA but decomposes on the CPU, so the trace c
 only) are counted as CUDA runs them: one kernel reading each input once and writing its output once, listed under
 the form's name; the values still come from the torch forms.
 
-Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--fused] [--out F.json]
+With --compiled, the same blocks go through torch.compile (inductor) instead, and what its fused kernels read and
+write is added up from inductor's own byte count per kernel (GraphLowering.count_bytes), leaving out the extern
+kernels (matrix products, attention). Here that is inductor's CPU backend: its fusion choices, not necessarily the
+CUDA backend's; each kernel is listed with the aten ops it fuses, so what is CPU-only shows (the CPU attention
+kernel wants q and k copied into its layout: `_scaled_dot_product_flash_attention_for_cpu`, 3 passes each).
+
+Usage: python benchmarks/eager_traffic.py [--batch 3] [--dtype bf16] [--fused | --compiled] [--out F.json]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -108,17 +115,9 @@ def _fused_rms_norm_stand_in(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.clone()  # one read, one write: what CUDA's fused F.rms_norm moves
 
 
-def block_traffic(
-    batch: int = 3,
-    image_tokens: int = 2048,
-    text_tokens: int = 128,
-    heads: int = 3,
-    head_dim: int = 128,
-    dtype: torch.dtype = torch.bfloat16,
-    fused: bool = False,
-) -> dict:
-    """Passes per block kind, by op, for blocks with the 2.0 head size and MLP ratio (fewer heads than the real
-    24: the passes are ratios, and the ops are the same); fused: fused_ops' forms as one kernel each."""
+def _blocks(batch: int, image_tokens: int, text_tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
+    """{"double" / "single": (block, its inputs)} with the 2.0 head size and MLP ratio (fewer heads than the real
+    24: the passes are ratios, and the ops are the same), and the bytes of one pass over the joint activation."""
     torch.manual_seed(0)
     hidden = heads * head_dim
     double = DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, fused_qkv=False, dtype=dtype)
@@ -130,37 +129,108 @@ def block_traffic(
     ids = torch.randint(0, 9, (1, text_tokens + image_tokens, 3)).float()
     pe = rotary_tables(ids, [16, 56, 56], 10000)
     one_pass = batch * (text_tokens + image_tokens) * hidden * img.element_size()
+    return {"double": (double, (img, txt, vec, pe)), "single": (single, (joint, vec, pe))}, one_pass
+
+
+def block_traffic(
+    batch: int = 3,
+    image_tokens: int = 2048,
+    text_tokens: int = 128,
+    heads: int = 3,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    fused: bool = False,
+) -> dict:
+    """Passes per block kind, by op; fused: fused_ops' forms as one kernel each."""
+    blocks, one_pass = _blocks(batch, image_tokens, text_tokens, heads, head_dim, dtype)
     results = {}
     with torch.no_grad(), mock.patch.object(mmdit_layers, "rms_norm", _fused_rms_norm_stand_in):
-        for name, run in (
-            ("double", lambda: double(img, txt, vec, pe)),
-            ("single", lambda: single(joint, vec, pe)),
-        ):
+        for name, (block, inputs) in blocks.items():
             counter = TrafficCounter()
             with contextlib.ExitStack() as stack:
                 for form in FUSED_KERNELS if fused else ():
                     stack.enter_context(mock.patch.object(fused_ops, form, _one_kernel(counter, form)))
                 stack.enter_context(counter)
-                run()
+                block(*inputs)
             by_op = {op: round(b / one_pass, 2) for op, b in counter.bytes.most_common() if b >= one_pass / 100}
             results[name] = {"passes": round(sum(counter.bytes.values()) / one_pass, 2), "by_op": by_op}
     return results
+
+
+def compiled_traffic(
+    batch: int = 3,
+    image_tokens: int = 2048,
+    text_tokens: int = 128,
+    heads: int = 3,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
+    """Passes per block kind for the blocks compiled by inductor (this machine's backend), per fused kernel, named
+    by the aten ops it fuses; extern kernels (matrix products, attention) are left out."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    blocks, one_pass = _blocks(batch, image_tokens, text_tokens, heads, head_dim, dtype)
+    kernels: list[tuple[str, int]] = []
+    count_bytes = GraphLowering.count_bytes
+
+    def counting(graph):
+        total, per_node, runtimes = count_bytes(graph)
+        for node, words in per_node:  # count_bytes lists bytes // 4 per scheduler node
+            if "Extern" not in type(node).__name__ and words:
+                kernels.append((_fused_ops_of(node), words * 4))
+        return total, per_node, runtimes
+
+    torch._logging.set_logs(inductor_metrics=True)  # count_bytes runs only while inductor's metrics log is on
+    results = {}
+    try:
+        with (
+            torch.no_grad(),
+            mock.patch.object(GraphLowering, "count_bytes", counting),
+            mock.patch.object(inductor_config, "force_disable_caches", True),  # a cached graph is not lowered
+            warnings.catch_warnings(),
+        ):
+            warnings.filterwarnings("ignore", "dynamo_pgo force disabled")
+            for name, (block, inputs) in blocks.items():
+                kernels.clear()
+                torch._dynamo.reset()
+                torch.compile(block, fullgraph=True)(*inputs)
+                by_kernel = [[ops, round(b / one_pass, 2)] for ops, b in kernels if b >= one_pass / 100]
+                results[name] = {"passes": round(sum(b for _, b in kernels) / one_pass, 2), "by_kernel": by_kernel}
+    finally:
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    return results
+
+
+def _fused_ops_of(node) -> str:
+    names = set()
+    for part in node.get_nodes():
+        for origin in getattr(part.node, "origins", None) or ():
+            target = getattr(origin, "target", None)
+            names.add(getattr(target, "__name__", str(target)).split(".")[0])
+    return "+".join(sorted(names - {"convert_element_type", "reshape", "view", "permute", "unsqueeze", "split"}))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--fused", action="store_true", help="count fused_ops' forms as CUDA runs them")
+    forms = parser.add_mutually_exclusive_group()
+    forms.add_argument("--fused", action="store_true", help="count fused_ops' forms as CUDA runs them")
+    forms.add_argument("--compiled", action="store_true", help="the blocks compiled by inductor (its CPU backend)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    results = block_traffic(batch=args.batch, dtype=DTYPES[args.dtype], fused=args.fused)
+    if args.compiled:
+        results = compiled_traffic(batch=args.batch, dtype=DTYPES[args.dtype])
+    else:
+        results = block_traffic(batch=args.batch, dtype=DTYPES[args.dtype], fused=args.fused)
     for name, row in results.items():
-        ops = ", ".join(f"{op} {passes}" for op, passes in row["by_op"].items())
-        print(f"{name} block: {row['passes']} passes ({ops})")
+        parts = row["by_kernel"] if args.compiled else row["by_op"].items()
+        print(f"{name} block: {row['passes']} passes ({', '.join(f'{op} {passes}' for op, passes in parts)})")
     if args.out:
         payload = {"benchmark": "mmdit eager traffic", "batch": args.batch, "fused": args.fused, "results": results}
-        write_json(payload, args.out)
+        write_json({**payload, "compiled": args.compiled}, args.out)
     return results
 
 
