@@ -90,6 +90,48 @@ def test_switched_off_no_fast_form_runs():
     assert all(case["uses"] == {} and case["equal"] for case in found["blocks"].values())
 
 
+WITHOUT_TRITON = """
+import json, sys, types
+mode, tests = sys.argv[1], sys.argv[2]
+if mode == "missing":
+    sys.modules["triton"] = None  # `import triton` raises ImportError, as where it is not installed
+else:  # importable, but defining a kernel fails (e.g. a Windows install without its compiler)
+    broken = types.ModuleType("triton")
+    broken.language = sys.modules["triton.language"] = types.ModuleType("triton.language")
+    broken.jit = lambda fn: (_ for _ in ()).throw(RuntimeError("broken Triton install"))
+    sys.modules["triton"] = broken
+sys.path[:0] = [tests, tests + "/.."]
+import torch
+from helpers_mmdit import random_blocks
+from opensora_lib import fused_ops, mmdit_layers, triton_kernels
+torch.set_grad_enabled(False)
+case = random_blocks(torch.float32, 64)
+fast = case.run()
+mmdit_layers.eager_out_allowed = lambda *tensors: False
+plain = case.run()
+print(json.dumps({"triton": triton_kernels.triton is not None, "state": fused_ops.state(),
+                  "equal": all(torch.equal(a, b) for a, b in zip(fast, plain))}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["missing", "broken"])
+def test_without_a_working_triton_the_torch_forms_run(mode):
+    # TRITON_INTERPRET=1 would put the kernels on the CPU: without Triton they must not be tried at all.
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRITON, mode, tests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["triton"] is False and found["state"]["triton"] is None and found["equal"]
+    assert all(form == {"uses": 0, "checked": {}, "refused": {}} for form in found["state"]["forms"].values())
+
+
 def test_cpu_tensors_use_the_torch_forms_outside_the_interpreter(monkeypatch):
     monkeypatch.setattr(triton_kernels, "INTERPRETING", False)
     launched = []
