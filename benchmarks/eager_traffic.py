@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import warnings
 from collections import Counter
@@ -167,6 +168,7 @@ def compiled_traffic(
 ) -> dict:
     """Passes per block kind for the blocks compiled by inductor (this machine's backend), per fused kernel, named
     by the aten ops it fuses; extern kernels (matrix products, attention) are left out."""
+    from torch._inductor import compile_fx
     from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
 
@@ -181,13 +183,19 @@ def compiled_traffic(
                 kernels.append((_fused_ops_of(node), words * 4))
         return total, per_node, runtimes
 
-    torch._logging.set_logs(inductor_metrics=True)  # count_bytes runs only while inductor's metrics log is on
+    # inductor counts bytes only while its metrics log is on: a logger of our own that is on and prints nothing,
+    # so neither TORCH_LOGS nor the caller's log settings matter (and none are changed)
+    metrics_log = logging.getLogger(f"{__name__}.inductor_metrics")
+    metrics_log.setLevel(logging.INFO)
+    metrics_log.propagate = False
+    metrics_log.addHandler(logging.NullHandler())
     results = {}
     try:
         with (
             torch.no_grad(),
             mock.patch.object(GraphLowering, "count_bytes", counting),
-            mock.patch.object(inductor_config, "force_disable_caches", True),  # a cached graph is not lowered
+            mock.patch.object(compile_fx, "inductor_metrics_log", metrics_log),
+            inductor_config.patch(force_disable_caches=True),  # a cached graph is not lowered, so not counted
             warnings.catch_warnings(),
         ):
             warnings.filterwarnings("ignore", "dynamo_pgo force disabled")
@@ -195,10 +203,11 @@ def compiled_traffic(
                 kernels.clear()
                 torch._dynamo.reset()
                 torch.compile(block, fullgraph=True)(*inputs)
+                if not kernels:
+                    raise RuntimeError(f"inductor counted no kernel of the {name} block (has its metrics hook moved?)")
                 by_kernel = [[ops, round(b / one_pass, 2)] for ops, b in kernels if b >= one_pass / 100]
                 results[name] = {"passes": round(sum(b for _, b in kernels) / one_pass, 2), "by_kernel": by_kernel}
     finally:
-        torch._logging.set_logs()
         torch._dynamo.reset()
     return results
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import eager_traffic
 from opensora_lib import mmdit_layers
@@ -61,3 +62,6 @@ def test_compiled_blocks_counted_from_inductors_kernels(tmp_path):
         assert not {"mm", "addmm"} & set("+".join(kernels).split("+"))  # extern kernels are not counted
         assert sum("_scaled_dot_product_flash_attention_for_cpu" in ops for ops in kernels) == 2  # q and k copies
         assert any("tanh" in ops for ops in kernels)  # the GELU, fused with its neighbours
+    # nothing global is left changed: a later inductor compile in this process works
+    compiled = torch.compile(lambda x: (x * 3 + 1).cos())
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 4.0).cos())
