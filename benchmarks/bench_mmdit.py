@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     def add(result: dict) -> None:
         """Keep a row and write what is done so far: a run its time limit kills still leaves its finished rows."""
         results.append(result)
+        env["fused_ops"] = fused_ops.state()  # as of the rows so far: a form refused while timing shows here
         compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
         write_json(payload, args.out)
 

@@ -113,8 +113,10 @@ def target_text(entry: dict[str, Any]) -> str:
 
 
 def fused_ops_refused(env: dict[str, Any]) -> list[str]:
-    """Each fused form a self-check refused in this run: form, device and dtype, and how it differed."""
-    forms = env.get("buffered_forms_check", {}).get("fused_ops", {}).get("forms", {})
+    """Each fused form refused in this run (by its self-check, or failing later): form, device and dtype, and why.
+    Refusals stick, so the state after the timed rows holds those of the check too."""
+    state = env.get("fused_ops") or env.get("buffered_forms_check", {}).get("fused_ops", {})
+    forms = state.get("forms", {})
     return [f"{name} on {key}: {why}" for name, form in forms.items() for key, why in form.get("refused", {}).items()]
 
 

@@ -76,12 +76,14 @@ class CheckedForm:
         return self.fast(*args)
 
     def _refuse(self, key: tuple, why: str) -> None:
+        why = why if len(why) <= 500 else f"{why[:500]}..."  # a compiler's error can run to pages
         self.refused[_key_name(key)] = why
         warnings.warn(f"fused {self.name} {why}; using the torch form", stacklevel=4)
 
     def _self_check(self, key: tuple, args: tuple) -> bool:
         """Equal bit for bit on every probe? ~1M elements each: a fused multiply-add or another rounding rule moves
-        a few half-precision results per million. The fast form compiled here is the one then used."""
+        a few half-precision results per million. Later calls may compile other specialisations of the same kernel
+        (other sizes) with the same float operations: tests/test_triton_codegen.py reads what the probes compile to."""
         device, dtype = args[0].device, args[0].dtype
         try:
             for expected_args, got_args in zip(self.probes(args), self.probes(args)):  # each form writes its inputs
@@ -98,14 +100,16 @@ class CheckedForm:
 
 
 def _difference(got: Tensor, expected: Tensor) -> str:
-    """How many elements differ, and the first of them: what a failed self-check reports."""
+    """How many elements differ, and the first of them: what a failed self-check reports (no index list is built:
+    the probes are ~1M elements)."""
     if got.shape != expected.shape:
         return f"shape {tuple(got.shape)}, the torch form's {tuple(expected.shape)}"
-    differ = got != expected  # NaN in both counts: torch.equal says they differ
-    first = tuple(int(i) for i in differ.nonzero()[0])
+    differ = (got != expected).flatten()  # NaN in both counts: torch.equal says they differ
+    first = int(differ.to(torch.uint8).argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), got.shape))
     return (
-        f"{int(differ.sum())} of {differ.numel()} elements, the first at {first}: "
-        f"{expected[first].item()!r} expected, {got[first].item()!r} got"
+        f"{int(differ.sum())} of {differ.numel()} elements, the first at {where}: "
+        f"{expected.flatten()[first].item()!r} expected, {got.flatten()[first].item()!r} got"
     )
 
 

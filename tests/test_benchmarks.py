@@ -77,6 +77,7 @@ def test_mmdit_script_tiny_cpu(tmp_path):
     check = env["buffered_forms_check"]  # on the GPU this checks the device's kernels
     assert check["buffered_forms_ran"] is True and check["bit_identical"] is True
     assert check["fused_ops_uses"] == 0  # CPU: the torch forms
+    assert payload["environment"]["fused_ops"]["forms"].keys() == check["fused_ops"]["forms"].keys()  # after the rows
     assert all(form["checked"] == {} for form in check["fused_ops"]["forms"].values())
     assert check["max_abs_difference"] == 0.0
     forwards = by_kind(payload, "forward")
@@ -359,6 +360,11 @@ def test_the_summary_names_each_refused_fused_form_and_how_it_differed():
     assert fused_ops_refused(env) == [line.split("REFUSED: ")[1]]
     forms["a + b * c"].update(checked={"cuda:0 bfloat16": True}, refused={})
     assert "REFUSED" not in environment_line("ours_cudnn", env) and fused_ops_refused(env) == []
+    # a form that passed its check but failed during the timed rows: in the state recorded after them
+    env["fused_ops"] = {"forms": {"RoPE": {"refused": {"cuda:0 bfloat16 24 128": "failed (RuntimeError: x)"}}}}
+    assert environment_line("ours_cudnn", env).endswith(
+        "; REFUSED: RoPE on cuda:0 bfloat16 24 128: failed (RuntimeError: x)"
+    )
 
 
 def test_warmup_only_for_the_first_forward_of_a_batch_size():

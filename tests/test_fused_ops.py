@@ -207,6 +207,14 @@ def test_a_fast_form_that_differs_or_fails_is_refused_once_and_the_torch_form_an
         assert list(form.refused) == ["cpu float32"] and form.refused["cpu float32"].startswith(why)
     assert calls == ["fast"]  # the differing form ran once, in its check
 
+    def verbose(out, x):
+        raise RuntimeError("ptxas error\n" * 500)  # a compiler's error can run to pages
+
+    form = fused_ops.CheckedForm("test", verbose, reference, probes)
+    with pytest.warns(UserWarning, match="fused test failed its check"):
+        form(True, torch.empty(3), torch.arange(3.0))
+    assert len(form.refused["cpu float32"]) == 503 and form.refused["cpu float32"].endswith("...")
+
 
 def plain_and_eager(case, **patches) -> tuple[tuple, tuple]:
     """The blocks' outputs with the eager forms, then with the plain ones (mmdit_layers attributes patched in both)."""
