@@ -116,7 +116,14 @@ def _fused_rms_norm_stand_in(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.clone()  # one read, one write: what CUDA's fused F.rms_norm moves
 
 
-def _blocks(batch: int, image_tokens: int, text_tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
+def _blocks(
+    batch: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    image_tokens: int = 2048,
+    text_tokens: int = 128,
+    heads: int = 3,
+    head_dim: int = 128,
+):
     """{"double" / "single": (block, its inputs)} with the 2.0 head size and MLP ratio (fewer heads than the real
     24: the passes are ratios, and the ops are the same), and the bytes of one pass over the joint activation."""
     torch.manual_seed(0)
@@ -133,17 +140,9 @@ def _blocks(batch: int, image_tokens: int, text_tokens: int, heads: int, head_di
     return {"double": (double, (img, txt, vec, pe)), "single": (single, (joint, vec, pe))}, one_pass
 
 
-def block_traffic(
-    batch: int = 3,
-    image_tokens: int = 2048,
-    text_tokens: int = 128,
-    heads: int = 3,
-    head_dim: int = 128,
-    dtype: torch.dtype = torch.bfloat16,
-    fused: bool = False,
-) -> dict:
-    """Passes per block kind, by op; fused: fused_ops' forms as one kernel each."""
-    blocks, one_pass = _blocks(batch, image_tokens, text_tokens, heads, head_dim, dtype)
+def block_traffic(batch: int = 3, dtype: torch.dtype = torch.bfloat16, fused: bool = False, **sizes: int) -> dict:
+    """Passes per block kind, by op; fused: fused_ops' forms as one kernel each. sizes: see _blocks."""
+    blocks, one_pass = _blocks(batch, dtype, **sizes)
     results = {}
     with torch.no_grad(), mock.patch.object(mmdit_layers, "rms_norm", _fused_rms_norm_stand_in):
         for name, (block, inputs) in blocks.items():
@@ -158,21 +157,14 @@ def block_traffic(
     return results
 
 
-def compiled_traffic(
-    batch: int = 3,
-    image_tokens: int = 2048,
-    text_tokens: int = 128,
-    heads: int = 3,
-    head_dim: int = 128,
-    dtype: torch.dtype = torch.bfloat16,
-) -> dict:
+def compiled_traffic(batch: int = 3, dtype: torch.dtype = torch.bfloat16, **sizes: int) -> dict:
     """Passes per block kind for the blocks compiled by inductor (this machine's backend), per fused kernel, named
     by the aten ops it fuses; extern kernels (matrix products, attention) are left out."""
     from torch._inductor import compile_fx
     from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
 
-    blocks, one_pass = _blocks(batch, image_tokens, text_tokens, heads, head_dim, dtype)
+    blocks, one_pass = _blocks(batch, dtype, **sizes)
     kernels: list[tuple[str, int]] = []
     count_bytes = GraphLowering.count_bytes
 
