@@ -73,10 +73,13 @@ class Holder(torch.nn.Module):
         self.inner = module
 
 
-def wrap_module(module: torch.nn.Module, kind: str) -> comfy.model_patcher.ModelPatcher:
-    """Put a plain module (text encoder, VAE) under ComfyUI's memory manager."""
+def wrap_module(module: torch.nn.Module, kind: str, on_cpu: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """Put a plain module (text encoder, VAE) under ComfyUI's memory manager; on_cpu: loaded and kept on the CPU (as
+    core's CLIP loaders with device "cpu")."""
     mm = comfy.model_management
-    if kind == "text_encoder":
+    if on_cpu:
+        load = offload = torch.device("cpu")
+    elif kind == "text_encoder":
         load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
     elif kind == "vae":
         load, offload = mm.vae_device(), mm.vae_offload_device()

@@ -123,6 +123,33 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     (empty,) = latent.OpenSoraEmptyLatentVideo().generate("2.0", "256px", "16:9", 9, 1, 64, 48, 24)
     steps, seed = 12, 5
 
+    # -- text encoder device: default = ComfyUI's text-encoder device (a GPU stand-in here), cpu = always the CPU
+    import comfy.model_management as mm
+
+    def load_text(device: str):
+        files = ("opensora-tiny-t5/", "fp32", "2.0", "opensora-tiny-clip-l.safetensors", "")
+        return loaders.OpenSoraLoadTextEncoder().load(*files, device=device)[0]
+
+    gpu_like = torch.device("cuda", 3)  # only named: nothing is loaded on it here
+    real_device = mm.text_encoder_device
+    mm.text_encoder_device = lambda: gpu_like
+    try:
+        default_encoder, cpu_encoder = load_text("default"), load_text("cpu")
+    finally:
+        mm.text_encoder_device = real_device
+    cpu_positive, _ = text.OpenSoraEncodePrompt().encode(cpu_encoder, "a red fox in the snow", "")
+    results["text_device"] = {
+        name: [str(d) for e in (enc.t5_patcher, enc.clip_patcher) for d in (e.load_device, e.offload_device)]
+        for name, enc in (("default", default_encoder), ("cpu", cpu_encoder))
+    }
+    results["text_device"]["cpu_conditioning_equal"] = torch.equal(cpu_positive[0][0], positive[0][0]) and torch.equal(
+        cpu_positive[0][1]["pooled_output"], positive[0][1]["pooled_output"]
+    )
+    results["text_device"]["bad"] = error_of(lambda: load_text("cuda"))
+    results["text_device"]["advanced"] = (
+        loaders.OpenSoraLoadTextEncoder.INPUT_TYPES()["optional"]["device"][1].get("advanced") is True
+    )
+
     # -- Sampler node (t2v) == the library sampler on ComfyUI's noise, in model space
     (sampled,) = sampling.OpenSoraSampler().sample(model, positive, negative, empty, seed, steps, 7.5, image_cfg=3.0)
     noise = comfy.sample.prepare_noise(empty["samples"], seed)
@@ -332,6 +359,16 @@ def test_reference_errors_are_specific(measured):
     assert "9 latent frames" in errors["v2v_short"]
     assert "HunyuanVideo VAE" in errors["wrong_vae"]
     assert "core_vae" in errors["missing_core_vae"]
+
+
+def test_text_encoder_device_option(measured):
+    # default: ComfyUI's text-encoder device (stood in by cuda:3) and its offload device; cpu: the CPU for both, as
+    # core's CLIP loaders with device "cpu"; the same conditioning either way
+    found = measured["text_device"]
+    assert found["default"] == ["cuda:3", "cpu", "cuda:3", "cpu"]
+    assert found["cpu"] == ["cpu"] * 4
+    assert found["cpu_conditioning_equal"] is True and found["advanced"] is True
+    assert found["bad"] == "ValueError: device must be 'default' or 'cpu', got 'cuda'"
 
 
 def test_conditioning_from_core_text_encoders(measured):
