@@ -346,6 +346,57 @@ def cudnn_probes(config: MMDiTConfig, sizes: list[VideoSize], text_tokens: int, 
     return probes
 
 
+# Joint sequences up to this length also get the float32 reference of the attention-kernel rows (at 768px the
+# float32 attention alone would take seconds per call).
+ERROR_TOKENS = 16_384
+
+
+def attention_kernels(config: MMDiTConfig, sizes: list[VideoSize], text_tokens: int, args, device, dtype, peak):
+    """One joint attention call per forward size ([B, L, heads, D] views, as the blocks pass them) through every
+    backend this process can select (not math on a GPU: it would hold the whole score matrix): seconds, TFLOP/s,
+    and up to ERROR_TOKENS the error against float32 attention of the same inputs. What the backend choice alone
+    changes, apart from the rest of the forward."""
+    backends = [name for name in attention.available_backends() if device.type == "cpu" or name != "math"]
+    selected, rows = attention.get_backend(), []
+    try:
+        for size in sizes:
+            rows += _attention_rows(config, size, text_tokens, backends, args, device, dtype, peak)
+            release_memory(device)
+    finally:
+        attention.set_backend(selected)
+    return rows
+
+
+def _attention_rows(config: MMDiTConfig, size: VideoSize, text_tokens, backends, args, device, dtype, peak):
+    _, frames, height, width = latent_geometry(config, size)
+    length = frames * (height // config.patch_size) * (width // config.patch_size) + text_tokens
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (size.batch, length, config.num_heads, config.head_dim)
+    qkv = [torch.randn(shape, generator=generator, device=device, dtype=dtype).transpose(1, 2) for _ in "qkv"]
+    reference = None
+    if length <= ERROR_TOKENS:
+        with float32_reference():
+            reference = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in qkv))
+    flops = attention_flops(size.batch, config.num_heads, length, length, config.head_dim)
+    rows = []
+    for backend in backends:
+        attention.set_backend(backend)
+        timing, out = measure(lambda: attention.attention(*qkv), device, args.repeats, 1, args.max_seconds)
+        rows.append(
+            {
+                "name": f"attention {size.name} {backend}",
+                "kind": "attention",
+                "backend": backend,
+                "shape": list(qkv[0].shape),
+                **dataclasses.asdict(timing),
+                **throughput(flops, timing.seconds, peak),
+                **(relative_error(out.float(), reference) if reference is not None else {}),
+                "finite": bool(torch.isfinite(out).all()),
+            }
+        )
+    return rows
+
+
 def compile_blocks(model: MMDiT, backend: str) -> None:
     """torch.compile each block in place with static shapes: the blocks of one kind share their code, so each kind
     compiles once per input shape (every new shape's first call is untimed). Static, because automatic dynamic
@@ -370,6 +421,11 @@ def main(argv: list[str] | None = None) -> dict:
         default="off",
         help="torch.compile every double / single block (what core's TorchCompileModel gives a user); eager: the "
         "code path only (CPU dry run)",
+    )
+    parser.add_argument(
+        "--attention-kernels",
+        action="store_true",
+        help="also time one joint attention call per forward size through every available backend",
     )
     args = parser.parse_args(argv)
     device = setup(args)
@@ -418,6 +474,9 @@ def main(argv: list[str] | None = None) -> dict:
         compare_with_official(results, official_results, OFFICIAL_SECONDS, TARGETS)
         write_json(payload, args.out)
 
+    if args.attention_kernels:
+        for row in attention_kernels(config, runs.forward, text_tokens, args, device, dtype, peak):
+            add(row)
     warmed: set = set()
     for size in runs.forward:
         key = size.batch if args.compile_blocks == "off" else (size.batch, size.label, size.num_frames)

@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_session.sh --dry-run [--out DIR]               # the same steps on CPU, tiny configs
 #
 # Writes into DIR (8 files, the device tool's limit, each well under 16 MiB): session.log (everything printed),
-# mmdit_cudnn.json, official_mmdit.json, comfy_memory.json, mmdit_compiled.json, mmdit_cudnn_torch_forms.json,
-# mmdit_sdpa.json, summary.json; the summary table is printed at the end. Every step runs under `timeout`, capped by what is left of --budget (default
-# 540 s, under the device tool's 600 s per command); a failing or timed-out step is recorded and the rest run.
+# mmdit_cudnn.json, official_mmdit.json, mmdit_fa3.json, mmdit_cudnn_torch_forms.json, comfy_memory.json,
+# mmdit_compiled.json, summary.json; the summary table is printed at the end. Every step runs under `timeout`, capped
+# by what is left of --budget (default 540 s, under the device tool's 600 s per command); a failing or timed-out step
+# is recorded and the rest run.
 #
 # Steps, in priority order, with the estimate on one H200 (the 2026-11-28 runs: official forward 256px b3 1.18 s,
 # b1 0.40 s, 768px b1 14.1 s with SDPA's flash kernel, 50-step t2v 59 s; ours eager 1.10 s / 0.36 s / 8.95 s before
@@ -18,14 +19,20 @@
 #   2. official    official_mmdit (attention: SDPA's flash backend, as published): compile + Liger JIT (~30 s),
 #                  forwards (~45 s), the official 50-step t2v (150 passes, ~60 s; its i2v runs the same passes,
 #                  so it is not run again), a torch.profiler table of one 256px b3 forward of ours and of it  ~150 s
-#   3. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~85 s (cap 150)
-#   4. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
+#   3. ours_fa3    bench_mmdit --attention flash_attn_3 (FlashAttention-3 from the fa3-fwd wheel in .whl/): one
+#                  joint attention call per forward size through every backend (sdpa = torch's flash kernel, the
+#                  official one; cudnn; flash_attn_3), with the error against float32 attention at 256px, then
+#                  the forwards and both 50-step runs                                             ~110 s (cap 150)
+#   4. ours_torch_forms  the forwards of step 1 with OPENSORA_FUSED_OPS=0: what fused_ops saves   ~40 s
+#   5. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~85 s (cap 150)
+#   6. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
 #                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
 #                  new shape compiled in an untimed call                                         ~140 s (cap 240)
-#   5. ours_torch_forms  the forwards of step 1 with OPENSORA_FUSED_OPS=0: what fused_ops saves   ~40 s
-#   6. ours_sdpa   bench_mmdit --attention sdpa: bf16-vs-fp32 error + the same forwards          ~25 s
-# The second 2026-11-28 H200 run took 96 / 90 / 49 (failed: no PyAV, since stubbed) / 140 / - / 24 s. STDiT3
-# (bench_stdit3.py, measured in two H200 sessions) is no longer a step: the device returns at most 8 files.
+# Steps 5 and 6 were measured in the 2026-11-28 sessions (results/h200-2026-11-28b); they run when time is left.
+# The second 2026-11-28 H200 run took 96 / 90 / 49 (comfy_memory, failed: no PyAV, since stubbed) / 140 s
+# (compiled). The bf16-vs-float32 error of a whole forward (0.0147 with sdpa, 2026-11-28) is no longer a step: the
+# device returns at most 8 files; benchmarks/bench_mmdit.py gives it by default. STDiT3 (bench_stdit3.py, measured
+# in two H200 sessions) is not a step either.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +72,7 @@ echo "== gpu_session ($MODE) $(date -u +%FT%TZ), budget ${BUDGET}s, python $PY, 
 git log -1 --format='repo %h %s' 2>/dev/null || true
 if ! ((DRY)); then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: n/a"
-    # Carried wheels (liger_kernel for the official code): into /tmp/site, ahead on the path.
+    # Carried wheels (liger_kernel for the official code, torchsde for ComfyUI): into /tmp/site, ahead on the path.
     if compgen -G ".whl/*.whl" >/dev/null; then
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
             export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -76,6 +83,16 @@ if ! ((DRY)); then
     else
         echo "WARNING: no .whl/ wheels; the official code falls back to the Liger shim (not the official kernels)"
     fi
+    # Packages that travel unpacked and xz-compressed (fa3-fwd: scripts/fetch_official.sh --wheels), into the same place.
+    for packed in .whl/*.tar.xz; do
+        [[ -f $packed ]] || continue
+        if "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$packed" /tmp/site; then
+            echo "unpacked $packed"
+        else
+            echo "WARNING: $packed did not unpack"
+        fi
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    done
     # The ComfyUI host for bench_comfy_memory travels packed (scripts/fetch_official.sh --wheels).
     if [[ -z ${COMFYUI_DIR:-} && ! -d .cache/comfyui-0.3.75 && -f .whl/comfyui-host.tar.gz ]]; then
         mkdir -p /tmp/comfyui-host && tar xzf .whl/comfyui-host.tar.gz -C /tmp/comfyui-host &&
@@ -83,6 +100,7 @@ if ! ((DRY)); then
     fi
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+"$PY" -c "from opensora_lib import attention; print('attention backends here:', ', '.join(attention.available_backends()), attention._import_errors)"
 
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"; }
 skip() { echo "== SKIP $1: $2"; record "$1" skipped - 0 "$2"; }
@@ -129,7 +147,18 @@ else
     record official failed - 0 ".official/ missing"
 fi
 
-# 3. ComfyUI partial loading within 24 GiB (another helper's script; called when present).
+official_ready
+# 3. Ours with FlashAttention-3: the attention kernels side by side, then the forwards and both 50-step runs. Dry
+#    run: FA3 is not installed, so sdpa runs (the code path; the JSON says so).
+step ours_fa3 150 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention flash_attn_3 --attention-kernels \
+    --error-size none "${official_json[@]}" --out "$DIR/mmdit_fa3.json"
+
+# 4. Ours with cuDNN attention and the torch forms instead of fused_ops' kernels (OPENSORA_FUSED_OPS=0): the
+#    forwards only, what the fused forms save.
+OPENSORA_FUSED_OPS=0 step ours_torch_forms 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
+    --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_forms.json"
+
+# 5. ComfyUI partial loading within 24 GiB (another helper's script; called when present).
 if [[ -f benchmarks/bench_comfy_memory.py ]]; then
     if ((DRY)); then
         step comfy_memory 60 "$PY" benchmarks/bench_comfy_memory.py --tiny --device cpu --out "$DIR/comfy_memory.json"
@@ -140,8 +169,7 @@ else
     skip comfy_memory "benchmarks/bench_comfy_memory.py not present"
 fi
 
-official_ready
-# 4. Ours with cuDNN attention and every block torch.compile'd (core's TorchCompileModel gives users the same):
+# 6. Ours with cuDNN attention and every block torch.compile'd (core's TorchCompileModel gives users the same):
 #    the forwards and both 50-step runs. Dry run: the eager backend (the code path, no inductor build on a CPU).
 if ((DRY)); then
     step ours_compiled 60 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
@@ -150,15 +178,6 @@ else
     step ours_compiled 240 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none \
         --compile-blocks inductor "${official_json[@]}" --out "$DIR/mmdit_compiled.json"
 fi
-
-# 5. Ours with cuDNN attention and the torch forms instead of fused_ops' kernels (OPENSORA_FUSED_OPS=0): the
-#    forwards only, what the fused forms save.
-OPENSORA_FUSED_OPS=0 step ours_torch_forms 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
-    --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_forms.json"
-
-# 6. Ours with plain SDPA: the bf16-vs-float32 error and the forwards (ratios against the official run).
-step ours_sdpa 120 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention sdpa --steps 0 "${official_json[@]}" \
-    --out "$DIR/mmdit_sdpa.json"
 
 "$PY" -m benchmarks.session_summary "$DIR" --steps "$STEPS" --mode "$MODE"
 echo "== gpu_session done in $(($(date +%s) - START))s"

@@ -15,12 +15,14 @@ from benchmarks.common import cell, measured_name, official_time, text_table, wr
 # JSON files of benchmarks/gpu_session.sh, by role.
 SESSION_FILES = {
     "ours_cudnn": "mmdit_cudnn.json",
-    "ours_sdpa": "mmdit_sdpa.json",
+    "ours_fa3": "mmdit_fa3.json",
     "ours_compiled": "mmdit_compiled.json",
     "ours_torch_forms": "mmdit_cudnn_torch_forms.json",
     "official": "official_mmdit.json",
 }
-OURS = ("ours_cudnn", "ours_sdpa", "ours_compiled", "ours_torch_forms")
+OURS = ("ours_cudnn", "ours_fa3", "ours_compiled", "ours_torch_forms")
+# How each of our runs is judged against issue #5's targets (the eager cudnn run's verdict is `meets_target`).
+VERDICTS = {"ours_cudnn": "meets_target", "ours_fa3": "meets_target_fa3", "ours_compiled": "meets_target_compiled"}
 
 
 def _read_steps(path: Path | None) -> list[dict[str, Any]]:
@@ -42,9 +44,9 @@ def _timed_rows(payload: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 
 
 def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ours (cudnn, sdpa, cudnn with compiled blocks, cudnn with the torch forms instead of fused_ops') vs the official run of the same name measured in the session,
-    else the quoted figure; with issue #5's target where one is set, judged on the eager cudnn run when there is
-    one (its output is the reference sampler's); the compiled run is judged separately (meets_target_compiled)."""
+    """Ours (cudnn, FlashAttention-3, cudnn with compiled blocks, cudnn with the torch forms instead of fused_ops')
+    vs the official run of the same name measured in the session, else the quoted figure; with issue #5's target
+    where one is set, each eager / compiled run judged on its own (VERDICTS)."""
     from benchmarks.bench_mmdit import OFFICIAL_SECONDS, TARGETS
 
     official = _timed_rows(payloads.get("official"))
@@ -69,11 +71,9 @@ def session_comparison(payloads: dict[str, dict[str, Any]]) -> list[dict[str, An
             entry[f"{key}_passes"] = row.get("forward_passes")
             if entry.get("official_seconds"):
                 entry[f"{key}_ratio"] = row["seconds"] / entry["official_seconds"]
-        judged = entry.get("ours_cudnn_ratio", entry.get("ours_sdpa_ratio"))
-        if name in TARGETS and judged is not None:
-            entry.update(target_ratio=TARGETS[name], meets_target=judged < TARGETS[name])
-        if name in TARGETS and "ours_compiled_ratio" in entry:
-            entry.update(target_ratio=TARGETS[name], meets_target_compiled=entry["ours_compiled_ratio"] < TARGETS[name])
+        for key, verdict in VERDICTS.items():
+            if name in TARGETS and f"{key}_ratio" in entry:
+                entry.update({"target_ratio": TARGETS[name], verdict: entry[f"{key}_ratio"] < TARGETS[name]})
         rows.append(entry)
     return rows
 
@@ -102,11 +102,20 @@ def _other_rows(payload: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def attention_rows(payloads: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The attention-kernel rows (bench_mmdit --attention-kernels) of every run that has them."""
+    return [r for p in payloads.values() for r in p.get("results", []) if r.get("kind") == "attention"]
+
+
 def target_text(entry: dict[str, Any]) -> str:
     if "target_ratio" not in entry:
         return "-"
     verdicts = []
-    for key, label in (("meets_target", "eager"), ("meets_target_compiled", "compiled")):
+    for key, label in (
+        ("meets_target", "eager"),
+        ("meets_target_fa3", "eager FA3"),
+        ("meets_target_compiled", "compiled"),
+    ):
         if key in entry:
             verdicts.append(f"{label} {'met' if entry[key] else 'NOT met'}")
     return f"< {entry['target_ratio']:g}: {', '.join(verdicts)}"
@@ -181,12 +190,12 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
 
     print(
         text_table(
-            ["run", "ours cudnn", "ours sdpa", "ours compiled", "cudnn, torch forms", "official", "target"],
+            ["run", "ours cudnn", "ours FA3", "ours compiled", "cudnn, torch forms", "official", "target"],
             [
                 [
                     e["name"],
                     ratio(e, "ours_cudnn"),
-                    ratio(e, "ours_sdpa"),
+                    ratio(e, "ours_fa3"),
                     ratio(e, "ours_compiled"),
                     ratio(e, "ours_torch_forms"),
                     f"{e['official_seconds']:.3g} s ({e['official_source']})" if "official_seconds" in e else "-",
@@ -196,6 +205,24 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
             ],
         )
     )
+    kernels = attention_rows(payloads)
+    if kernels:
+        print("\none joint attention call per backend (error: against float32 attention of the same inputs):")
+        print(
+            text_table(
+                ["call", "seconds", "TFLOP/s", "rel err", "max abs"],
+                [
+                    [
+                        r["name"],
+                        cell(r["seconds"]),
+                        cell(r.get("tflops")),
+                        cell(r.get("relative_error")),
+                        cell(r.get("max_abs_error")),
+                    ]
+                    for r in kernels
+                ],
+            )
+        )
     if agreement:
         print("\nours vs official, same weights and inputs:")
         print(
@@ -219,6 +246,7 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
         "steps": steps,
         "environments": envs,
         "comparison": comparison,
+        "attention_kernels": kernels,
         "agreement": agreement,
         "agreement_failed": [a["name"] for a in agreement if a.get("passed") is False],
         "buffered_forms_differ": [

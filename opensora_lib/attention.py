@@ -7,21 +7,31 @@ Backends:
 - sdpa: torch's scaled_dot_product_attention with its own kernel choice (works everywhere).
 - math: explicit float32 softmax(QK^T)V (slow; a reference and for FLOP counting).
 - cudnn: torch SDPA with the cuDNN attention kernel tried first (CUDA, bf16 / fp16 only).
-- flash_attn / sageattention: the external packages, when installed.
-Kernels that cannot take the call fall back to plain sdpa: flash_attn, sageattention and cudnn on a non-CUDA
-tensor or with any mask, cudnn also for float32 / float64 inputs.
+- flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3, Hopper: the flash-attention repo's hopper/ build,
+  module flash_attn_interface, or the forward-only fa3-fwd wheel, module fa3_fwd_interface) and sageattention: the
+  external packages, when installed.
+The CUDA kernels (cudnn and the packages) take bf16 / fp16 CUDA tensors without a mask; any other call runs
+plain sdpa.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from functools import cache
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "math", "flash_attn", "sageattention", "cudnn")
-_PACKAGES = ("flash_attn", "sageattention")  # backends that need a package of that name
+BACKENDS = ("sdpa", "math", "flash_attn", "flash_attn_3", "sageattention", "cudnn")
+# Backends that need a package: the modules that provide one, tried in order.
+_PACKAGES = {
+    "flash_attn": ("flash_attn",),
+    "flash_attn_3": ("flash_attn_interface", "fa3_fwd_interface"),
+    "sageattention": ("sageattention",),
+}
 _backend = "sdpa"
 
 # cuDNN first, then SDPA's usual kernels: a shape cuDNN rejects still runs (torch >= 2.6 orders with
@@ -33,18 +43,27 @@ _CUDNN_ORDER = [
     SDPBackend.MATH,
 ]
 _HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
-_CUDNN_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the CUDA kernels take
+
+
+_import_errors: dict[str, str] = {}  # module -> why it did not import (missing, or a binary built for another torch)
+
+
+@cache
+def _package(backend: str) -> ModuleType | None:
+    """The first of the backend's modules that imports, else None (the reasons go to _import_errors)."""
+    for name in _PACKAGES[backend]:
+        try:
+            return importlib.import_module(name)
+        except (ImportError, OSError) as e:
+            _import_errors[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return None
 
 
 def available_backends() -> list[str]:
     """Backends that can be selected here: sdpa and math always, cudnn with CUDA, the others when installed."""
     found = ["sdpa", "math"]
-    for name in _PACKAGES:
-        try:
-            __import__(name)
-            found.append(name)
-        except ImportError:
-            pass
+    found += [name for name in _PACKAGES if _package(name) is not None]
     if torch.cuda.is_available() and torch.backends.cudnn.is_available():
         found.append("cudnn")
     return found
@@ -56,7 +75,11 @@ def set_backend(name: str) -> None:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     available = available_backends()
     if name not in available:
-        why = "needs CUDA with cuDNN (not found here)" if name == "cudnn" else "is not installed"
+        why = (
+            "needs CUDA with cuDNN (not found here)"
+            if name == "cudnn"
+            else "does not import (" + "; ".join(f"{m}: {_import_errors.get(m)}" for m in _PACKAGES[name]) + ")"
+        )
         raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available)}")
     global _backend
     _backend = name
@@ -72,21 +95,22 @@ def _cudnn_kernels():
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
+def _kernel_takes(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the CUDA kernels (cudnn and the packages) can take this call; otherwise plain sdpa runs it (masks
+    go to SDPA because cuDNN's mask support varies by version and the packages take none)."""
+    return mask is None and q.device.type == "cuda" and q.dtype in _KERNEL_DTYPES
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = _backend
-    if backend in ("flash_attn", "sageattention", "cudnn") and (mask is not None or q.device.type != "cuda"):
-        backend = "sdpa"  # these kernels need CUDA; masks go to plain SDPA (cuDNN's mask support varies by version)
-    if backend == "cudnn" and q.dtype not in _CUDNN_DTYPES:
-        backend = "sdpa"  # cuDNN attention is bf16 / fp16 only
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_func
-
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if backend in ("flash_attn", "flash_attn_3", "sageattention", "cudnn") and not _kernel_takes(q, mask):
+        backend = "sdpa"
+    if backend in ("flash_attn", "flash_attn_3"):  # both take [batch, tokens, heads, head_dim]
+        out = _package(backend).flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out  # FA3 releases before 2025 also returned the logsumexp
         return out.transpose(1, 2)
     if backend == "sageattention":
-        from sageattention import sageattn
-
-        return sageattn(q, k, v, tensor_layout="HND")
+        return _package(backend).sageattn(q, k, v, tensor_layout="HND")
     if backend == "cudnn":
         with _cudnn_kernels():
             return F.scaled_dot_product_attention(q, k, v)

@@ -1,8 +1,12 @@
 """opensora_lib.attention: backend selection, errors, the CPU fallbacks and mask handling."""
 
+import sys
+from types import ModuleType, SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_mmdit import random_blocks
 
 from opensora_lib import attention
 
@@ -13,6 +17,7 @@ def restore_backend():
     torch.set_grad_enabled(False)
     yield
     attention._backend = previous  # also undoes tests that force an unavailable backend
+    attention._package.cache_clear()  # forget stand-in packages
     torch.set_grad_enabled(True)
 
 
@@ -55,11 +60,11 @@ def test_unknown_backend_names_the_choices():
 
 def test_missing_package_is_explained(monkeypatch):
     monkeypatch.setattr(attention, "available_backends", lambda: ["sdpa", "math"])
-    with pytest.raises(ValueError, match="'flash_attn' is not installed; available: sdpa, math"):
+    with pytest.raises(ValueError, match=r"'flash_attn' does not import \(flash_attn: .*\); available: sdpa, math"):
         attention.set_backend("flash_attn")
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "flash_attn", "sageattention"])
+@pytest.mark.parametrize("backend", ["cudnn", "flash_attn", "flash_attn_3", "sageattention"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_only_backends_fall_back_to_sdpa_bit_identically_on_cpu(backend, dtype):
     q, k, v = qkv(dtype=dtype)
@@ -90,7 +95,7 @@ def test_masks_are_honoured_by_sdpa_math_and_the_fallbacks(kind):
     first = F.scaled_dot_product_attention(q[:1], k[:1, :, :4], v[:1, :, :4])
     second = F.scaled_dot_product_attention(q[1:], k[1:], v[1:])
     expected = torch.cat((first, second))
-    for backend in ("sdpa", "math", "cudnn", "flash_attn"):
+    for backend in ("sdpa", "math", "cudnn", "flash_attn", "flash_attn_3"):
         attention._backend = backend
         out = attention.attention(q, k, v, mask=mask)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"{backend} with a {kind} mask")
@@ -102,3 +107,100 @@ def test_masks_are_honoured_by_sdpa_math_and_the_fallbacks(kind):
 def test_cudnn_kernel_order_puts_cudnn_first():
     assert attention._CUDNN_ORDER[0] == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
     assert attention._HAS_PRIORITY  # torch >= 2.6: a shape cuDNN rejects falls back instead of raising
+
+
+def test_the_cuda_kernels_take_only_unmasked_half_precision_cuda_calls():
+    def call(device, dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert attention._kernel_takes(call("cuda", torch.bfloat16), None)
+    assert attention._kernel_takes(call("cuda", torch.float16), None)
+    assert not attention._kernel_takes(call("cuda", torch.float32), None)  # FA2 / FA3 / cuDNN / Sage: no float32
+    assert not attention._kernel_takes(call("cuda", torch.bfloat16), torch.ones(1, dtype=torch.bool))
+    assert not attention._kernel_takes(call("cpu", torch.bfloat16), None)
+
+
+def fake_flash_attn(returns_lse: bool = False):
+    """A stand-in FlashAttention module: flash_attn_func takes and returns [batch, tokens, heads, head_dim] (the
+    layout FA2 and FA3 use), computed by SDPA; it records the calls and refuses another layout."""
+    module = ModuleType("fake_flash")
+    module.calls = []
+
+    def flash_attn_func(q, k, v):
+        assert q.dim() == 4 and q.stride(-1) == 1, "flash kernels need a contiguous last dimension"
+        assert q.shape[2] == k.shape[2] == v.shape[2] and q.shape[3] == k.shape[3], "heads in dim 2"
+        module.calls.append(tuple(q.shape))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2)
+        return (out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])) if returns_lse else out
+
+    module.flash_attn_func = flash_attn_func
+    return module
+
+
+@pytest.mark.parametrize("module_name", ["flash_attn_interface", "fa3_fwd_interface"])
+def test_flash_attn_3_is_found_under_either_module(module_name, monkeypatch):
+    for name in attention._PACKAGES["flash_attn_3"]:
+        monkeypatch.setitem(sys.modules, name, None)  # None: the import fails, as when it is not installed
+    attention._package.cache_clear()
+    assert "flash_attn_3" not in attention.available_backends()
+    with pytest.raises(
+        ValueError, match=r"'flash_attn_3' does not import \(flash_attn_interface: .*; fa3_fwd_interface: "
+    ):
+        attention.set_backend("flash_attn_3")
+    monkeypatch.setitem(sys.modules, module_name, fake_flash_attn())
+    attention._package.cache_clear()
+    assert "flash_attn_3" in attention.available_backends()
+    attention.set_backend("flash_attn_3")
+    assert attention._package("flash_attn_3") is sys.modules[module_name]
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+def test_flash_attn_3_gets_tokens_before_heads_and_returns_heads_first(returns_lse, monkeypatch):
+    """The FA3 path's layout, on the CPU with a stand-in kernel: the same values as SDPA, in [B, heads, L, D]."""
+    fake = fake_flash_attn(returns_lse)
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", fake)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setattr(attention, "_kernel_takes", lambda q, mask: mask is None)  # as if on CUDA
+    attention._package.cache_clear()
+    attention.set_backend("flash_attn_3")
+    q, k, v = qkv(batch=2, heads=3, q_len=5, k_len=7, dim=16)
+    out = attention.attention(q, k, v)
+    assert fake.calls == [(2, 5, 3, 16)]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_mmdit_blocks_through_flash_attn_3_match_sdpa(monkeypatch):
+    """The MMDiT's joint attention (q / k / v views of [B, L, heads, D]) through the FA3 path gives the SDPA
+    blocks' outputs: one call per block, with every joint token."""
+    case = random_blocks(torch.float32)
+    attention.set_backend("sdpa")
+    expected = case.run()
+    fake = fake_flash_attn()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    monkeypatch.setattr(attention, "_kernel_takes", lambda q, mask: mask is None)
+    attention._package.cache_clear()
+    attention.set_backend("flash_attn_3")
+    out = case.run()
+    assert fake.calls == [(2, 14, 2, 64)] * 2  # the double and the single block: 5 text + 9 image tokens
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_package_that_fails_to_import_says_why(monkeypatch):
+    """An installed kernel built for another torch fails on import (e.g. an undefined symbol): the loader's error
+    names the module and the import error, not just "not installed"."""
+
+    def broken(name, *args, **kwargs):
+        if name == "flash_attn":
+            raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+        return real_import(name, *args, **kwargs)
+
+    real_import = attention.importlib.import_module
+    monkeypatch.setattr(attention.importlib, "import_module", broken)
+    attention._package.cache_clear()
+    with pytest.raises(
+        ValueError,
+        match="'flash_attn' does not import \\(flash_attn: ImportError: flash_attn_2_cuda.so: undefined symbol",
+    ):
+        attention.set_backend("flash_attn")
