@@ -33,6 +33,7 @@ _PACKAGES = {
     "sageattention": ("sageattention",),
 }
 _backend = "sdpa"
+_kernels: ModuleType | None = None  # the selected backend's package, found once by set_backend
 
 # cuDNN first, then SDPA's usual kernels: a shape cuDNN rejects still runs (torch >= 2.6 orders with
 # set_priority; older torch only restricts to cuDNN, so a rejected shape raises there).
@@ -81,8 +82,9 @@ def set_backend(name: str) -> None:
             else "does not import (" + "; ".join(f"{m}: {_import_errors.get(m)}" for m in _PACKAGES[name]) + ")"
         )
         raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available)}")
-    global _backend
-    _backend = name
+    global _backend, _kernels
+    # the package is looked up here, not per call: torch.compile then traces the kernel call without a graph break
+    _backend, _kernels = name, _package(name) if name in _PACKAGES else None
 
 
 def get_backend() -> str:
@@ -106,11 +108,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if backend in ("flash_attn", "flash_attn_3", "sageattention", "cudnn") and not _kernel_takes(q, mask):
         backend = "sdpa"
     if backend in ("flash_attn", "flash_attn_3"):  # both take [batch, tokens, heads, head_dim]
-        out = _package(backend).flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = _kernels.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out  # FA3 releases before 2025 also returned the logsumexp
         return out.transpose(1, 2)
     if backend == "sageattention":
-        return _package(backend).sageattn(q, k, v, tensor_layout="HND")
+        return _kernels.sageattn(q, k, v, tensor_layout="HND")
     if backend == "cudnn":
         with _cudnn_kernels():
             return F.scaled_dot_product_attention(q, k, v)

@@ -15,8 +15,9 @@ from opensora_lib import attention
 def restore_backend():
     previous = attention.get_backend()
     torch.set_grad_enabled(False)
+    kernels = attention._kernels
     yield
-    attention._backend = previous  # also undoes tests that force an unavailable backend
+    attention._backend, attention._kernels = previous, kernels  # also undoes tests that force an unavailable backend
     attention._package.cache_clear()  # forget stand-in packages
     torch.set_grad_enabled(True)
 
@@ -152,7 +153,9 @@ def test_flash_attn_3_is_found_under_either_module(module_name, monkeypatch):
     attention._package.cache_clear()
     assert "flash_attn_3" in attention.available_backends()
     attention.set_backend("flash_attn_3")
-    assert attention._package("flash_attn_3") is sys.modules[module_name]
+    assert attention._package("flash_attn_3") is attention._kernels is sys.modules[module_name]
+    attention.set_backend("sdpa")
+    assert attention._kernels is None
 
 
 @pytest.mark.parametrize("returns_lse", [False, True])
@@ -204,3 +207,18 @@ def test_a_package_that_fails_to_import_says_why(monkeypatch):
         match="'flash_attn' does not import \\(flash_attn: ImportError: flash_attn_2_cuda.so: undefined symbol",
     ):
         attention.set_backend("flash_attn")
+
+
+def test_flash_attn_3_compiles_without_a_graph_break(monkeypatch):
+    """Under torch.compile (core's TorchCompileModel) the FA3 call must not split the graph: the package is looked
+    up when the backend is selected, not in the traced call. fullgraph=True raises on any break."""
+    fake = fake_flash_attn()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    monkeypatch.setattr(attention, "_kernel_takes", lambda q, mask: mask is None)
+    attention._package.cache_clear()
+    attention.set_backend("flash_attn_3")
+    q, k, v = qkv()
+    torch._dynamo.reset()
+    compiled = torch.compile(attention.attention, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-6)
+    assert fake.calls  # traced through the stand-in kernel
