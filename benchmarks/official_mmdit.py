@@ -4,8 +4,9 @@ The official code is not part of this project: scripts/fetch_official.sh copies 
 mirror into the git-ignored .official/, and this script imports them from there at run time. What those files
 import but the device lacks is replaced here:
 - flash_attn.flash_attn_func -> torch SDPA. On CUDA its flash backend by default (--official-attention flash):
-  the FlashAttention-2 kernel, which the official code reaches through flash_attn v2 when FA3 is not installed,
-  and how issue #5 defines the official figures ("flash attention through PyTorch SDPA"). --official-attention
+  the FlashAttention-2 kernel, which the official code reaches through flash_attn v2 when FA3 is not installed
+  (flash_attn_interface is made unimportable here), and how issue #5 defines the official figures ("flash
+  attention through PyTorch SDPA"). --official-attention
   default leaves the kernel choice to torch (cuDNN on an H200 with torch 2.11: faster than what is published).
 - liger_kernel RoPE / RMSNorm: the real liger_kernel==0.5.2 (Triton; carried as a wheel in .whl/) on CUDA, a
   plain-torch shim of the same formulas for CPU dry runs (--liger).
@@ -198,6 +199,9 @@ def install_shims(liger: str, attention: str = "default") -> dict[str, str]:
     kernel = "flash backend (FlashAttention-2)" if SDPA_BACKENDS else "default kernel choice"
     used = {"flash_attn": f"shim: torch SDPA, {kernel}"}
     _install("flash_attn", flash_attn_func=flash_attn_func)
+    # The official math.py prefers FA3 when flash_attn_interface imports; issue #5's official figures are the
+    # FlashAttention-2 path, so FA3 stays out of reach here even where it is installed (None: the import fails).
+    sys.modules["flash_attn_interface"] = None
     if liger == "real":
         import liger_kernel.ops.rms_norm  # noqa: F401  (raises here if the wheel is not installed)
         import liger_kernel.ops.rope  # noqa: F401

@@ -270,13 +270,20 @@ def test_profile_forward_rows(capsys):
 def test_official_stubs_answer_find_spec():
     """The stub modules carry a spec: transformers' availability probe (find_spec, then the distribution) says
     flash_attn is not installed instead of raising "flash_attn.__spec__ is None", the failure of the H200 run, where
-    peft imported transformers' modeling code after the stubs were installed. In a subprocess: stubs are global."""
+    peft imported transformers' modeling code after the stubs were installed. FA3's flash_attn_interface, which the
+    official code would prefer, does not import. In a subprocess: stubs are global."""
     code = (
-        "import importlib.util\n"
+        "import importlib.util, sys, types\n"
+        "sys.modules['flash_attn_interface'] = types.ModuleType('flash_attn_interface')  # as if FA3 were installed\n"
         "from benchmarks import official_mmdit\n"
         "official_mmdit.install_shims('shim')\n"
         "for name in ('flash_attn', 'liger_kernel', 'liger_kernel.ops.rope', 'opensora.models.text'):\n"
         "    assert importlib.util.find_spec(name) is not None, name\n"
+        "try:\n"
+        "    import flash_attn_interface  # the official math.py would prefer FA3: issue #5's baseline is FA2\n"
+        "    raise SystemExit('flash_attn_interface still imports')\n"
+        "except ImportError:\n"
+        "    pass\n"
         "from transformers.utils import import_utils\n"
         "assert import_utils._is_package_available('flash_attn', return_version=True)[0] is False\n"
         "import transformers.modeling_utils\n"
