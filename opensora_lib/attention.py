@@ -56,7 +56,7 @@ def _package(backend: str) -> ModuleType | None:
     for name in _PACKAGES[backend]:
         try:
             return importlib.import_module(name)
-        except (ImportError, OSError) as e:
+        except Exception as e:  # a broken binary can raise anything on import: reported by set_backend, not raised
             _import_errors[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
     return None
 
