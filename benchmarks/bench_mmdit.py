@@ -380,14 +380,17 @@ def _attention_rows(config: MMDiTConfig, size: VideoSize, text_tokens, backends,
     flops = attention_flops(size.batch, config.num_heads, length, length, config.head_dim)
     rows = []
     for backend in backends:
+        row = {"name": f"attention {size.name} {backend}", "kind": "attention", "backend": backend}
+        row["shape"] = list(qkv[0].shape)
         attention.set_backend(backend)
-        timing, out = measure(lambda: attention.attention(*qkv), device, args.repeats, 1, args.max_seconds)
+        try:
+            timing, out = measure(lambda: attention.attention(*qkv), device, args.repeats, 1, args.max_seconds)
+        except Exception as e:  # a kernel that fails here is a finding: the other backends' rows still count
+            rows.append({**row, "error": " ".join(f"{type(e).__name__}: {e}".split())[:500]})
+            continue
         rows.append(
             {
-                "name": f"attention {size.name} {backend}",
-                "kind": "attention",
-                "backend": backend,
-                "shape": list(qkv[0].shape),
+                **row,
                 **dataclasses.asdict(timing),
                 **throughput(flops, timing.seconds, peak),
                 **(relative_error(out.float(), reference) if reference is not None else {}),

@@ -384,6 +384,7 @@ def environment(device: torch.device, dtype: torch.dtype, peak: float | None, ti
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "attention_backend": attention.get_backend(),
+        "attention_module": getattr(attention._kernels, "__name__", None),  # which package runs flash_attn(_3)
         "attention_requested": _ATTENTION_REQUEST["requested"] or attention.get_backend(),
         "attention_note": _ATTENTION_REQUEST["note"],
         "peak_tflops": peak,

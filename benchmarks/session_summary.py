@@ -146,7 +146,9 @@ def environment_line(key: str, env: dict[str, Any]) -> str:
             if refused := fused_ops_refused(env):
                 extra = f"{extra}; REFUSED: {'; '.join(refused)}"
     backend = env.get("attention_backend")
-    if env.get("attention_requested") not in (None, backend):
+    if env.get("attention_module"):
+        backend = f"{backend} ({env['attention_module']})"
+    if env.get("attention_requested") not in (None, env.get("attention_backend")):
         backend = f"{env['attention_requested']} (ran {backend}: not available here)"
     return f"{key}: {env.get('device_name')} torch {env.get('torch')} attention {backend} {extra}"
 
@@ -214,7 +216,7 @@ def session_summary(directory: Path, steps_file: Path | None = None, mode: str =
                 [
                     [
                         r["name"],
-                        cell(r["seconds"]),
+                        cell(r.get("seconds")) if "error" not in r else f"FAILED: {r['error']}",
                         cell(r.get("tflops")),
                         cell(r.get("relative_error")),
                         cell(r.get("max_abs_error")),

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_mmdit, bench_stdit3, bench_vae, official_mmdit
 from benchmarks.common import compare_with_official, parse_video, warmup_calls
-from benchmarks.session_summary import environment_line, fused_ops_refused, session_comparison, target_text
+from benchmarks.session_summary import (
+    environment_line,
+    fused_ops_refused,
+    session_comparison,
+    session_summary,
+    target_text,
+)
 from opensora_lib import attention
 from opensora_lib.mmdit_layers import RMSNorm, rotary_tables
 
@@ -373,6 +380,34 @@ def test_the_summary_names_each_refused_fused_form_and_how_it_differed():
     assert environment_line("ours_cudnn", env).endswith(
         "; REFUSED: RoPE on cuda:0 bfloat16 24 128: failed (RuntimeError: x)"
     )
+    env.update(
+        attention_backend="flash_attn_3", attention_requested="flash_attn_3", attention_module="fa3_fwd_interface"
+    )
+    assert "torch 2.14.1 attention flash_attn_3 (fa3_fwd_interface) " in environment_line("ours_fa3", env)
+
+
+def test_a_failing_attention_kernel_is_a_row_and_the_others_still_run(monkeypatch, capsys, tmp_path):
+    """bench_mmdit --attention-kernels on the GPU: a kernel that raises (FA3 on a GPU it was not built for) gives a
+    row with its error, the other backends' rows still come, and the summary prints it as FAILED."""
+    real = attention.attention
+
+    def fails_for_math(q, k, v, mask=None):
+        if attention.get_backend() == "math":
+            raise RuntimeError("FlashAttention-3 only supports Hopper GPUs or newer.")
+        return real(q, k, v, mask)
+
+    monkeypatch.setattr(attention, "attention", fails_for_math)
+    config = bench_mmdit.model_config(tiny=True)
+    size = parse_video("64x96:9:1", bench_mmdit.VERSION, bench_mmdit.ASPECT_RATIO)
+    args = SimpleNamespace(repeats=1, max_seconds=1.0)
+    rows = bench_mmdit.attention_kernels(config, [size], 7, args, torch.device("cpu"), torch.bfloat16, None)
+    assert [r["backend"] for r in rows] == ["sdpa", "math"]
+    assert rows[0]["seconds"] > 0 and "error" not in rows[0]
+    assert rows[1]["error"] == "RuntimeError: FlashAttention-3 only supports Hopper GPUs or newer."
+    assert attention.get_backend() == "sdpa"  # the selection before the rows is restored
+    (tmp_path / "mmdit_fa3.json").write_text(json.dumps({"results": rows}))
+    session_summary(tmp_path, mode="dry-run")
+    assert "FAILED: RuntimeError: FlashAttention-3 only supports" in capsys.readouterr().out
 
 
 def test_warmup_only_for_the_first_forward_of_a_batch_size():
