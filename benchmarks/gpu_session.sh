@@ -20,9 +20,10 @@
 #                  forwards (~45 s), the official 50-step t2v (150 passes, ~60 s; its i2v runs the same passes,
 #                  so it is not run again), a torch.profiler table of one 256px b3 forward of ours and of it  ~150 s
 #   3. ours_fa3    bench_mmdit --attention flash_attn_3 (FlashAttention-3 from the fa3-fwd wheel in .whl/): one
-#                  joint attention call per forward size through every backend (sdpa = torch's flash kernel, the
-#                  official one; cudnn; flash_attn_3), with the error against float32 attention at 256px, then
-#                  the forwards and both 50-step runs                                             ~110 s (cap 150)
+#                  joint attention call per forward size through every backend (sdpa: torch's choice, cuDNN
+#                  here; sdpa_flash: SDPA's FlashAttention-2 kernel, the official one; cudnn; flash_attn_3 last),
+#                  with the error against float32 attention at 256px, then the forwards and both 50-step runs
+#                                                                                                 ~110 s (cap 150)
 #   4. ours_torch_forms  the forwards of step 1 with OPENSORA_FUSED_OPS=0: what fused_ops saves   ~40 s
 #   5. comfy_memory  bench_comfy_memory (24 GiB partial loading, 10 steps, then the workflow's tiled decode)  ~85 s (cap 150)
 #   6. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step

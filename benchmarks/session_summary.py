@@ -112,7 +112,7 @@ def target_text(entry: dict[str, Any]) -> str:
         return "-"
     verdicts = []
     for key, label in (
-        ("meets_target", "eager"),
+        ("meets_target", "eager cuDNN"),
         ("meets_target_fa3", "eager FA3"),
         ("meets_target_compiled", "compiled"),
     ):

@@ -10,8 +10,9 @@ Backends:
 - flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3, Hopper: the flash-attention repo's hopper/ build,
   module flash_attn_interface, or the forward-only fa3-fwd wheel, module fa3_fwd_interface) and sageattention: the
   external packages, when installed.
-The CUDA kernels (cudnn and the packages) take bf16 / fp16 CUDA tensors without a mask; any other call runs
-plain sdpa.
+The CUDA kernels (cudnn and the packages) take bf16 / fp16 CUDA tensors without a mask and with a head width of
+at most 256 (a multiple of 8); any other call runs plain sdpa. FA3 builds without fp16 kernels (fa3-fwd) send fp16
+to sdpa too, and FA3 is offered on Ampere / Hopper GPUs only (its kernels are sm_80 / sm_90).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ _CUDNN_ORDER = [
 ]
 _HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the CUDA kernels take
+_kernel_dtypes = _KERNEL_DTYPES  # what the selected one takes (set_backend)
+# Where an FA3 build records its build flags (FLASHATTENTION_DISABLE_FP16, ...): module -> its config module.
+_FA3_CONFIGS = {"flash_attn_interface": "flash_attn_config", "fa3_fwd_interface": "fa3_fwd_config"}
 
 
 _import_errors: dict[str, str] = {}  # module -> why it did not import (missing, or a binary built for another torch)
@@ -55,36 +59,58 @@ def _package(backend: str) -> ModuleType | None:
     """The first of the backend's modules that imports, else None (the reasons go to _import_errors)."""
     for name in _PACKAGES[backend]:
         try:
-            return importlib.import_module(name)
+            module = importlib.import_module(name)
         except Exception as e:  # a broken binary can raise anything on import: reported by set_backend, not raised
             _import_errors[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            continue
+        _import_errors.pop(name, None)
+        return module
     return None
 
 
+def _unavailable(name: str) -> str | None:
+    """Why backend `name` cannot run in this process, or None if it can."""
+    if name == "cudnn" and not (torch.cuda.is_available() and torch.backends.cudnn.is_available()):
+        return "needs CUDA with cuDNN (not found here)"
+    if name in _PACKAGES and _package(name) is None:
+        return "does not import (" + "; ".join(f"{m}: {_import_errors.get(m)}" for m in _PACKAGES[name]) + ")"
+    if name == "flash_attn_3" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major not in (8, 9):
+            return f"(FlashAttention-3) has kernels for Ampere and Hopper GPUs only, and this one is sm_{major}{minor}"
+    return None
+
+
+def _half_dtypes(name: str, module: ModuleType | None) -> tuple[torch.dtype, ...]:
+    """The half-precision dtypes the selected kernel has: FA3 builds may leave fp16 out (fa3-fwd does)."""
+    config = _FA3_CONFIGS.get(getattr(module, "__name__", ""))
+    if name != "flash_attn_3" or config is None:
+        return _KERNEL_DTYPES
+    try:
+        flags = importlib.import_module(config).CONFIG["build_flags"]
+    except Exception:  # no readable config: assume the full build
+        return _KERNEL_DTYPES
+    return (torch.bfloat16,) if flags.get("FLASHATTENTION_DISABLE_FP16") else _KERNEL_DTYPES
+
+
 def available_backends() -> list[str]:
-    """Backends that can be selected here: sdpa and math always, cudnn with CUDA, the others when installed."""
-    found = ["sdpa", "math"]
-    found += [name for name in _PACKAGES if _package(name) is not None]
-    if torch.cuda.is_available() and torch.backends.cudnn.is_available():
-        found.append("cudnn")
-    return found
+    """Backends that can be selected here: sdpa and math always, cudnn with CUDA, the others when installed (and FA3
+    on a GPU it has kernels for)."""
+    return [name for name in BACKENDS if _unavailable(name) is None]
 
 
 def set_backend(name: str) -> None:
-    """Select the process-wide backend; raises ValueError for an unknown or unavailable name."""
+    """Select the process-wide backend; raises ValueError for an unknown or unavailable name. Only the requested
+    package is imported (the others only to list what is available, in the error)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    available = available_backends()
-    if name not in available:
-        why = (
-            "needs CUDA with cuDNN (not found here)"
-            if name == "cudnn"
-            else "does not import (" + "; ".join(f"{m}: {_import_errors.get(m)}" for m in _PACKAGES[name]) + ")"
-        )
-        raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available)}")
-    global _backend, _kernels
+    why = _unavailable(name)
+    if why is not None:
+        raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available_backends())}")
+    global _backend, _kernels, _kernel_dtypes
     # the package is looked up here, not per call: torch.compile then traces the kernel call without a graph break
     _backend, _kernels = name, _package(name) if name in _PACKAGES else None
+    _kernel_dtypes = _half_dtypes(name, _kernels)
 
 
 def get_backend() -> str:
@@ -98,9 +124,13 @@ def _cudnn_kernels():
 
 
 def _kernel_takes(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the CUDA kernels (cudnn and the packages) can take this call; otherwise plain sdpa runs it (masks
-    go to SDPA because cuDNN's mask support varies by version and the packages take none)."""
-    return mask is None and q.device.type == "cuda" and q.dtype in _KERNEL_DTYPES
+    """Whether the selected CUDA kernel (cudnn or a package) can take this call; otherwise plain sdpa runs it. Masks
+    go to SDPA because cuDNN's mask support varies by version and the packages take none; head widths over 256
+    (the 1.2 VAE's 512-wide mid-block attention) are beyond the flash kernels."""
+    head_dim = q.shape[-1]
+    return (
+        mask is None and q.device.type == "cuda" and q.dtype in _kernel_dtypes and head_dim <= 256 and head_dim % 8 == 0
+    )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,9 +15,10 @@ from opensora_lib import attention
 def restore_backend():
     previous = attention.get_backend()
     torch.set_grad_enabled(False)
-    kernels = attention._kernels
+    kernels, dtypes = attention._kernels, attention._kernel_dtypes
     yield
-    attention._backend, attention._kernels = previous, kernels  # also undoes tests that force an unavailable backend
+    # also undoes tests that force an unavailable backend
+    attention._backend, attention._kernels, attention._kernel_dtypes = previous, kernels, dtypes
     attention._package.cache_clear()  # forget stand-in packages
     torch.set_grad_enabled(True)
 
@@ -60,9 +61,25 @@ def test_unknown_backend_names_the_choices():
 
 
 def test_missing_package_is_explained(monkeypatch):
-    monkeypatch.setattr(attention, "available_backends", lambda: ["sdpa", "math"])
-    with pytest.raises(ValueError, match=r"'flash_attn' does not import \(flash_attn: .*\); available: sdpa, math"):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # None: the import fails, as when it is not installed
+    attention._package.cache_clear()
+    with pytest.raises(
+        ValueError,
+        match=r"'flash_attn' does not import \(flash_attn: ModuleNotFoundError: import of flash_attn halted.*\); "
+        r"available: sdpa, math",
+    ):
         attention.set_backend("flash_attn")
+
+
+def test_selecting_a_backend_imports_only_its_own_package(monkeypatch):
+    """A broken optional package (sageattention, flash_attn) must not be imported when another backend is picked."""
+    looked_up = []
+    monkeypatch.setattr(attention, "_package", lambda name: looked_up.append(name) or fake_flash_attn())
+    attention.set_backend("sdpa")
+    attention.set_backend("math")
+    assert looked_up == []
+    attention.set_backend("flash_attn_3")
+    assert set(looked_up) == {"flash_attn_3"}
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash_attn", "flash_attn_3", "sageattention"])
@@ -110,15 +127,53 @@ def test_cudnn_kernel_order_puts_cudnn_first():
     assert attention._HAS_PRIORITY  # torch >= 2.6: a shape cuDNN rejects falls back instead of raising
 
 
-def test_the_cuda_kernels_take_only_unmasked_half_precision_cuda_calls():
-    def call(device, dtype):
-        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+def call(device="cuda", dtype=torch.bfloat16, head_dim=128):
+    """What _kernel_takes looks at, without a GPU."""
+    return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 24, 100, head_dim))
 
-    assert attention._kernel_takes(call("cuda", torch.bfloat16), None)
-    assert attention._kernel_takes(call("cuda", torch.float16), None)
-    assert not attention._kernel_takes(call("cuda", torch.float32), None)  # FA2 / FA3 / cuDNN / Sage: no float32
-    assert not attention._kernel_takes(call("cuda", torch.bfloat16), torch.ones(1, dtype=torch.bool))
-    assert not attention._kernel_takes(call("cpu", torch.bfloat16), None)
+
+def test_the_cuda_kernels_take_only_unmasked_half_precision_cuda_calls():
+    assert attention._kernel_takes(call(), None)
+    assert attention._kernel_takes(call(dtype=torch.float16), None)
+    assert attention._kernel_takes(call(head_dim=72), None)  # STDiT3's heads
+    assert not attention._kernel_takes(call(dtype=torch.float32), None)  # FA2 / FA3 / cuDNN / Sage: no float32
+    assert not attention._kernel_takes(call(), torch.ones(1, dtype=torch.bool))
+    assert not attention._kernel_takes(call("cpu"), None)
+    assert not attention._kernel_takes(call(head_dim=512), None)  # the 1.2 VAE's single 512-wide head
+    assert not attention._kernel_takes(call(head_dim=100), None)  # not a multiple of 8
+
+
+@pytest.mark.parametrize("fp16_disabled", [True, False])
+def test_an_fa3_build_without_fp16_kernels_sends_fp16_to_sdpa(fp16_disabled, monkeypatch):
+    """fa3-fwd is built with FLASHATTENTION_DISABLE_FP16 (its fa3_fwd_config says so): fp16 weights with
+    flash_attn_3 must run sdpa instead of raising "This flash attention build does not support FP16" mid-sampling."""
+    fake = fake_flash_attn()
+    fake.__name__ = "fa3_fwd_interface"
+    config = ModuleType("fa3_fwd_config")
+    config.CONFIG = {"build_flags": {"FLASHATTENTION_DISABLE_FP16": fp16_disabled}}
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", fake)
+    monkeypatch.setitem(sys.modules, "fa3_fwd_config", config)
+    attention._package.cache_clear()
+    attention.set_backend("flash_attn_3")
+    assert attention._kernel_takes(call(dtype=torch.bfloat16), None)
+    assert attention._kernel_takes(call(dtype=torch.float16), None) is not fp16_disabled
+    attention.set_backend("sdpa")
+    assert attention._kernel_dtypes == (torch.bfloat16, torch.float16)  # the next selection starts afresh
+
+
+@pytest.mark.parametrize(("capability", "offered"), [((9, 0), True), ((8, 6), True), ((12, 0), False)])
+def test_fa3_is_offered_on_ampere_and_hopper_only(capability, offered, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake_flash_attn())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    attention._package.cache_clear()
+    assert ("flash_attn_3" in attention.available_backends()) is offered
+    if offered:
+        attention.set_backend("flash_attn_3")
+    else:
+        with pytest.raises(ValueError, match="kernels for Ampere and Hopper GPUs only, and this one is sm_120"):
+            attention.set_backend("flash_attn_3")
 
 
 def fake_flash_attn(returns_lse: bool = False):
