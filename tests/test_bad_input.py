@@ -78,6 +78,18 @@ def test_pickle_renamed_safetensors(comfy_server, t2v):
     assert "pickle" in message.lower(), message
 
 
+def test_an_attention_kernel_that_does_not_import(comfy_server, t2v):
+    """Load Open-Sora DiT with flash_attn_3 where FlashAttention-3 does not import (this venv has neither module):
+    the error names both modules and why; the process-wide selection is left as it was, so the same workflow with
+    sdpa runs next."""
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["attention"] = "flash_attn_3"
+    message = run_error(comfy_server, t2v)
+    assert "'flash_attn_3' does not import" in message, message
+    assert "flash_attn_interface: ModuleNotFoundError" in message and "fa3_fwd_interface: " in message, message
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["attention"] = "sdpa"
+    assert run_ok(comfy_server, t2v)
+
+
 def test_missing_tokenizer(comfy_server, t2v):
     node_of(t2v, "OpenSoraLoadTextEncoder")["inputs"]["tokenizer_folder"] = "/nonexistent/tokenizer"
     message = run_error(comfy_server, t2v)
