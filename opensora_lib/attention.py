@@ -35,6 +35,7 @@ _PACKAGES = {
 }
 _backend = "sdpa"
 _kernels: ModuleType | None = None  # the selected backend's package, found once by set_backend
+_import_errors: dict[str, str] = {}  # module -> why it did not import (missing, or a binary built for another torch)
 
 # cuDNN first, then SDPA's usual kernels: a shape cuDNN rejects still runs (torch >= 2.6 orders with
 # set_priority; older torch only restricts to cuDNN, so a rejected shape raises there).
@@ -49,9 +50,6 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the CUDA kernels take
 _kernel_dtypes = _KERNEL_DTYPES  # what the selected one takes (set_backend)
 # Where an FA3 build records its build flags (FLASHATTENTION_DISABLE_FP16, ...): module -> its config module.
 _FA3_CONFIGS = {"flash_attn_interface": "flash_attn_config", "fa3_fwd_interface": "fa3_fwd_config"}
-
-
-_import_errors: dict[str, str] = {}  # module -> why it did not import (missing, or a binary built for another torch)
 
 
 @cache
@@ -81,10 +79,10 @@ def _unavailable(name: str) -> str | None:
     return None
 
 
-def _half_dtypes(name: str, module: ModuleType | None) -> tuple[torch.dtype, ...]:
-    """The half-precision dtypes the selected kernel has: FA3 builds may leave fp16 out (fa3-fwd does)."""
+def _half_dtypes(module: ModuleType | None) -> tuple[torch.dtype, ...]:
+    """The half-precision dtypes the selected package has kernels for: FA3 builds may leave fp16 out (fa3-fwd does)."""
     config = _FA3_CONFIGS.get(getattr(module, "__name__", ""))
-    if name != "flash_attn_3" or config is None:
+    if config is None:
         return _KERNEL_DTYPES
     try:
         flags = importlib.import_module(config).CONFIG["build_flags"]
@@ -110,7 +108,7 @@ def set_backend(name: str) -> None:
     global _backend, _kernels, _kernel_dtypes
     # the package is looked up here, not per call: torch.compile then traces the kernel call without a graph break
     _backend, _kernels = name, _package(name) if name in _PACKAGES else None
-    _kernel_dtypes = _half_dtypes(name, _kernels)
+    _kernel_dtypes = _half_dtypes(_kernels)
 
 
 def get_backend() -> str:
@@ -135,7 +133,7 @@ def _kernel_takes(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = _backend
-    if backend in ("flash_attn", "flash_attn_3", "sageattention", "cudnn") and not _kernel_takes(q, mask):
+    if backend not in ("sdpa", "math") and not _kernel_takes(q, mask):
         backend = "sdpa"
     if backend in ("flash_attn", "flash_attn_3"):  # both take [batch, tokens, heads, head_dim]
         out = _kernels.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
