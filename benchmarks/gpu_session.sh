@@ -74,9 +74,9 @@ git log -1 --format='repo %h %s' 2>/dev/null || true
 if ! ((DRY)); then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: n/a"
     # Carried wheels (liger_kernel for the official code, torchsde for ComfyUI): into /tmp/site, ahead on the path.
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     if compgen -G ".whl/*.whl" >/dev/null; then
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
-            export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
             echo "wheels installed: $(cd .whl && echo *.whl)"
         else
             echo "WARNING: carried wheels did not install; the official code falls back to the Liger shim"
@@ -92,7 +92,6 @@ if ! ((DRY)); then
         else
             echo "WARNING: $packed did not unpack"
         fi
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     done
     # The ComfyUI host for bench_comfy_memory travels packed (scripts/fetch_official.sh --wheels).
     if [[ -z ${COMFYUI_DIR:-} && ! -d .cache/comfyui-0.3.75 && -f .whl/comfyui-host.tar.gz ]]; then
