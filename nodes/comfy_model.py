@@ -17,6 +17,7 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import comfy.supported_models_base
+import comfy.utils
 import torch
 
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
@@ -161,9 +162,12 @@ def build_patcher(
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     supported = model_config_class.supported_inference_dtypes
-    if weight_dtype is None:
+    if weight_dtype is None:  # the file's dtype counts as in core's loader: an fp8 file may stay fp8
         params = sum(v.numel() for v in sd.values())
-        weight_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
+        stored = comfy.utils.weight_dtype(sd)
+        weight_dtype = comfy.model_management.unet_dtype(
+            model_params=params, supported_dtypes=supported, weight_dtype=stored
+        )
     manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
     model_config = model_config_class(unet_config, *args)
     model_config.set_inference_dtype(weight_dtype, manual_cast)

@@ -48,7 +48,7 @@ class OpenSoraLoadDiT:
                     [*WEIGHT_DTYPES, FP8_FAST],
                     {
                         "default": "default",
-                        "tooltip": "Storage dtype of the DiT weights. default: bf16 on GPUs that support it, else fp32. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
+                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. ComfyUI scaled-fp8 files are dequantized on loading. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
                     },
                 ),
                 "attention": (
@@ -71,10 +71,13 @@ class OpenSoraLoadDiT:
         path = model_path("diffusion_models", dit_name)
         info = detection.detect(checkpoint.read_header(path))
         detection.expect_family(info, {"stdit3", "mmdit"}, "Open-Sora DiT loader")
-        sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path), info.prefix)
-        config_values = {**info.config, **read_folder_config(path)}
         fast = weight_dtype == FP8_FAST
         dtype = torch.float8_e4m3fn if fast else WEIGHT_DTYPES[weight_dtype]
+        read_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
+        if checkpoint.is_quantized(path):  # ComfyUI scaled fp8: the comfy.ops layers take plain weights
+            read_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+        sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path, dtype=read_dtype), info.prefix)
+        config_values = {**info.config, **read_folder_config(path)}
         if info.family == "mmdit":
             from .comfy_model_v2 import build_mmdit_patcher
 

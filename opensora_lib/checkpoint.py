@@ -38,7 +38,7 @@ def _foreign_format(head: bytes) -> str | None:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return _PICKLE_HINT + " (raw pickle stream)"
     if head.startswith(b"GGUF"):
-        return "this is a GGUF file; load it with ComfyUI-GGUF, or use a .safetensors file here"
+        return "this is a GGUF file, which these loaders do not read; use a .safetensors file (an fp8 one is half size)"
     if head.startswith(b"version "):
         return "this is a Git LFS pointer file, not the weights; fetch the real file (git lfs pull)"
     if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
@@ -163,7 +163,57 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return result
 
 
-_UNSUPPORTED_QUANT = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
+# ComfyUI's fp8 files: the old "scaled fp8" layout (a `scaled_fp8` marker, `<layer>.scale_weight`,
+# `<layer>.scale_input`) and the newer one (`<layer>.weight_scale`, `<layer>.input_scale`, the layer's format in
+# `<layer>.comfy_quant` or in the header's `_quantization_metadata`). Tensor-wise (or per-row) fp8 is dequantized
+# as weight * scale; other formats (nvfp4, mxfp8, int8, ...) are refused by name.
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+_DROPPED = ("scaled_fp8", ".scale_input", ".input_scale", ".comfy_quant")
+_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def _layer_formats(path: Path, f: Any) -> dict[str, str]:
+    """{layer: quantization format} from a file's `_quantization_metadata` and `.comfy_quant` entries."""
+    formats: dict[str, str] = {}
+    try:
+        raw = (f.metadata() or {}).get("_quantization_metadata")
+        for layer, conf in (json.loads(raw)["layers"] if raw else {}).items():
+            formats[layer] = conf.get("format")
+        for key in f.keys():
+            if key.endswith(".comfy_quant"):
+                conf = json.loads(bytes(f.get_tensor(key).to(torch.uint8).tolist()))
+                formats[key[: -len(".comfy_quant")]] = conf.get("format")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable quantization description ({e!r})") from None
+    unsupported = {layer: kind for layer, kind in formats.items() if kind not in _FP8_FORMATS}
+    if unsupported:
+        layer, kind = next(iter(unsupported.items()))
+        raise CheckpointError(
+            f"{path}: layer {layer!r} is quantized as {kind!r}, a format this loader does not dequantize; it reads "
+            f"fp32 / fp16 / bf16 files and fp8 ones ({', '.join(_FP8_FORMATS)}, scaled or not)"
+        )
+    return formats
+
+
+def is_quantized(path: str | Path) -> bool:
+    """Whether a file or folder holds ComfyUI scaled / per-layer quantized fp8 weights (see _WEIGHT_SCALES)."""
+    for file in weight_files(path):
+        header = _check_file(file)
+        if "_quantization_metadata" in (header.get("__metadata__") or {}):
+            return True
+        if any(key.endswith(_WEIGHT_SCALES + _DROPPED) for key in header):
+            return True
+    return False
+
+
+def _dequantize(path: Path, key: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    try:
+        return tensor.float() * scale
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path}: the scale of {key!r} has shape {tuple(scale.shape)}, which does not fit the weight's "
+            f"{tuple(tensor.shape)}"
+        ) from None
 
 
 def load_state_dict(
@@ -175,39 +225,37 @@ def load_state_dict(
     """Load a safetensors file or folder. Every file is validated before anything is read.
 
     dtype=None returns the tensors as stored. With a dtype, floating tensors (fp8 included) are cast to it one
-    at a time, and ComfyUI "scaled fp8" weights are dequantized (weight * scale_weight; the scale keys are dropped).
-    `select(key)` -> False skips a tensor without reading it (e.g. the decoder of a full T5 checkpoint).
+    at a time, and ComfyUI's scaled fp8 weights are dequantized (weight * scale; the scale and format entries are
+    dropped). `select(key)` -> False skips a tensor without reading it (e.g. the decoder of a full T5 checkpoint).
     """
     files = weight_files(path)
     headers = {file: _check_file(file) for file in files}
-    keys = [k for h in headers.values() for k in h if k != "__metadata__"]
-    if not keys:
+    if not any(k != "__metadata__" for h in headers.values() for k in h):
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")
-    scales: dict[str, torch.Tensor] = {}
+    formats: dict[str, str] = {}
+    scales: dict[str, torch.Tensor] = {}  # gathered from every shard first: a scale may sit in another shard
     if dtype is not None:
-        odd = [k for k in keys if k.endswith(_UNSUPPORTED_QUANT)]
-        if odd:
-            raise CheckpointError(
-                f"{path}: uses a quantization format this loader does not dequantize (e.g. {odd[0]}); "
-                "use an fp32, fp16, bf16 or fp8_e4m3fn (optionally scaled) file"
-            )
         for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
+                formats |= _layer_formats(file, f)
                 for key in f.keys():
-                    if key.endswith(".scale_weight"):
-                        scales[key[: -len("scale_weight")] + "weight"] = f.get_tensor(key).float()
+                    if key.endswith(_WEIGHT_SCALES):
+                        scales[key.rsplit(".", 1)[0] + ".weight"] = f.get_tensor(key).float()
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                if dtype is not None and (key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input"))):
+                if dtype is not None and key.endswith(_WEIGHT_SCALES + _DROPPED):
                     continue
                 if select is not None and not select(key):
                     continue
                 tensor = f.get_tensor(key)
+                layer_format = formats.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+                if layer_format and tensor.dtype == torch.uint8:  # older files store the fp8 bytes as uint8
+                    tensor = tensor.view(_FP8_FORMATS[layer_format])
+                if key in scales:
+                    tensor = _dequantize(file, key, tensor, scales[key])
                 if dtype is not None and tensor.is_floating_point():
-                    if key in scales:
-                        tensor = tensor.float() * scales[key]
                     tensor = tensor.to(dtype)
                 state_dict[key] = tensor.to(device)
     return state_dict

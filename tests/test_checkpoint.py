@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from opensora_lib.checkpoint import CheckpointError, load_state_dict, read_header, strip_prefix, weight_files
+from opensora_lib.checkpoint import (
+    CheckpointError,
+    is_quantized,
+    load_state_dict,
+    read_header,
+    strip_prefix,
+    weight_files,
+)
 from opensora_lib.detection import FAMILIES, detect, detect_file, expect_family
 
 TESTS = Path(__file__).resolve().parent
@@ -391,6 +398,72 @@ def test_dtype_cast_and_scaled_fp8_dequantization(tmp_path):
     assert cast["steps"].dtype == torch.int64  # integers are never cast
     only = load_state_dict(tmp_path / "q.safetensors", dtype=torch.float32, select=lambda k: k.startswith("lin."))
     assert set(only) == {"lin.weight", "lin.bias"}
+    assert is_quantized(tmp_path / "q.safetensors")
     write_checkpoint(tmp_path / "mixed.safetensors", {"a.weight": weight, "a.comfy_quant": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match="quantization format"):
+    with pytest.raises(CheckpointError, match="unreadable quantization description"):
         load_state_dict(tmp_path / "mixed.safetensors", dtype=torch.float32)
+
+
+def comfy_quant(fmt: str) -> torch.Tensor:
+    """A `<layer>.comfy_quant` entry as ComfyUI writes it: the layer's JSON config as uint8 bytes."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def test_newer_comfy_fp8_layouts_dequantize_like_the_old_one(tmp_path):
+    """ComfyUI's per-layer layout (`.weight_scale`, `.input_scale`, format in `.comfy_quant` or in the header's
+    `_quantization_metadata`, fp8 bytes possibly stored as uint8) gives the same tensors as the old scaled fp8."""
+    weight, rows = torch.randn(8, 4), torch.randn(6, 4) * 10
+    scale, row_scale = weight.abs().max() / 448.0, rows.abs().amax(1, keepdim=True) / 448.0
+    fp8, fp8_rows = (weight / scale).to(torch.float8_e4m3fn), (rows / row_scale).to(torch.float8_e4m3fn)
+    bias = torch.randn(8)
+    old = {"lin.weight": fp8, "lin.scale_weight": scale.reshape(1), "lin.bias": bias, "scaled_fp8": torch.empty(0)}
+    write_checkpoint(tmp_path / "old.safetensors", old)
+    expected = load_state_dict(tmp_path / "old.safetensors", dtype=torch.float32)
+    assert torch.equal(expected["lin.weight"], fp8.float() * scale)
+
+    per_layer = {"lin.weight": fp8, "lin.weight_scale": scale, "lin.input_scale": torch.ones(()), "lin.bias": bias}
+    write_checkpoint(tmp_path / "keys.safetensors", {**per_layer, "lin.comfy_quant": comfy_quant("float8_e4m3fn")})
+    as_bytes = {**per_layer, "lin.weight": fp8.view(torch.uint8)}
+    save_file(
+        as_bytes,
+        str(tmp_path / "meta.safetensors"),
+        metadata={
+            "_quantization_metadata": json.dumps(
+                {"format_version": "1.0", "layers": {"lin": {"format": "float8_e4m3fn"}}}
+            )
+        },
+    )
+    for name in ("keys", "meta"):
+        assert is_quantized(tmp_path / f"{name}.safetensors")
+        loaded = load_state_dict(tmp_path / f"{name}.safetensors", dtype=torch.float32)
+        assert set(loaded) == {"lin.weight", "lin.bias"}, name
+        assert all(torch.equal(loaded[k], expected[k]) for k in loaded), name
+
+    write_checkpoint(tmp_path / "rows.safetensors", {"r.weight": fp8_rows, "r.weight_scale": row_scale})
+    loaded = load_state_dict(tmp_path / "rows.safetensors", dtype=torch.float32)["r.weight"]
+    assert torch.equal(loaded, fp8_rows.float() * row_scale) and (loaded - rows).abs().max() < 0.1 * rows.abs().max()
+
+    # a sharded folder whose scale sits in another shard than its weight
+    folder = tmp_path / "sharded"
+    write_checkpoint(folder / "model-00001-of-00002.safetensors", {"lin.weight": fp8, "lin.bias": bias})
+    write_checkpoint(folder / "model-00002-of-00002.safetensors", {"lin.scale_weight": scale.reshape(1)})
+    loaded = load_state_dict(folder, dtype=torch.float32)
+    assert set(loaded) == {"lin.weight", "lin.bias"} and torch.equal(loaded["lin.weight"], expected["lin.weight"])
+
+    write_checkpoint(tmp_path / "plain.safetensors", {"lin.weight": fp8, "lin.bias": bias})  # fp8, not scaled
+    assert not is_quantized(tmp_path / "plain.safetensors")
+
+
+def test_quantized_formats_it_cannot_read_are_refused_by_name(tmp_path):
+    weight = torch.randn(4, 4).to(torch.float8_e4m3fn)
+    nvfp4 = {
+        "lin.weight": weight.view(torch.uint8),
+        "lin.weight_scale": torch.ones(1),
+        "lin.comfy_quant": comfy_quant("nvfp4"),
+    }
+    write_checkpoint(tmp_path / "nvfp4.safetensors", nvfp4)
+    with pytest.raises(CheckpointError, match="'lin' is quantized as 'nvfp4'.*float8_e4m3fn, float8_e5m2"):
+        load_state_dict(tmp_path / "nvfp4.safetensors", dtype=torch.bfloat16)
+    write_checkpoint(tmp_path / "odd.safetensors", {"lin.weight": weight, "lin.scale_weight": torch.ones(3)})
+    with pytest.raises(CheckpointError, match=r"scale of 'lin.weight' has shape \(3,\).*\(4, 4\)"):
+        load_state_dict(tmp_path / "odd.safetensors", dtype=torch.bfloat16)
