@@ -107,6 +107,7 @@ SAMPLING_HOOKS = (
     "sampler_cfg_function",
     "sampler_post_cfg_function",
     "model_function_wrapper",
+    "context_handler",
 )
 
 
@@ -117,7 +118,7 @@ def warn_sampling_hooks(model_options: dict) -> list[str]:
     if names:
         log.warning(
             "OpenSora: the Open-Sora Sampler node does not run this MODEL's sampling hooks (%s, e.g. from "
-            "SkipLayerGuidanceDiT): sample with the Open-Sora Guider + Open-Sora Sigmas in core's "
+            "SkipLayerGuidanceDiT or Context Windows): sample with the Open-Sora Guider + Open-Sora Sigmas in core's "
             "SamplerCustomAdvanced, which runs them (all but a sampler_cfg_function: Open-Sora's guidance replaces "
             "the CFG formula).",
             ", ".join(names),

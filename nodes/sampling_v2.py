@@ -47,7 +47,7 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
-from .guider_hooks import post_cfg, run_passes, with_negative
+from .guider_hooks import post_cfg, refuse_windowed_reference, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas
@@ -329,6 +329,7 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        refuse_windowed_reference(self.model_options, latent_image, self.condition is not None)
         self.sigma_list = sigmas.detach().float().cpu()
         self.options.num_steps = max(1, len(self.sigma_list) - 1)  # the image ramp spans the schedule
         out = super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
