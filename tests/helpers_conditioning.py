@@ -23,3 +23,16 @@ def random_conditioning(version: str, config) -> tuple[list, list]:
     mask[:, :9] = 1
     positive = [[y, {"attention_mask": mask, "opensora_version": version}]]
     return positive, [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": version}]]
+
+
+def sampler_node_samples(model, version: str, latent_args: tuple, seed: int, steps: int, cfg: float) -> torch.Tensor:
+    """The Open-Sora Sampler node's samples for `model` on random conditioning and Empty Latent Video(*latent_args),
+    then every model unloaded (inside a ComfyUI probe: the pack is importable as opensora_pack)."""
+    import comfy.model_management
+    from opensora_pack.nodes import latent, sampling
+
+    positive, negative = random_conditioning(version, model.model.diffusion_model.config)
+    (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*latent_args)
+    (out,) = sampling.OpenSoraSampler().sample(model, positive, negative, empty, seed, steps, cfg)
+    comfy.model_management.unload_all_models()
+    return out["samples"]

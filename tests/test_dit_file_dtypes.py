@@ -54,8 +54,8 @@ def variant(state_dict: dict[str, torch.Tensor], kind: str) -> dict[str, torch.T
 def probe(out_path: str, models_dir: str) -> None:
     import comfy.model_management as mm
     import folder_paths
-    from helpers_conditioning import random_conditioning
-    from opensora_pack.nodes import latent, loaders, sampling
+    from helpers_conditioning import sampler_node_samples
+    from opensora_pack.nodes import loaders
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
@@ -70,11 +70,7 @@ def probe(out_path: str, models_dir: str) -> None:
         return str(model.model.diffusion_model.get_submodule(LINEAR[version]).weight.dtype)
 
     def sample(model, version):
-        positive, negative = random_conditioning(version, model.model.diffusion_model.config)
-        (lat,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
-        (out,) = sampling.OpenSoraSampler().sample(model, positive, negative, lat, SEED, STEPS, CFG)
-        mm.unload_all_models()
-        return out["samples"]
+        return sampler_node_samples(model, version, LATENTS[version], SEED, STEPS, CFG)
 
     for version, files in names.items():
         saved = mm.supports_fp8_compute

@@ -28,8 +28,8 @@ def probe(out_path: str, models_dir: str) -> None:
     import comfy.ops
     import folder_paths
     import torch
-    from helpers_conditioning import random_conditioning
-    from opensora_pack.nodes import latent, loaders, sampling
+    from helpers_conditioning import sampler_node_samples
+    from opensora_pack.nodes import loaders
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
@@ -37,11 +37,7 @@ def probe(out_path: str, models_dir: str) -> None:
     results: dict = {}
 
     def sample(model, version):
-        positive, negative = random_conditioning(version, model.model.diffusion_model.config)
-        (lat,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
-        (out,) = sampling.OpenSoraSampler().sample(model, positive, negative, lat, SEED, STEPS, CFG)
-        mm.unload_all_models()
-        return out["samples"]
+        return sampler_node_samples(model, version, LATENTS[version], SEED, STEPS, CFG)
 
     def describe(model) -> dict:
         linear = model.model.diffusion_model.get_submodule(
