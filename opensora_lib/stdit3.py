@@ -156,8 +156,10 @@ def read_step_values(y, mask, height, width, batch: int) -> tuple[float, float, 
     return _first_value(height, "height"), _first_value(width, "width"), lengths
 
 
-def _per_sample(value, batch: int, name: str, device: torch.device) -> torch.Tensor:
-    """A scalar, [1] or [B] value as a [B] tensor (kept in its dtype if floating, else float32)."""
+def _per_sample(value, batch: int, name: str, device: torch.device, tile: bool = False) -> torch.Tensor:
+    """A scalar, [1] or [B] value as a [B] tensor (kept in its dtype if floating, else float32).
+    tile: n values with B a multiple of n are repeated as a block (the official SizeEmbedder's `s.repeat(bs // n)`:
+    one value per video, the guidance passes stacked after each other)."""
     if value is None:
         raise ValueError(f"{name} is required")
     t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32)
@@ -166,8 +168,11 @@ def _per_sample(value, batch: int, name: str, device: torch.device) -> torch.Ten
     t = t.to(device).reshape(-1)
     if t.numel() == 1:
         return t.expand(batch)
+    if tile and batch % t.numel() == 0:
+        return t.repeat(batch // t.numel())
     if t.numel() != batch:
-        raise ValueError(f"{name} must hold 1 or {batch} values (one per sample), got shape {tuple(value.shape)}")
+        allowed = f"a divisor of {batch}" if tile else f"1 or {batch}"
+        raise ValueError(f"{name} must hold {allowed} values (one per sample), got shape {tuple(t.shape)}")
     return t
 
 
@@ -327,7 +332,7 @@ class STDiT3(nn.Module):
         timestep = _per_sample(timestep, b, "timestep", device)
         if c.rounds_timestep:
             timestep = timestep.to(dtype)  # official 1.2: timestep.to(model dtype) before the sinusoid
-        fps_emb = self.fps_embedder(_per_sample(fps, b, "fps", device), dtype)
+        fps_emb = self.fps_embedder(_per_sample(fps, b, "fps", device, tile=True), dtype)
         t = self.t_embedder(timestep, dtype) + fps_emb
         t_mlp = self.t_block(t)
         t0 = t0_mlp = None

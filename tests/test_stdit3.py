@@ -227,6 +227,49 @@ def test_scalar_timestep_fps_and_size_are_broadcast():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_fps_per_video_is_tiled_over_the_guidance_passes():
+    """The official SizeEmbedder repeats [B] fps values as a block over a k*B batch (the guidance passes stacked);
+    a count that does not divide the batch is refused."""
+    config = tiny_config("1.3", depth=1)
+    model = random_model(config)
+    inputs = model_inputs(config, (2, 2, 4, 4))
+    inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}  # 4 rows: 2 videos x 2 passes
+    inputs["fps"] = torch.tensor([24.0, 8.0, 24.0, 8.0])
+    expected = model(**inputs)
+    assert torch.equal(model(**{**inputs, "fps": torch.tensor([24.0, 8.0])}), expected)
+    assert not torch.allclose(model(**{**inputs, "fps": torch.tensor([8.0, 24.0])}), expected)  # fps matters
+    with pytest.raises(ValueError, match="fps must hold a divisor of 4 values"):
+        model(**{**inputs, "fps": torch.ones(3)})
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_sampler_batch_of_two_equals_two_single_runs(reference):
+    """sample_rflow on the real STDiT3 with 2 videos (fps, size per video; 2 or 3 guidance passes per step)."""
+    from opensora_lib.conditioning_v1 import reference_conditioning
+    from opensora_lib.rflow import RFlowOptions, RFlowText, sample_rflow
+
+    config = tiny_config("1.3")
+    model = random_model(config)
+    torch.manual_seed(5)
+    z = torch.randn(2, config.in_channels, 3, 4, 4)
+    mask = torch.zeros(2, config.model_max_length, dtype=torch.long)
+    mask[0, :3], mask[1, :7] = 1, 1
+    text = RFlowText(torch.randn(2, 1, config.model_max_length, config.caption_channels), mask,
+                     torch.randn(config.model_max_length, config.caption_channels))  # fmt: skip
+    options = RFlowOptions(num_steps=3, cfg_scale=7.5, version="1.3", image_cfg_scale=3.0)
+    size = {"height": 32, "width": 32, "num_frames": 9}
+    ref = torch.randn(2, config.in_channels, 1, 4, 4)
+
+    def cond(items):
+        return reference_conditioning("i2v_head", [ref[items]], z[items].shape) if reference else None
+
+    both = sample_rflow(model, z, text, options, **size, cond=cond(slice(0, 2)))
+    for b in range(2):
+        one_text = RFlowText(text.y[b : b + 1], text.mask[b : b + 1], text.y_null)
+        one = sample_rflow(model, z[b : b + 1], one_text, options, **size, cond=cond(slice(b, b + 1)))
+        torch.testing.assert_close(both[b : b + 1], one, atol=2e-5, rtol=2e-5)
+
+
 def test_batch_items_are_independent():
     """Per-sample caption masks: sample 0 alone gives the same result as inside a batch."""
     config = tiny_config("1.3")
