@@ -44,7 +44,8 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         y, meta = text_of(positive, "positive")
         if y is None:
             raise ValueError("The positive conditioning is the null caption; connect the positive output.")
-        extras = {"height": self.info["height"], "width": self.info["width"], "fps": self.info.get("fps") or 24}
+        fps = rflow.conditioning_fps(self.info.get("fps"), self.info.get("num_frames"))
+        extras = {"height": self.info["height"], "width": self.info["width"], "fps": fps}
         dm = self.model_patcher.model.diffusion_model
         y_null = dm.y_embedder.y_embedding.detach().float().cpu()[None]
         pos = {"attention_mask": meta["attention_mask"], **extras}

@@ -319,7 +319,7 @@ class OpenSoraSampler:
         z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
         options.pop("guidance_passes")  # 2.0 only
         rflow_options = v1_options(info, cfg, **options, num_steps=steps)
-        generator = torch.Generator().manual_seed(seed + 1)
+        generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
 
         def noise(shape, noise_dtype, noise_device):
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)

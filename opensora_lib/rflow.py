@@ -207,6 +207,14 @@ def _normalize_mask_index(mask_index: list[int], frames: int) -> list[int]:
     return sorted(set(out))
 
 
+def conditioning_fps(fps: float | None, num_frames: int | None) -> float:
+    """The fps the DiT is conditioned on: 120 for a single image whatever fps was asked for (the reference's
+    `fps if num_frames > 1 else IMG_FPS`), else `fps` (default 24)."""
+    if num_frames == 1:
+        return IMAGE_FPS
+    return VIDEO_FPS if fps is None else fps
+
+
 def sample_rflow(
     model: Callable[..., torch.Tensor],
     z: torch.Tensor,
@@ -226,8 +234,8 @@ def sample_rflow(
     `model(x, timestep, y=, mask=, fps=, height=, width=, [x_mask=], [cond=, cond_mask=, mask_index=, y_null=])`
     is an STDiT3 forward; only the first C output channels (the velocity) are used. `height` / `width` /
     `num_frames` are the PIXEL sizes (they set the schedule and the model's position scale). `fps` defaults
-    to 24, or 120 for a single image as the reference does. `noise(shape, dtype, device)` makes every
-    normal draw inside the sampler, in the reference's order. `callback` gets
+    to 24; a single image is always conditioned on 120, as the reference does (conditioning_fps).
+    `noise(shape, dtype, device)` makes every normal draw inside the sampler, in the reference's order. `callback` gets
     dict(i, total, t, x=latent after the step, denoised=predicted clean latent) after every step.
     """
     if z.dim() != 5:
@@ -266,8 +274,7 @@ def sample_rflow(
         use_discrete_timesteps=options.use_discrete_timesteps,
     ).to(device)
     num_steps = len(timesteps)
-    if fps is None:
-        fps = IMAGE_FPS if num_frames == 1 else VIDEO_FPS
+    fps = conditioning_fps(fps, num_frames)
     size_args = {
         name: torch.full((batch,), float(value), dtype=torch.float32, device=device)
         for name, value in (("fps", fps), ("height", height), ("width", width))

@@ -423,3 +423,10 @@ def test_long_video_bad_input():
                           mask_strategy="0", **args)  # fmt: skip
     with pytest.raises(ValueError, match="num_loops"):
         sample_long_video(ToyModel(), make_text(), RFlowOptions(num_steps=1), num_loops=0, **args)
+
+
+def test_conditioning_fps_is_120_for_a_single_image_whatever_was_asked():
+    from opensora_lib.rflow import conditioning_fps
+
+    assert conditioning_fps(24, 1) == conditioning_fps(None, 1) == 120
+    assert conditioning_fps(None, 17) == 24 and conditioning_fps(8, 17) == 8

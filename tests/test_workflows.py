@@ -125,3 +125,32 @@ def test_sampler_sends_latent_previews_over_the_websocket(comfy_server):
     progress = [m for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "5"]
     assert [m["data"]["value"] for m in progress][-1] == 3
     assert result.previews >= 3  # one binary preview frame per sampling step
+
+
+def _sampled_latent(comfy_server, prefix: str, steps: int = 2, **latent_inputs) -> torch.Tensor:
+    """The 1.3 t2v Sampler node's latent (SaveLatent) with Empty Latent Video inputs / Sampler seed overridden."""
+    prompt = tiny_workflow(comfy_server, "opensora13_t2v", steps=steps)
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("OpenSoraLoadVAE", "OpenSoraDecode")}
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("CreateVideo", "SaveVideo")}
+    seed = latent_inputs.pop("seed", None)
+    if seed is not None:
+        prompt["5"]["inputs"]["seed"] = seed
+    prompt["4"]["inputs"].update(latent_inputs)
+    prompt["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"fps/{prefix}"}}
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.ok, result.error
+    return _latent(comfy_server, result)
+
+
+def test_single_image_is_conditioned_on_fps_120_as_the_reference(comfy_server):
+    """Official 1.x inference embeds fps 120 for one frame whatever fps is asked for (IMG_FPS); for video the
+    fps input counts."""
+    image = {fps: _sampled_latent(comfy_server, f"image{fps}", num_frames=1, fps=fps) for fps in (24, 8)}
+    assert torch.equal(image[24], image[8])
+    video = {fps: _sampled_latent(comfy_server, f"video{fps}", num_frames=17, fps=fps) for fps in (24, 8)}
+    assert (video[24] - video[8]).abs().max() > 1e-3
+
+
+def test_largest_seed_the_widget_allows(comfy_server):
+    latent = _sampled_latent(comfy_server, "maxseed", seed=2**64 - 1)
+    assert torch.isfinite(latent).all() and latent.abs().mean() > 0.1
