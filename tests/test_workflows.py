@@ -154,3 +154,29 @@ def test_single_image_is_conditioned_on_fps_120_as_the_reference(comfy_server):
 def test_largest_seed_the_widget_allows(comfy_server):
     latent = _sampled_latent(comfy_server, "maxseed", seed=2**64 - 1)
     assert torch.isfinite(latent).all() and latent.abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("name", ["opensora13_t2v", "opensora12_t2v"])
+def test_core_ksampler_runs_a_1x_model(comfy_server, name):
+    """Core KSampler on the 1.x MODEL with Encode Prompt's positive and its null-caption negative: the sizes come
+    from the latent, the null caption is the model's learned one."""
+    prompt = tiny_workflow(comfy_server, name, steps=2)
+    sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "OpenSoraSampler")
+    inputs = prompt[sampler_id]["inputs"]
+    prompt[sampler_id] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": inputs["model"],
+            "positive": inputs["positive"],
+            "negative": inputs["negative"],
+            "latent_image": inputs["latent"],
+            "seed": 3,
+            "steps": 2,
+            "cfg": 5.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "denoise": 1.0,
+        },
+    }
+    props = video_properties(run_ok(comfy_server, prompt)[0])
+    assert props["frames"] == 17 and props["pixels"].std() > 1.0

@@ -1,0 +1,76 @@
+"""Core KSampler on a 1.x MODEL with Open-Sora Encode Prompt's conditioning, in ComfyUI (--cpu).
+
+Core's samplers give the model neither the video's pixel size and fps nor the learned null caption; the MODEL fills
+them in (extra_conds): sizes from the latent (x8), fps 24 (120 for one frame), the null-caption negative as the
+DiT's y_embedding with all its tokens. The result must equal KSampler on conditioning that spells these out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_comfy_probe import run_probe
+
+REPO = Path(__file__).resolve().parent.parent
+DIT = "opensora-tiny-v13/"
+SEED, STEPS = 4, 3
+
+
+def probe(out_path: str, models_dir: str) -> None:
+    import comfy.model_management as mm
+    import folder_paths
+    from helpers_conditioning import random_conditioning
+    from opensora_pack.nodes import latent, loaders
+
+    import nodes as core_nodes
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(models_dir) / "diffusion_models"), True)
+    (model,) = loaders.OpenSoraLoadDiT().load(DIT, "fp32")
+    positive, negative = random_conditioning("1.3", model.model.diffusion_model.config)
+    y_null = model.model.diffusion_model.y_embedder.y_embedding.detach().float()[None]
+    results = {}
+
+    def ksampler(pos, neg, lat):
+        (out,) = core_nodes.KSampler().sample(model, SEED, STEPS, 5.0, "euler", "simple", pos, neg, lat)
+        mm.unload_all_models()
+        return out["samples"]
+
+    for frames, fps in ((17, 24.0), (1, 120.0)):
+        (lat,) = latent.OpenSoraEmptyLatentVideo().generate("1.3", "144p", "9:16", frames)
+        sizes = {"height": 144, "width": 256, "fps": fps}  # 144p 9:16 is 144 x 256: the latent x8 exactly
+        text, meta = positive[0]
+        spelled_pos = [[text, {**meta, **sizes}]]
+        null_mask = torch.ones(y_null.shape[:2], dtype=torch.long)
+        spelled_neg = [[y_null, {"attention_mask": null_mask, "opensora_version": "1.3", **sizes}]]
+        plain = ksampler(positive, negative, lat)
+        spelled = ksampler(spelled_pos, spelled_neg, lat)
+        other_fps = ksampler([[text, {**meta, **sizes, "fps": 8.0}]], spelled_neg, lat)
+        results[str(frames)] = {
+            "equal": bool(torch.equal(plain, spelled)),
+            "finite": bool(plain.isfinite().all()),
+            "fps_matters": float((other_fps - spelled).abs().max()),
+        }
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from demo_models import make_dit
+
+    models = tmp_path_factory.mktemp("models-ksampler-v1")
+    make_dit("1.3", models / "diffusion_models" / DIT.rstrip("/"))
+    return run_probe("test_ksampler_v1", models / "results.json", models)
+
+
+@pytest.mark.parametrize("frames", ["17", "1"])
+def test_ksampler_fills_in_what_core_does_not_give(measured, frames):
+    values = measured[frames]
+    assert values["finite"] and values["equal"], values
+    assert values["fps_matters"] > 1e-4, values  # the spelled-out fps reaches the model, so "equal" is meaningful
