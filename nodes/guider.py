@@ -56,6 +56,11 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
             neg = {"attention_mask": negative_meta["attention_mask"], **extras}
         conds = {"positive": [[y, pos]], "negative": [[negative_y, neg]]}
         reference = v1_reference(self.latent, self.latent["samples"].float())
+        if reference is not None and self.info["version"] == "1.2":
+            raise ValueError(
+                "Open-Sora 1.2 references (official mask strategy: the reference frames written into the latent) run "
+                "in the Open-Sora Sampler node; the Guider takes 1.2 text-to-video and 1.3 references."
+            )
         if reference is not None:
             cond_mask = torch.zeros_like(reference.latent)
             cond_mask[:, :, reference.mask_index] = 1.0

@@ -12,6 +12,7 @@ import comfy.sample
 import torch
 
 from ..opensora_lib import rflow
+from ..opensora_lib.conditioning_v1 import MaskStrategy, apply_mask_strategy
 from ..opensora_lib.schedules import rflow_timesteps
 from .common import CATEGORY, Progress, load_for_sampling
 from .latent import latent_label, video_info
@@ -80,6 +81,17 @@ def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning |
     for slot, frame in enumerate(index[:frames]):
         placed[:, :, frame] = ref[:, :, min(slot, ref.shape[2] - 1)]
     return rflow.ReferenceConditioning(placed, list(index))
+
+
+def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
+    """(z, sampler conditioning) for a 1.x latent. 1.3 conditions the DiT on the reference (cond channels); 1.2
+    has no such input and, as its official inference, writes the reference frames into z with a mask strategy
+    (edit ratio 0: those latent frames are kept as they are)."""
+    reference = v1_reference(latent, z)
+    if version != "1.2" or reference is None:
+        return z, reference
+    strategies = [MaskStrategy(reference_start=f, target_start=f) for f in reference.mask_index]
+    return apply_mask_strategy(z, [reference.latent], strategies)
 
 
 def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:
@@ -314,9 +326,11 @@ class OpenSoraSampler:
             from .sampling_v2 import sample_v2_node
 
             return sample_v2_node(model, positive, negative, latent, seed, steps, cfg, **options)
-        passes = 3 if latent.get("opensora_reference") is not None else 2  # cond, uncond (, image uncond) batched
+        # cond, uncond (, image uncond for a 1.3 reference) batched
+        passes = 3 if latent.get("opensora_reference") is not None and info["version"] == "1.3" else 2
         device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
         z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
+        z, cond = v1_conditioning(info["version"], latent, z)
         options.pop("guidance_passes")  # 2.0 only
         rflow_options = v1_options(info, cfg, **options, num_steps=steps)
         generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
@@ -333,7 +347,7 @@ class OpenSoraSampler:
             width=info["width"],
             num_frames=info["num_frames"],
             fps=info.get("fps"),
-            cond=v1_reference(latent, z),
+            cond=cond,
             noise=noise,
             callback=Progress(steps, previewer_for(model)),
         )

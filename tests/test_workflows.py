@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers_server import api_workflow, run_ok, tiny_workflow, video_properties, write_reference_image
 from safetensors.torch import load_file
+from shipped_workflows import use_models
 
 pytestmark = pytest.mark.server
 
@@ -180,3 +181,56 @@ def test_core_ksampler_runs_a_1x_model(comfy_server, name):
     }
     props = video_properties(run_ok(comfy_server, prompt)[0])
     assert props["frames"] == 17 and props["pixels"].std() > 1.0
+
+
+def _v12_i2v(comfy_server, seed: int, cond_type: str) -> dict:
+    """The shipped 1.3 i2v graph on the 1.2 models, sampled latent saved."""
+    write_reference_image(comfy_server)
+    names = comfy_server.tiny_models
+    prompt = use_models(
+        api_workflow("opensora13_i2v"), {"dit": names["dit_1.2"], "vae": names["vae_1.2"], "t5": names["t5"]}
+    )
+    prompt["2"]["inputs"]["version"] = "1.2"
+    prompt["4"]["inputs"].update(version="1.2", resolution="144p", aspect_ratio="9:16", num_frames=17)
+    prompt["5"]["inputs"].update(seed=seed, steps=3)
+    prompt["11"]["inputs"]["cond_type"] = cond_type
+    for key in ("7", "8", "9"):
+        del prompt[key]
+    prompt["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "v12i2v/out"}}
+    return prompt
+
+
+@pytest.mark.parametrize(("cond_type", "kept"), [("i2v_head", [0]), ("i2v_loop", [0, -1])])
+def test_v12_image_to_video_keeps_the_reference_frames(comfy_server, cond_type, kept):
+    """1.2 i2v as its official inference: the reference written into the latent with edit ratio 0, so those latent
+    frames come out as the reference whatever the seed, and the others are generated."""
+    runs = []
+    for seed in (1, 2):
+        result = comfy_server.client().run(_v12_i2v(comfy_server, seed, cond_type), timeout=900)
+        assert result.ok, result.error
+        runs.append(_latent(comfy_server, result))
+    a, b = runs
+    generated = [f for f in range(a.shape[2]) if f not in {k % a.shape[2] for k in kept}]
+    for frame in kept:
+        assert torch.equal(a[:, :, frame], b[:, :, frame]), frame
+    assert (a[:, :, generated] - b[:, :, generated]).abs().max() > 0.1
+    assert torch.equal(a[:, :, kept[0]], a[:, :, kept[-1]])  # the same reference image at each kept frame
+
+
+def test_v12_reference_in_the_guider_is_refused_clearly(comfy_server):
+    prompt = _v12_i2v(comfy_server, 1, "i2v_head")
+    prompt["30"] = {
+        "class_type": "OpenSoraGuider",
+        "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 1], "latent": ["11", 0], "cfg": 7.0},
+    }
+    prompt["31"] = {"class_type": "OpenSoraSigmas", "inputs": {"latent": ["11", 0], "steps": 3}}
+    prompt["32"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    prompt["33"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
+    prompt["5"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {"noise": ["33", 0], "guider": ["30", 0], "sampler": ["32", 0], "sigmas": ["31", 0]},
+    }
+    prompt["5"]["inputs"]["latent_image"] = ["11", 0]
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.status == "error", result.status
+    assert "1.2 references" in result.error["exception_message"] and "Sampler node" in result.error["exception_message"]
