@@ -71,6 +71,7 @@ class OpenSoraVAE:
         if self.autoencoder == "dc_ae":
             frames = model.decode(z)  # 4 frames per latent frame (1 for a one-frame latent); callers cut
         elif self.version == "1.2":
+            num_frames = num_frames or model.longest_video(z.shape[2])  # a latent without Open-Sora info
             if tile_size:
                 model.enable_tiling(tile_size, tile_overlap)
             try:
@@ -230,8 +231,7 @@ def _v12_decode(
     scale = spatial.factor
     pixels = height * width * scale * scale
     step = model.micro_latent_frames or frames
-    if num_frames is None:  # the longest video these latent frames stand for
-        num_frames = (model.micro_frame_size or 4 * frames) * (frames // step) + 4 * (frames % step)
+    num_frames = num_frames or model.longest_video(frames)  # as decode does for a latent without its frame count
     per_pixel, padding = V12_TEMPORAL
     temporal = size * batch * height * width * per_pixel * (4 * min(frames, step) + padding)
     count = batch * num_frames

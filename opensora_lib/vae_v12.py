@@ -179,6 +179,14 @@ class OpenSoraVAEv12(nn.Module):
         full, rest = divmod(num_frames, self.micro_frame_size)
         return full * self.micro_latent_frames + (self.temporal_vae.latent_frames(rest) if rest else 0)
 
+    def longest_video(self, latent_frames: int) -> int:
+        """The most pixel frames a latent of `latent_frames` frames decodes to (a latent without its frame count,
+        e.g. after core's Save / Load Latent)."""
+        frames = [n for n in range(1, 4 * latent_frames + 1) if self.latent_frames(n) == latent_frames]
+        if not frames:
+            raise ValueError(f"no frame count gives {latent_frames} latent frames")
+        return frames[-1]
+
     def enable_tiling(self, tile_size: int = 256, overlap: int = 64) -> None:
         """Run the per-frame 2-D VAE on overlapping tiles (pixels) blended linearly; approximate, saves memory."""
         factor = self.spatial_vae.factor

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from comfy_host import output_files
 from helpers_server import api_workflow, run_ok, tiny_workflow, video_properties, write_reference_image
 from safetensors.torch import load_file
 from shipped_workflows import use_models
@@ -234,3 +235,24 @@ def test_v12_reference_in_the_guider_is_refused_clearly(comfy_server):
     result = comfy_server.client().run(prompt, timeout=900)
     assert result.status == "error", result.status
     assert "1.2 references" in result.error["exception_message"] and "Sampler node" in result.error["exception_message"]
+
+
+def test_decode_a_v12_latent_saved_and_loaded_by_core(comfy_server):
+    """Core SaveLatent keeps only the samples; Open-Sora Decode of the loaded 1.2 latent gives the whole video."""
+    import shutil
+
+    prompt = tiny_workflow(comfy_server, "opensora12_t2v", steps=2)
+    prompt["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "roundtrip/v12"}}
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.ok, result.error
+    direct = video_properties(output_files(result, comfy_server.base)[0])
+    item = next(i for o in result.outputs.values() for i in o.get("latents", []))
+    saved = comfy_server.base / "output" / item["subfolder"] / item["filename"]
+    shutil.copy(saved, comfy_server.base / "input" / "v12_roundtrip.latent")
+    loaded = {k: v for k, v in prompt.items() if v["class_type"] in ("OpenSoraLoadVAE", "CreateVideo", "SaveVideo")}
+    decode = next(k for k, v in prompt.items() if v["class_type"] == "OpenSoraDecode")
+    loaded[decode] = {**prompt[decode], "inputs": {**prompt[decode]["inputs"], "latent": ["40", 0]}}
+    loaded["40"] = {"class_type": "LoadLatent", "inputs": {"latent": "v12_roundtrip.latent"}}
+    again = video_properties(run_ok(comfy_server, loaded)[0])
+    assert again["frames"] == direct["frames"] == 17
+    assert abs(again["pixels"].astype(int) - direct["pixels"].astype(int)).mean() < 1.0
