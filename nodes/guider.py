@@ -41,7 +41,7 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         self.sigma_list: torch.Tensor | None = None
 
     def set_conds(self, positive, negative):
-        y, meta = text_of(positive, "positive")
+        y, meta = text_of(positive, "positive", self.info["version"])
         if y is None:
             raise ValueError("The positive conditioning is the null caption; connect the positive output.")
         fps = rflow.conditioning_fps(self.info.get("fps"), self.info.get("num_frames"))
@@ -49,7 +49,7 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         dm = self.model_patcher.model.diffusion_model
         y_null = dm.y_embedder.y_embedding.detach().float().cpu()[None]
         pos = {"attention_mask": meta["attention_mask"], **extras}
-        negative_y, negative_meta = text_of(negative, "negative")
+        negative_y, negative_meta = text_of(negative, "negative", self.info["version"])
         if negative_y is None:  # learned null caption, masked by the positive prompt (Q1)
             negative_y, neg = y_null, {"attention_mask": meta["attention_mask"], **extras}
         else:

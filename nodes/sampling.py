@@ -45,10 +45,17 @@ def check_versions(model, latent: dict) -> dict:
     return info
 
 
-def text_of(conditioning: list, what: str) -> tuple[torch.Tensor | None, dict]:
+def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
+    """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
     tensor, meta = conditioning[0]
+    encoded = meta.get("opensora_version")
+    if encoded is not None and encoded != version:
+        raise ValueError(
+            f"The {what} conditioning was encoded for Open-Sora {encoded} but the model is Open-Sora {version}: set "
+            f"Load Open-Sora Text Encoder's version to {version} (each version words the caption its own way)."
+        )
     if meta.get("opensora_null_caption"):
         return None, meta
     if "attention_mask" not in meta:
@@ -58,12 +65,13 @@ def text_of(conditioning: list, what: str) -> tuple[torch.Tensor | None, dict]:
 
 def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlowText:
     """Positive T5 states + mask; negative prompt, or the learned null caption (masked by the positive, Q1)."""
-    y, meta = text_of(positive, "positive")
+    version = model_version(model)
+    y, meta = text_of(positive, "positive", version)
     if y is None:
         raise ValueError("The positive conditioning is the null caption; connect the positive output.")
     y_null = model.model.diffusion_model.y_embedder.y_embedding.to(device, dtype)[None, None]
     text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
-    negative_y, negative_meta = text_of(negative, "negative")
+    negative_y, negative_meta = text_of(negative, "negative", version)
     if negative_y is not None:
         text.negative_y = negative_y.to(device, dtype)[:, None]
         text.negative_mask = negative_meta["attention_mask"].to(device)

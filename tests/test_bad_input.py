@@ -57,6 +57,17 @@ def test_1x_latent_with_a_model_of_another_version(comfy_server, t2v):
     assert "1.3" in message and "1.2" in message, message
 
 
+@pytest.mark.parametrize("encoded", ["1.2", "2.0"])
+def test_conditioning_encoded_for_another_version(comfy_server, t2v, encoded):
+    encoder = node_of(t2v, "OpenSoraLoadTextEncoder")["inputs"]
+    encoder["version"] = encoded
+    if encoded == "2.0":
+        encoder.update(t5_name=comfy_server.tiny_models["t5_2.0"], clip_name=comfy_server.tiny_models["clip_l_2.0"])
+    message = run_error(comfy_server, t2v)
+    assert f"encoded for Open-Sora {encoded} but the model is Open-Sora 1.3" in message, message
+    assert "version to 1.3" in message, message
+
+
 def test_truncated_safetensors(comfy_server, t2v):
     source = (
         comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/") / "model.safetensors"
