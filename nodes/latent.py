@@ -321,6 +321,15 @@ class OpenSoraDecode:
     CATEGORY = f"{CATEGORY}/latent"
     DESCRIPTION = "Decode a video latent into frames (IMAGE batch, one image per frame)."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size=0, tile_overlap=64):
+        """Checked when the prompt is queued, before any sampling (the VAEs would say it in latent pixels)."""
+        if tile_size and not 0 <= tile_overlap < tile_size:
+            return (
+                f"tile_overlap ({tile_overlap} px) must be smaller than tile_size ({tile_size} px), or set tile_size 0"
+            )
+        return True
+
     def decode(self, vae, latent, tile_size=0, tile_overlap=64):
         info = latent.get("opensora", {})
         if info:

@@ -68,6 +68,13 @@ def test_conditioning_encoded_for_another_version(comfy_server, t2v, encoded):
     assert "version to 1.3" in message, message
 
 
+def test_decode_tile_overlap_not_below_tile_size_is_refused_when_queued(comfy_server, t2v):
+    node_of(t2v, "OpenSoraDecode")["inputs"].update(tile_size=32, tile_overlap=64)
+    result = comfy_server.client().run(t2v, timeout=600)
+    assert result.status == "rejected", result.status  # validation: nothing was sampled
+    assert "tile_overlap (64 px) must be smaller than tile_size (32 px)" in json.dumps(result.error), result.error
+
+
 def test_truncated_safetensors(comfy_server, t2v):
     source = (
         comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/") / "model.safetensors"
