@@ -22,7 +22,7 @@ import torch
 
 from ..opensora_lib import rflow
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import forward_memory, warn_once
+from .common import check_conditioning_version, forward_memory, warn_once
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -126,6 +126,7 @@ class OpenSoraModel(comfy.model_base.BaseModel):
     def extra_conds(self, **kwargs):
         import comfy.conds
 
+        check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
         kwargs = {**kwargs, **self.core_sampler_defaults(kwargs)}
         out = {}
         cross = kwargs.get("cross_attn")

@@ -27,7 +27,7 @@ import torch
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
-from .common import forward_memory
+from .common import check_conditioning_version, forward_memory
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
@@ -214,6 +214,7 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         return {} if cross is None else {"c_crossattn": list(cross.shape)}
 
     def extra_conds(self, **kwargs):
+        check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
         out = {}
         cross = kwargs.get("cross_attn")
         if cross is not None:

@@ -24,6 +24,15 @@ def warn_once(key: str, message: str) -> None:
         logging.getLogger("OpenSora").warning(message)
 
 
+def check_conditioning_version(encoded: str | None, version: str, what: str) -> None:
+    """Refuse conditioning that Open-Sora Encode Prompt made for another version (None: not from the pack)."""
+    if encoded is not None and encoded != version:
+        raise ValueError(
+            f"{what} was encoded for Open-Sora {encoded} but the model is Open-Sora {version}: set Load Open-Sora "
+            f"Text Encoder's version to {version} (each version words the caption its own way)."
+        )
+
+
 WEIGHT_DTYPES = {
     "default": None,
     "bf16": torch.bfloat16,

@@ -21,8 +21,9 @@ from .common import warn_once
 
 def refuse_windowed_reference(model_options: dict, latent: torch.Tensor, has_reference: bool) -> None:
     """Core's context windows (Context Windows (Manual)) slice the latent per window but not the reference
-    conditioning (ComfyUI 0.3.75 has no model hook for it), so i2v / v2v would fail in the DiT with a shape error.
-    Text-to-video with context windows runs (tests/test_context_windows.py)."""
+    conditioning, so i2v / v2v would fail in the DiT with a shape error. ComfyUI 0.3.75 has no model hook for it;
+    newer ones have BaseModel.resize_cond_for_context_window, not used yet. Text-to-video with context windows runs
+    (tests/test_context_windows.py)."""
     handler = model_options.get("context_handler")
     length, dim = getattr(handler, "context_length", None), getattr(handler, "dim", None)
     if not has_reference or length is None or dim is None or dim >= latent.ndim or latent.shape[dim] <= length:

@@ -323,8 +323,12 @@ class OpenSoraDecode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, tile_size=0, tile_overlap=64):
-        """Checked when the prompt is queued, before any sampling (the VAEs would say it in latent pixels)."""
-        if tile_size and not 0 <= tile_overlap < tile_size:
+        """Checked when the prompt is queued, before any sampling (the VAEs would say it in latent pixels). Core
+        skips its own min / max checks for inputs named here, so the ranges are checked here too."""
+        for name, value, top in (("tile_size", tile_size, 2048), ("tile_overlap", tile_overlap, 512)):
+            if not 0 <= value <= top:
+                return f"{name} must be between 0 and {top} pixels, got {value}"
+        if tile_size and tile_overlap >= tile_size:
             return (
                 f"tile_overlap ({tile_overlap} px) must be smaller than tile_size ({tile_size} px), or set tile_size 0"
             )

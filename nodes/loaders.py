@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import comfy.model_management
@@ -69,13 +70,18 @@ class OpenSoraLoadDiT:
     def load(self, dit_name, weight_dtype, attention="sdpa"):
         attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
         path = model_path("diffusion_models", dit_name)
-        info = detection.detect(checkpoint.read_header(path))
+        header = checkpoint.read_header(path)
+        info = detection.detect(header)
         detection.expect_family(info, {"stdit3", "mmdit"}, "Open-Sora DiT loader")
         fast = weight_dtype == FP8_FAST
         dtype = torch.float8_e4m3fn if fast else WEIGHT_DTYPES[weight_dtype]
         read_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
         if checkpoint.is_quantized(path):  # ComfyUI scaled fp8: the comfy.ops layers take plain weights
             read_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+            if dtype is None:  # dequantize straight into what default will pick (fp32 on GPUs without bf16)
+                params = sum(math.prod(shape) for _, shape in header.values())
+                supported = [torch.bfloat16, torch.float32]
+                read_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
         sd = checkpoint.strip_prefix(checkpoint.load_state_dict(path, dtype=read_dtype), info.prefix)
         config_values = {**info.config, **read_folder_config(path)}
         if info.family == "mmdit":

@@ -12,9 +12,9 @@ import comfy.sample
 import torch
 
 from ..opensora_lib import rflow
-from ..opensora_lib.conditioning_v1 import MaskStrategy, apply_mask_strategy
+from ..opensora_lib.conditioning_v1 import V12_ALIGN, apply_mask_strategy, mask_strategies_for
 from ..opensora_lib.schedules import rflow_timesteps
-from .common import CATEGORY, Progress, load_for_sampling
+from .common import CATEGORY, Progress, check_conditioning_version, load_for_sampling
 from .latent import latent_label, video_info
 from .previews import previewer_for
 
@@ -50,12 +50,7 @@ def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor |
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
     tensor, meta = conditioning[0]
-    encoded = meta.get("opensora_version")
-    if encoded is not None and encoded != version:
-        raise ValueError(
-            f"The {what} conditioning was encoded for Open-Sora {encoded} but the model is Open-Sora {version}: set "
-            f"Load Open-Sora Text Encoder's version to {version} (each version words the caption its own way)."
-        )
+    check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
     if meta.get("opensora_null_caption"):
         return None, meta
     if "attention_mask" not in meta:
@@ -94,12 +89,14 @@ def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning |
 def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     """(z, sampler conditioning) for a 1.x latent. 1.3 conditions the DiT on the reference (cond channels); 1.2
     has no such input and, as its official inference, writes the reference frames into z with a mask strategy
-    (edit ratio 0: those latent frames are kept as they are)."""
+    (edit ratio 0: those latent frames are kept) aligned to multiples of 5 latent frames (official align = 5:
+    i2v_tail on 15 latent frames lands on frame 10)."""
     reference = v1_reference(latent, z)
     if version != "1.2" or reference is None:
         return z, reference
-    strategies = [MaskStrategy(reference_start=f, target_start=f) for f in reference.mask_index]
-    return apply_mask_strategy(z, [reference.latent], strategies)
+    raw = latent["opensora_reference"]["latent"].to(z.device, z.dtype)
+    strategies = mask_strategies_for(reference.mask_index, raw.shape[2])
+    return apply_mask_strategy(z, [raw], strategies, align=V12_ALIGN)
 
 
 def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:

@@ -207,13 +207,15 @@ def is_quantized(path: str | Path) -> bool:
 
 
 def _dequantize(path: Path, key: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    try:
-        return tensor.float() * scale
-    except RuntimeError:
+    """weight * scale for a tensor-wise scale (one value) or a per-row one ([rows, 1, ...]); a 1-D per-row scale
+    would broadcast over the columns instead, so any other shape is refused."""
+    rows = scale.ndim == tensor.ndim and scale.shape[0] == tensor.shape[0] and all(d == 1 for d in scale.shape[1:])
+    if scale.numel() != 1 and not rows:
         raise CheckpointError(
             f"{path}: the scale of {key!r} has shape {tuple(scale.shape)}, which does not fit the weight's "
-            f"{tuple(tensor.shape)}"
-        ) from None
+            f"{tuple(tensor.shape)} (one value, or one per row shaped [{tensor.shape[0]}, 1])"
+        )
+    return tensor.float() * scale
 
 
 def load_state_dict(

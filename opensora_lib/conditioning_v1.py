@@ -13,7 +13,7 @@ Reference latents are tensors [C, T, H, W] (shared by the batch) or [B, C, T, H,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,7 @@ MASK_STRATEGY_FORMAT = "loop,ref_id,ref_start,target_start,length,edit_ratio"
 MASK_STRATEGY_FIELDS = ("loop", "ref_id", "ref_start", "target_start", "length", "edit_ratio")
 COND_TYPES = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head")
 CONDITION_FRAME_LENGTH = 5
+V12_ALIGN = 5  # configs/opensora-v1-2/inference/sample.py `align = 5`: reference targets snap to multiples of 5
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,21 @@ def apply_mask_strategy(
     if bool((frame_mask == 1).all()):
         return z, None
     return z, FrameMaskConditioning(frame_mask)
+
+
+def mask_strategies_for(mask_index: Sequence[int], reference_frames: int) -> list[MaskStrategy]:
+    """1.2 mask-strategy groups writing reference frame min(k, last) at latent frame mask_index[k] (edit ratio 0,
+    kept). Runs that are consecutive in both form one group (as the official "0,0,0,0,5,0" v2v strategy), so that
+    aligning a group (V12_ALIGN) moves it whole."""
+    groups: list[MaskStrategy] = []
+    for slot, target in enumerate(mask_index):
+        source = min(slot, reference_frames - 1)
+        last = groups[-1] if groups else None
+        if last and target == last.target_start + last.length and source == last.reference_start + last.length:
+            groups[-1] = replace(last, length=last.length + 1)
+        else:
+            groups.append(MaskStrategy(reference_start=source, target_start=target))
+    return groups
 
 
 def place_references(

@@ -181,7 +181,10 @@ class OpenSoraVAEv12(nn.Module):
 
     def longest_video(self, latent_frames: int) -> int:
         """The most pixel frames a latent of `latent_frames` frames decodes to (a latent without its frame count,
-        e.g. after core's Save / Load Latent)."""
+        e.g. after core's Save / Load Latent). One latent frame is one image: 1.2 makes 1 or >= 17 frames, and
+        the other frames of a 1-frame latent would come from the encoder's padding."""
+        if latent_frames == 1:
+            return 1
         frames = [n for n in range(1, 4 * latent_frames + 1) if self.latent_frames(n) == latent_frames]
         if not frames:
             raise ValueError(f"no frame count gives {latent_frames} latent frames")

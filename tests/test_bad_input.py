@@ -73,6 +73,9 @@ def test_decode_tile_overlap_not_below_tile_size_is_refused_when_queued(comfy_se
     result = comfy_server.client().run(t2v, timeout=600)
     assert result.status == "rejected", result.status  # validation: nothing was sampled
     assert "tile_overlap (64 px) must be smaller than tile_size (32 px)" in json.dumps(result.error), result.error
+    node_of(t2v, "OpenSoraDecode")["inputs"].update(tile_size=256, tile_overlap=1000)  # past the widget's max
+    result = comfy_server.client().run(t2v, timeout=600)
+    assert result.status == "rejected" and "between 0 and 512" in json.dumps(result.error), result.error
 
 
 def test_truncated_safetensors(comfy_server, t2v):

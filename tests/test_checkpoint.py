@@ -464,6 +464,7 @@ def test_quantized_formats_it_cannot_read_are_refused_by_name(tmp_path):
     write_checkpoint(tmp_path / "nvfp4.safetensors", nvfp4)
     with pytest.raises(CheckpointError, match="'lin' is quantized as 'nvfp4'.*float8_e4m3fn, float8_e5m2"):
         load_state_dict(tmp_path / "nvfp4.safetensors", dtype=torch.bfloat16)
-    write_checkpoint(tmp_path / "odd.safetensors", {"lin.weight": weight, "lin.scale_weight": torch.ones(3)})
-    with pytest.raises(CheckpointError, match=r"scale of 'lin.weight' has shape \(3,\).*\(4, 4\)"):
-        load_state_dict(tmp_path / "odd.safetensors", dtype=torch.bfloat16)
+    for name, scale in (("odd", torch.ones(3)), ("rows_1d", torch.ones(4))):  # [4] would scale columns silently
+        write_checkpoint(tmp_path / f"{name}.safetensors", {"lin.weight": weight, "lin.scale_weight": scale})
+        with pytest.raises(CheckpointError, match=rf"scale of 'lin.weight' has shape \({len(scale)},\).*\(4, 4\)"):
+            load_state_dict(tmp_path / f"{name}.safetensors", dtype=torch.bfloat16)

@@ -56,6 +56,12 @@ def probe(out_path: str, models_dir: str) -> None:
             "finite": bool(plain.isfinite().all()),
             "fps_matters": float((other_fps - spelled).abs().max()),
         }
+    text, meta = positive[0]
+    try:
+        ksampler([[text, {**meta, "opensora_version": "1.2"}]], negative, lat)
+        results["other_version"] = None
+    except ValueError as error:
+        results["other_version"] = str(error)
     Path(out_path).write_text(json.dumps(results))
 
 
@@ -74,3 +80,8 @@ def test_ksampler_fills_in_what_core_does_not_give(measured, frames):
     values = measured[frames]
     assert values["finite"] and values["equal"], values
     assert values["fps_matters"] > 1e-4, values  # the spelled-out fps reaches the model, so "equal" is meaningful
+
+
+def test_ksampler_refuses_conditioning_of_another_version(measured):
+    message = measured["other_version"]
+    assert message is not None and "encoded for Open-Sora 1.2 but the model is Open-Sora 1.3" in message, message

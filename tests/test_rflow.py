@@ -430,3 +430,24 @@ def test_conditioning_fps_is_120_for_a_single_image_whatever_was_asked():
 
     assert conditioning_fps(24, 1) == conditioning_fps(None, 1) == 120
     assert conditioning_fps(None, 17) == 24 and conditioning_fps(8, 17) == 8
+
+
+@pytest.mark.parametrize(
+    ("mask_index", "reference_frames", "official"),
+    [
+        ([0], 1, "0"),  # i2v_head, as the official docs' image example
+        ([14], 1, "0,0,0,-1,1,0"),  # i2v_tail: align 5 moves it to latent frame 10 of 15
+        ([0, 14], 1, "0;0,0,0,-1,1,0"),  # i2v_loop
+        ([0, 1, 2, 3, 4], 8, "0,0,0,0,5,0"),  # v2v_head: one group of 5
+        ([7], 1, "0,0,0,7,1,0"),  # any frame (snapped to 5)
+    ],
+)
+def test_v12_mask_strategies_for_the_cond_types_equal_the_official_strings(mask_index, reference_frames, official):
+    from opensora_lib.conditioning_v1 import V12_ALIGN, mask_strategies_for
+
+    z = latent(batch=1, frames=15)
+    ref = latent(batch=1, frames=reference_frames, seed=4)
+    ours_z, ours = apply_mask_strategy(z, [ref], mask_strategies_for(mask_index, reference_frames), align=V12_ALIGN)
+    want_z, want = apply_mask_strategy(z, [ref], official, align=V12_ALIGN)
+    assert torch.equal(ours_z, want_z) and torch.equal(ours.frame_mask, want.frame_mask)
+    assert (ours.frame_mask == 0).sum() == len(mask_index)  # every reference frame is kept, none dropped

@@ -276,7 +276,8 @@ def test_bad_tiling_and_config_values_are_rejected(fixture_model):
 
 def test_longest_video_for_a_latent_without_its_frame_count(fixture_model):
     """The most frames each latent length decodes to: 17 per 5-frame chunk, then 4 per latent frame."""
-    for latent_frames, frames in ((1, 4), (5, 17), (6, 21), (10, 34), (12, 42)):
+    for latent_frames, frames in ((5, 17), (6, 21), (10, 34), (12, 42)):
         assert fixture_model.longest_video(latent_frames) == frames
         assert fixture_model.latent_frames(frames) == latent_frames
         assert fixture_model.latent_frames(frames + 1) == latent_frames + 1
+    assert fixture_model.longest_video(1) == 1  # an image: 1.2 makes no 2..16-frame videos

@@ -201,21 +201,17 @@ def _v12_i2v(comfy_server, seed: int, cond_type: str) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize(("cond_type", "kept"), [("i2v_head", [0]), ("i2v_loop", [0, -1])])
-def test_v12_image_to_video_keeps_the_reference_frames(comfy_server, cond_type, kept):
-    """1.2 i2v as its official inference: the reference written into the latent with edit ratio 0, so those latent
-    frames come out as the reference whatever the seed, and the others are generated."""
+def test_v12_image_to_video_through_the_api(comfy_server):
+    """1.2 i2v on the real host: the reference's latent frame is kept whatever the seed (what is kept, and where,
+    is checked against the official strategies in tests/test_v12_reference.py)."""
     runs = []
     for seed in (1, 2):
-        result = comfy_server.client().run(_v12_i2v(comfy_server, seed, cond_type), timeout=900)
+        result = comfy_server.client().run(_v12_i2v(comfy_server, seed, "i2v_head"), timeout=900)
         assert result.ok, result.error
         runs.append(_latent(comfy_server, result))
     a, b = runs
-    generated = [f for f in range(a.shape[2]) if f not in {k % a.shape[2] for k in kept}]
-    for frame in kept:
-        assert torch.equal(a[:, :, frame], b[:, :, frame]), frame
-    assert (a[:, :, generated] - b[:, :, generated]).abs().max() > 0.1
-    assert torch.equal(a[:, :, kept[0]], a[:, :, kept[-1]])  # the same reference image at each kept frame
+    assert torch.equal(a[:, :, 0], b[:, :, 0])
+    assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 0.1
 
 
 def test_v12_reference_in_the_guider_is_refused_clearly(comfy_server):
