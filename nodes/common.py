@@ -24,6 +24,21 @@ def warn_once(key: str, message: str) -> None:
         logging.getLogger("OpenSora").warning(message)
 
 
+def input_range_error(node_class, values: dict) -> str | None:
+    """The min / max check core skips for the inputs a node's VALIDATE_INPUTS names (ComfyUI's execution.py), for
+    `values` {input name: value}; the first violation as a message, or None."""
+    spec = node_class.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            value, options = values.get(name), entry[1] if len(entry) > 1 else {}
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            low, high = options.get("min"), options.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                return f"{name} must be between {low} and {high}, got {value}"
+    return None
+
+
 def check_conditioning_version(encoded: str | None, version: str, what: str) -> None:
     """Refuse conditioning that Open-Sora Encode Prompt made for another version (None: not from the pack)."""
     if encoded is not None and encoded != version:

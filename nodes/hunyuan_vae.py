@@ -138,12 +138,33 @@ def frame_causal_vae(vae, whole_video: bool = True):
         for module in chunked:  # the copies made above: the original keeps its chunks
             module.carried = False
         patched.memory_used_encode, patched.memory_used_decode = whole_video_memory_estimates()
+    _refuse_other_latents(patched, getattr(vae, "latent_channels", 16))
     patcher = getattr(vae, "patcher", None)
     if patcher is not None:
         # A clone manages the same weights (the original model tree, whose weight-bearing modules are the ones
         # `root` uses), so ComfyUI loads / offloads them once for both VAE objects.
         patched.patcher = patcher.clone()
     return patched
+
+
+def _refuse_other_latents(patched, channels: int) -> None:
+    """Core's decode raises a bare conv channel error for a latent of another autoencoder (a 128-channel Video
+    DC-AE latent from Empty Latent Video "2.0 DC-AE"); say what it is instead."""
+    for name in ("decode", "decode_tiled"):
+        original = getattr(patched, name, None)
+        if original is None:
+            continue
+
+        def checked(samples, *args, _original=original, **kwargs):
+            if samples.ndim == 5 and samples.shape[1] != channels:
+                raise ValueError(
+                    f"Open-Sora HunyuanVideo VAE: this latent has {samples.shape[1]} channels, the HunyuanVideo VAE "
+                    f"takes {channels}. A 128-channel latent is a 2.0 Video DC-AE one: decode it with Open-Sora Decode "
+                    "and Load Open-Sora VAE (F32T4C128_AE.safetensors)."
+                )
+            return _original(samples, *args, **kwargs)
+
+        setattr(patched, name, checked)
 
 
 def whole_video_memory_estimates():

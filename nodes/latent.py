@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..opensora_lib import reference_image, sizes
-from .common import CATEGORY
+from .common import CATEGORY, input_range_error
 
 # Version choices of Empty Latent Video; "2.0 DC-AE" makes a Video DC-AE latent (its LATENT info keeps version
 # "2.0" and adds "autoencoder": "dc_ae"; a 2.0 latent without that key is a HunyuanVideo one).
 VERSIONS = list(sizes.LATENT_CHOICES)
 LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
-COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
+V1_COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
+COND_TYPES = [*V1_COND_TYPES, "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]  # the last three: 2.0 only
 AUTOENCODER_NAMES = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
 
 
@@ -150,7 +151,11 @@ class OpenSoraEmptyLatentVideo:
     DESCRIPTION = "An empty video latent with Open-Sora's size, frame-count and aspect rules."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, version, resolution, aspect_ratio, num_frames, batch_size=1, width=0, height=0, fps=24):
+    def VALIDATE_INPUTS(cls, version, resolution, aspect_ratio, num_frames, width=0, height=0):
+        # batch_size and fps are not named here, so core checks their ranges itself
+        error = input_range_error(cls, {"num_frames": num_frames, "width": width, "height": height})
+        if error:
+            return error
         try:
             lib_version, autoencoder = sizes.parse_latent_choice(version)
             resolve_size(version, resolution, aspect_ratio, width, height)
@@ -203,7 +208,7 @@ class OpenSoraEncodeReference:
                     COND_TYPES,
                     {
                         "default": "i2v_head",
-                        "tooltip": "Where the reference goes: first frame, last frame, both (loop), the first latent frames of a video (v2v_head), or one latent frame (frame_index).",
+                        "tooltip": "Where the reference goes: first frame, last frame, both (loop), the first latent frames of a video (v2v_head), or one latent frame (frame_index, 1.x). 2.0 (HunyuanVideo VAE) also takes v2v_tail (a video continued backwards from its last frames) and the _easy variants (16 + 1 conditioned latent frames instead of 8 + 1), as the official 2.0 code; the DC-AE takes the i2v types.",
                     },
                 ),
             },
@@ -259,6 +264,11 @@ class OpenSoraEncodeReference:
             from .reference_v2 import encode_reference_v2
 
             return (encode_reference_v2(core_vae, image, latent, cond_type, frame_index, seed),)
+        if cond_type not in V1_COND_TYPES:
+            raise ValueError(
+                f"cond_type {cond_type!r} is an Open-Sora 2.0 condition; Open-Sora {info['version']} takes "
+                f"{', '.join(V1_COND_TYPES)}."
+            )
         if vae is None:
             raise ValueError(
                 f"Open-Sora {info['version']} references need the Open-Sora VAE: connect vae (Load Open-Sora VAE)."
@@ -325,9 +335,9 @@ class OpenSoraDecode:
     def VALIDATE_INPUTS(cls, tile_size=0, tile_overlap=64):
         """Checked when the prompt is queued, before any sampling (the VAEs would say it in latent pixels). Core
         skips its own min / max checks for inputs named here, so the ranges are checked here too."""
-        for name, value, top in (("tile_size", tile_size, 2048), ("tile_overlap", tile_overlap, 512)):
-            if not 0 <= value <= top:
-                return f"{name} must be between 0 and {top} pixels, got {value}"
+        error = input_range_error(cls, {"tile_size": tile_size, "tile_overlap": tile_overlap})
+        if error:
+            return error
         if tile_size and tile_overlap >= tile_size:
             return (
                 f"tile_overlap ({tile_overlap} px) must be smaller than tile_size ({tile_size} px), or set tile_size 0"

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from helpers_server import run_ok, tiny_workflow
+from helpers_server import run_ok, tiny_workflow, write_reference_image
 
 pytestmark = pytest.mark.server
 
@@ -76,6 +76,23 @@ def test_decode_tile_overlap_not_below_tile_size_is_refused_when_queued(comfy_se
     node_of(t2v, "OpenSoraDecode")["inputs"].update(tile_size=256, tile_overlap=1000)  # past the widget's max
     result = comfy_server.client().run(t2v, timeout=600)
     assert result.status == "rejected" and "between 0 and 512" in json.dumps(result.error), result.error
+
+
+@pytest.mark.parametrize(("name", "value"), [("batch_size", 0), ("fps", -24), ("num_frames", 2000), ("width", -8)])
+def test_empty_latent_ranges_are_checked_when_queued(comfy_server, t2v, name, value):
+    """Core skips its min / max check for inputs a node's VALIDATE_INPUTS names; these must still be refused."""
+    node_of(t2v, "OpenSoraEmptyLatentVideo")["inputs"][name] = value
+    result = comfy_server.client().run(t2v, timeout=600)
+    assert result.status == "rejected", result.status
+    assert name in json.dumps(result.error) and str(value) in json.dumps(result.error), result.error
+
+
+def test_v2_only_cond_type_on_a_1x_latent(comfy_server):
+    write_reference_image(comfy_server)
+    prompt = tiny_workflow(comfy_server, "opensora13_i2v", steps=2)
+    node_of(prompt, "OpenSoraEncodeReference")["inputs"]["cond_type"] = "v2v_tail"
+    message = run_error(comfy_server, prompt)
+    assert "'v2v_tail' is an Open-Sora 2.0 condition; Open-Sora 1.3 takes" in message, message
 
 
 def test_truncated_safetensors(comfy_server, t2v):

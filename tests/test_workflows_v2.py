@@ -200,3 +200,34 @@ def test_v2_guider_and_sigmas_reproduce_the_sampler_node(comfy_server, name):
     assert a.shape == b.shape == (1, 16, 3, 8, 8)
     assert a.abs().mean() > 0.1
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_v2_video_reference_modes_through_the_api(comfy_server):
+    """v2v_tail, one of the official 2.0 video-conditioning modes beyond v2v_head (the _easy variants differ in
+    counts only: tests/test_sampling_v2.py): a 33-frame reference video (8 + 1 latent frames) into 41 frames."""
+    write_reference_image(comfy_server)
+    prompt = tiny_settings_v2(use_models_v2(api_workflow("opensora20_i2v"), comfy_server.tiny_models), steps=2)
+    prompt["4"]["inputs"]["num_frames"] = 41
+    prompt["13"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["10", 0], "amount": 33}}
+    prompt["11"]["inputs"].update(image=["13", 0], cond_type="v2v_tail")
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
+    props = video_properties(output_files(result, comfy_server.base)[0])
+    assert props["frames"] == 41 and props["pixels"].std() > 1.0
+
+
+def test_dcae_latent_into_the_hunyuan_vae_is_named(comfy_server):
+    """A 2.0 DC-AE latent wired into core VAEDecode with the HunyuanVideo VAE (causal fix): a message that says
+    what the latent is and which decoder it needs, not torch's channel error."""
+    prompt = tiny_v2(comfy_server, "opensora20_dcae_t2v")
+    hunyuan = tiny_v2(comfy_server, "opensora20_t2v")
+    for key in ("7", "8", "9"):
+        del prompt[key]
+    prompt["60"] = hunyuan["6"]  # VAELoader with the test HunyuanVideo VAE
+    prompt["61"] = {"class_type": "OpenSoraHunyuanVAE", "inputs": {"vae": ["60", 0]}}
+    prompt["62"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["61", 0]}}
+    prompt["63"] = {"class_type": "PreviewImage", "inputs": {"images": ["62", 0]}}
+    result = comfy_server.client().run(prompt, timeout=900)
+    assert result.status == "error", result.status
+    message = result.error["exception_message"]
+    assert "128 channels" in message and "Open-Sora Decode" in message, message
