@@ -124,7 +124,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     (hunyuan,) = empty_node.generate("2.0", "256px", "16:9", 129)
     validate = {
         f"{choice} {frames} {width}x{height}": empty_node.VALIDATE_INPUTS(
-            choice, "768px", "16:9", frames, 1, width, height
+            choice, "768px", "16:9", frames, width=width, height=height
         )
         for choice, frames, width, height in (
             ("2.0 DC-AE", 128, 0, 0),
