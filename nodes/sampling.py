@@ -91,12 +91,13 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     has no such input and, as its official inference, writes the reference frames into z with a mask strategy
     (edit ratio 0: those latent frames are kept) aligned to multiples of 5 latent frames (official align = 5:
     i2v_tail on 15 latent frames lands on frame 10)."""
-    reference = v1_reference(latent, z)
-    if version != "1.2" or reference is None:
-        return z, reference
-    raw = latent["opensora_reference"]["latent"].to(z.device, z.dtype)
-    strategies = mask_strategies_for(reference.mask_index, raw.shape[2])
-    return apply_mask_strategy(z, [raw], strategies, align=V12_ALIGN)
+    if version != "1.2":
+        return z, v1_reference(latent, z)
+    reference = latent.get("opensora_reference")
+    if reference is None:
+        return z, None
+    raw = reference["latent"].to(z.device, z.dtype)  # no z-sized placed copy: the strategies place it
+    return apply_mask_strategy(z, [raw], mask_strategies_for(reference["mask_index"], raw.shape[2]), align=V12_ALIGN)
 
 
 def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:
