@@ -23,6 +23,7 @@ import torch
 from ..opensora_lib import rflow
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import check_conditioning_version, forward_memory, warn_once
+from .context_windows import resize_reference_cond
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
@@ -142,6 +143,9 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         if mask_index is not None:
             out["mask_index"] = comfy.conds.CONDConstant(tuple(mask_index))
         return out
+
+    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006 (core's signature)
+        return resize_reference_cond(cond_key, cond_value, window, x_in, device, retain_index_list)
 
     def core_sampler_defaults(self, kwargs: dict) -> dict:
         """What core's samplers (KSampler, CFGGuider) do not give, for Encode Prompt's conditioning: fps 24 (120

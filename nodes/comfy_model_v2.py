@@ -28,6 +28,7 @@ from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
 from .common import check_conditioning_version, forward_memory
+from .context_windows import resize_reference_cond
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
@@ -207,6 +208,9 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         """Bytes of one forward on a latent batch [B, C, T, H, W] (see OpenSoraModel.memory_required), image
         tokens (patch 2, or 1 for the DC-AE variant) plus the T5 tokens of the conditioning."""
         return forward_memory(self.diffusion_model, input_shape, text_tokens(cond_shapes), compute_dtype(self))
+
+    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006 (core's signature)
+        return resize_reference_cond(cond_key, cond_value, window, x_in, device, retain_index_list)
 
     def extra_conds_shapes(self, **kwargs):
         """The T5 states' shape for core's estimate_memory (prepare_sampling), which passes these as cond_shapes."""

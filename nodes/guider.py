@@ -14,7 +14,8 @@ import torch
 
 from ..opensora_lib import rflow
 from .common import CATEGORY
-from .guider_hooks import post_cfg, refuse_windowed_reference, run_passes, with_negative
+from .context_windows import refuse_windowed_reference
+from .guider_hooks import post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
     CFG_INPUT,

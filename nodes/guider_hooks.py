@@ -19,22 +19,6 @@ import torch
 from .common import warn_once
 
 
-def refuse_windowed_reference(model_options: dict, latent: torch.Tensor, has_reference: bool) -> None:
-    """Core's context windows (Context Windows (Manual)) slice the latent per window but not the reference
-    conditioning, so i2v / v2v would fail in the DiT with a shape error. ComfyUI 0.3.75 has no model hook for it;
-    newer ones have BaseModel.resize_cond_for_context_window, not used yet. Text-to-video with context windows runs
-    (tests/test_context_windows.py)."""
-    handler = model_options.get("context_handler")
-    length, dim = getattr(handler, "context_length", None), getattr(handler, "dim", None)
-    if not has_reference or length is None or dim is None or dim >= latent.ndim or latent.shape[dim] <= length:
-        return
-    raise ValueError(
-        f"Context windows (context_length {length}, dim {dim}: the latent has {latent.shape[dim]} there) do not work "
-        "with a reference (image-to-video / video-to-video): core slices the latent per window but not the "
-        f"reference. Use them for text-to-video, or set context_length to at least {latent.shape[dim]}."
-    )
-
-
 def with_negative(names: list[str], model_options: dict) -> list[str]:
     """The passes to run: `names` plus the negative text pass when the MODEL sets disable_cfg1_optimization (core
     then computes uncond even at scale 1, for hooks that read it, e.g. the CFG++ samplers and SAG). The guidance

@@ -47,7 +47,8 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
-from .guider_hooks import post_cfg, refuse_windowed_reference, run_passes, with_negative
+from .context_windows import refuse_windowed_reference
+from .guider_hooks import post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas

@@ -2,8 +2,10 @@
 
 - Text-to-video through the Open-Sora Guider + SamplerCustomAdvanced (and core KSampler for 2.0): a window as long
   as the latent changes nothing (bit-identical); a shorter one runs the DiT on windows of that many latent frames.
-- With a reference (i2v) and windows shorter than the latent: a clear error before any DiT call (core slices the
-  latent per window but not the reference conditioning).
+- With a reference (i2v) and windows shorter than the latent, on ComfyUI 0.23.0 and newer (the model slices its own
+  conditioning, BaseModel.resize_cond_for_context_window): every DiT call gets the reference conditioning of the
+  frames it holds, exactly (1.3 cond / cond_mask and mask_index renumbered, 2.0 cond), also with core's
+  cond_retain_index_list "0"; on older ComfyUI (0.3.75) a clear error before any DiT call.
 - The Sampler node does not run context windows: it warns, naming them, and samples the whole latent.
 """
 
@@ -32,7 +34,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     from comfy_extras.nodes_context_windows import ContextWindowsManualNode
     from comfy_extras.nodes_custom_sampler import KSamplerSelect, RandomNoise, SamplerCustomAdvanced
     from helpers_conditioning import random_conditioning
-    from opensora_pack.nodes import guider, latent, loaders, sampling
+    from opensora_pack.nodes import context_windows, guider, latent, loaders, sampling
 
     import nodes as core_nodes
 
@@ -48,12 +50,67 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     def result_of(output):
         return output.result[0] if hasattr(output, "result") else output[0]
 
-    def windowed(model, length):
+    def windowed(model, length, retain=""):
         options = dict(context_length=length, context_overlap=1, context_schedule="standard_static")
         options.update(context_stride=1, closed_loop=False, fuse_method="pyramid", dim=2)
-        if "freenoise" in inspect.signature(ContextWindowsManualNode.execute).parameters:  # newer ComfyUI
+        parameters = inspect.signature(ContextWindowsManualNode.execute).parameters
+        if "freenoise" in parameters:  # newer ComfyUI
             options["freenoise"] = False
+        if retain:
+            options["cond_retain_index_list"] = retain
         return result_of(ContextWindowsManualNode.execute(model, **options))
+
+    def reference_in_windows(version, model, dm, guided, frames_seen) -> dict:
+        """Each DiT call's reference conditioning against the whole latent's, at the frames the call holds."""
+        calls: list[dict] = []
+        whole: dict = {}
+
+        def record(_module, args, kwargs):
+            cond = kwargs["cond"]
+            mask = cond[:, :1] if version == "2.0" else kwargs["cond_mask"]  # 2.0: channel 0 is the mask
+            window = (kwargs.get("transformer_options") or {}).get("context_window")
+            if window is None:
+                whole.update(cond=cond[:1].clone(), mask_index=list(kwargs.get("mask_index") or []))
+                return
+            retain = window_retain[0]
+            frames = context_windows.window_frames(window, whole["cond"].shape[2], retain)
+            reference = [p for p, frame in enumerate(frames) if frame in (0,)]  # i2v_head: latent frame 0
+            calls.append(
+                {
+                    "x_frames": args[0].shape[2],
+                    "frames": frames,
+                    "cond_equal": bool(torch.equal(cond[:1], whole["cond"][:, :, frames])),
+                    "mask_positions": (mask.flatten(3).abs().amax(dim=(0, 1, 3)) > 0).nonzero().flatten().tolist(),
+                    "expected_positions": reference,
+                    "mask_index": list(kwargs["mask_index"]) if version == "1.3" else None,
+                }
+            )
+
+        frames_seen.clear()
+        handle = dm.register_forward_pre_hook(record, with_kwargs=True)
+        window_retain = [[]]
+        try:
+            plain = guided(model, i2v=True)  # fills `whole` (no windows)
+            result = {"whole_mask_index": whole["mask_index"], "slices_references": context_windows.slices_references()}
+            for retain in ("", "0"):
+                window_retain[0] = [int(retain)] if retain else []
+                calls.clear()
+                try:
+                    out = guided(windowed(model, WINDOW, retain), i2v=True)
+                    result[f"retain {retain!r}"] = {
+                        "error": None,
+                        "calls": list(calls),
+                        "finite": bool(out.isfinite().all()),
+                        "differs": not torch.equal(out, plain),
+                    }
+                except ValueError as e:
+                    result[f"retain {retain!r}"] = {"error": str(e), "calls": list(calls)}
+                if not context_windows.slices_references():
+                    break  # older ComfyUI: no cond_retain_index_list either
+        finally:
+            handle.remove()
+            mm.unload_all_models()
+        return result
 
     def one_version(version: str) -> None:
         (model,) = loaders.OpenSoraLoadDiT().load(DIT[version], "fp32")
@@ -107,13 +164,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
                 "short_differs": not torch.equal(short, plain),
             }
 
-        frames_seen.clear()
-        try:
-            guided(windowed(model, WINDOW), i2v=True)
-            error = None
-        except ValueError as e:
-            error = str(e)
-        results[f"{version} i2v"] = {"error": error, "dit_calls": len(frames_seen)}
+        results[f"{version} i2v"] = reference_in_windows(version, model, dm, guided, frames_seen)
 
         warnings.clear()
         plain, _ = measure(sampler_node, model)
@@ -154,11 +205,33 @@ def test_text_to_video_runs_in_windows(measured, run):
 
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])
-def test_reference_with_windows_is_refused_before_sampling(measured, version):
+def test_reference_in_windows(measured, version):
+    """ComfyUI 0.23.0+: each window gets the reference conditioning of its frames; older: refused before the DiT."""
     values = measured[f"{version} i2v"]
-    assert values["error"] is not None and "Context windows" in values["error"], values
-    assert "text-to-video" in values["error"] and "context_length" in values["error"], values
-    assert values["dit_calls"] == 0, values
+    if version == "1.3":
+        assert values["whole_mask_index"] == [0], values
+    if not values["slices_references"]:
+        refused = values["retain ''"]
+        assert refused["error"] is not None and "0.23.0" in refused["error"], refused
+        assert "text-to-video" in refused["error"] and "context_length" in refused["error"], refused
+        assert refused["calls"] == [], refused
+        return
+    for retain in ("", "0"):
+        run = values[f"retain {retain!r}"]
+        assert run["error"] is None and run["finite"] and run["differs"], run
+        calls = run["calls"]
+        assert calls, run
+        for call in calls:
+            assert call["x_frames"] == len(call["frames"]) in (WINDOW, WINDOW + 1), call
+            assert call["cond_equal"], call  # the whole latent's conditioning at the call's frames, exactly
+            assert call["mask_positions"] == call["expected_positions"], call
+            if version == "1.3":
+                assert call["mask_index"] == call["expected_positions"], call
+        with_reference = [bool(call["expected_positions"]) for call in calls]
+        if retain == "0":  # core keeps the reference frame's conditioning at position 0 of every window
+            assert all(call["expected_positions"] == [0] for call in calls), calls
+        else:  # the windows that do not hold frame 0 run as text-to-video
+            assert any(with_reference) and not all(with_reference), calls
 
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])
