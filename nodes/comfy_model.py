@@ -20,7 +20,7 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..opensora_lib import rflow
+from ..opensora_lib import rflow, sizes
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import check_conditioning_version, forward_memory, warn_once
 from .context_windows import resize_reference_cond
@@ -149,14 +149,16 @@ class OpenSoraModel(comfy.model_base.BaseModel):
 
     def core_sampler_defaults(self, kwargs: dict) -> dict:
         """What core's samplers (KSampler, CFGGuider) do not give, for Encode Prompt's conditioning: fps 24 (120
-        for one latent frame, as the reference for an image) and the pixel size from the latent (the 1.x VAEs are
-        x8 spatially; core's own default reads a 4D image latent's dims, wrong for [B, C, T, H, W]), and for the
-        null-caption negative the learned null caption with all its tokens. The pack's Sampler and Guiders set fps
-        and sizes themselves (the latent's exact size and fps) and mask the null caption by the prompt (Q1)."""
+        for one latent frame, as the reference for an image) and the pixel size from the latent (the official table
+        size with that latent size, else the latent x8; core's own default reads a 4D image latent's dims, wrong for
+        [B, C, T, H, W]), and for the null-caption negative the learned null caption with all its tokens. The pack's
+        Sampler and Guiders set fps and sizes themselves (the latent's exact size and fps) and mask the null caption
+        by the prompt (Q1)."""
         noise, defaults = kwargs.get("noise"), {}
         if kwargs.get("fps") is None and noise is not None and noise.ndim == 5:
             frames, height, width = noise.shape[2:]
-            defaults = {"height": height * 8, "width": width * 8}
+            height, width = sizes.v1_size_for_latent(self.opensora_version, height, width)
+            defaults = {"height": height, "width": width}
             defaults["fps"] = rflow.conditioning_fps(None, frames)  # one latent frame is one image
         if kwargs.get("opensora_null_caption"):
             y_null = self.diffusion_model.y_embedder.y_embedding.detach().float().cpu()[None]

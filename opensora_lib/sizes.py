@@ -309,13 +309,31 @@ def latent_shape(
     validate_num_frames(version, num_frames, autoencoder=autoencoder)
     validate_size(version, height, width, autoencoder=autoencoder)
     frames = latent_frames(version, num_frames, autoencoder=autoencoder)
-    if version == "1.2":
-        return frames, height // 8, width // 8
-    if version == "1.3":
-        return frames, (height - 1) // 8 + 1, (width - 1) // 8 + 1
+    if version in ("1.2", "1.3"):
+        return frames, *v1_latent_hw(version, height, width)
     if autoencoder == "dc_ae":
         return frames, -(-height // 32), -(-width // 32)
     return frames, 2 * -(-height // 16), 2 * -(-width // 16)  # noise is drawn as 2*ceil(H/16)
+
+
+def v1_latent_hw(version: str, height: int, width: int) -> tuple[int, int]:
+    """(H, W) of a 1.x latent for a pixel size (1.2 floors H/8, 1.3 rounds up)."""
+    if version == "1.2":
+        return height // 8, width // 8
+    return (height - 1) // 8 + 1, (width - 1) // 8 + 1
+
+
+def v1_size_for_latent(version: str, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """The pixel (height, width) a 1.x latent stands for, for samplers that see only the latent (core KSampler):
+    the official table size with that latent size when exactly one has it (1.3 480p 9:16 is 480 x 854, latent 60 x 107),
+    else the latent x 8."""
+    found = {
+        size
+        for _, table in V1_TABLES[check_version(version)].values()
+        for size in table.values()
+        if v1_latent_hw(version, *size) == (latent_height, latent_width)
+    }
+    return found.pop() if len(found) == 1 else (latent_height * 8, latent_width * 8)
 
 
 def tokens_per_frame(version: str, height: int, width: int, *, autoencoder: str = "hunyuan") -> int:
@@ -323,10 +341,8 @@ def tokens_per_frame(version: str, height: int, width: int, *, autoencoder: str 
     check_version(version)
     check_int("height", height)
     check_int("width", width)
-    if version == "1.2":
-        latent_h, latent_w = height // 8, width // 8
-    elif version == "1.3":
-        latent_h, latent_w = (height - 1) // 8 + 1, (width - 1) // 8 + 1
+    if version in ("1.2", "1.3"):
+        latent_h, latent_w = v1_latent_hw(version, height, width)
     else:
         step = 32 if check_autoencoder(autoencoder) == "dc_ae" else 16
         return -(-height // step) * -(-width // step)

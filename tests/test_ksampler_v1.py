@@ -1,7 +1,7 @@
 """Core KSampler on a 1.x MODEL with Open-Sora Encode Prompt's conditioning, in ComfyUI (--cpu).
 
 Core's samplers give the model neither the video's pixel size and fps nor the learned null caption; the MODEL fills
-them in (extra_conds): sizes from the latent (x8), fps 24 (120 for one frame), the null-caption negative as the
+them in (extra_conds): sizes from the latent (the official table size for it, else x8), fps 24 (120 for one frame), the null-caption negative as the
 DiT's y_embedding with all its tokens. The result must equal KSampler on conditioning that spells these out.
 """
 
@@ -41,9 +41,10 @@ def probe(out_path: str, models_dir: str) -> None:
         mm.unload_all_models()
         return out["samples"]
 
-    for frames, fps in ((17, 24.0), (1, 120.0)):
-        (lat,) = latent.OpenSoraEmptyLatentVideo().generate("1.3", "144p", "9:16", frames)
-        sizes = {"height": 144, "width": 256, "fps": fps}  # 144p 9:16 is 144 x 256: the latent x8 exactly
+    # 144p 9:16 is 144 x 256, the latent x8; 480p 9:16 is 480 x 854, latent 60 x 107 (x8: 856), from the table
+    for frames, fps, resolution, (height, width) in ((17, 24.0, "144p", (144, 256)), (1, 120.0, "480p", (480, 854))):
+        (lat,) = latent.OpenSoraEmptyLatentVideo().generate("1.3", resolution, "9:16", frames)
+        sizes = {"height": height, "width": width, "fps": fps}
         text, meta = positive[0]
         spelled_pos = [[text, {**meta, **sizes}]]
         null_mask = torch.ones(y_null.shape[:2], dtype=torch.long)
@@ -51,10 +52,14 @@ def probe(out_path: str, models_dir: str) -> None:
         plain = ksampler(positive, negative, lat)
         spelled = ksampler(spelled_pos, spelled_neg, lat)
         other_fps = ksampler([[text, {**meta, **sizes, "fps": 8.0}]], spelled_neg, lat)
+        times_8 = {"height": lat["samples"].shape[3] * 8, "width": lat["samples"].shape[4] * 8}
+        other_size = ksampler([[text, {**meta, **sizes, **times_8}]], spelled_neg, lat)
         results[str(frames)] = {
             "equal": bool(torch.equal(plain, spelled)),
             "finite": bool(plain.isfinite().all()),
             "fps_matters": float((other_fps - spelled).abs().max()),
+            "table_size": (height, width) != (times_8["height"], times_8["width"]),
+            "size_matters": float((other_size - spelled).abs().max()),
         }
     text, meta = positive[0]
     try:
@@ -80,6 +85,8 @@ def test_ksampler_fills_in_what_core_does_not_give(measured, frames):
     values = measured[frames]
     assert values["finite"] and values["equal"], values
     assert values["fps_matters"] > 1e-4, values  # the spelled-out fps reaches the model, so "equal" is meaningful
+    if values["table_size"]:  # the table size, not the latent x8, is what reaches the model
+        assert values["size_matters"] > 1e-6, values
 
 
 def test_ksampler_refuses_conditioning_of_another_version(measured):

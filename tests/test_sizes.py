@@ -213,6 +213,22 @@ def test_latent_shapes_and_tokens():
         sizes.latent_shape("1.3", 20, 720, 1280)
 
 
+def test_v1_size_for_latent():
+    """The pixel size a 1.x latent stands for (core KSampler sees only the latent): the one official table size."""
+    assert sizes.v1_size_for_latent("1.3", 60, 107) == (480, 854)  # not the latent x8 (480 x 856)
+    assert sizes.v1_size_for_latent("1.2", 30, 53) == (240, 426)  # 1.2 floors: 426 // 8 = 53
+    assert sizes.v1_size_for_latent("1.3", 18, 32) == (144, 256)
+    assert sizes.v1_size_for_latent("1.3", 18, 33) == (144, 264)  # 139 x 262 and 141 x 260 share it: x8
+    assert sizes.v1_size_for_latent("1.3", 7, 9) == (56, 72)  # no table size: x8
+    for version in ("1.2", "1.3"):
+        for _, table in sizes.V1_TABLES[version].values():
+            for height, width in table.values():
+                latent_hw = sizes.v1_latent_hw(version, height, width)
+                found = sizes.v1_size_for_latent(version, *latent_hw)
+                assert sizes.v1_latent_hw(version, *found) == latent_hw
+                assert found in ((height, width), (latent_hw[0] * 8, latent_hw[1] * 8))
+
+
 def test_v13_decode_rule():
     assert sizes.decode_latent_frames("1.3", 113) == 35
     assert sizes.decoded_frames("1.3", 113) == 119  # official 1.3 returns 17 frames per 5 latents
