@@ -15,7 +15,7 @@ import torch
 from ..opensora_lib import rflow
 from .common import CATEGORY
 from .context_windows import refuse_windowed_reference
-from .guider_hooks import post_cfg, run_passes, with_negative
+from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
     CFG_INPUT,
@@ -73,6 +73,7 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        check_sampler_latent(self.latent["samples"].shape, latent_image)
         refuse_windowed_reference(self.model_options, latent_image, self.has_reference)
         self.sigma_list = sigmas.detach().float().cpu()
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)

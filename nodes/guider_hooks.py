@@ -19,6 +19,17 @@ import torch
 from .common import warn_once
 
 
+def check_sampler_latent(guider_shape: tuple, latent_image: torch.Tensor) -> None:
+    """SamplerCustomAdvanced's latent_image must be the LATENT the Open-Sora Guider was made for: its size, length and
+    reference conditioning come from that one."""
+    if tuple(latent_image.shape) != tuple(guider_shape):
+        raise ValueError(
+            f"Open-Sora Guider was made for a latent of shape {list(guider_shape)} but SamplerCustomAdvanced got "
+            f"latent_image {list(latent_image.shape)}: connect the same LATENT to the Guider, Open-Sora Sigmas and "
+            "SamplerCustomAdvanced."
+        )
+
+
 def with_negative(names: list[str], model_options: dict) -> list[str]:
     """The passes to run: `names` plus the negative text pass when the MODEL sets disable_cfg1_optimization (core
     then computes uncond even at scale 1, for hooks that read it, e.g. the CFG++ samplers and SAG). The guidance

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..opensora_lib import reference_image, sizes
-from .common import CATEGORY, input_range_error
+from .common import CATEGORY, input_range_error, warn_once
 
 # Version choices of Empty Latent Video; "2.0 DC-AE" makes a Video DC-AE latent (its LATENT info keeps version
 # "2.0" and adds "autoencoder": "dc_ae"; a 2.0 latent without that key is a HunyuanVideo one).
@@ -40,7 +40,40 @@ def video_info(latent: dict) -> dict:
     info = latent.get("opensora")
     if info is None:
         raise ValueError("This LATENT has no Open-Sora size information: make it with Open-Sora Empty Latent Video.")
-    return info
+    return info_for_samples(info, latent["samples"])
+
+
+def info_for_samples(info: dict, samples: torch.Tensor) -> dict:
+    """Core latent nodes (LatentUpscaleBy, TrimVideoLatent, LatentCut, ...) pass a LATENT on with its Open-Sora info
+    unchanged. Where the samples no longer have the shape that info makes, the size or the length comes from the
+    samples (a 1.x latent size: its one official table size, else x8; a length: the longest that many latent
+    frames hold), with a warning; a shape no Open-Sora video has is refused."""
+    if samples.ndim != 5:
+        return info
+    version, autoencoder = info["version"], latent_autoencoder(info) or "hunyuan"
+    made = sizes.latent_shape(version, info["num_frames"], info["height"], info["width"], autoencoder=autoencoder)
+    given = tuple(samples.shape[2:])
+    if given == made:
+        return info
+    updated = dict(info)
+    try:
+        if given[0] != made[0]:
+            updated["num_frames"] = sizes.frames_for_latent(version, given[0], autoencoder=autoencoder)
+        if given[1:] != made[1:]:
+            updated["height"], updated["width"] = sizes.size_for_latent(version, *given[1:], autoencoder=autoencoder)
+    except ValueError as e:
+        raise ValueError(
+            f"This {latent_label(info)} LATENT was made as {info['num_frames']} frames at {info['height']} x "
+            f"{info['width']} (latent T, H, W {made}) but its samples are now {given}, which no Open-Sora video has "
+            f"({e}): a node between Empty Latent Video and here changed it."
+        ) from e
+    warn_once(
+        f"latent info {made} -> {given}",
+        f"Open-Sora: a LATENT made as {info['num_frames']} frames at {info['height']} x {info['width']} now has latent "
+        f"(T, H, W) {given} (a core latent node changed it): using {updated['num_frames']} frames at "
+        f"{updated['height']} x {updated['width']}.",
+    )
+    return updated
 
 
 def latent_autoencoder(info: dict) -> str | None:
@@ -152,19 +185,26 @@ class OpenSoraEmptyLatentVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, version, resolution, aspect_ratio, num_frames, width=0, height=0):
-        # batch_size and fps are not named here, so core checks their ranges itself
+        """batch_size and fps are not named here, so core checks their ranges itself. An input linked from another
+        node is None here (its value comes at run time, where generate checks it): check what is known."""
         error = input_range_error(cls, {"num_frames": num_frames, "width": width, "height": height})
-        if error:
-            return error
+        if error or version is None:
+            return error or True
         try:
             lib_version, autoencoder = sizes.parse_latent_choice(version)
-            resolve_size(version, resolution, aspect_ratio, width, height)
-            sizes.validate_num_frames(lib_version, num_frames, autoencoder=autoencoder)
+            if None not in (resolution, aspect_ratio, width, height):
+                resolve_size(version, resolution, aspect_ratio, width, height)
+            if num_frames is not None:
+                sizes.validate_num_frames(lib_version, num_frames, autoencoder=autoencoder)
         except ValueError as e:
             return str(e)
         return True
 
     def generate(self, version, resolution, aspect_ratio, num_frames, batch_size=1, width=0, height=0, fps=24):
+        values = {"num_frames": num_frames, "width": width, "height": height, "batch_size": batch_size, "fps": fps}
+        error = input_range_error(self, values)  # linked inputs were not range-checked when queued
+        if error:
+            raise ValueError(f"Open-Sora Empty Latent Video: {error}")
         lib_version, autoencoder = sizes.parse_latent_choice(version)
         height, width = resolve_size(version, resolution, aspect_ratio, width, height)
         frames, latent_h, latent_w = sizes.latent_shape(lib_version, num_frames, height, width, autoencoder=autoencoder)
@@ -289,6 +329,14 @@ class OpenSoraEncodeReference:
         return (out,)
 
 
+def tile_error(node, tile_size: int | None, tile_overlap: int | None) -> str | None:
+    """Decode's tile settings: ranges, and an overlap below the tile (None: linked, not known yet)."""
+    error = input_range_error(node, {"tile_size": tile_size, "tile_overlap": tile_overlap})
+    if error or None in (tile_size, tile_overlap) or not tile_size or tile_overlap < tile_size:
+        return error
+    return f"tile_overlap ({tile_overlap} px) must be smaller than tile_size ({tile_size} px), or set tile_size 0"
+
+
 class OpenSoraDecode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -334,19 +382,17 @@ class OpenSoraDecode:
     @classmethod
     def VALIDATE_INPUTS(cls, tile_size=0, tile_overlap=64):
         """Checked when the prompt is queued, before any sampling (the VAEs would say it in latent pixels). Core
-        skips its own min / max checks for inputs named here, so the ranges are checked here too."""
-        error = input_range_error(cls, {"tile_size": tile_size, "tile_overlap": tile_overlap})
-        if error:
-            return error
-        if tile_size and tile_overlap >= tile_size:
-            return (
-                f"tile_overlap ({tile_overlap} px) must be smaller than tile_size ({tile_size} px), or set tile_size 0"
-            )
-        return True
+        skips its own min / max checks for inputs named here, so the ranges are checked here too; a linked input is
+        None here and checked in decode."""
+        return tile_error(cls, tile_size, tile_overlap) or True
 
     def decode(self, vae, latent, tile_size=0, tile_overlap=64):
-        info = latent.get("opensora", {})
+        error = tile_error(self, tile_size, tile_overlap)
+        if error:
+            raise ValueError(f"Open-Sora Decode: {error}")
+        info = latent.get("opensora") or {}
         if info:
+            info = info_for_samples(info, latent["samples"])
             check_vae_fits(vae, info, "Decode")
         frames = vae.decode(latent["samples"], info.get("num_frames"), tile_size, tile_overlap if tile_size else 0)
         if info:

@@ -48,7 +48,7 @@ from ..opensora_lib.sampling_v2 import (
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
 from .context_windows import refuse_windowed_reference
-from .guider_hooks import post_cfg, run_passes, with_negative
+from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas
@@ -306,6 +306,7 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         super().__init__(model_patcher)
         self.options = options
         samples = check_latent(model_patcher, latent)
+        self.latent_shape = tuple(samples.shape)
         self.cond_type, reference, raw = reference_v2(model_patcher, latent)
         self.condition = None  # [1, 1 + C, T, H, W] mask + masked reference, model space
         self.paste = None  # (frames, raw masked reference) pasted back after sampling, as the Sampler node
@@ -330,6 +331,7 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        check_sampler_latent(self.latent_shape, latent_image)
         refuse_windowed_reference(self.model_options, latent_image, self.condition is not None)
         self.sigma_list = sigmas.detach().float().cpu()
         self.options.num_steps = max(1, len(self.sigma_list) - 1)  # the image ramp spans the schedule

@@ -336,6 +336,33 @@ def v1_size_for_latent(version: str, latent_height: int, latent_width: int) -> t
     return found.pop() if len(found) == 1 else (latent_height * 8, latent_width * 8)
 
 
+def size_for_latent(
+    version: str, latent_height: int, latent_width: int, *, autoencoder: str = "hunyuan"
+) -> tuple[int, int]:
+    """The pixel (height, width) a latent of that size stands for: 1.x as v1_size_for_latent, 2.0 the latent x8
+    (x32 for the DC-AE). Raises ValueError when no valid size gives it (e.g. an odd 2.0 latent side)."""
+    if check_version(version) == "2.0":
+        scale = 32 if check_autoencoder(autoencoder) == "dc_ae" else 8
+        height, width = latent_height * scale, latent_width * scale
+    else:
+        height, width = v1_size_for_latent(version, latent_height, latent_width)
+    validate_size(version, height, width, autoencoder=autoencoder)
+    return height, width
+
+
+def frames_for_latent(version: str, frames: int, *, autoencoder: str = "hunyuan") -> int:
+    """The longest valid frame count with `frames` latent frames (one latent frame: an image). Raises ValueError
+    when none has it (1.3 makes latent lengths in multiples of 5)."""
+    found = [
+        n
+        for n in allowed_num_frames(version, autoencoder=autoencoder)
+        if latent_frames(version, n, autoencoder=autoencoder) == frames
+    ]
+    if not found:
+        raise ValueError(f"no Open-Sora {version} frame count gives {frames} latent frames")
+    return max(found)
+
+
 def tokens_per_frame(version: str, height: int, width: int, *, autoencoder: str = "hunyuan") -> int:
     """Transformer tokens per latent frame (1.x: latent / patch 2, padded up; 2.0: ceil(H/16)*ceil(W/16))."""
     check_version(version)

@@ -229,6 +229,26 @@ def test_v1_size_for_latent():
                 assert found in ((height, width), (latent_hw[0] * 8, latent_hw[1] * 8))
 
 
+def test_size_and_length_for_latent():
+    """What a latent changed by a core node stands for: the longest valid length, the size its sides give."""
+    assert sizes.frames_for_latent("1.3", 5) == 17 and sizes.frames_for_latent("1.3", 1) == 1
+    assert sizes.frames_for_latent("1.2", 15) == 51  # the 2s preset
+    assert sizes.frames_for_latent("2.0", 33) == 129
+    assert sizes.frames_for_latent("2.0", 32, autoencoder="dc_ae") == 128
+    with pytest.raises(ValueError, match="no Open-Sora 1.3 frame count gives 7 latent frames"):
+        sizes.frames_for_latent("1.3", 7)
+    assert sizes.size_for_latent("2.0", 24, 42) == (192, 336)
+    assert sizes.size_for_latent("2.0", 8, 8, autoencoder="dc_ae") == (256, 256)
+    assert sizes.size_for_latent("1.3", 36, 64) == (288, 512)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sizes.size_for_latent("2.0", 25, 42)  # a HunyuanVideo latent side is even
+    for version, autoencoder in sizes.LATENT_CHOICES.values():
+        for frames in sizes.allowed_num_frames(version, autoencoder=autoencoder):
+            latent = sizes.latent_frames(version, frames, autoencoder=autoencoder)
+            longest = sizes.frames_for_latent(version, latent, autoencoder=autoencoder)
+            assert longest >= frames and sizes.latent_frames(version, longest, autoencoder=autoencoder) == latent
+
+
 def test_v13_decode_rule():
     assert sizes.decode_latent_frames("1.3", 113) == 35
     assert sizes.decoded_frames("1.3", 113) == 119  # official 1.3 returns 17 frames per 5 latents
