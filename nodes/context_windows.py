@@ -4,7 +4,8 @@ Core slices the latent per window and, from ComfyUI 0.23.0, asks the model to sl
 (BaseModel.resize_cond_for_context_window). The Open-Sora references are per latent frame: 1.3's cond / cond_mask
 [B, C, T, H, W] and the frames that attend to the null caption (mask_index, frame numbers), 2.0's cond
 [B, 1 + C, T, H, W] (mask + masked reference). Each window gets its frames of them, and mask_index is renumbered to
-the window's positions: a window that does not hold the reference frame runs as text-to-video. Older ComfyUI has
+the window's positions: a window that does not hold the reference frame gets an all-zero reference, as the
+video's other frames do (the DiT stays in its i2v mode, as within one official i2v call). Older ComfyUI has
 no such hook, so a reference with windows shorter than the latent is refused there before sampling.
 """
 
