@@ -230,7 +230,7 @@ def test_reference_in_windows(measured, version):
         with_reference = [bool(call["expected_positions"]) for call in calls]
         if retain == "0":  # core keeps the reference frame's conditioning at position 0 of every window
             assert all(call["expected_positions"] == [0] for call in calls), calls
-        else:  # the windows that do not hold frame 0 run as text-to-video
+        else:  # the windows that do not hold frame 0 get an all-zero reference
             assert any(with_reference) and not all(with_reference), calls
 
 
