@@ -45,11 +45,20 @@ def resize_reference_cond(cond_key: str, cond_value, window, x_in: torch.Tensor,
     return cond_value._copy_with(sliced)
 
 
-def refuse_windowed_reference(model_options: dict, latent: torch.Tensor, has_reference: bool) -> None:
-    """Before sampling: a reference with windows shorter than the latent on a ComfyUI without the hook."""
+def check_context_windows(model_options: dict, latent: torch.Tensor, has_reference: bool) -> None:
+    """Before sampling, what core's windows cannot run: a batch of videos (core slices the per-video timestep with
+    the frame indices, 0.3.75 to 0.33.0), and a reference on a ComfyUI without the hook."""
     handler = model_options.get("context_handler")
     length, dim = getattr(handler, "context_length", None), getattr(handler, "dim", None)
-    if not has_reference or length is None or dim is None or dim >= latent.ndim or latent.shape[dim] <= length:
+    if length is None or dim is None or dim >= latent.ndim or latent.shape[dim] <= length:
+        return
+    if latent.shape[0] > 1:
+        raise ValueError(
+            f"Context windows run one video at a time: core slices the timestep (one per video) with the window's "
+            f"frame indices, which fails for a batch of {latent.shape[0]}. Set batch_size to 1 and queue the prompt "
+            "once per video, or set context_length to at least the latent's frames."
+        )
+    if not has_reference:
         return
     if dim != 2:
         raise ValueError(

@@ -14,7 +14,7 @@ import torch
 
 from ..opensora_lib import rflow
 from .common import CATEGORY
-from .context_windows import refuse_windowed_reference
+from .context_windows import check_context_windows
 from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
@@ -74,7 +74,7 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
         check_sampler_latent(self.latent["samples"].shape, latent_image)
-        refuse_windowed_reference(self.model_options, latent_image, self.has_reference)
+        check_context_windows(self.model_options, latent_image, self.has_reference)
         self.sigma_list = sigmas.detach().float().cpu()
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 

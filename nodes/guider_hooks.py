@@ -21,8 +21,9 @@ from .common import warn_once
 
 def check_sampler_latent(guider_shape: tuple, latent_image: torch.Tensor) -> None:
     """SamplerCustomAdvanced's latent_image must be the LATENT the Open-Sora Guider was made for: its size, length and
-    reference conditioning come from that one."""
-    if tuple(latent_image.shape) != tuple(guider_shape):
+    reference conditioning come from that one. The batch may differ (e.g. RepeatLatentBatch on the sampler's latent
+    only): core repeats the conditioning over it."""
+    if tuple(latent_image.shape[1:]) != tuple(guider_shape[1:]):
         raise ValueError(
             f"Open-Sora Guider was made for a latent of shape {list(guider_shape)} but SamplerCustomAdvanced got "
             f"latent_image {list(latent_image.shape)}: connect the same LATENT to the Guider, Open-Sora Sigmas and "

@@ -73,10 +73,23 @@ def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlow
     return text
 
 
+def check_reference_fits(reference: dict, z: torch.Tensor) -> None:
+    """Encode Reference made its entry for the latent as it was then: a core latent node after it (LatentUpscaleBy,
+    TrimVideoLatent) changes the samples but not the entry."""
+    ref, index = reference["latent"], list(reference["mask_index"])
+    if tuple(ref.shape[3:]) != tuple(z.shape[3:]) or not all(0 <= frame < z.shape[2] for frame in index):
+        raise ValueError(
+            f"The Open-Sora Encode Reference (reference latent {list(ref.shape)} for latent frames {index}) does not "
+            f"fit this latent {list(z.shape)}: a node after Encode Reference (e.g. LatentUpscaleBy, TrimVideoLatent) "
+            "changed the latent. Run Encode Reference after that node."
+        )
+
+
 def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
     reference = latent.get("opensora_reference")
     if reference is None:
         return None
+    check_reference_fits(reference, z)
     ref = reference["latent"].to(z.device, z.dtype)
     placed = torch.zeros_like(z)
     index = reference["mask_index"]
@@ -96,6 +109,7 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     reference = latent.get("opensora_reference")
     if reference is None:
         return z, None
+    check_reference_fits(reference, z)
     raw = reference["latent"].to(z.device, z.dtype)  # no z-sized placed copy: the strategies place it
     return apply_mask_strategy(z, [raw], mask_strategies_for(reference["mask_index"], raw.shape[2]), align=V12_ALIGN)
 

@@ -47,7 +47,7 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, load_for_sampling
-from .context_windows import refuse_windowed_reference
+from .context_windows import check_context_windows
 from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
@@ -332,7 +332,7 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
         check_sampler_latent(self.latent_shape, latent_image)
-        refuse_windowed_reference(self.model_options, latent_image, self.condition is not None)
+        check_context_windows(self.model_options, latent_image, self.condition is not None)
         self.sigma_list = sigmas.detach().float().cpu()
         self.options.num_steps = max(1, len(self.sigma_list) - 1)  # the image ramp spans the schedule
         out = super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)

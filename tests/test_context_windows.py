@@ -6,6 +6,7 @@
   conditioning, BaseModel.resize_cond_for_context_window): every DiT call gets the reference conditioning of the
   frames it holds, exactly (1.3 cond / cond_mask and mask_index renumbered, 2.0 cond), also with core's
   cond_retain_index_list "0"; on older ComfyUI (0.3.75) a clear error before any DiT call.
+- A batch of videos in windows (core slices the per-video timestep with frame indices): refused before any DiT call.
 - The Sampler node does not run context windows: it warns, naming them, and samples the whole latent.
 """
 
@@ -72,8 +73,12 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             if window is None:
                 whole.update(cond=cond[:1].clone(), mask_index=list(kwargs.get("mask_index") or []))
                 return
-            retain = window_retain[0]
-            frames = context_windows.window_frames(window, whole["cond"].shape[2], retain)
+            # the frames core puts in the window: its anchor frame first (newer ComfyUI), then index_list, with the
+            # cond_retain_index_list positions holding frames 0..k (core's IndexListContextWindow.get_tensor)
+            anchor = getattr(window, "causal_anchor_index", None)
+            frames = ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
+            for position in window_retain[0]:
+                frames[position] = position
             reference = [p for p, frame in enumerate(frames) if frame in (0,)]  # i2v_head: latent frame 0
             calls.append(
                 {
@@ -119,8 +124,9 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         frames_seen: list[int] = []
         dm.register_forward_pre_hook(lambda _m, args: frames_seen.append(args[0].shape[2]))
 
-        def latent_for(i2v):
+        def latent_for(i2v, batch=1):
             (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENT[version])
+            empty["samples"] = empty["samples"].repeat(batch, 1, 1, 1, 1)
             if not i2v:
                 return empty
             s = empty["samples"]
@@ -128,8 +134,8 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             reference = {"latent": ref, "mask_index": [0], "cond_type": "i2v_head", "version": version}
             return {**empty, "opensora_reference": reference}
 
-        def guided(m, i2v=False):
-            lat = latent_for(i2v)
+        def guided(m, i2v=False, batch=1):
+            lat = latent_for(i2v, batch)
             (g,) = guider.OpenSoraGuider().get_guider(m, positive, negative, lat, CFG, IMAGE_CFG)
             (sigmas,) = sampling.OpenSoraSigmas().sigmas(lat, STEPS)
             noise, euler = result_of(RandomNoise.execute(SEED)), result_of(KSamplerSelect.execute("euler"))
@@ -165,6 +171,14 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             }
 
         results[f"{version} i2v"] = reference_in_windows(version, model, dm, guided, frames_seen)
+        for i2v in (False, True):  # core slices the per-video timestep with frame indices: one video at a time
+            frames_seen.clear()
+            try:
+                guided(windowed(model, WINDOW), i2v=i2v, batch=2)
+                error = None
+            except ValueError as e:
+                error = str(e)
+            results[f"{version} batch 2 i2v={i2v}"] = {"error": error, "dit_calls": len(frames_seen)}
 
         warnings.clear()
         plain, _ = measure(sampler_node, model)
@@ -232,6 +246,14 @@ def test_reference_in_windows(measured, version):
             assert all(call["expected_positions"] == [0] for call in calls), calls
         else:  # the windows that do not hold frame 0 get an all-zero reference
             assert any(with_reference) and not all(with_reference), calls
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_a_batch_in_windows_is_refused_before_sampling(measured, version, i2v):
+    values = measured[f"{version} batch 2 i2v={i2v}"]
+    assert values["error"] is not None and "one video at a time" in values["error"], values
+    assert "batch of 2" in values["error"] and values["dit_calls"] == 0, values
 
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])

@@ -92,10 +92,11 @@ def test_trimmed_latent_samples_and_decodes_its_own_length(comfy_server):
     assert "no Open-Sora 1.3 frame count gives 7 latent frames" in message and "changed it" in message, message
 
 
-def test_guider_and_sampler_given_different_latents(comfy_server):
-    """1.3 i2v: the Guider and Sigmas get the 17-frame Encode Reference latent, SamplerCustomAdvanced 33 frames."""
-    write_reference_image(comfy_server)
-    prompt = tiny_workflow(comfy_server, "opensora13_i2v", steps=2)
+def guider_graph(server) -> tuple[dict, str]:
+    """1.3 i2v through the Open-Sora Guider: the Guider and Sigmas take the Encode Reference latent, and
+    SamplerCustomAdvanced (node "57") a latent_image to set."""
+    write_reference_image(server)
+    prompt = tiny_workflow(server, "opensora13_i2v", steps=2)
     reference = node_of(prompt, "OpenSoraEncodeReference")
     sampler = prompt[node_of(prompt, "OpenSoraSampler")]["inputs"]
     text = sampler["positive"][0]
@@ -104,11 +105,42 @@ def test_guider_and_sampler_given_different_latents(comfy_server):
     prompt["51"] = {"class_type": "OpenSoraGuider", "inputs": {**guider, "cfg": 7.5}}
     prompt["52"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
     prompt["53"] = {"class_type": "OpenSoraSigmas", "inputs": {"latent": [reference, 0], "steps": 2}}
+    noise = {"noise": ["50", 0], "guider": ["51", 0], "sampler": ["52", 0], "sigmas": ["53", 0]}
+    prompt["57"] = {"class_type": "SamplerCustomAdvanced", "inputs": noise}
+    prompt[node_of(prompt, "OpenSoraDecode")]["inputs"]["latent"] = ["57", 0]
+    return prompt, reference
+
+
+def test_guider_with_a_batch_on_the_sampler_latent_only(comfy_server):
+    """RepeatLatentBatch on SamplerCustomAdvanced's latent only: core repeats the Guider's conditioning over it."""
+    prompt, reference = guider_graph(comfy_server)
+    prompt["58"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": [reference, 0], "amount": 2}}
+    prompt["57"]["inputs"]["latent_image"] = ["58", 0]
+    assert video_properties(run_ok(comfy_server, prompt)[0])["frames"] == 2 * 17
+
+
+@pytest.mark.parametrize(
+    ("node", "inputs"),
+    [("LatentUpscaleBy", {"upscale_method": "bilinear", "scale_by": 2.0}), ("TrimVideoLatent", {"trim_amount": 5})],
+)
+def test_reference_made_before_a_core_latent_node_is_named(comfy_server, node, inputs):
+    """Encode Reference -> a core node that changes the latent -> Sampler: the reference no longer fits it."""
+    write_reference_image(comfy_server)
+    prompt = tiny_workflow(comfy_server, "opensora13_i2v", steps=2, num_frames=33)
+    reference, sampler = node_of(prompt, "OpenSoraEncodeReference"), node_of(prompt, "OpenSoraSampler")
+    prompt[reference]["inputs"]["cond_type"] = "i2v_tail"  # latent frame 9 of 10: gone after trimming 5
+    prompt["90"] = {"class_type": node, "inputs": {"samples": [reference, 0], **inputs}}
+    prompt[sampler]["inputs"]["latent"] = ["90", 0]
+    message = error_of(comfy_server, prompt)
+    assert "Open-Sora Encode Reference" in message and "Run Encode Reference after that node" in message, message
+
+
+def test_guider_and_sampler_given_different_latents(comfy_server):
+    """The Guider and Sigmas get the 17-frame Encode Reference latent, SamplerCustomAdvanced a 33-frame one."""
+    prompt, _ = guider_graph(comfy_server)
     empty = {"version": "1.3", "resolution": "144p", "aspect_ratio": "9:16", "num_frames": 33, "batch_size": 1}
     prompt["56"] = {"class_type": "OpenSoraEmptyLatentVideo", "inputs": empty}
-    noise = {"noise": ["50", 0], "guider": ["51", 0], "sampler": ["52", 0], "sigmas": ["53", 0]}
-    prompt["57"] = {"class_type": "SamplerCustomAdvanced", "inputs": {**noise, "latent_image": ["56", 0]}}
-    prompt[node_of(prompt, "OpenSoraDecode")]["inputs"]["latent"] = ["57", 0]
+    prompt["57"]["inputs"]["latent_image"] = ["56", 0]
     message = error_of(comfy_server, prompt)
     assert "Open-Sora Guider was made for a latent of shape [1, 16, 5, 18, 32]" in message, message
     assert "latent_image [1, 16, 10, 18, 32]" in message, message
