@@ -22,7 +22,7 @@ import torch
 
 from ..opensora_lib import rflow, sizes
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import check_conditioning_version, forward_memory, warn_once
+from .common import check_conditioning_version, check_v1_text, forward_memory, warn_once
 from .context_windows import resize_reference_cond
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
@@ -132,6 +132,8 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         out = {}
         cross = kwargs.get("cross_attn")
         if cross is not None:
+            channels = self.diffusion_model.config.caption_channels
+            check_v1_text(cross, kwargs.get("attention_mask"), "A conditioning", channels)
             out["c_crossattn"] = comfy.conds.CONDRegular(cross)
         for name in ("attention_mask", "fps", "height", "width", "cond", "cond_mask", "y_null", "x_mask"):
             value = kwargs.get(name)

@@ -39,6 +39,56 @@ def input_range_error(node_class, values: dict) -> str | None:
     return None
 
 
+# What core's conditioning nodes add that the Open-Sora Sampler and Guiders would drop (they guide with one text
+# per prompt, oscillating): key -> the node that sets it.
+CORE_CONDITIONING_KEYS = {
+    "area": "ConditioningSetArea / ConditioningSetAreaPercentage",
+    "mask": "ConditioningSetMask",
+    "start_percent": "ConditioningSetTimestepRange",
+    "end_percent": "ConditioningSetTimestepRange",
+    "control": "Apply ControlNet",
+    "gligen": "GLIGENTextBoxApply",
+    "hooks": "the conditioning hook nodes",
+}
+
+
+def check_plain_conditioning(conditioning: list, what: str) -> None:
+    """Refuse, for the Open-Sora Sampler and Guiders, conditioning they would not apply: several entries
+    (ConditioningCombine) or core's area / mask / timestep-range / ControlNet keys. Core KSampler applies them."""
+    if len(conditioning) > 1:
+        raise ValueError(
+            f"The {what} conditioning has {len(conditioning)} entries (e.g. from ConditioningCombine); the Open-Sora "
+            "Sampler and Guider guide with one text per prompt. Use core KSampler for combined conditioning, or one "
+            "Encode Prompt."
+        )
+    meta = conditioning[0][1]
+    unused = [key for key in CORE_CONDITIONING_KEYS if meta.get(key) is not None]
+    if meta.get("start_percent", 0.0) == 0.0 and meta.get("end_percent", 1.0) == 1.0:  # the whole range: no change
+        unused = [key for key in unused if key not in ("start_percent", "end_percent")]
+    if unused:
+        nodes = ", ".join(dict.fromkeys(CORE_CONDITIONING_KEYS[key] for key in unused))
+        raise ValueError(
+            f"The {what} conditioning has {', '.join(unused)} (from {nodes}), which the Open-Sora Sampler and Guider "
+            "do not apply. Use core KSampler, or take that node out."
+        )
+
+
+def check_v1_text(states: torch.Tensor, mask, what: str, channels: int | None = None) -> None:
+    """1.x T5 states [B, (1,) L, C] against the DiT's caption width and their attention mask (one entry per token:
+    core's ConditioningConcat joins the states but not the mask)."""
+    if channels is not None and states.shape[-1] != channels:
+        raise ValueError(
+            f"{what} holds text states of shape {tuple(states.shape)}; this Open-Sora 1.x model needs T5 states "
+            f"[batch, tokens, {channels}] (wrong text encoder? use Open-Sora Encode Prompt)."
+        )
+    if torch.is_tensor(mask) and mask.shape[-1] != states.shape[-2]:
+        raise ValueError(
+            f"{what} has {states.shape[-2]} T5 tokens but an attention mask for {mask.shape[-1]}: core's "
+            "ConditioningConcat joins the text states but not Open-Sora's mask, so it does not work with 1.x "
+            "conditioning. Encode the whole prompt with one Open-Sora Encode Prompt."
+        )
+
+
 def check_conditioning_version(encoded: str | None, version: str, what: str) -> None:
     """Refuse conditioning that Open-Sora Encode Prompt made for another version (None: not from the pack)."""
     if encoded is not None and encoded != version:

@@ -285,6 +285,10 @@ class OpenSoraEncodeReference:
     DESCRIPTION = "VAE-encode a reference image or video and attach it to the latent for image/video-to-video."
 
     def encode(self, image, latent, cond_type, vae=None, core_vae=None, frame_index=0, seed=0):
+        if image.shape[0] == 0:
+            raise ValueError(
+                "Open-Sora Encode Reference: the image batch is empty (0 images); give at least one image."
+            )
         info = video_info(latent)
         if latent_autoencoder(info) == "dc_ae":
             if vae is None:

@@ -14,7 +14,14 @@ import torch
 from ..opensora_lib import rflow
 from ..opensora_lib.conditioning_v1 import V12_ALIGN, apply_mask_strategy, mask_strategies_for
 from ..opensora_lib.schedules import rflow_timesteps
-from .common import CATEGORY, Progress, check_conditioning_version, load_for_sampling
+from .common import (
+    CATEGORY,
+    Progress,
+    check_conditioning_version,
+    check_plain_conditioning,
+    check_v1_text,
+    load_for_sampling,
+)
 from .latent import latent_label, video_info
 from .previews import previewer_for
 
@@ -49,12 +56,14 @@ def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor |
     """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
+    check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
     check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
     if meta.get("opensora_null_caption"):
         return None, meta
     if "attention_mask" not in meta:
         raise ValueError(f"The {what} conditioning has no T5 attention mask: encode it with Open-Sora Encode Prompt.")
+    check_v1_text(tensor, meta["attention_mask"], f"The {what} conditioning")
     return tensor, meta
 
 
@@ -342,6 +351,12 @@ class OpenSoraSampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, **options):
         options = {**OPTION_DEFAULTS, **options}
         info = check_versions(model, latent)
+        if latent.get("noise_mask") is not None:
+            raise ValueError(
+                "The latent has a noise mask (SetLatentNoiseMask): the Open-Sora Sampler regenerates the whole video. "
+                "For masked sampling use core KSampler or the Open-Sora Guider with SamplerCustomAdvanced, which "
+                "honour it; for image / video conditioning use Open-Sora Encode Reference."
+            )
         if info["version"] == "2.0":
             from .sampling_v2 import sample_v2_node
 
@@ -349,7 +364,7 @@ class OpenSoraSampler:
         # cond, uncond (, image uncond for a 1.3 reference) batched
         passes = 3 if latent.get("opensora_reference") is not None and info["version"] == "1.3" else 2
         device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
-        z = comfy.sample.prepare_noise(latent["samples"], seed).to(device)
+        z = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index")).to(device)
         z, cond = v1_conditioning(info["version"], latent, z)
         options.pop("guidance_passes")  # 2.0 only
         rflow_options = v1_options(info, cfg, **options, num_steps=steps)

@@ -25,7 +25,6 @@ the prompt). The CLIP-L pooled vector is the same kind (unprojected EOS state, 7
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import comfy.model_management
@@ -46,14 +45,12 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, activation_memory, load_for_sampling
+from .common import Progress, activation_memory, check_plain_conditioning, load_for_sampling
 from .context_windows import check_context_windows
 from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas
-
-log = logging.getLogger("OpenSora")
 
 GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "negative_image"}
 
@@ -65,10 +62,7 @@ def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, tor
     """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
-    if len(conditioning) > 1:
-        log.warning(
-            "OpenSora: the %s conditioning has %d entries; Open-Sora 2.0 uses the first", what, len(conditioning)
-        )
+    check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
     version = meta.get("opensora_version")
     if meta.get("opensora_null_caption") or version not in (None, "2.0"):

@@ -45,6 +45,8 @@ def resize_crop(image: Any, height: int, width: int, *, method: str = "pil") -> 
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"expected an IMAGE tensor [B, H, W, 3] with values 0..1, got shape {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the reference IMAGE batch is empty (0 images): give at least one image")
     pixels = (image[..., :3].detach().float().clamp(0, 1) * 255).round()  # the 8-bit image PIL would see
     if method == "pil":
         frames = []
