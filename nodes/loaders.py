@@ -56,7 +56,7 @@ class OpenSoraLoadDiT:
                     list(attention_lib.BACKENDS),
                     {
                         "default": "sdpa",
-                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; math: plain float32 attention (slow; for checking numbers); cudnn: PyTorch SDPA with the cuDNN kernel first (NVIDIA bf16/fp16, else sdpa; reported faster for the long 2.0 sequences on Hopper GPUs); flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3 for Ampere / Hopper GPUs: the flash-attention hopper build or the inference-only fa3-fwd wheel, which has bf16 kernels only) and sageattention only when installed (each takes bf16 / fp16 and head widths up to 256 on NVIDIA; other calls run sdpa).",
+                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; math: plain float32 attention (slow; for checking numbers); cudnn: PyTorch SDPA with the cuDNN kernel first (NVIDIA bf16/fp16, else sdpa; reported faster for the long 2.0 sequences on Hopper GPUs); flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3 for Ampere / Hopper GPUs: the flash-attention hopper build or the inference-only fa3-fwd wheel, which has bf16 kernels only) and sageattention: always listed, but they run only where their package is installed, else loading stops with the import error (each takes bf16 / fp16 and head widths up to 256 on NVIDIA; other calls run sdpa).",
                     },
                 ),
             }

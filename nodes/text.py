@@ -40,7 +40,15 @@ class TextEncoder:
 
     def encode_clip(self, texts: list[str]) -> torch.Tensor:
         comfy.model_management.load_models_gpu([self.clip_patcher])
-        return self.clip.encode(texts).float().to(comfy.model_management.intermediate_device())
+        pooled = self.clip.encode(texts)
+        if self.clip.truncated:
+            log.warning(
+                "OpenSora: %d prompt(s) longer than %d CLIP-L tokens were truncated for the pooled vector, as the "
+                "official code does (T5 reads up to 512)",
+                self.clip.truncated,
+                self.clip.max_length,
+            )
+        return pooled.float().to(comfy.model_management.intermediate_device())
 
 
 def text_conditioning(encoder: TextEncoder, text: str) -> list:
@@ -161,7 +169,7 @@ class OpenSoraEncodePrompt:
         )
         positive = text_conditioning(text_encoder, text)
         if negative_prompt.strip():
-            negative = text_conditioning(text_encoder, prompts.prompt_text_v1(negative_prompt, version))
+            negative = text_conditioning(text_encoder, prompts.negative_prompt_text_v1(negative_prompt))
         else:
             negative = null_conditioning(version)
         return (positive, negative)

@@ -140,6 +140,15 @@ def test_empty_prompt(comfy_server, t2v):
     assert "prompt" in message.lower() and "empty" in message.lower(), message
 
 
+def test_negative_prompt_is_cleaned_not_parsed(comfy_server, t2v):
+    """The official 1.x code only cleans a negative prompt: braces and |k| are text there, not JSON or loops."""
+    node_of(t2v, "OpenSoraEncodePrompt")["inputs"]["negative_prompt"] = "blurry {low quality} |1| noisy"
+    assert run_ok(comfy_server, t2v)
+    node_of(t2v, "OpenSoraEncodePrompt")["inputs"]["negative_prompt"] = "日本語"  # the 1.x cleaner drops CJK
+    message = run_error(comfy_server, t2v)
+    assert "negative prompt is empty after caption cleaning" in message and "null caption" in message, message
+
+
 def test_prompt_over_300_tokens_is_truncated_with_a_warning(comfy_server, t2v):
     node_of(t2v, "OpenSoraEncodePrompt")["inputs"]["prompt"] = " ".join(f"word{i}" for i in range(400))
     assert run_ok(comfy_server, t2v)

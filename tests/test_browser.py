@@ -117,6 +117,12 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
     assert dcae_bad["invalid"] and dcae_bad["badge"]
     assert any("129 frames" in row and "1 or 4k" in row and "try 128" in row for row in dcae_bad["rows"]["warning"])
 
+    # num_frames linked from a primitive: checked (50 is not 16k+1); from another node: unknown until it runs.
+    primitive, other = steps["num_frames linked from PrimitiveInt"], steps["num_frames linked from StringLength"]
+    assert primitive["invalid"] and any("50 frames" in row for row in primitive["rows"]["warning"]), primitive
+    assert not other["invalid"] and not other["badge"] and "warning" not in other["rows"], other
+    assert any("derived values need num_frames" in row for row in other["rows"]["status"]), other
+
     # The page evaluates the rules exactly as Python computes them, errors included.
     assert len(report["cases"]) == len(CASES)
     assert sum(case["python"]["valid"] for case in report["cases"]) >= 10

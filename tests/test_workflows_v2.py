@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_host import output_files
-from helpers_server import api_workflow, video_properties, write_reference_image
+from helpers_server import api_workflow, run_ok, video_properties, write_reference_image
 from PIL import Image
 from safetensors.torch import load_file
 from workflows_v2 import OFFICIAL_V2, definitions_v2, tiny_settings_v2, use_models_v2
@@ -214,6 +214,16 @@ def test_v2_video_reference_modes_through_the_api(comfy_server):
     assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
     props = video_properties(output_files(result, comfy_server.base)[0])
     assert props["frames"] == 41 and props["pixels"].std() > 1.0
+
+
+def test_long_prompt_truncation_is_logged_for_t5_and_clip(comfy_server):
+    """CLIP-L's pooled vector reads 77 tokens, T5 512: a longer prompt is cut as the official code does, with a log
+    line for each encoder that cut it."""
+    prompt = tiny_settings_v2(use_models_v2(api_workflow("opensora20_t2v"), comfy_server.tiny_models), steps=1)
+    encode = next(node for node in prompt.values() if node["class_type"] == "OpenSoraEncodePrompt")
+    encode["inputs"]["prompt"] = " ".join(f"word{i}" for i in range(150))
+    assert run_ok(comfy_server, prompt)
+    assert "CLIP-L tokens were truncated for the pooled vector" in comfy_server.log()
 
 
 def test_dcae_latent_into_the_hunyuan_vae_is_named(comfy_server):

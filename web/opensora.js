@@ -56,7 +56,10 @@ function inputValue(node, name) {
   const linked = index >= 0 && node.inputs[index].link != null;
   if (linked) {
     const source = typeof node.getInputNode === "function" ? node.getInputNode(index) : null;
-    const sourceWidget = source?.widgets?.find((w) => w.name === "value") ?? source?.widgets?.[0];
+    // Only a primitive's value is known here (core PrimitiveInt & co. name it "value"; the frontend's
+    // PrimitiveNode holds one widget); any other node computes it when the prompt runs.
+    const sourceWidget = source?.widgets?.find((w) => w.name === "value") ??
+      (source?.type === "PrimitiveNode" ? source.widgets?.[0] : undefined);
     if (sourceWidget) return sourceWidget.value;
     return undefined;
   }
