@@ -47,6 +47,22 @@ def run_probe(test_module: str, out: Path, models: Path, timeout: float = 600) -
     return json.loads(Path(out).read_text())
 
 
+def probe_with_tiny_dits(test_module: str, models: Path, dits: dict[str, str]) -> dict:
+    """Write the tiny DiTs {version: file name} (scripts/demo_models*.py; a name ending in "/" is a 1.x folder) into
+    `models`/diffusion_models, then run_probe(test_module)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from demo_models import make_dit
+    from demo_models_v2 import make_mmdit
+
+    for version, name in dits.items():
+        path = models / "diffusion_models" / name.rstrip("/")
+        if version == "2.0":
+            make_mmdit(path)
+        else:
+            make_dit(version, path)
+    return run_probe(test_module, models / "results.json", models)
+
+
 @contextlib.contextmanager
 def pack_warnings():
     """Collects the messages of the warnings the pack logs ("OpenSora" logger) inside the block into a list."""

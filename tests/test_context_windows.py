@@ -15,14 +15,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import probe_with_tiny_dits
 
-REPO = Path(__file__).resolve().parent.parent
 DIT = {"2.0": "opensora-tiny-v2.safetensors", "1.3": "opensora-tiny-v13/"}
 LATENT = {"2.0": ("2.0", "256px", "16:9", 17, 1, 64, 48), "1.3": ("1.3", "144p", "9:16", 33)}  # 5 / 10 latent frames
 WINDOW = 2
@@ -196,14 +194,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from demo_models import make_dit
-    from demo_models_v2 import make_mmdit
-
-    models = tmp_path_factory.mktemp("models-context-windows")
-    make_mmdit(models / "diffusion_models" / DIT["2.0"])
-    make_dit("1.3", models / "diffusion_models" / DIT["1.3"].rstrip("/"))
-    return run_probe("test_context_windows", models / "results.json", models)
+    return probe_with_tiny_dits("test_context_windows", tmp_path_factory.mktemp("models-context-windows"), DIT)
 
 
 @pytest.mark.parametrize("run", ["2.0 guider", "2.0 ksampler", "1.3 guider"])

@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import probe_with_tiny_dits
 
-REPO = Path(__file__).resolve().parent.parent
 DIT = {"1.3": "opensora-tiny-v13/", "2.0": "opensora-tiny-v2.safetensors"}
 LATENT = {"1.3": ("1.3", "144p", "9:16", 17), "2.0": ("2.0", "256px", "16:9", 9, 1, 64, 64)}
 SEED, STEPS, CFG = 11, 2, 7.0
@@ -105,14 +103,9 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from demo_models import make_dit
-    from demo_models_v2 import make_mmdit
-
-    models = tmp_path_factory.mktemp("models-core-conditioning")
-    make_mmdit(models / "diffusion_models" / DIT["2.0"])
-    make_dit("1.3", models / "diffusion_models" / DIT["1.3"].rstrip("/"))
-    return run_probe("test_core_conditioning_nodes", models / "results.json", models)
+    return probe_with_tiny_dits(
+        "test_core_conditioning_nodes", tmp_path_factory.mktemp("models-core-conditioning"), DIT
+    )
 
 
 REFUSED = {

@@ -8,14 +8,12 @@ DiT's y_embedding with all its tokens. The result must equal KSampler on conditi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import probe_with_tiny_dits
 
-REPO = Path(__file__).resolve().parent.parent
 DIT = "opensora-tiny-v13/"
 SEED, STEPS = 4, 3
 
@@ -72,12 +70,7 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from demo_models import make_dit
-
-    models = tmp_path_factory.mktemp("models-ksampler-v1")
-    make_dit("1.3", models / "diffusion_models" / DIT.rstrip("/"))
-    return run_probe("test_ksampler_v1", models / "results.json", models)
+    return probe_with_tiny_dits("test_ksampler_v1", tmp_path_factory.mktemp("models-ksampler-v1"), {"1.3": DIT})
 
 
 @pytest.mark.parametrize("frames", ["17", "1"])
