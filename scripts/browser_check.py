@@ -298,6 +298,25 @@ async def _open(browser: Chromium, url: str) -> None:
     await browser.evaluate(PAGE_HELPERS)
 
 
+def prompt_mismatches(queued: dict, api_file: Path) -> list[str]:
+    """What the frontend would queue for a UI workflow against its API twin: every node and every input the API file
+    sets must be there with the same value or link (the frontend may add inputs a newer core node has)."""
+    if not api_file.is_file():
+        return []
+    problems = []
+    for node_id, node in json.loads(api_file.read_text()).items():
+        got = queued.get(node_id)
+        if got is None or got.get("class_type") != node["class_type"]:
+            problems.append(f"node {node_id} ({node['class_type']}) is not queued as such: {got}")
+            continue
+        for name, value in node["inputs"].items():
+            if got["inputs"].get(name) != value:
+                problems.append(
+                    f"node {node_id} ({node['class_type']}) queues {name}={got['inputs'].get(name)!r}, the API file {value!r}"
+                )
+    return problems
+
+
 async def _check_workflow(browser: Chromium, path: Path) -> dict:
     data = json.loads(path.read_text())
     wanted = sorted(workflow_node_types(data))
@@ -312,11 +331,12 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
           const nodes = app.graph.nodes ?? app.graph._nodes;
           const opensora = nodes.filter((n) => n.type === {json.dumps(NODE_TYPE)})
             .map((n) => window.__opensoraCheck.read(n));
+          const prompt = (await app.graphToPrompt()).output;
           return {{ missing: window.__opensoraCheck.missing.map((m) => (typeof m === "string" ? m : m.type)),
-                    unregistered, dialogs, count: nodes.length, opensora }};
+                    unregistered, dialogs, count: nodes.length, opensora, prompt }};
         }})()"""
     )
-    problems = []
+    problems = prompt_mismatches(result["prompt"], path.parent / "api" / path.name)
     if result["missing"]:
         problems.append(f"the frontend reports missing node types {result['missing']}")
     if result["unregistered"]:

@@ -1,7 +1,8 @@
 """The pack's web extension in the real ComfyUI frontend (headless Chromium), and its size-rules route.
 
 The browser test opens the frontend the `comfy_server` fixture serves, loads every UI workflow in
-workflows/, and drives an Open-Sora Empty Latent Video node: derived values must follow the widgets,
+workflows/ (each must queue, through the frontend's graphToPrompt, every node and input its twin in workflows/api/
+sets, with the same values and links), and drives an Open-Sora Empty Latent Video node: derived values must follow the widgets,
 1.3 with 50 frames must show a warning and a badge, a valid count must clear them, 2.0 DC-AE must take 128
 frames and refuse 129, and the page's evaluation of the server's rules must agree with opensora_lib.sizes.
 Screenshot: artifacts/browser/.
