@@ -310,7 +310,7 @@ def prompt_text_v1(prompt: str, version: str, aes=None, flow=None, camera_motion
 
 
 def negative_prompt_text_v1(prompt: str) -> str:
-    """A 1.3 negative prompt as encoded: cleaned twice, no scores, no loop or JSON parsing.
+    """A 1.x negative prompt as encoded: cleaned twice, no scores, no loop or JSON parsing (official 1.3; 1.2 has none).
 
     Raises ValueError when nothing is left; pass no negative prompt to use the learned null caption.
     """
