@@ -106,11 +106,28 @@ WEIGHT_DTYPES = {
     "fp8_e4m3fn": torch.float8_e4m3fn,
 }
 WEIGHT_FILE_EXTENSIONS = (".safetensors", ".sft")
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")  # where the loaders also read GGUF files (DiT, T5)
+
+
+def gguf_files(folder: str) -> list[str]:
+    """The .gguf files under a model folder, named as ComfyUI names files (relative, "/"-separated). Core lists only
+    the extensions registered for a folder, and .gguf is not one of them (ComfyUI-GGUF registers its own keys)."""
+    names = []
+    for root in folder_paths.get_folder_paths(folder):
+        for directory, subdirs, files in os.walk(root, followlinks=True):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            for name in files:
+                if name.lower().endswith(".gguf"):
+                    names.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+    return names
 
 
 def model_choices(folder: str) -> list[str]:
-    """Weight files in a ComfyUI model folder, plus Hugging Face folders (a folder holding config.json)."""
+    """Weight files in a ComfyUI model folder (GGUF too, in GGUF_FOLDERS), plus Hugging Face folders (a folder
+    holding config.json)."""
     files = [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(WEIGHT_FILE_EXTENSIONS)]
+    if folder in GGUF_FOLDERS:
+        files += gguf_files(folder)
     folders = []
     for root in folder_paths.get_folder_paths(folder):
         if not os.path.isdir(root):

@@ -42,14 +42,14 @@ class OpenSoraLoadDiT:
                 "dit_name": (
                     model_choices("diffusion_models"),
                     {
-                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file or a Hugging Face folder (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2 or Open_Sora_v2_Video_DC_AE). The version is detected from the weights."
+                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file, a Hugging Face folder or a .gguf file (dequantized on loading) (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2 or Open_Sora_v2_Video_DC_AE). The version is detected from the weights."
                     },
                 ),
                 "weight_dtype": (
                     [*WEIGHT_DTYPES, FP8_FAST],
                     {
                         "default": "default",
-                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. ComfyUI scaled-fp8 files are dequantized on loading. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
+                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. ComfyUI scaled-fp8 and GGUF files are dequantized on loading (pick fp8_e4m3fn to keep a GGUF's memory small). fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
                     },
                 ),
                 "attention": (
@@ -100,7 +100,7 @@ class OpenSoraLoadTextEncoder:
                 "t5_name": (
                     model_choices("text_encoders"),
                     {
-                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file or a Hugging Face folder."
+                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf; dequantized on loading)."
                     },
                 ),
                 "precision": (

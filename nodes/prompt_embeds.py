@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..opensora_lib.checkpoint import read_header
+from ..opensora_lib.gguf_file import is_gguf
 from .common import CATEGORY
 
 FOLDER = "opensora_prompts"
@@ -102,6 +103,10 @@ def save_conditioning(conditioning: list, path: str) -> None:
 
 def load_conditioning(path: str) -> list:
     read_header(path)  # refuses pickles, truncated and corrupt files with a specific message
+    if is_gguf(path):  # read_header reads GGUF weights too; a prompt is always safetensors
+        raise ValueError(
+            f"{path} is a GGUF weight file, not a saved Open-Sora prompt: pick a file written by Open-Sora Save Prompt Embeds"
+        )
     with safe_open(path, framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:

@@ -1,9 +1,10 @@
-"""Safe checkpoint loading: safetensors only, every file validated against its own header before reading.
+"""Safe checkpoint loading: safetensors (and GGUF) only, every file validated against its own header before reading.
 
 Nothing here unpickles: PyTorch pickles (.bin/.pt/.ckpt, zip or raw) are recognised by their magic bytes and
 refused with a message. Every safetensors file is checked against its own header before any tensor is read,
-so a truncated download fails with the expected and actual sizes instead of a deep library error.
-Which model a file holds is detection.py's job.
+so a truncated download fails with the expected and actual sizes instead of a deep library error. A GGUF file
+(gguf_file.py) is read in place of a safetensors one and dequantized on load. Which model a file holds is
+detection.py's job.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ def _foreign_format(head: bytes) -> str | None:
         return _PICKLE_HINT + " (zip archive written by torch.save)"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return _PICKLE_HINT + " (raw pickle stream)"
-    if head.startswith(b"GGUF"):
-        return "this is a GGUF file, which these loaders do not read; use a .safetensors file (an fp8 one is half size)"
     if head.startswith(b"version "):
         return "this is a Git LFS pointer file, not the weights; fetch the real file (git lfs pull)"
     if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
@@ -148,8 +147,19 @@ def weight_files(path: str | Path) -> list[Path]:
     )
 
 
+def _gguf_tensors(path: str | Path) -> dict | None:
+    """A GGUF file's tensor records (gguf_file.read_tensors), or None for anything else."""
+    from . import gguf_file
+
+    return gguf_file.read_tensors(path) if gguf_file.is_gguf(path) else None
+
+
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{key: (safetensors dtype string, shape)} for a file or folder, without reading tensor data."""
+    """{key: (safetensors dtype string, shape)} for a file or folder, without reading tensor data (for a GGUF
+    file the GGUF type name, e.g. "Q8_0", and the shape in PyTorch order)."""
+    tensors = _gguf_tensors(path)
+    if tensors is not None:
+        return {name: (t.qtype, t.shape) for name, t in tensors.items()}
     result: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in weight_files(path):
         for key, entry in _check_file(file).items():
@@ -196,7 +206,13 @@ def _layer_formats(path: Path, f: Any) -> dict[str, str]:
 
 
 def is_quantized(path: str | Path) -> bool:
-    """Whether a file or folder holds ComfyUI scaled / per-layer quantized fp8 weights (see _WEIGHT_SCALES)."""
+    """Whether a file or folder holds ComfyUI scaled / per-layer quantized fp8 weights (see _WEIGHT_SCALES), or is a
+    GGUF file with quantized tensors: both are dequantized by load_state_dict when it is given a dtype."""
+    tensors = _gguf_tensors(path)
+    if tensors is not None:
+        from .gguf_file import is_quantized as gguf_quantized
+
+        return gguf_quantized(tensors)
     for file in weight_files(path):
         header = _check_file(file)
         if "_quantization_metadata" in (header.get("__metadata__") or {}):
@@ -229,7 +245,13 @@ def load_state_dict(
     dtype=None returns the tensors as stored. With a dtype, floating tensors (fp8 included) are cast to it one
     at a time, and ComfyUI's scaled fp8 weights are dequantized (weight * scale; the scale and format entries are
     dropped). `select(key)` -> False skips a tensor without reading it (e.g. the decoder of a full T5 checkpoint).
+    A GGUF file is dequantized tensor by tensor (to float32 for quantized types when dtype is None).
     """
+    tensors = _gguf_tensors(path)
+    if tensors is not None:
+        from .gguf_file import dequantize
+
+        return {k: dequantize(t, dtype).to(device) for k, t in tensors.items() if select is None or select(k)}
     files = weight_files(path)
     headers = {file: _check_file(file) for file in files}
     if not any(k != "__metadata__" for h in headers.values() for k in h):

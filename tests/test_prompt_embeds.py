@@ -109,6 +109,9 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     embeds.save_conditioning(_conditionings()["2.0"], str(good))
     (folder / "cut.safetensors").write_bytes(good.read_bytes()[:-100])
     (folder / "pickle.safetensors").write_bytes(b"\x80\x02}q\x00." + bytes(64))
+    from helpers_gguf import write_gguf
+
+    write_gguf(folder / "weights.safetensors", {"w": torch.ones(2, 32)})  # a GGUF with a safetensors name
     embeds.save_conditioning(_conditionings()["2.0"], str(work / "models" / "outside.safetensors"))  # a real file
     no_entries = {"format": embeds.FORMAT, "format_version": "1"}
     save_file({"0.cond": torch.zeros(1)}, str(folder / "no_entries.safetensors"), metadata=no_entries)
@@ -120,6 +123,7 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
         "foreign": error_of(lambda: load.load("a_dit.safetensors")),
         "truncated": error_of(lambda: load.load("cut.safetensors")),
         "pickle": error_of(lambda: load.load("pickle.safetensors")),
+        "gguf": error_of(lambda: load.load("weights.safetensors")),
         "outside": error_of(lambda: load.load("../outside.safetensors")),
         "no_entries": error_of(lambda: load.load("no_entries.safetensors")),
         "empty_entries": error_of(lambda: load.load("empty_entries.safetensors")),
@@ -155,6 +159,7 @@ def test_bad_input_gets_specific_errors(measured):
     assert "is not a saved Open-Sora prompt" in errors["foreign"]
     assert "truncated" in errors["truncated"]
     assert "pickle" in errors["pickle"]
+    assert errors["gguf"].startswith("ValueError") and "is a GGUF weight file, not a saved" in errors["gguf"]
     # a valid prompt file exists at models/outside.safetensors: the name must not reach out of the prompt folders
     assert errors["outside"].startswith("FileNotFoundError") and "not found" in errors["outside"]
     assert "damaged" in errors["no_entries"] and "unreadable" in errors["no_entries"]

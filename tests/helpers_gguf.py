@@ -1,0 +1,52 @@
+"""Write GGUF files for tests with the `gguf` package (llama.cpp's own writer and quantizers), the way ComfyUI-GGUF's
+converter lays them out: matrices whose rows split into the type's blocks in the chosen type, everything else F32,
+and tensors of more than 4 dims flattened to 2 with their shape in `comfy.gguf.orig_shape.<name>`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_gguf(
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    qtype: str = "F32",
+    arch: str = "flux",
+    rename: Callable[[str], str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write `state_dict` to `path`; return what the file holds as float32 tensors in their original shapes (each
+    quantized tensor dequantized by the gguf package), keyed as in `state_dict`."""
+    import gguf
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    writer = gguf.GGUFWriter(str(path), arch)
+    held: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        name = rename(key) if rename else key
+        array = np.ascontiguousarray(tensor.detach().float().numpy())
+        shape = array.shape
+        if array.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+            array = array.reshape(shape[0], -1)
+        if kind == GGMLQuantizationType.F32 or array.ndim < 2 or array.shape[-1] % block:
+            writer.add_tensor(name, array)
+            stored = array
+        elif kind == GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+            stored = array.astype(np.float16).astype(np.float32)
+        else:
+            data = quants.quantize(array, kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+            stored = quants.dequantize(data, kind)
+        held[key] = torch.from_numpy(np.array(stored, dtype=np.float32)).reshape(shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held

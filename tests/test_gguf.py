@@ -1,0 +1,138 @@
+"""GGUF weight files: read without pickle, dequantized on load (opensora_lib/gguf_file.py), in the DiT and T5 loaders.
+
+The files are written by the `gguf` package (llama.cpp's writer and quantizers), laid out as ComfyUI-GGUF's
+converter does. These tests check the reading (shapes, names, values, damaged files); test_gguf_loader.py runs the
+loader nodes inside ComfyUI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_gguf import write_gguf
+from helpers_tiny_text import save_t5, tiny_t5_model
+from safetensors.torch import load_file
+
+from opensora_lib import checkpoint, detection
+from opensora_lib.checkpoint import CheckpointError
+from opensora_lib.text_encoders import load_t5
+
+gguf = pytest.importorskip("gguf")  # a requirement of the pack: installed by scripts/setup.sh
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dits(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """The tiny 2.0 MMDiT and 1.3 STDiT3 state dicts of the demo models."""
+    from demo_models import make_dit
+    from demo_models_v2 import make_mmdit
+
+    root = tmp_path_factory.mktemp("gguf-dits")
+    make_mmdit(root / "v2.safetensors")
+    make_dit("1.3", root / "v13")
+    return {"2.0": load_file(str(root / "v2.safetensors")), "1.3": load_file(str(root / "v13" / "model.safetensors"))}
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_header_and_detection_match_the_safetensors_file(tiny_dits, tmp_path, version):
+    state_dict = tiny_dits[version]
+    write_gguf(tmp_path / "dit.gguf", state_dict, "Q8_0")
+    header = checkpoint.read_header(tmp_path / "dit.gguf")
+    assert {k: shape for k, (_, shape) in header.items()} == {k: tuple(v.shape) for k, v in state_dict.items()}
+    assert any(kind == "Q8_0" for kind, _ in header.values()) and any(kind == "F32" for kind, _ in header.values())
+    assert checkpoint.is_quantized(tmp_path / "dit.gguf")
+    if version == "1.3":  # the 5-D patch embedding is stored flattened, with its shape in the metadata
+        assert header["x_embedder.proj.weight"][1] == tuple(state_dict["x_embedder.proj.weight"].shape)
+    info, expected = detection.detect(header), detection.detect(state_dict)
+    assert (info.family, info.version, info.config) == (expected.family, expected.version, expected.config)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q4_0"])
+def test_values_are_the_files_dequantized_values(tiny_dits, tmp_path, qtype):
+    state_dict = tiny_dits["2.0"]
+    held = write_gguf(tmp_path / "dit.gguf", state_dict, qtype)
+    loaded = checkpoint.load_state_dict(tmp_path / "dit.gguf", dtype=torch.float32)
+    assert loaded.keys() == state_dict.keys()
+    for key, tensor in loaded.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, held[key]), key
+    matrix = "double_blocks.0.img_attn.q_proj.weight"
+    error = (loaded[matrix] - state_dict[matrix].float()).abs().max().item()
+    scale = state_dict[matrix].float().abs().max().item()
+    if qtype == "F32":
+        assert error == 0
+    else:  # quantized: changed, by less than the type's step
+        assert 0 < error < scale * {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q5_1": 0.1, "Q4_0": 0.2}[qtype]
+    as_bf16 = checkpoint.load_state_dict(tmp_path / "dit.gguf", dtype=torch.bfloat16)
+    assert as_bf16[matrix].dtype == torch.bfloat16 and torch.equal(as_bf16[matrix], held[matrix].bfloat16())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quant_types_load_with_their_shapes(tmp_path, qtype):
+    """The gguf package has no K-quant quantizer; blocks of random codes with small float16 scales stand in."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = 3, 2 * block
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    scale_at = {"Q4_K": slice(0, 4), "Q6_K": slice(size - 2, size)}[qtype]  # the float16 super-block scale(s)
+    raw[:, scale_at] = np.full((raw.shape[0], (scale_at.stop - scale_at.start) // 2), 0.01, np.float16).view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "flux")
+    writer.add_tensor("w", raw, raw_shape=raw.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert checkpoint.read_header(tmp_path / "k.gguf") == {"w": (qtype, (rows, cols))}
+    loaded = checkpoint.load_state_dict(tmp_path / "k.gguf", dtype=torch.float32)["w"]
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, kind))
+    assert loaded.shape == (rows, cols) and torch.equal(loaded, expected) and loaded.isfinite().all()
+
+
+def test_t5_with_llama_cpp_names_loads_as_the_same_encoder(tmp_path):
+    """llama.cpp's T5 encoder files (e.g. the t5-v1_1-xxl-encoder GGUFs) name tensors its own way; the names here
+        come from the gguf package's own HF -> GGUF table, so the reader's reverse table is checked against it. A full
+    T5's lm_head ("output") and decoder ("dec.*") tensors are dropped, as from a full safetensors T5."""
+    model = tiny_t5_model(seed=3)
+    save_t5(model, tmp_path / "t5.safetensors", layout="single")
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, model.config.num_layers)
+
+    def llama_name(key: str) -> str:
+        if key.startswith("dec."):  # a full T5's decoder, which llama.cpp's T5 encoder table does not name
+            return key
+        stem, _, leaf = key.rpartition(".")
+        name = table.get_name(stem)
+        assert name is not None, key
+        return f"{name}.{leaf}"
+
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied
+    d_model = model.config.d_model
+    state_dict |= {"lm_head.weight": torch.ones(8, d_model), "dec.blk.0.attn_q.weight": torch.ones(d_model, d_model)}
+    write_gguf(tmp_path / "t5.gguf", state_dict, "F32", arch="t5encoder", rename=llama_name)
+    names = {str(t.name) for t in gguf.GGUFReader(tmp_path / "t5.gguf").tensors}
+    assert {"token_embd.weight", "enc.blk.1.ffn_gate.weight", "output.weight"} <= names, sorted(names)[:5]
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    from_gguf = load_t5(tmp_path / "t5.gguf")(input_ids=ids).last_hidden_state
+    from_safetensors = load_t5(tmp_path / "t5.safetensors")(input_ids=ids).last_hidden_state
+    assert torch.equal(from_gguf, from_safetensors)
+
+
+def test_damaged_and_unknown_files_are_refused_with_a_reason(tiny_dits, tmp_path):
+    write_gguf(tmp_path / "dit.gguf", tiny_dits["2.0"], "Q8_0")
+    data = (tmp_path / "dit.gguf").read_bytes()
+    for cut, name in ((len(data) - 100, "data.gguf"), (200, "table.gguf")):
+        (tmp_path / name).write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated"):
+            checkpoint.load_state_dict(tmp_path / name, dtype=torch.float32)
+    write_gguf(tmp_path / "odd-t5.gguf", {"enc.blk.0.something.weight": torch.ones(2, 2)}, arch="t5encoder")
+    with pytest.raises(CheckpointError, match="unknown tensor 'enc.blk.0.something.weight'"):
+        checkpoint.read_header(tmp_path / "odd-t5.gguf")
+    write_gguf(tmp_path / "other.gguf", {"blk.0.attn_q.weight": torch.ones(64, 64)}, arch="llama")
+    with pytest.raises(CheckpointError):
+        detection.expect_family(detection.detect_file(tmp_path / "other.gguf"), {"mmdit", "stdit3"}, "DiT loader")
