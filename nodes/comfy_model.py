@@ -20,7 +20,7 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..opensora_lib import rflow, sizes
+from ..opensora_lib import checkpoint, rflow, sizes
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import check_conditioning_version, check_v1_text, forward_memory, warn_once
 from .context_windows import resize_reference_cond
@@ -247,7 +247,6 @@ def load_weights(
     converted = {}
     for key, tensor in sd.items():
         if tensor.is_floating_point():
-            matrix = key.endswith(".weight") and tensor.ndim >= 2
-            tensor = tensor.to(weight_dtype if matrix else compute_dtype)
+            tensor = tensor.to(weight_dtype if checkpoint.is_matrix(key, tensor.ndim) else compute_dtype)
         converted[key] = tensor
     module.load_state_dict(converted, strict=False, assign=True)

@@ -239,6 +239,7 @@ def load_state_dict(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     select: Callable[[str], bool] | None = None,
+    matrix_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file or folder. Every file is validated before anything is read.
 
@@ -246,12 +247,22 @@ def load_state_dict(
     at a time, and ComfyUI's scaled fp8 weights are dequantized (weight * scale; the scale and format entries are
     dropped). `select(key)` -> False skips a tensor without reading it (e.g. the decoder of a full T5 checkpoint).
     A GGUF file is dequantized tensor by tensor (to float32 for quantized types when dtype is None).
+    `matrix_dtype` (with a dtype): the dtype of the matrices (is_matrix), e.g. fp8 storage, cast straight from the
+    dequantized values, so that no full-size intermediate copy is ever held.
     """
+
+    def target(key: str, ndim: int) -> torch.dtype | None:
+        return matrix_dtype if matrix_dtype is not None and dtype is not None and is_matrix(key, ndim) else dtype
+
     tensors = _gguf_tensors(path)
     if tensors is not None:
         from .gguf_file import dequantize
 
-        return {k: dequantize(t, dtype).to(device) for k, t in tensors.items() if select is None or select(k)}
+        return {
+            k: dequantize(t, target(k, len(t.shape))).to(device)
+            for k, t in tensors.items()
+            if select is None or select(k)
+        }
     files = weight_files(path)
     headers = {file: _check_file(file) for file in files}
     if not any(k != "__metadata__" for h in headers.values() for k in h):
@@ -280,9 +291,15 @@ def load_state_dict(
                 if key in scales:
                     tensor = _dequantize(file, key, tensor, scales[key])
                 if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
+                    tensor = tensor.to(target(key, tensor.ndim))
                 state_dict[key] = tensor.to(device)
     return state_dict
+
+
+def is_matrix(key: str, ndim: int) -> bool:
+    """The weights a layer multiplies with (Linear / Conv), which may be stored in fp8; biases, norms, embeddings
+    of one dim and buffers stay in the compute dtype."""
+    return key.endswith(".weight") and ndim >= 2
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

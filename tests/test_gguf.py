@@ -136,3 +136,15 @@ def test_damaged_and_unknown_files_are_refused_with_a_reason(tiny_dits, tmp_path
     write_gguf(tmp_path / "other.gguf", {"blk.0.attn_q.weight": torch.ones(64, 64)}, arch="llama")
     with pytest.raises(CheckpointError):
         detection.expect_family(detection.detect_file(tmp_path / "other.gguf"), {"mmdit", "stdit3"}, "DiT loader")
+
+
+def test_matrices_go_straight_to_fp8_storage(tiny_dits, tmp_path):
+    """matrix_dtype: matrices cast once from the dequantized values (no bf16 step), the rest in the given dtype."""
+    held = write_gguf(tmp_path / "dit.gguf", tiny_dits["2.0"], "Q8_0")
+    loaded = checkpoint.load_state_dict(tmp_path / "dit.gguf", dtype=torch.bfloat16, matrix_dtype=torch.float8_e4m3fn)
+    for key, tensor in loaded.items():
+        if checkpoint.is_matrix(key, tensor.ndim):
+            assert tensor.dtype == torch.float8_e4m3fn and torch.equal(tensor, held[key].to(torch.float8_e4m3fn)), key
+        else:
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, held[key].bfloat16()), key
+    assert any(t.dtype == torch.float8_e4m3fn for t in loaded.values())
