@@ -63,6 +63,27 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   # Imported by the 0.3.75 server but missing from its requirements.txt.
   echo "requests" >> "$REPO/.cache/host-requirements.txt"
   pip_q -r "$REPO/.cache/host-requirements.txt" -r requirements.txt -r requirements-dev.txt
+  # Newer ComfyUI releases import torchaudio when the server starts (comfy/sd.py -> an audio VAE). No torchaudio
+  # build matches the pinned torch on the local index; the newest one imports, which is all the server needs here.
+  if ! "$PY" -c "import torchaudio" 2>/dev/null; then
+    code=0
+    (cd "$HOST" && "$PY" - 2>/dev/null <<'PYEOF'
+import sys
+sys.argv = ["setup", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+try:
+    import comfy.sd  # noqa: F401
+except ModuleNotFoundError as e:
+    sys.exit(3 if e.name == "torchaudio" else 0)
+PYEOF
+    ) || code=$?
+    if [ "$code" = 3 ]; then
+      log "this ComfyUI imports torchaudio at start-up: installing the newest torchaudio (--no-deps)"
+      pip_q --no-deps torchaudio
+      "$PY" -c "import torchaudio" || { echo "torchaudio does not import with this torch" >&2; exit 1; }
+    fi
+  fi
   echo "$WANT" > "$STAMP"
 fi
 
