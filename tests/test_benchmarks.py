@@ -107,6 +107,21 @@ def test_mmdit_script_tiny_cpu(tmp_path):
     check_precision(payload)
 
 
+def test_load_memory_script_cpu(tmp_path):
+    """benchmarks/bench_load_memory.py on one full-width double block: each format loads in its own ComfyUI process
+    and is reported (a Q8_0 GGUF is about half the bf16 file; fp8 weights are the same size from either)."""
+    from benchmarks import bench_load_memory
+
+    args = "--double 1 --single 0 --formats bf16 Q8_0 --dtypes fp8_e4m3fn --out".split()
+    rows = bench_load_memory.main([*args, str(tmp_path / "r.json")])
+    assert [(r["format"], r["weight_dtype"]) for r in rows] == [("bf16", "fp8_e4m3fn"), ("Q8_0", "fp8_e4m3fn")]
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    bf16, q8 = rows
+    assert 0.5 < q8["file_gib"] / bf16["file_gib"] < 0.6
+    assert bf16["weights_gib"] == q8["weights_gib"] > 0
+    assert all(r["peak_anon_gib"] > 0 and r["seconds"] > 0 for r in rows)
+
+
 def test_vae_script_tiny_cpu(tmp_path):
     payload = run_script("bench_vae", tmp_path)
     (decode,) = by_kind(payload, "decode")
