@@ -20,9 +20,9 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..opensora_lib import checkpoint, rflow, sizes
+from ..opensora_lib import attention, checkpoint, rflow, sizes
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import check_conditioning_version, check_v1_text, forward_memory, warn_once
+from .common import check_conditioning_version, check_v1_text, forward_memory, match_timestep_scale, warn_once
 from .context_windows import resize_reference_cond
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
@@ -41,10 +41,13 @@ class OpenSoraLatent13(comfy.latent_formats.LatentFormat):
 
 
 LATENT_FORMATS = {"1.2": OpenSoraLatent12, "1.3": OpenSoraLatent13}
+TIMESTEP_MULTIPLIER = 1000.0  # the STDiT3 takes t x 1000 (the official rectified flow's timesteps)
 
 
 class ComfySTDiT3(STDiT3):
     """STDiT3 called the way BaseModel calls a diffusion model; returns core's velocity convention."""
+
+    attention_backend = "sdpa"  # Load Open-Sora DiT sets the one chosen there
 
     def __init__(self, config: STDiT3Config, dtype=None, device=None, operations=None, **_ignored):
         super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
@@ -58,6 +61,7 @@ class ComfySTDiT3(STDiT3):
         The tensor values the forward needs as numbers (pixel height / width, caption lengths) are read here first,
         in one eager call: under core's TorchCompileModel this is the outermost frame, so the rest of the forward is
         one graph (a read deeper down would split every frame above it)."""
+        attention.use_backend(self.attention_backend)
         if (transformer_options or {}).get("patches_replace", {}).get("dit"):
             warn_block_patches_ignored()
         height, width, mask = kwargs.get("height"), kwargs.get("width"), kwargs.get("attention_mask")
@@ -98,7 +102,7 @@ def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> to
 
 class OpenSoraModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
-    sampling_settings = {"multiplier": 1000.0, "shift": 1.0}
+    sampling_settings = {"multiplier": TIMESTEP_MULTIPLIER, "shift": 1.0}
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
     # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
     # OpenSoraModel replaces (core's area x factor 2.0 was ~5x too high for STDiT3).
@@ -128,6 +132,7 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         import comfy.conds
 
         check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
+        match_timestep_scale(self.model_sampling, TIMESTEP_MULTIPLIER, self.opensora_version)
         kwargs = {**kwargs, **self.core_sampler_defaults(kwargs)}
         out = {}
         cross = kwargs.get("cross_attn")

@@ -24,10 +24,11 @@ import comfy.ops
 import comfy.supported_models_base
 import torch
 
+from ..opensora_lib import attention
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
-from .common import check_conditioning_version, forward_memory
+from .common import check_conditioning_version, forward_memory, match_timestep_scale
 from .context_windows import resize_reference_cond
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
@@ -36,6 +37,8 @@ OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
 
 class ComfyMMDiT(MMDiT):
     """MMDiT called the way BaseModel calls a diffusion model: latent [B, C, T, H, W] in, velocity out."""
+
+    attention_backend = "sdpa"  # Load Open-Sora DiT sets the one chosen there
 
     def __init__(self, config: MMDiTConfig, dtype=None, device=None, operations=None, **_ignored):
         super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
@@ -63,6 +66,7 @@ class ComfyMMDiT(MMDiT):
         """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
         none registered the executor calls _forward directly. transformer_options goes last positionally because
         core's wrappers read it from args[-1]."""
+        attention.use_backend(self.attention_backend)
         return run_diffusion_model_wrappers(
             self, x, timesteps, context, y_vec, cond, guidance, control, transformer_options, **kwargs
         )
@@ -219,6 +223,7 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
 
     def extra_conds(self, **kwargs):
         check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
+        match_timestep_scale(self.model_sampling, 1.0, self.opensora_version)  # sampling_settings' multiplier
         out = {}
         cross = kwargs.get("cross_attn")
         if cross is not None:

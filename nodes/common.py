@@ -24,6 +24,36 @@ def warn_once(key: str, message: str) -> None:
         logging.getLogger("OpenSora").warning(message)
 
 
+def match_timestep_scale(model_sampling, multiplier: float, version: str) -> None:
+    """Core's shift nodes replace the MODEL's model_sampling, and with it the timestep BaseModel hands the DiT:
+    ModelSamplingSD3 gives 1000 x sigma, ModelSamplingAuraFlow and ModelSamplingFlux give sigma. The Open-Sora DiTs
+    take one scale each (`multiplier`: 1000 for the 1.x STDiT3; 1 for the 2.0 MMDiT, which embeds 1000 x t itself).
+    A flow sampling's schedule does not depend on its multiplier (ModelSamplingDiscreteFlow's sigmas are
+    time_snr_shift(shift, t) for any multiplier; timestep() and sigma() are its only users), so a shift node with
+    another scale gets the DiT's own and keeps its shift. ModelSamplingFlux (timestep = sigma) fits 2.0 only; a
+    sampling that is not a flow (e.g. ModelSamplingDiscrete eps / v) is refused by name."""
+    import comfy.model_sampling as sampling
+
+    if isinstance(model_sampling, sampling.ModelSamplingDiscreteFlow):
+        if model_sampling.multiplier != multiplier:
+            model_sampling.multiplier = multiplier  # only this MODEL's patch object (the shift node made it)
+            warn_once(
+                f"timestep scale {version}",
+                f"OpenSora: the MODEL's shift node (e.g. ModelSamplingSD3 / AuraFlow) gives the DiT timesteps on "
+                f"another scale; its shift is kept and the timestep is given as the Open-Sora {version} DiT takes it",
+            )
+        return
+    if isinstance(model_sampling, sampling.ModelSamplingFlux) and multiplier == 1.0:
+        return
+    kinds = [c.__name__ for c in type(model_sampling).__mro__ if c.__module__ == sampling.__name__]
+    raise ValueError(
+        f"The MODEL's sampling was replaced by {' + '.join(kinds) or type(model_sampling).__name__} (a model sampling "
+        f"node such as ModelSamplingFlux or ModelSamplingDiscrete), which the Open-Sora {version} DiT cannot take: "
+        f"it is a rectified-flow model; for a shift use ModelSamplingSD3 or ModelSamplingAuraFlow"
+        + (" or ModelSamplingFlux." if multiplier == 1.0 else ".")
+    )
+
+
 def input_range_error(node_class, values: dict) -> str | None:
     """The min / max check core skips for the inputs a node's VALIDATE_INPUTS names (ComfyUI's execution.py), for
     `values` {input name: value}; the first violation as a message, or None."""

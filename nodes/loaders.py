@@ -68,7 +68,7 @@ class OpenSoraLoadDiT:
     DESCRIPTION = "Load an Open-Sora DiT (STDiT3 1.2/1.3, the 2.0 MMDiT or its Video DC-AE variant) as a native MODEL."
 
     def load(self, dit_name, weight_dtype, attention="sdpa"):
-        attention_lib.set_backend(attention)  # process-wide: every Open-Sora model uses one backend
+        attention_lib.check_backend(attention)  # the DiT selects it at every forward (use_backend)
         path = model_path("diffusion_models", dit_name)
         header = checkpoint.read_header(path)
         info = detection.detect(header)
@@ -91,9 +91,12 @@ class OpenSoraLoadDiT:
         if info.family == "mmdit":
             from .comfy_model_v2 import build_mmdit_patcher
 
-            return (build_mmdit_patcher(sd, info, config_values, dtype, fp8_matmul=fast),)
-        config = STDiT3Config.from_dict(config_values)
-        return (build_stdit3_patcher(sd, info.version, config, dtype, fp8_matmul=fast),)
+            patcher = build_mmdit_patcher(sd, info, config_values, dtype, fp8_matmul=fast)
+        else:
+            config = STDiT3Config.from_dict(config_values)
+            patcher = build_stdit3_patcher(sd, info.version, config, dtype, fp8_matmul=fast)
+        patcher.model.diffusion_model.attention_backend = attention
+        return (patcher,)
 
 
 class OpenSoraLoadTextEncoder:

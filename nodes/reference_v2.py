@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..opensora_lib import reference_image
+from ..opensora_lib import reference_image, sizes
 from ..opensora_lib.sampling_v2 import conditioned_frames
 from .latent import video_info
 
@@ -28,6 +28,19 @@ IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1)}  # head
 def _encode(core_vae, images: torch.Tensor) -> torch.Tensor:
     """[T, H, W, 3] in 0..1 -> raw latent [1, C, T', H/8, W/8] (T frames as one video)."""
     return core_vae.encode(images).float().cpu()
+
+
+def _longer_video_hint(cond_type: str) -> str:
+    """What num_frames a video reference needs: the shortest 2.0 length whose latent holds the conditioned frames
+    and one more."""
+    for frames in sizes.allowed_num_frames("2.0"):
+        latent = sizes.latent_frames("2.0", frames)
+        try:
+            conditioned_frames(cond_type, latent)
+        except ValueError:
+            continue
+        return f"Set Open-Sora Empty Latent Video's num_frames to {frames} or more."
+    return ""
 
 
 def encode_reference_v2(
@@ -42,7 +55,10 @@ def encode_reference_v2(
         )
     samples = latent["samples"]
     latent_frames = samples.shape[2]
-    frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
+    try:
+        frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
+    except ValueError as e:
+        raise ValueError(f"{e} ({info['num_frames']} frames). {_longer_video_hint(cond_type)}") from None
     if image.ndim == 3:
         image = image[None]
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]

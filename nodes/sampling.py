@@ -186,6 +186,12 @@ def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     """
     options = comfy.model_patcher.create_model_options_clone(model.model_options)
     warn_sampling_hooks(options)
+    if "model_sampling" in model.object_patches:
+        log.warning(
+            "OpenSora: the Open-Sora Sampler node samples on Open-Sora's own schedule (its timestep_transform), so "
+            "this MODEL's model sampling node (e.g. ModelSamplingSD3 / ModelSamplingFlux shift) is ignored; for that "
+            "schedule use the Open-Sora Guider with core's BasicScheduler in SamplerCustomAdvanced, or KSampler."
+        )
     transformer_options = options.setdefault("transformer_options", {})
     comfy.patcher_extension.merge_nested_dicts(
         transformer_options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False

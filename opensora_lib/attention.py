@@ -97,14 +97,30 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _unavailable(name) is None]
 
 
-def set_backend(name: str) -> None:
-    """Select the process-wide backend; raises ValueError for an unknown or unavailable name. Only the requested
-    package is imported (the others only to list what is available, in the error)."""
+def check_backend(name: str) -> None:
+    """Raise ValueError for an unknown or unavailable backend name. Only the requested package is imported (the
+    others only to list what is available, in the error)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     why = _unavailable(name)
     if why is not None:
         raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available_backends())}")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend every attention call uses from now on; raises ValueError as check_backend."""
+    check_backend(name)
+    _select(name)
+
+
+def use_backend(name: str) -> None:
+    """Select a backend already checked (check_backend): a model with a backend of its own calls this at the top of
+    its forward, so models loaded with different backends each run theirs."""
+    if name != _backend:
+        _select(name)
+
+
+def _select(name: str) -> None:
     global _backend, _kernels, _kernel_dtypes
     # the package is looked up here, not per call: torch.compile then traces the kernel call without a graph break
     _backend, _kernels = name, _package(name) if name in _PACKAGES else None

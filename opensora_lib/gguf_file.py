@@ -34,7 +34,7 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == MAGIC
 
 
-# llama.cpp's T5 encoder names (arch "t5encoder" / "t5") -> the Hugging Face ones that ComfyUI's t5xxl files use.
+# llama.cpp's T5 encoder names (its "t5encoder" / "t5" files) -> the Hugging Face ones that ComfyUI's t5xxl files use.
 _T5_BLOCK = {
     "attn_norm": "layer.0.layer_norm",
     "attn_q": "layer.0.SelfAttention.q",
@@ -70,11 +70,6 @@ class _Tensor:
         self.name, self.qtype, self.shape, self.data = name, qtype, shape, data
 
 
-def _field_text(reader, key: str) -> str:
-    field = reader.get_field(key)
-    return "" if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-
-
 def _field_ints(reader, key: str) -> tuple[int, ...] | None:
     field = reader.get_field(key)
     return None if field is None else tuple(int(field.parts[i][0]) for i in field.data)
@@ -99,8 +94,10 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:
         raise GGUFError(f"{path}: truncated GGUF file: its tensors need {end} bytes but the file has {size}")
-    arch = _field_text(reader, "general.architecture")
-    rename = _t5_name if arch in ("t5", "t5encoder") else (lambda name: name)
+    # llama.cpp's T5 names are told by the names themselves, not by general.architecture: converters label files
+    # loosely (ComfyUI-GGUF's calls an Open-Sora 2.0 DiT "flux"), and a T5 with Hugging Face names needs none.
+    llama_t5 = any(t.name.startswith("enc.blk.") for t in reader.tensors)
+    rename = _t5_name if llama_t5 else (lambda name: name)
     tensors: dict[str, _Tensor] = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))

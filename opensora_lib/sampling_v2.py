@@ -118,8 +118,10 @@ def conditioned_frames(cond_type: str, latent_frames: int, causal: bool = True) 
         return {"i2v_head": [0], "i2v_tail": [last], "i2v_loop": [0, last]}[cond_type]
     count = (16 if cond_type.endswith("_easy") else 8) + int(causal)
     if latent_frames <= count:
+        where = "first" if "head" in cond_type else "last"
         raise ValueError(
-            f"cond_type {cond_type!r} conditions {count} latent frames; the video needs more, got {latent_frames}"
+            f"cond_type {cond_type!r} conditions the {where} {count} latent frames, so the video to generate needs at "
+            f"least {count + 1} latent frames; it has {latent_frames}"
         )
     return list(range(count)) if "head" in cond_type else list(range(latent_frames - count, latent_frames))
 

@@ -148,3 +148,16 @@ def test_matrices_go_straight_to_fp8_storage(tiny_dits, tmp_path):
         else:
             assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, held[key].bfloat16()), key
     assert any(t.dtype == torch.float8_e4m3fn for t in loaded.values())
+
+
+def test_the_names_not_the_architecture_label_decide_the_t5_renaming(tiny_dits, tmp_path):
+    """Converters label files loosely; a DiT labelled "t5" and a T5 with Hugging Face names labelled "t5" load."""
+    write_gguf(tmp_path / "dit.gguf", tiny_dits["2.0"], "Q8_0", arch="t5")
+    assert detection.detect_file(tmp_path / "dit.gguf").family == "mmdit"
+    model = tiny_t5_model(seed=1).eval()
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    write_gguf(tmp_path / "t5-hf-names.gguf", state_dict, "F32", arch="t5")
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    save_t5(model, tmp_path / "t5.safetensors", layout="single")
+    loaded = load_t5(tmp_path / "t5-hf-names.gguf")(input_ids=ids).last_hidden_state
+    assert torch.equal(loaded, load_t5(tmp_path / "t5.safetensors")(input_ids=ids).last_hidden_state)

@@ -356,7 +356,7 @@ def test_reference_conditioning(measured):
 def test_reference_errors_are_specific(measured):
     errors = measured["reference_errors"]
     assert "frame_index" in errors["frame_index"] and "i2v_head" in errors["frame_index"]
-    assert "9 latent frames" in errors["v2v_short"]
+    assert "9 latent frames" in errors["v2v_short"] and "num_frames to 37 or more" in errors["v2v_short"]
     assert "HunyuanVideo VAE" in errors["wrong_vae"]
     assert "core_vae" in errors["missing_core_vae"]
 

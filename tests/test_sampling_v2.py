@@ -96,7 +96,9 @@ def test_conditioned_frames_per_cond_type():
         conditioned_frames("v2v_head_half", 33)
     with pytest.raises(ValueError, match="needs a video"):
         conditioned_frames("i2v_head", 1)
-    with pytest.raises(ValueError, match="conditions 9 latent frames"):
+    with pytest.raises(
+        ValueError, match="conditions the first 9 latent frames, so the video to generate needs at least 10"
+    ):
         conditioned_frames("v2v_head", 9)
 
 
