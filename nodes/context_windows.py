@@ -1,6 +1,6 @@
 """The reference conditioning under core's context windows (Context Windows (Manual), `dim` 2).
 
-Core slices the latent per window and, from ComfyUI 0.23.0, asks the model to slice its own conditioning
+Core slices the latent per window and, from ComfyUI 0.18.0, asks the model to slice its own conditioning
 (BaseModel.resize_cond_for_context_window). The Open-Sora references are per latent frame: 1.3's cond / cond_mask
 [B, C, T, H, W] and the frames that attend to the null caption (mask_index, frame numbers), 2.0's cond
 [B, 1 + C, T, H, W] (mask + masked reference). Each window gets its frames of them, and mask_index is renumbered to
@@ -15,7 +15,7 @@ import comfy.conds
 import comfy.model_base
 import torch
 
-FIRST_VERSION = "0.23.0"  # the first ComfyUI release with resize_cond_for_context_window
+FIRST_VERSION = "0.18.0"  # the first ComfyUI release with resize_cond_for_context_window (run: 0.18, 0.23, 0.33)
 FRAME_CONDS = {"cond": 2, "cond_mask": 2}  # per-frame reference conds -> their time dimension
 
 

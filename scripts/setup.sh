@@ -54,6 +54,7 @@ tmp.rename(host)
 PYEOF
 fi
 
+mkdir -p "$REPO/.cache"  # a $COMFYUI_DIR host skips the provisioning above, which made it
 STAMP="$REPO/.cache/requirements.stamp"
 WANT="$( (cat "$HOST/requirements.txt" requirements.txt requirements-dev.txt; echo "extra: requests") | sha1sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then

@@ -2,7 +2,7 @@
 
 - Text-to-video through the Open-Sora Guider + SamplerCustomAdvanced (and core KSampler for 2.0): a window as long
   as the latent changes nothing (bit-identical); a shorter one runs the DiT on windows of that many latent frames.
-- With a reference (i2v) and windows shorter than the latent, on ComfyUI 0.23.0 and newer (the model slices its own
+- With a reference (i2v) and windows shorter than the latent, on ComfyUI 0.18.0 and newer (the model slices its own
   conditioning, BaseModel.resize_cond_for_context_window): every DiT call gets the reference conditioning of the
   frames it holds, exactly (1.3 cond / cond_mask and mask_index renumbered, 2.0 cond), also with core's
   cond_retain_index_list "0"; on older ComfyUI (0.3.75) a clear error before any DiT call.
@@ -211,13 +211,13 @@ def test_text_to_video_runs_in_windows(measured, run):
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])
 def test_reference_in_windows(measured, version):
-    """ComfyUI 0.23.0+: each window gets the reference conditioning of its frames; older: refused before the DiT."""
+    """ComfyUI 0.18.0+: each window gets the reference conditioning of its frames; older: refused before the DiT."""
     values = measured[f"{version} i2v"]
     if version == "1.3":
         assert values["whole_mask_index"] == [0], values
     if not values["slices_references"]:
         refused = values["retain ''"]
-        assert refused["error"] is not None and "0.23.0" in refused["error"], refused
+        assert refused["error"] is not None and "0.18.0" in refused["error"], refused
         assert "text-to-video" in refused["error"] and "context_length" in refused["error"], refused
         assert refused["calls"] == [], refused
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import gguf  # a requirement of the pack (requirements.txt)
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,6 @@ from safetensors.torch import load_file
 from opensora_lib import checkpoint, detection
 from opensora_lib.checkpoint import CheckpointError
 from opensora_lib.text_encoders import load_t5
-
-gguf = pytest.importorskip("gguf")  # a requirement of the pack: installed by scripts/setup.sh
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))

@@ -15,8 +15,6 @@ from helpers_comfy_probe import run_probe
 from helpers_gguf import write_gguf
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("gguf")  # a requirement of the pack: installed by scripts/setup.sh
-
 REPO = Path(__file__).resolve().parent.parent
 
 

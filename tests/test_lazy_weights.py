@@ -3,8 +3,9 @@ Linear layers with weight and bias None until load_state_dict. The loader must s
 shapes with a clear error and give the same model as without it.
 
 ComfyUI is imported in ONE subprocess. --cpu turns DynamicVRAM off, so the probe sets
-comfy.memory_management.aimdo_enabled itself, which is what makes comfy.ops build lazily. Hosts older than 0.12
-(e.g. the pinned 0.3.75) have no DynamicVRAM: there only the non-lazy build exists and is checked.
+comfy.memory_management.aimdo_enabled itself, which is what makes comfy.ops build lazily (ComfyUI 0.15 to 0.29 do
+so on Windows only, so there the probe also sets comfy.model_management.WINDOWS). Hosts older than 0.12 (e.g. the
+pinned 0.3.75) have no DynamicVRAM: there only the non-lazy build exists and is checked.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def probe(out_path: str, models_dir: str) -> None:
     except ImportError:  # 0.3.75: no DynamicVRAM
         memory = None
     modes = [False, True] if hasattr(memory, "aimdo_enabled") else [False]
+    import inspect
+
+    import comfy.model_management
+    import comfy.ops
+
+    windows_gated = "WINDOWS" in inspect.getsource(comfy.ops.disable_weight_init.Linear)
 
     def forward(kind, dm):
         gen = torch.Generator().manual_seed(0)
@@ -61,6 +68,8 @@ def probe(out_path: str, models_dir: str) -> None:
         for lazy in modes:
             if len(modes) > 1:
                 memory.aimdo_enabled = lazy
+                if windows_gated:  # 0.15 to 0.29 build lazily on Windows only: the probe plays a Windows machine
+                    comfy.model_management.WINDOWS = lazy
             (model,) = OpenSoraLoadDiT().load(name, "fp32")
             dm = model.model.diffusion_model
             loaded = dm.state_dict()
