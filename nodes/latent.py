@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..opensora_lib import reference_image, sizes
 from .common import CATEGORY, input_range_error, warn_once
+
+log = logging.getLogger("OpenSora")
 
 # Version choices of Empty Latent Video; "2.0 DC-AE" makes a Video DC-AE latent (its LATENT info keeps version
 # "2.0" and adds "autoencoder": "dc_ae"; a 2.0 latent without that key is a HunyuanVideo one).
@@ -184,9 +188,10 @@ class OpenSoraEmptyLatentVideo:
     DESCRIPTION = "An empty video latent with Open-Sora's size, frame-count and aspect rules."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, version, resolution, aspect_ratio, num_frames, width=0, height=0):
+    def VALIDATE_INPUTS(cls, version=None, resolution=None, aspect_ratio=None, num_frames=None, width=0, height=0):
         """batch_size and fps are not named here, so core checks their ranges itself. An input linked from another
-        node is None here (its value comes at run time, where generate checks it): check what is known."""
+        node is None here (its value comes at run time, where generate checks it): check what is known. A missing
+        input is None too (defaults), so that core reports it as missing instead of a TypeError."""
         error = input_range_error(cls, {"num_frames": num_frames, "width": width, "height": height})
         if error or version is None:
             return error or True
@@ -319,7 +324,26 @@ class OpenSoraEncodeReference:
             )
         check_vae_fits(vae, info, "Encode Reference")
         pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
-        frames = pixels.movedim(0, 1).unsqueeze(0) if cond_type == "v2v_head" else pixels[:1].unsqueeze(2)
+        if cond_type == "v2v_head":
+            frames = pixels.movedim(0, 1).unsqueeze(0)
+            trim = getattr(getattr(vae, "model", None), "reference_frames", None)  # 1.3: the official trim; 1.2: all
+            if trim is not None and trim(frames.shape[2]) < frames.shape[2]:
+                log.info(
+                    "Encode Reference: %d of %d video frames kept, as the official 1.3",
+                    trim(frames.shape[2]),
+                    frames.shape[2],
+                )
+                frames = frames[:, :, : trim(frames.shape[2])]
+        else:
+            if pixels.shape[0] > 1:
+                log.warning(
+                    "OpenSora: Encode Reference %s uses the first of the %d images it was given (Open-Sora %s "
+                    "conditions on one image here)",
+                    cond_type,
+                    pixels.shape[0],
+                    info["version"],
+                )
+            frames = pixels[:1].unsqueeze(2)
         generator = torch.Generator().manual_seed(seed)
 
         def noise(shape, dtype, device):

@@ -75,16 +75,16 @@ class OpenSoraLoadDiT:
         detection.expect_family(info, {"stdit3", "mmdit"}, "Open-Sora DiT loader")
         fast = weight_dtype == FP8_FAST
         dtype = torch.float8_e4m3fn if fast else WEIGHT_DTYPES[weight_dtype]
-        read_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
-        if checkpoint.is_quantized(path):  # ComfyUI scaled fp8: the comfy.ops layers take plain weights
-            read_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+        read_dtype = matrix_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
+        if checkpoint.is_quantized(path):  # scaled fp8 / GGUF: the comfy.ops layers take plain weights
+            # The matrices go straight into their storage dtype (no bf16 copy of the whole model on the way to fp8: a
+            # 0.8B-weight 2.0 DiT as Q8_0 GGUF, fp8, peaked at 2.4 GB anonymous memory before, 1.0 GB now); the small
+            # rest is read in fp32, so load_weights rounds it once, to the compute dtype.
+            read_dtype, matrix_dtype = torch.float32, dtype
             if dtype is None:  # dequantize straight into what default will pick (fp32 on GPUs without bf16)
                 params = sum(math.prod(shape) for _, shape in header.values())
                 supported = [torch.bfloat16, torch.float32]
-                read_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
-        # A quantized file's matrices go straight into fp8 when asked: no bf16 copy of the whole model in between
-        # (a 0.8B-weight 2.0 DiT as Q8_0 GGUF, fp8: 2.4 GB peak anonymous memory before, 1.0 GB now, for 0.8 GB weights).
-        matrix_dtype = dtype if read_dtype is not None and dtype == torch.float8_e4m3fn else None
+                matrix_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
         sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)
         sd = checkpoint.strip_prefix(sd, info.prefix)
         config_values = {**info.config, **read_folder_config(path)}

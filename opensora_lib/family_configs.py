@@ -36,7 +36,14 @@ class ShapeView:
 
 
 def _stdit3(s: ShapeView) -> tuple[str | None, dict, str]:
-    hidden, in_channels, *patch = s.shape("x_embedder.proj.weight")
+    embedding = s.shape("x_embedder.proj.weight")
+    if len(embedding) != 5:  # e.g. a GGUF converted without ComfyUI-GGUF's comfy.gguf.orig_shape record
+        raise CheckpointError(
+            f"this STDiT3 checkpoint's patch embedding x_embedder.proj.weight has shape {tuple(embedding)}, not the "
+            "5-D Conv3d weight [hidden, channels, t, h, w]: a GGUF converter flattened it without recording the "
+            "shape (comfy.gguf.orig_shape); convert the file again with a converter that records it"
+        )
+    hidden, in_channels, *patch = embedding
     head_dim = s.shape("spatial_blocks.0.attn.q_norm.weight")[0] if s.has("spatial_blocks.0.attn.q_norm.weight") else 72
     out_channels = s.shape("final_layer.linear.weight")[0] // math.prod(patch)
     if s.has("x_embedder_cond.proj.weight"):  # 1.3 always builds the i2v embedders

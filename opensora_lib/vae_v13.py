@@ -214,6 +214,16 @@ class OpenSoraVAEv13(nn.Module):
             return num_frames // config.micro_frame_size * config.micro_z_frame_size
         return (num_frames - 1) // (config.micro_frame_size - 1) * config.micro_z_frame_size
 
+    def reference_frames(self, num_frames: int) -> int:
+        """How many frames of a reference video are encoded: the official collect_references_batch trims a
+        reference to a length the VAE takes whole (released settings: 16k + 1)."""
+        config = self.config
+        if config.micro_frame_size is None:
+            return (num_frames - 1) // 4 * 4 + 1
+        if not config.temporal_overlap:
+            return max(num_frames // config.micro_frame_size * config.micro_frame_size, 1)
+        return (num_frames - 1) // (config.micro_frame_size - 1) * (config.micro_frame_size - 1) + 1
+
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(T', H', W') of the latent; H' = ceil(H / 8) (official get_latent_size)."""
         scale = self.config.spatial_compression

@@ -160,3 +160,13 @@ def test_the_names_not_the_architecture_label_decide_the_t5_renaming(tiny_dits, 
     save_t5(model, tmp_path / "t5.safetensors", layout="single")
     loaded = load_t5(tmp_path / "t5-hf-names.gguf")(input_ids=ids).last_hidden_state
     assert torch.equal(loaded, load_t5(tmp_path / "t5.safetensors")(input_ids=ids).last_hidden_state)
+
+
+def test_a_flattened_stdit3_patch_embedding_is_named(tiny_dits, tmp_path):
+    """A 1.3 GGUF whose 5-D patch embedding was flattened without comfy.gguf.orig_shape: the error says so."""
+    state_dict = dict(tiny_dits["1.3"])
+    weight = state_dict["x_embedder.proj.weight"]
+    state_dict["x_embedder.proj.weight"] = weight.reshape(weight.shape[0], -1)
+    write_gguf(tmp_path / "flat.gguf", state_dict, "F32")
+    with pytest.raises(CheckpointError, match="x_embedder.proj.weight has shape .*comfy.gguf.orig_shape"):
+        detection.detect_file(tmp_path / "flat.gguf")

@@ -71,6 +71,13 @@ def test_config_from_released_style_json_applies_video_normalisation():
     assert torch.allclose(model.unnormalize_latent(z)[0, :, 0, 0, 0], torch.tensor(VIDEO_LATENT_MEAN))
 
 
+def test_reference_frames_follow_the_official_trim():
+    """collect_references_batch (v1.3) keeps (T - 1) // 16 * 16 + 1 frames of a reference video (micro 17, overlap)."""
+    model = OpenSoraVAEv13(device="meta")
+    table = {1: 1, 6: 1, 16: 1, 17: 17, 20: 17, 33: 33, 40: 33, 113: 113}
+    assert {n: model.reference_frames(n) for n in table} == table
+
+
 def test_latent_frames_follow_the_reference_helper():
     model = OpenSoraVAEv13(device="meta")
     table = {1: 1, 2: 0, 16: 0, 17: 5, 18: 5, 33: 10, 49: 15, 113: 35, 129: 40}
