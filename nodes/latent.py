@@ -327,13 +327,10 @@ class OpenSoraEncodeReference:
         if cond_type == "v2v_head":
             frames = pixels.movedim(0, 1).unsqueeze(0)
             trim = getattr(getattr(vae, "model", None), "reference_frames", None)  # 1.3: the official trim; 1.2: all
-            if trim is not None and trim(frames.shape[2]) < frames.shape[2]:
-                log.info(
-                    "Encode Reference: %d of %d video frames kept, as the official 1.3",
-                    trim(frames.shape[2]),
-                    frames.shape[2],
-                )
-                frames = frames[:, :, : trim(frames.shape[2])]
+            kept = trim(frames.shape[2]) if trim is not None else frames.shape[2]
+            if kept < frames.shape[2]:
+                log.info("Encode Reference: %d of %d video frames kept, as the official 1.3", kept, frames.shape[2])
+                frames = frames[:, :, :kept]
         else:
             if pixels.shape[0] > 1:
                 log.warning(
