@@ -18,6 +18,9 @@ LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
 V1_COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
 COND_TYPES = [*V1_COND_TYPES, "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]  # the last three: 2.0 only
 AUTOENCODER_NAMES = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
+# Which images of an IMAGE batch an image condition encodes: head = the first, tail = the last, loop = both ends
+# (official "a.png;b.png" references: the second is the loop's last frame). frame_index takes the first.
+IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1), "frame_index": (0,)}
 
 
 def _union(getter) -> list[str]:
@@ -157,7 +160,7 @@ class OpenSoraEmptyLatentVideo:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Exact width in pixels (with height); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32.",
+                        "tooltip": "Exact width in pixels (with height); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32. 1.2 floors it to a multiple of 8 (its latent is size // 8, as the official code); 1.3 decodes to the exact size.",
                     },
                 ),
                 "height": (
@@ -167,7 +170,7 @@ class OpenSoraEmptyLatentVideo:
                         "min": 0,
                         "max": 4096,
                         "step": 8,
-                        "tooltip": "Exact height in pixels (with width); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32.",
+                        "tooltip": "Exact height in pixels (with width); 0 uses the preset. 2.0: multiples of 16, 2.0 DC-AE: of 32. 1.2 floors it to a multiple of 8 (its latent is size // 8, as the official code); 1.3 decodes to the exact size.",
                     },
                 ),
                 "fps": (
@@ -211,8 +214,18 @@ class OpenSoraEmptyLatentVideo:
         if error:
             raise ValueError(f"Open-Sora Empty Latent Video: {error}")
         lib_version, autoencoder = sizes.parse_latent_choice(version)
+        exact = bool(width and height)
         height, width = resolve_size(version, resolution, aspect_ratio, width, height)
         frames, latent_h, latent_w = sizes.latent_shape(lib_version, num_frames, height, width, autoencoder=autoencoder)
+        if exact and lib_version == "1.2" and (height % 8 or width % 8):
+            log.warning(
+                "OpenSora: Open-Sora 1.2 makes %d x %d frames for the %d x %d asked: its latent is the size // 8, as "
+                "the official code (1.3 decodes to the exact size)",
+                latent_w * 8,
+                latent_h * 8,
+                width,
+                height,
+            )
         samples = torch.zeros(batch_size, LATENT_CHANNELS[version], frames, latent_h, latent_w)
         info = {"version": lib_version, "height": height, "width": width, "num_frames": num_frames, "fps": fps}
         if autoencoder == "dc_ae":
@@ -237,6 +250,26 @@ def mask_index_for(cond_type: str, latent_frames: int, reference_frames: int, fr
     return [frame_index]
 
 
+def encode_image_condition(encode_one, count: int, cond_type: str, version: str) -> torch.Tensor:
+    """The reference latent of an image condition: encode_one(i) ([B, C, 1, h, w]) for the images it picks from a
+    batch of `count`, concatenated in latent-frame order (i2v_loop: [start, end]; one image is encoded once and
+    used at both ends). Says which images were used when the batch holds more than the condition takes."""
+    order = [i % count for i in IMAGE_PICKS[cond_type]]
+    picks = list(dict.fromkeys(order))
+    if count > len(picks):
+        which = "the last" if picks == [count - 1] else "the first and the last" if len(picks) == 2 else "the first"
+        log.warning(
+            "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s)",
+            cond_type,
+            which,
+            count,
+            version,
+            "a start and an end image" if cond_type == "i2v_loop" else "one image here",
+        )
+    encoded = {i: encode_one(i) for i in picks}  # in pick order: the 1.x posterior noise is drawn first, then last
+    return torch.cat([encoded[i] for i in order], dim=2)
+
+
 class OpenSoraEncodeReference:
     @classmethod
     def INPUT_TYPES(cls):
@@ -245,7 +278,7 @@ class OpenSoraEncodeReference:
                 "image": (
                     "IMAGE",
                     {
-                        "tooltip": "A reference image, or several frames (a video) for v2v_head. Resized to fill and center-cropped to the latent's size, as the official code does."
+                        "tooltip": "A reference image; for i2v_loop two images (start and end frame); several frames (a video) for v2v_head. Of a batch, i2v_head takes the first image and i2v_tail the last. Resized to fill and center-cropped to the latent's size, as the official code does."
                     },
                 ),
                 "latent": ("LATENT", {"tooltip": "The latent to condition, from Open-Sora Empty Latent Video."}),
@@ -324,29 +357,26 @@ class OpenSoraEncodeReference:
             )
         check_vae_fits(vae, info, "Encode Reference")
         pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
+        generator = torch.Generator().manual_seed(seed)
+
+        def noise(shape, dtype, device):
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
         if cond_type == "v2v_head":
             frames = pixels.movedim(0, 1).unsqueeze(0)
             trim = getattr(getattr(vae, "model", None), "reference_frames", None)  # 1.3: the official trim; 1.2: all
             kept = trim(frames.shape[2]) if trim is not None else frames.shape[2]
             if kept < frames.shape[2]:
                 log.info("Encode Reference: %d of %d video frames kept, as the official 1.3", kept, frames.shape[2])
-                frames = frames[:, :, :kept]
-        else:
-            if pixels.shape[0] > 1:
-                log.warning(
-                    "OpenSora: Encode Reference %s uses the first of the %d images it was given (Open-Sora %s "
-                    "conditions on one image here)",
-                    cond_type,
-                    pixels.shape[0],
-                    info["version"],
-                )
-            frames = pixels[:1].unsqueeze(2)
-        generator = torch.Generator().manual_seed(seed)
-
-        def noise(shape, dtype, device):
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-        reference = vae.encode(frames, sample_posterior=True, noise=noise)
+            reference = vae.encode(frames[:, :, :kept], sample_posterior=True, noise=noise)
+        else:  # each image on its own, as the official collect_references_batch; v1_reference / the 1.2 strategies
+            # place reference frame k at mask_index[k]
+            reference = encode_image_condition(
+                lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2), sample_posterior=True, noise=noise),
+                pixels.shape[0],
+                cond_type,
+                info["version"],
+            )
         latent_frames = latent["samples"].shape[2]
         index = mask_index_for(cond_type, latent_frames, reference.shape[2], frame_index)
         out = dict(latent)

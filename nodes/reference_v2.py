@@ -18,11 +18,10 @@ import torch
 
 from ..opensora_lib import reference_image, sizes
 from ..opensora_lib.sampling_v2 import conditioned_frames
-from .latent import video_info
+from .latent import IMAGE_PICKS, encode_image_condition, video_info
 
 COND_TYPES_V2 = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
 COND_TYPES_DC_AE = ("i2v_head", "i2v_tail", "i2v_loop")
-IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1)}  # head = first image, tail = last
 
 
 def _encode(core_vae, images: torch.Tensor) -> torch.Tensor:
@@ -64,10 +63,10 @@ def encode_reference_v2(
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
     if cond_type in IMAGE_PICKS:
-        picks = sorted({i % images.shape[0] for i in IMAGE_PICKS[cond_type]})
-        encoded = {i: _encode(core_vae, images[i : i + 1]) for i in picks}
         # one frame per conditioned end: head from the first image, tail from the last (official ref_path[0/-1])
-        reference = torch.cat([encoded[i % images.shape[0]] for i in IMAGE_PICKS[cond_type]], dim=2)
+        reference = encode_image_condition(
+            lambda i: _encode(core_vae, images[i : i + 1]), len(images), cond_type, "2.0"
+        )
     else:
         needed = (len(frames) - 1) * 4 + 1  # the causal VAE turns 4k + 1 frames into k + 1 latent frames
         if images.shape[0] < needed:
@@ -100,9 +99,10 @@ def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, cond_type: str
     if image.ndim == 3:
         image = image[None]
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
-    picks = [i % pixels.shape[0] for i in IMAGE_PICKS[cond_type]]  # head = first image, tail = last
     # One image -> one latent frame (official collect_references_batch: r[:, :1] -> model_ae.encode).
-    reference = torch.cat([vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu() for i in picks], dim=2)
+    reference = encode_image_condition(
+        lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu(), len(pixels), cond_type, "2.0 DC-AE"
+    )
     if reference.shape[1] != samples.shape[1] or reference.shape[-2:] != samples.shape[-2:]:
         raise ValueError(
             f"the DC-AE encoded the reference to {tuple(reference.shape)}, which does not fit the video latent "

@@ -12,7 +12,7 @@ import comfy.sample
 import torch
 
 from ..opensora_lib import rflow
-from ..opensora_lib.conditioning_v1 import V12_ALIGN, apply_mask_strategy, mask_strategies_for
+from ..opensora_lib.conditioning_v1 import V12_ALIGN, apply_mask_strategy, image_references, mask_strategies_for
 from ..opensora_lib.schedules import rflow_timesteps
 from .common import (
     CATEGORY,
@@ -120,7 +120,11 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
         return z, None
     check_reference_fits(reference, z)
     raw = reference["latent"].to(z.device, z.dtype)  # no z-sized placed copy: the strategies place it
-    return apply_mask_strategy(z, [raw], mask_strategies_for(reference["mask_index"], raw.shape[2]), align=V12_ALIGN)
+    if reference["cond_type"] == "v2v_head":  # one video: consecutive frames in one group
+        references, strategies = [raw], mask_strategies_for(reference["mask_index"], raw.shape[2])
+    else:  # images, one latent frame each (i2v_loop: start, end)
+        references, strategies = image_references(raw, reference["mask_index"])
+    return apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
 
 
 def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:

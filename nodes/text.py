@@ -167,6 +167,8 @@ class OpenSoraEncodePrompt:
             flow=None if motion_score < 0 else motion_score,
             camera_motion=None if camera_motion == "none" else camera_motion,
         )
+        for unused in prompts.unused_prompt_parts_v1(prompt):
+            log.warning("OpenSora: Encode Prompt does not use %s", unused)
         positive = text_conditioning(text_encoder, text)
         if negative_prompt.strip():
             negative = text_conditioning(text_encoder, prompts.negative_prompt_text_v1(negative_prompt))

@@ -177,6 +177,20 @@ def mask_strategies_for(mask_index: Sequence[int], reference_frames: int) -> lis
     return groups
 
 
+def image_references(
+    reference: torch.Tensor, mask_index: Sequence[int]
+) -> tuple[list[torch.Tensor], list[MaskStrategy]]:
+    """1.2 references and strategies for images encoded one per latent frame ([B, C, N, H, W]): each image is its
+    own reference (official "a.png;b.png" ref_ids), so aligning moves only the target; image min(k, N - 1) goes
+    to latent frame mask_index[k]."""
+    references = [reference[:, :, k : k + 1] for k in range(reference.shape[2])]
+    strategies = [
+        MaskStrategy(reference_index=min(slot, len(references) - 1), target_start=target)
+        for slot, target in enumerate(mask_index)
+    ]
+    return references, strategies
+
+
 def place_references(
     latent_shape: Sequence[int],
     references: Sequence[torch.Tensor],

@@ -266,8 +266,31 @@ def _segments_v1(
     segments = []
     for start, segment in raw:
         final = text_preprocessing(score_text_v1(segment, version, aes, flow, camera_motion))
-        segments.append((start, final, text_preprocessing(segment) == ""))
+        segments.append((start, final, _is_empty(text_preprocessing(segment))))
     return segments, extra
+
+
+def _is_empty(cleaned: str) -> bool:
+    """Nothing to describe a video: no letter or digit left (the cleaner turns a bare URL into '.')."""
+    return not any(char.isalnum() for char in cleaned)
+
+
+def unused_prompt_parts_v1(prompt: str) -> list[str]:
+    """What a one-video encode of a 1.x prompt does not use: the trailing JSON object (the official script's
+    reference_path / mask_strategy) and the "|k|" loop segments after the first."""
+    text, extra = split_prompt_json(prompt)
+    unused = []
+    if extra:
+        unused.append(f"the prompt's JSON object ({', '.join(extra)}): connect Open-Sora Encode Reference instead")
+    loops = split_loop_segments(text)
+    if loops and len(loops) > 1:
+        used = _loop_segment_index([start for start, _segment in loops], 0)
+        others = [f"|{start}| {segment!r}" for k, (start, segment) in enumerate(loops) if k != used]
+        unused.append(
+            f"the loop segment(s) {', '.join(others)}: one video is the official loop 0, which uses "
+            f"|{loops[used][0]}| {loops[used][1]!r}"
+        )
+    return unused
 
 
 def merged_prompt_v1(prompt: str, version: str, aes=None, flow=None, camera_motion=None) -> str:
@@ -316,7 +339,7 @@ def negative_prompt_text_v1(prompt: str) -> str:
     """
     _check_str(prompt)
     text = text_preprocessing(prompt)
-    if not text:
+    if _is_empty(text):
         raise ValueError(
             f"the negative prompt is empty after caption cleaning: {prompt!r}; leave it unset to use the null caption"
         )

@@ -169,10 +169,30 @@ def test_json_suffix():
         prompts.split_prompt_json('a{"mask_strategy": "0"}{"reference_path": "x"}')
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", "一只猫", "https://example.com", "|0|"])
-def test_empty_v1_prompt_raises(prompt):
+@pytest.mark.parametrize("prompt", ["", "   ", "一只猫", "https://example.com", "|0|", "https://example.com/fox.mp4"])
+@pytest.mark.parametrize("aes", [6.5, None])
+def test_empty_v1_prompt_raises(prompt, aes):
     with pytest.raises(ValueError, match="empty after caption cleaning"):
-        prompts.prompt_text_v1(prompt, "1.3", aes=6.5)
+        prompts.prompt_text_v1(prompt, "1.3", aes=aes)
+
+
+def test_a_url_to_a_file_cleans_to_a_bare_full_stop_which_counts_as_empty():
+    assert prompts.text_preprocessing("https://example.com/fox.mp4") == "."  # what the official cleaner leaves
+    with pytest.raises(ValueError, match="negative prompt is empty"):
+        prompts.negative_prompt_text_v1("https://example.com/fox.mp4")
+    assert prompts.prompt_text_v1("42", "1.3") == "42"  # a digit is content
+
+
+def test_unused_prompt_parts_name_the_json_object_and_the_other_loop_segments():
+    assert prompts.unused_prompt_parts_v1("a fox in snow") == []
+    (json_part,) = prompts.unused_prompt_parts_v1('a fox{"reference_path": "fox.png", "mask_strategy": "0"}')
+    assert "reference_path, mask_strategy" in json_part and "Encode Reference" in json_part
+    (loop_part,) = prompts.unused_prompt_parts_v1("|0| a fox |1| a cat |4| a dog")
+    assert "|1| 'a cat', |4| 'a dog'" in loop_part and "uses |0| 'a fox'" in loop_part
+    # repeated markers: official loop 0 takes the later segment, so the earlier one is the unused one
+    (repeated,) = prompts.unused_prompt_parts_v1("|0| a fox |0| a cat")
+    assert "|0| 'a fox':" in repeated and "uses |0| 'a cat'" in repeated
+    assert prompts.prompt_text_v1("|0| a fox |0| a cat", "1.3") == "a cat"
 
 
 def test_empty_loop_segment_only_matters_when_used():

@@ -1,0 +1,81 @@
+"""Open-Sora Encode Prompt (1.3) on official-style prompts, inside ComfyUI (--cpu).
+
+- A trailing JSON object (the official script's reference_path / mask_strategy) and "|k|" loop segments other than
+  loop 0's are not used by one video: the node says so by name, and encodes what the official loop 0 encodes.
+- A prompt the caption cleaner turns into a bare "." (a URL to a file) is refused as empty.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_comfy_probe import run_probe
+
+REPO = Path(__file__).resolve().parent.parent
+T5 = "opensora-tiny-t5/"
+
+
+def probe(out_path: str, models_dir: str) -> None:
+    import folder_paths
+    from helpers_comfy_probe import pack_warnings
+    from opensora_pack.nodes import loaders, text
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    folder_paths.add_model_folder_path("text_encoders", str(Path(models_dir) / "text_encoders"), True)
+    (encoder,) = loaders.OpenSoraLoadTextEncoder().load(T5, "default", "1.3")
+
+    def encode(prompt):
+        with pack_warnings() as messages:
+            positive, _negative = text.OpenSoraEncodePrompt().encode(encoder, prompt, "")
+        return positive[0][0], messages
+
+    plain, plain_warnings = encode("a fox in snow")
+    with_json, json_warnings = encode('a fox in snow{"reference_path": "fox.png", "mask_strategy": "0"}')
+    looped, loop_warnings = encode("|0| a fox in snow |1| a cat on a roof")
+    try:
+        encode("https://example.com/fox.mp4")
+        url_error = None
+    except ValueError as e:
+        url_error = str(e)
+    results = {
+        "plain_warnings": plain_warnings,
+        "json_same": bool(torch.equal(plain, with_json)),
+        "json_warnings": json_warnings,
+        "loop_same": bool(torch.equal(plain, looped)),
+        "loop_warnings": loop_warnings,
+        "url_error": url_error,
+    }
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from demo_models import make_t5
+
+    models = tmp_path_factory.mktemp("models-v1-prompt")
+    make_t5(models / "text_encoders" / T5.rstrip("/"))
+    return run_probe("test_v1_prompt_node", models / "results.json", models)
+
+
+def test_a_plain_prompt_logs_nothing(measured):
+    assert measured["plain_warnings"] == []
+
+
+def test_the_prompt_json_is_named_as_unused_and_the_text_encodes_as_without_it(measured):
+    assert measured["json_same"], "the text before the JSON object is the official prompt"
+    assert any("JSON object (reference_path, mask_strategy)" in m for m in measured["json_warnings"]), measured
+
+
+def test_loop_segments_after_loop_0_are_named_as_unused(measured):
+    assert measured["loop_same"], "one video is the official loop 0: its segment's text"
+    assert any("|1| 'a cat on a roof'" in m for m in measured["loop_warnings"]), measured
+
+
+def test_a_url_to_a_file_is_an_empty_prompt(measured):
+    assert measured["url_error"] and "empty after caption cleaning" in measured["url_error"], measured
