@@ -124,7 +124,12 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
         references, strategies = [raw], mask_strategies_for(reference["mask_index"], raw.shape[2])
     else:  # images, one latent frame each (i2v_loop: start, end)
         references, strategies = image_references(raw, reference["mask_index"])
-    return apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
+    z, mask = apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
+    asked = sorted(index % z.shape[2] for index in reference["mask_index"])
+    kept = [] if mask is None else (mask.frame_mask[0] == 0).nonzero().flatten().tolist()
+    if kept != asked:
+        log.info("OpenSora: 1.2 reference at latent frame(s) %s, aligned from %s (official align = 5)", kept, asked)
+    return z, mask
 
 
 def without_diffusion_model_wrappers(transformer_options: dict) -> list[str]:

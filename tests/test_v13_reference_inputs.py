@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -57,7 +58,13 @@ def probe(out_path: str, models_dir: str) -> None:
     loop12 = {
         n: latent.OpenSoraEncodeReference().encode(video[:n], empty12, "i2v_loop", vae=vae12, seed=3)[0] for n in (1, 2)
     }
+    infos: list[str] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda record: infos.append(record.getMessage())
+    logging.getLogger("OpenSora").addHandler(handler)
+    logging.getLogger("OpenSora").setLevel(logging.INFO)
     written12 = {n: sampling.v1_conditioning("1.2", loop12[n], z12)[0] for n in (1, 2)}
+    logging.getLogger("OpenSora").removeHandler(handler)
     with pack_warnings() as size_messages:
         floored = latent.OpenSoraEmptyLatentVideo().generate("1.2", "144p", "9:16", 17, 1, 100, 60)[0]["samples"]
         latent.OpenSoraEmptyLatentVideo().generate("1.2", "144p", "9:16", 17, 1, 96, 56)
@@ -87,6 +94,7 @@ def probe(out_path: str, models_dir: str) -> None:
         "v12_end_is_second": bool(
             torch.equal(written12[2][:, :, 10], loop12[2]["opensora_reference"]["latent"][:, :, 1])
         ),
+        "v12_align_messages": infos,
         "v12_end_differs_with_two": not torch.equal(written12[1][:, :, 10], written12[2][:, :, 10]),
         "warnings": messages,
         # an API prompt missing a required input: core reports it as missing; VALIDATE_INPUTS must not TypeError
@@ -134,6 +142,7 @@ def test_i2v_loop_with_one_image_conditions_both_ends_with_it(measured):
 def test_v12_i2v_loop_writes_the_end_image_at_the_aligned_last_frame(measured):
     assert measured["v12_start_same"] and measured["v12_end_is_second"], measured
     assert measured["v12_end_differs_with_two"], measured
+    assert any("latent frame(s) [0, 10], aligned from [0, 14]" in m for m in measured["v12_align_messages"]), measured
 
 
 def test_empty_latent_validation_takes_missing_inputs(measured):
