@@ -6,8 +6,10 @@ import logging
 
 import torch
 
-from ..opensora_lib import reference_image, sizes
+from ..opensora_lib import sizes
 from .common import CATEGORY, input_range_error, warn_once
+from .reference import encode_reference_v1
+from .reference_v2 import encode_reference_dcae, encode_reference_v2
 
 log = logging.getLogger("OpenSora")
 
@@ -17,10 +19,6 @@ VERSIONS = list(sizes.LATENT_CHOICES)
 LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
 V1_COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
 COND_TYPES = [*V1_COND_TYPES, "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]  # the last three: 2.0 only
-AUTOENCODER_NAMES = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
-# Which images of an IMAGE batch an image condition encodes: head = the first, tail = the last, loop = both ends
-# (official "a.png;b.png" references: the second is the loop's last frame). frame_index takes the first.
-IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1), "frame_index": (0,)}
 
 
 def _union(getter) -> list[str]:
@@ -233,43 +231,6 @@ class OpenSoraEmptyLatentVideo:
         return ({"samples": samples, "opensora": info},)
 
 
-def mask_index_for(cond_type: str, latent_frames: int, reference_frames: int, frame_index: int) -> list[int]:
-    """Latent frames that the reference conditions (official cond types, plus any single frame)."""
-    if cond_type == "i2v_head":
-        return [0]
-    if cond_type == "i2v_tail":
-        return [latent_frames - 1]
-    if cond_type == "i2v_loop":
-        return [0, latent_frames - 1]
-    if cond_type == "v2v_head":
-        return list(range(min(5, reference_frames, latent_frames)))
-    if not 0 <= frame_index < latent_frames:
-        raise ValueError(
-            f"frame_index {frame_index} is outside the latent's {latent_frames} frames (0..{latent_frames - 1})"
-        )
-    return [frame_index]
-
-
-def encode_image_condition(encode_one, count: int, cond_type: str, version: str) -> torch.Tensor:
-    """The reference latent of an image condition: encode_one(i) ([B, C, 1, h, w]) for the images it picks from a
-    batch of `count`, concatenated in latent-frame order (i2v_loop: [start, end]; one image is encoded once and
-    used at both ends). Says which images were used when the batch holds more than the condition takes."""
-    order = [i % count for i in IMAGE_PICKS[cond_type]]
-    picks = list(dict.fromkeys(order))
-    if count > len(picks):
-        which = "the last" if picks == [count - 1] else "the first and the last" if len(picks) == 2 else "the first"
-        log.warning(
-            "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s)",
-            cond_type,
-            which,
-            count,
-            version,
-            "a start and an end image" if cond_type == "i2v_loop" else "one image here",
-        )
-    encoded = {i: encode_one(i) for i in picks}  # in pick order: the 1.x posterior noise is drawn first, then last
-    return torch.cat([encoded[i] for i in order], dim=2)
-
-
 class OpenSoraEncodeReference:
     @classmethod
     def INPUT_TYPES(cls):
@@ -335,17 +296,13 @@ class OpenSoraEncodeReference:
                     "with F32T4C128_AE.safetensors); core_vae (the HunyuanVideo VAE) does not fit this latent."
                 )
             check_vae_fits(vae, info, "Encode Reference")
-            from .reference_v2 import encode_reference_dcae
-
-            return (encode_reference_dcae(vae, image, latent, cond_type),)
+            return (encode_reference_dcae(vae, image, latent, info, cond_type),)
         if info["version"] == "2.0":
             if core_vae is None:
                 raise ValueError(
                     "Open-Sora 2.0 references are encoded with the HunyuanVideo VAE: connect core_vae (core Load VAE)."
                 )
-            from .reference_v2 import encode_reference_v2
-
-            return (encode_reference_v2(core_vae, image, latent, cond_type, frame_index, seed),)
+            return (encode_reference_v2(core_vae, image, latent, info, cond_type),)
         if cond_type not in V1_COND_TYPES:
             raise ValueError(
                 f"cond_type {cond_type!r} is an Open-Sora 2.0 condition; Open-Sora {info['version']} takes "
@@ -356,32 +313,7 @@ class OpenSoraEncodeReference:
                 f"Open-Sora {info['version']} references need the Open-Sora VAE: connect vae (Load Open-Sora VAE)."
             )
         check_vae_fits(vae, info, "Encode Reference")
-        pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
-        generator = torch.Generator().manual_seed(seed)
-
-        def noise(shape, dtype, device):
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-        if cond_type == "v2v_head":
-            frames = pixels.movedim(0, 1).unsqueeze(0)
-            trim = getattr(getattr(vae, "model", None), "reference_frames", None)  # 1.3: the official trim; 1.2: all
-            kept = trim(frames.shape[2]) if trim is not None else frames.shape[2]
-            if kept < frames.shape[2]:
-                log.info("Encode Reference: %d of %d video frames kept, as the official 1.3", kept, frames.shape[2])
-            reference = vae.encode(frames[:, :, :kept], sample_posterior=True, noise=noise)
-        else:  # each image on its own, as the official collect_references_batch; v1_reference / the 1.2 strategies
-            # place reference frame k at mask_index[k]
-            reference = encode_image_condition(
-                lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2), sample_posterior=True, noise=noise),
-                pixels.shape[0],
-                cond_type,
-                info["version"],
-            )
-        latent_frames = latent["samples"].shape[2]
-        index = mask_index_for(cond_type, latent_frames, reference.shape[2], frame_index)
-        out = dict(latent)
-        out["opensora_reference"] = {"latent": reference, "mask_index": index, "cond_type": cond_type}
-        return (out,)
+        return (encode_reference_v1(vae, image, latent, info, cond_type, frame_index, seed),)
 
 
 def tile_error(node, tile_size: int | None, tile_overlap: int | None) -> str | None:

@@ -18,7 +18,7 @@ import torch
 
 from ..opensora_lib import reference_image, sizes
 from ..opensora_lib.sampling_v2 import conditioned_frames
-from .latent import IMAGE_PICKS, encode_image_condition, video_info
+from .reference import IMAGE_PICKS, encode_image_condition
 
 COND_TYPES_V2 = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
 COND_TYPES_DC_AE = ("i2v_head", "i2v_tail", "i2v_loop")
@@ -42,15 +42,12 @@ def _longer_video_hint(cond_type: str) -> str:
     return ""
 
 
-def encode_reference_v2(
-    core_vae, image: torch.Tensor, latent: dict, cond_type: str, frame_index: int = 0, seed: int = 0
-) -> dict:
+def encode_reference_v2(core_vae, image: torch.Tensor, latent: dict, info: dict, cond_type: str) -> dict:
     """Attach latent["opensora_reference"] = {latent (raw), cond_type, mask_index, version "2.0"}."""
-    info = video_info(latent)
     if cond_type not in COND_TYPES_V2:
         raise ValueError(
             f"cond_type {cond_type!r} is not an Open-Sora 2.0 condition; 2.0 accepts {', '.join(COND_TYPES_V2)} "
-            "(frame_index exists for 1.3 only)."
+            "(frame_index exists for 1.x only)."
         )
     samples = latent["samples"]
     latent_frames = samples.shape[2]
@@ -58,8 +55,6 @@ def encode_reference_v2(
         frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
     except ValueError as e:
         raise ValueError(f"{e} ({info['num_frames']} frames). {_longer_video_hint(cond_type)}") from None
-    if image.ndim == 3:
-        image = image[None]
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
     if cond_type in IMAGE_PICKS:
@@ -85,9 +80,8 @@ def encode_reference_v2(
     return out
 
 
-def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, cond_type: str) -> dict:
+def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, info: dict, cond_type: str) -> dict:
     """Attach latent["opensora_reference"] for a "2.0 DC-AE" latent, encoded with the pack's DC-AE (OPENSORA_VAE)."""
-    info = video_info(latent)
     if cond_type not in COND_TYPES_DC_AE:
         raise ValueError(
             f"cond_type {cond_type!r} is not available with the Video DC-AE; choose {', '.join(COND_TYPES_DC_AE)} "
@@ -96,8 +90,6 @@ def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, cond_type: str
         )
     samples = latent["samples"]
     frames = conditioned_frames(cond_type, samples.shape[2])  # raises for a single latent frame
-    if image.ndim == 3:
-        image = image[None]
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     # One image -> one latent frame (official collect_references_batch: r[:, :1] -> model_ae.encode).
     reference = encode_image_condition(

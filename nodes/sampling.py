@@ -12,7 +12,14 @@ import comfy.sample
 import torch
 
 from ..opensora_lib import rflow
-from ..opensora_lib.conditioning_v1 import V12_ALIGN, apply_mask_strategy, image_references, mask_strategies_for
+from ..opensora_lib.conditioning_v1 import (
+    V12_ALIGN,
+    apply_mask_strategy,
+    cond_type_placements,
+    image_strategies,
+    mask_strategies_for,
+    place_references,
+)
 from ..opensora_lib.schedules import rflow_timesteps
 from .common import (
     CATEGORY,
@@ -94,18 +101,28 @@ def check_reference_fits(reference: dict, z: torch.Tensor) -> None:
         )
 
 
+def v1_references(reference: dict, z: torch.Tensor) -> list[torch.Tensor]:
+    """The reference latents of an Encode Reference entry: one video (v2v_head), else one per image (the official
+    "a.png;b.png" references; i2v_loop: start, end)."""
+    ref = reference["latent"].to(z.device, z.dtype)
+    if reference["cond_type"] == "v2v_head":
+        return [ref]
+    return [ref[:, :, k : k + 1] for k in range(ref.shape[2])]
+
+
 def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
+    """1.3: the DiT's reference input, placed as the official cond types (conditioning_v1.cond_type_placements)."""
     reference = latent.get("opensora_reference")
     if reference is None:
         return None
     check_reference_fits(reference, z)
-    ref = reference["latent"].to(z.device, z.dtype)
-    placed = torch.zeros_like(z)
-    index = reference["mask_index"]
-    frames = min(len(index), ref.shape[2]) if reference["cond_type"] == "v2v_head" else len(index)
-    for slot, frame in enumerate(index[:frames]):
-        placed[:, :, frame] = ref[:, :, min(slot, ref.shape[2] - 1)]
-    return rflow.ReferenceConditioning(placed, list(index))
+    references = v1_references(reference, z)
+    if reference["cond_type"] == "frame_index":
+        placements = [(0, 0, reference["mask_index"][0])]
+    else:
+        lengths = [r.shape[2] for r in references]
+        placements = cond_type_placements(reference["cond_type"], z.shape[2], lengths)
+    return place_references(z.shape, references, placements)
 
 
 def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
@@ -119,11 +136,11 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     if reference is None:
         return z, None
     check_reference_fits(reference, z)
-    raw = reference["latent"].to(z.device, z.dtype)  # no z-sized placed copy: the strategies place it
+    references = v1_references(reference, z)  # no z-sized placed copy: the strategies place them
     if reference["cond_type"] == "v2v_head":  # one video: consecutive frames in one group
-        references, strategies = [raw], mask_strategies_for(reference["mask_index"], raw.shape[2])
-    else:  # images, one latent frame each (i2v_loop: start, end)
-        references, strategies = image_references(raw, reference["mask_index"])
+        strategies = mask_strategies_for(reference["mask_index"], references[0].shape[2])
+    else:  # each image its own reference id, so aligning moves only its target
+        strategies = image_strategies(reference["mask_index"], len(references))
     z, mask = apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
     asked = sorted(index % z.shape[2] for index in reference["mask_index"])
     kept = [] if mask is None else (mask.frame_mask[0] == 0).nonzero().flatten().tolist()

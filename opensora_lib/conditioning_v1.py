@@ -177,18 +177,13 @@ def mask_strategies_for(mask_index: Sequence[int], reference_frames: int) -> lis
     return groups
 
 
-def image_references(
-    reference: torch.Tensor, mask_index: Sequence[int]
-) -> tuple[list[torch.Tensor], list[MaskStrategy]]:
-    """1.2 references and strategies for images encoded one per latent frame ([B, C, N, H, W]): each image is its
-    own reference (official "a.png;b.png" ref_ids), so aligning moves only the target; image min(k, N - 1) goes
-    to latent frame mask_index[k]."""
-    references = [reference[:, :, k : k + 1] for k in range(reference.shape[2])]
-    strategies = [
-        MaskStrategy(reference_index=min(slot, len(references) - 1), target_start=target)
+def image_strategies(mask_index: Sequence[int], images: int) -> list[MaskStrategy]:
+    """1.2 strategies for images that are each their own reference (official "a.png;b.png" ref_ids), so aligning
+    moves only the target: image min(k, images - 1) goes to latent frame mask_index[k]."""
+    return [
+        MaskStrategy(reference_index=min(slot, images - 1), target_start=target)
         for slot, target in enumerate(mask_index)
     ]
-    return references, strategies
 
 
 def place_references(

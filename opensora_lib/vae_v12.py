@@ -213,6 +213,11 @@ class OpenSoraVAEv12(nn.Module):
             for i in self._chunks(x_z.shape[2], size)
         ]
 
+    def reference_frames(self, num_frames: int) -> int:
+        """How many frames of a reference video are encoded: all (the official 1.2 collect_references_batch does
+        not trim; the 1.3 VAE's method of this name does)."""
+        return num_frames
+
     def encode(self, x: torch.Tensor, sample_posterior: bool = True, noise: Noise | None = None) -> torch.Tensor:
         """Video [B, 3, T, H, W] in [-1, 1] -> normalised latent [B, 4, latent_frames(T), H//8, W//8].
 

@@ -43,7 +43,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import torch
     from opensora_pack.nodes import guider, latent, loaders, sampling, text
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT, OpenSoraV2Model
-    from opensora_pack.nodes.reference_v2 import encode_reference_v2
     from opensora_pack.nodes.sampling import model_version
     from opensora_pack.nodes.sampling_v2 import sigmas_v2
     from opensora_pack.opensora_lib import sampling_v2 as lib
@@ -216,12 +215,13 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         }
     results["i2v"] = i2v
     results["vae_calls"] = vae.calls
+    encode_reference = latent.OpenSoraEncodeReference().encode
     results["reference_errors"] = {
-        "frame_index": error_of(lambda: encode_reference_v2(vae, image, empty, "frame_index", 0, 0)),
-        "v2v_short": error_of(lambda: encode_reference_v2(vae, image, empty, "v2v_head", 0, 0)),
+        "frame_index": error_of(lambda: encode_reference(image, empty, "frame_index", core_vae=vae)),
+        "v2v_short": error_of(lambda: encode_reference(image, empty, "v2v_head", core_vae=vae)),
         "wrong_vae": error_of(
-            lambda: encode_reference_v2(
-                type("V", (), {"encode": lambda s, i: torch.zeros(1, 4, 1, 6, 8)})(), image, empty, "i2v_head", 0, 0
+            lambda: encode_reference(
+                image, empty, "i2v_head", core_vae=type("V", (), {"encode": lambda s, i: torch.zeros(1, 4, 1, 6, 8)})()
             )
         ),
         "missing_core_vae": error_of(lambda: latent.OpenSoraEncodeReference().encode(image, empty, "i2v_head")),

@@ -462,15 +462,14 @@ def test_v12_mask_strategies_for_the_cond_types_equal_the_official_strings(mask_
         ([0, 14], 2, "0;0,1,0,-1,1,0"),  # i2v_loop with an end image: the official "a.png;b.png" ref_id 1
     ],
 )
-def test_v12_image_references_equal_the_official_strings(mask_index, images, official):
-    from opensora_lib.conditioning_v1 import V12_ALIGN, image_references
+def test_v12_image_strategies_equal_the_official_strings(mask_index, images, official):
+    from opensora_lib.conditioning_v1 import V12_ALIGN, image_strategies
 
     z = latent(batch=1, frames=15)
     encoded = latent(batch=1, frames=images, seed=4)  # one latent frame per image
-    references, strategies = image_references(encoded, mask_index)
-    ours_z, ours = apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
-    official_refs = [encoded[:, :, k : k + 1] for k in range(images)]
-    want_z, want = apply_mask_strategy(z, official_refs, official, align=V12_ALIGN)
+    references = [encoded[:, :, k : k + 1] for k in range(images)]  # one reference per image, as the official
+    ours_z, ours = apply_mask_strategy(z, references, image_strategies(mask_index, images), align=V12_ALIGN)
+    want_z, want = apply_mask_strategy(z, references, official, align=V12_ALIGN)
     assert torch.equal(ours_z, want_z) and torch.equal(ours.frame_mask, want.frame_mask)
     if images == 2:  # the end image lands on the aligned last frame, the start image on frame 0
         assert torch.equal(ours_z[:, :, 10], encoded[:, :, 1]) and torch.equal(ours_z[:, :, 0], encoded[:, :, 0])
