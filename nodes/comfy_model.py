@@ -22,7 +22,14 @@ import torch
 
 from ..opensora_lib import attention, checkpoint, rflow, sizes
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from .common import check_conditioning_version, check_v1_text, forward_memory, match_timestep_scale, warn_once
+from .common import (
+    check_conditioning_version,
+    check_v1_text,
+    compute_dtype,
+    forward_memory,
+    match_timestep_scale,
+    warn_once,
+)
 from .context_windows import resize_reference_cond
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
@@ -171,11 +178,6 @@ class OpenSoraModel(comfy.model_base.BaseModel):
             y_null = self.diffusion_model.y_embedder.y_embedding.detach().float().cpu()[None]
             defaults.update(cross_attn=y_null, attention_mask=torch.ones(y_null.shape[:2], dtype=torch.long))
         return defaults
-
-
-def compute_dtype(model: comfy.model_base.BaseModel) -> torch.dtype:
-    """The dtype the DiT computes in (core's memory_required uses the same: manual cast, else the weights')."""
-    return model.manual_cast_dtype or model.get_dtype()
 
 
 def build_patcher(

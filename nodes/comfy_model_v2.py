@@ -27,8 +27,8 @@ import torch
 from ..opensora_lib import attention
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
-from .comfy_model import build_patcher, compute_dtype, run_diffusion_model_wrappers
-from .common import check_conditioning_version, forward_memory, match_timestep_scale
+from .comfy_model import build_patcher, run_diffusion_model_wrappers
+from .common import check_conditioning_version, compute_dtype, forward_memory, match_timestep_scale
 from .context_windows import resize_reference_cond
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}

@@ -12,7 +12,6 @@ import folder_paths
 import torch
 
 CATEGORY = "OpenSora"
-PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 _WARNED: set[str] = set()
 
@@ -52,6 +51,11 @@ def match_timestep_scale(model_sampling, multiplier: float, version: str) -> Non
         f"it is a rectified-flow model; for a shift use ModelSamplingSD3 or ModelSamplingAuraFlow"
         + (" or ModelSamplingFlux." if multiplier == 1.0 else ".")
     )
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the DiT computes in (core's memory_required uses the same: manual cast, else the weights')."""
+    return model.manual_cast_dtype or model.get_dtype()
 
 
 def input_range_error(node_class, values: dict) -> str | None:
@@ -205,7 +209,7 @@ def wrap_module(module: torch.nn.Module, kind: str, on_cpu: bool = False) -> com
     elif kind == "vae":
         load, offload = mm.vae_device(), mm.vae_offload_device()
     else:
-        load, offload = mm.get_torch_device(), mm.unet_offload_device()
+        raise ValueError(f"kind must be 'text_encoder' or 'vae', got {kind!r}")
     module.to(offload)
     return comfy.model_patcher.ModelPatcher(Holder(module), load_device=load, offload_device=offload)
 
@@ -319,7 +323,7 @@ def load_for_sampling(
     BaseModel.memory_required, so partial loading leaves that much VRAM free instead of filling it with weights.
     It is also the minimum: unlike core's calc_cond_batch, the samplers cannot split a batch when memory is short.
     """
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    dtype = compute_dtype(model.model)
     if noise_shape is None:
         comfy.model_management.load_models_gpu([model])
     else:

@@ -88,11 +88,9 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         text_scale, image_scale = rflow.step_scales(self.options, i, steps, frames, self.has_reference)
         if torch.is_tensor(image_scale):
             image_scale = image_scale.to(x.device, torch.float32)
-        names = ["positive"]
-        if self.has_reference and not (isinstance(image_scale, float) and image_scale == 1.0):
-            names += ["negative", "negative_image"]
-        elif text_scale != 1.0:
-            names.append("negative")
+        names = ["positive", "negative", "negative_image"][
+            : rflow.needed_passes(self.has_reference, text_scale, image_scale)
+        ]
         run = with_negative(names, model_options)
         denoised = run_passes(self, run, x, timestep, model_options, text_scale)
         sigma = timestep.reshape(-1, *([1] * (x.ndim - 1))).float()

@@ -30,17 +30,6 @@ def _union(getter) -> list[str]:
     return seen
 
 
-def resolve_size(choice: str, resolution: str, aspect_ratio: str, width: int, height: int) -> tuple[int, int]:
-    """(height, width) of a version choice's preset, or the exact size (validated for the choice)."""
-    version, autoencoder = sizes.parse_latent_choice(choice)
-    if width and height:
-        sizes.validate_size(version, height, width, autoencoder=autoencoder)
-        return height, width
-    if width or height:
-        raise ValueError("Set both width and height for an exact size, or leave both at 0 to use the preset.")
-    return sizes.image_size(version, resolution, aspect_ratio, autoencoder=autoencoder)
-
-
 def video_info(latent: dict) -> dict:
     info = latent.get("opensora")
     if info is None:
@@ -199,7 +188,7 @@ class OpenSoraEmptyLatentVideo:
         try:
             lib_version, autoencoder = sizes.parse_latent_choice(version)
             if None not in (resolution, aspect_ratio, width, height):
-                resolve_size(version, resolution, aspect_ratio, width, height)
+                sizes.resolve_size(version, resolution, aspect_ratio, width, height)
             if num_frames is not None:
                 sizes.validate_num_frames(lib_version, num_frames, autoencoder=autoencoder)
         except ValueError as e:
@@ -213,7 +202,7 @@ class OpenSoraEmptyLatentVideo:
             raise ValueError(f"Open-Sora Empty Latent Video: {error}")
         lib_version, autoencoder = sizes.parse_latent_choice(version)
         exact = bool(width and height)
-        height, width = resolve_size(version, resolution, aspect_ratio, width, height)
+        height, width = sizes.resolve_size(version, resolution, aspect_ratio, width, height)
         frames, latent_h, latent_w = sizes.latent_shape(lib_version, num_frames, height, width, autoencoder=autoencoder)
         if exact and lib_version == "1.2" and (height % 8 or width % 8):
             log.warning(

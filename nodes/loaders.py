@@ -1,8 +1,7 @@
-"""Loader nodes: the DiT (-> MODEL), the text encoders, the 1.x VAEs."""
+"""Loader nodes: the DiT (-> MODEL), the text encoders, the 1.x VAEs and the 2.0 Video DC-AE."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
@@ -12,14 +11,12 @@ import torch
 from ..opensora_lib import attention as attention_lib
 from ..opensora_lib import checkpoint, detection
 from ..opensora_lib.stdit3 import STDiT3Config
-from ..opensora_lib.text_encoders import T5Embedder
+from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
 from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
 from .vae import DC_AE_SCALINGS, build_dcae, build_vae, read_folder_config
 
 FP8_FAST = "fp8_e4m3fn_fast"  # core's name: fp8 weights + fp8 matrix multiplication where the GPU has it
-
-log = logging.getLogger("OpenSora")
 
 
 def bundled_tokenizer(name: str) -> str:
@@ -160,7 +157,8 @@ class OpenSoraLoadTextEncoder:
             raise ValueError(f"device must be 'default' or 'cpu', got {device!r}")
         on_cpu = device == "cpu"
         v2 = version == "2.0"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if v2 else torch.float32)
+        settings = T5_V2 if v2 else T5_V1  # max_length, use_mask and the official dtype
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, settings["dtype"])
         path = model_path("text_encoders", t5_name)
         tokenizer = tokenizer_folder.strip() or None
         if (
@@ -169,15 +167,11 @@ class OpenSoraLoadTextEncoder:
             and not os.path.isfile(os.path.join(path, "spiece.model"))
         ):
             tokenizer = bundled_tokenizer("t5")
-        t5 = T5Embedder.from_files(
-            path, tokenizer_path=tokenizer, max_length=512 if v2 else 300, use_mask=not v2, dtype=dtype, device="cpu"
-        )
+        t5 = T5Embedder.from_files(path, tokenizer_path=tokenizer, **{**settings, "dtype": dtype}, device="cpu")
         clip = None
         if v2:
             if clip_name == "none":
                 raise ValueError("Open-Sora 2.0 needs CLIP-L as well: choose clip_name (clip_l.safetensors)")
-            from ..opensora_lib.text_encoders import CLIPPooledEmbedder
-
             clip = CLIPPooledEmbedder.from_files(
                 model_path("text_encoders", clip_name),
                 tokenizer_path=bundled_tokenizer("clip"),

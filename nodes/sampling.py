@@ -27,6 +27,7 @@ from .common import (
     check_conditioning_version,
     check_plain_conditioning,
     check_v1_text,
+    compute_dtype,
     load_for_sampling,
 )
 from .latent import latent_label, video_info
@@ -241,7 +242,7 @@ def dit_caller(model) -> Callable[..., torch.Tensor]:
     """sample_rflow's model: the official STDiT3 signature in, the official prediction out, fed in the model's compute
     dtype. It calls ComfySTDiT3's latent interface (what core calls, and what object patches and torch.compile wrap)
     through diffusion_model_runner; the renames (y -> context, mask -> attention_mask) and the sign are exact."""
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    dtype = compute_dtype(model.model)
     run = diffusion_model_runner(model)
 
     def call(x, timestep, **kwargs):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .schedules import NUM_TIMESTEPS, V1_VERSIONS, rflow_timesteps
+from .schedules import NUM_TIMESTEPS, V1_VERSIONS, oscillation_scale, rflow_timesteps
 
 IMAGE_FPS = 120  # the reference embeds fps 120 for single images (opensora/datasets IMG_FPS)
 VIDEO_FPS = 24
@@ -91,9 +91,12 @@ def default_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.randn(shape, dtype=dtype, device=device)
 
 
-def oscillation_scale(scale: float, step: int, force_num: int = 10) -> float:
-    """Full scale for the first force_num steps and on even steps after them, else 1.0."""
-    return scale if step < force_num or step % 2 == 0 else 1.0
+def needed_passes(has_reference: bool, text_scale: float, image_scale: float | torch.Tensor) -> int:
+    """How many of the passes (cond, uncond, image uncond) a step's guided velocity depends on: the image term
+    needs all three unless its scale is 1.0 (it folds into uncond); without it, uncond only when text_scale != 1."""
+    if has_reference and not (isinstance(image_scale, float) and image_scale == 1.0):
+        return 3
+    return 2 if text_scale != 1.0 else 1
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -313,8 +316,7 @@ def sample_rflow(
         if torch.is_tensor(image_scale):
             image_scale = image_scale.to(device=device, dtype=z.dtype)
         if options.skip_redundant_passes:
-            needs_all_uncond = reference is not None and not (isinstance(image_scale, float) and image_scale == 1.0)
-            num_passes = 3 if needs_all_uncond else (2 if text_scale != 1.0 else 1)
+            num_passes = needed_passes(reference is not None, text_scale, image_scale)
         else:
             num_passes = 3 if reference is not None else 2
 

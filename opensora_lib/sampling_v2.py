@@ -17,12 +17,11 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .schedules import v2_timesteps
+from .schedules import oscillation_scale, v2_timesteps
 
 COND_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
 PASSES = ("cond", "uncond_text", "uncond_all")
 PASTE_MODES = ("all", "first", "none")
-OSCILLATION_FREE_STEPS = 10  # get_oscillation_gs(force_num=10)
 
 
 @dataclass
@@ -192,11 +191,6 @@ def pack_condition(masks: Tensor, masked_ref: Tensor, patch_size: int = 2) -> Te
 
 
 # ---------------------------------------------------------------- guidance
-
-
-def oscillation_scale(scale: float, step: int, force_num: int = OSCILLATION_FREE_STEPS) -> float:
-    """get_oscillation_gs: the full scale for the first force_num steps, then on even steps only."""
-    return scale if step < force_num or step % 2 == 0 else 1.0
 
 
 def step_scales(

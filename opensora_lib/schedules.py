@@ -140,3 +140,9 @@ def v2_timesteps(
     if not alpha > 0:
         raise ValueError(f"shift_alpha must be > 0, got {alpha}")
     return alpha * t / (1 + (alpha - 1) * t)
+
+
+def oscillation_scale(scale: float, step: int, force_num: int = 10) -> float:
+    """Oscillation guidance (1.x and 2.0 get_oscillation_gs): the full scale for the first force_num steps, then
+    on even steps only, else 1.0."""
+    return scale if step < force_num or step % 2 == 0 else 1.0

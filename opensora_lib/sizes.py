@@ -316,6 +316,18 @@ def latent_shape(
     return frames, 2 * -(-height // 16), 2 * -(-width // 16)  # noise is drawn as 2*ceil(H/16)
 
 
+def resolve_size(choice: str, resolution: str, aspect_ratio: str, width: int, height: int) -> tuple[int, int]:
+    """(height, width) for Empty Latent Video's inputs: an Empty Latent version choice's preset, or the exact size
+    (both sides, validated for the choice); exactly one side set is an error."""
+    version, autoencoder = parse_latent_choice(choice)
+    if width and height:
+        validate_size(version, height, width, autoencoder=autoencoder)
+        return height, width
+    if width or height:
+        raise ValueError("Set both width and height for an exact size, or leave both at 0 to use the preset.")
+    return image_size(version, resolution, aspect_ratio, autoencoder=autoencoder)
+
+
 def v1_latent_hw(version: str, height: int, width: int) -> tuple[int, int]:
     """(H, W) of a 1.x latent for a pixel size (1.2 floors H/8, 1.3 rounds up)."""
     if version == "1.2":

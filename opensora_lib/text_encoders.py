@@ -24,7 +24,6 @@ from . import checkpoint, detection
 
 T5_V1 = dict(max_length=300, use_mask=True, dtype=torch.float32)  # Open-Sora 1.2 / 1.3
 T5_V2 = dict(max_length=512, use_mask=False, dtype=torch.bfloat16)  # Open-Sora 2.0
-CLIP_V2 = dict(max_length=77, dtype=torch.bfloat16)
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json")
 # keys a text-encoder file may carry besides the encoder (full T5 seq2seq checkpoints, CLIP projection)
@@ -126,14 +125,6 @@ def load_t5(
 ) -> T5EncoderModel:
     """A T5EncoderModel from an HF folder or a single safetensors file (fp32/fp16/bf16/fp8, scaled fp8)."""
     return _load_model(source, "t5", dtype, device)[0]
-
-
-def load_clip(
-    source: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-) -> CLIPTextModel:
-    """A CLIPTextModel from an HF folder (CLIPModel or text-only) or a single file such as clip_l.safetensors."""
-    model, _ = _load_model(source, "clip_l", dtype, device)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

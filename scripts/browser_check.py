@@ -519,14 +519,7 @@ def python_expectations() -> list[tuple[dict, dict]]:
                   "batch_size": 1, "width": width, "height": height, "fps": 24}  # fmt: skip
         version, autoencoder = sizes.parse_latent_choice(choice)  # "2.0 DC-AE" -> ("2.0", "dc_ae")
         try:
-            # The node's own rule (nodes/latent.py resolve_size): both sides exact, or both 0 for the preset.
-            if width and height:
-                sizes.validate_size(version, height, width, autoencoder=autoencoder)
-                pixel_h, pixel_w = height, width
-            elif width or height:
-                raise ValueError("set both width and height")
-            else:
-                pixel_h, pixel_w = sizes.image_size(version, resolution, aspect, autoencoder=autoencoder)
+            pixel_h, pixel_w = sizes.resolve_size(choice, resolution, aspect, width, height)  # the node's own rule
             latent = sizes.latent_shape(version, frames, pixel_h, pixel_w, autoencoder=autoencoder)
         except ValueError as error:
             cases.append((values, {"valid": False, "python_error": str(error)}))

@@ -97,10 +97,8 @@ def definitions() -> dict[str, dict]:
         "opensora13_i2v": i2v13(),
         "opensora12_t2v": t2v("1.2", "360p", "9:16", 51, 7.0, 6.5),
     }
-    try:
-        from workflows_v2 import definitions_v2
-    except ImportError:
-        return out
+    from workflows_v2 import definitions_v2
+
     return {**out, **definitions_v2()}
 
 

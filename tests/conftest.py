@@ -24,14 +24,10 @@ def comfy_server(tmp_path_factory):
     server = ComfyServer(base_dir=base, extra_args=["--preview-method", "latent2rgb"])
     server.prepare()
     from demo_models import install_tiny_models
+    from demo_models_v2 import install_tiny_models_v2
 
     server.tiny_models = install_tiny_models(server.models)
-    try:
-        from demo_models_v2 import install_tiny_models_v2
-    except ImportError:
-        pass
-    else:
-        server.tiny_models.update(install_tiny_models_v2(server.models))
+    server.tiny_models.update(install_tiny_models_v2(server.models))
     server.start()
     yield server
     server.stop()

@@ -122,9 +122,19 @@ def test_masks_are_honoured_by_sdpa_math_and_the_fallbacks(kind):
     assert (unmasked[0] - expected[0]).abs().max() > 1e-3  # the mask changed sample 0
 
 
-def test_cudnn_kernel_order_puts_cudnn_first():
-    assert attention._CUDNN_ORDER[0] == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
-    assert attention._HAS_PRIORITY  # torch >= 2.6: a shape cuDNN rejects falls back instead of raising
+@pytest.mark.parametrize("has_priority", [True, False])
+def test_cudnn_kernels_prefer_cudnn_and_fall_back_only_where_torch_can(monkeypatch, has_priority):
+    """torch >= 2.6 (set_priority): cuDNN first, the other kernels after it for shapes cuDNN rejects; older torch:
+    cuDNN alone."""
+    calls = []
+    monkeypatch.setattr(attention, "sdpa_kernel", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(attention, "_HAS_PRIORITY", has_priority)
+    attention._cudnn_kernels()
+    (args, kwargs), cudnn = calls[0], torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+    if has_priority:
+        assert args[0][0] == cudnn and len(args[0]) > 1 and kwargs == {"set_priority": True}
+    else:
+        assert args == ([cudnn],) and kwargs == {}
 
 
 def call(device="cuda", dtype=torch.bfloat16, head_dim=128):

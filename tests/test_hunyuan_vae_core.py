@@ -302,15 +302,6 @@ def test_the_fix_fails_when_the_attention_function_is_missing_or_unused():
     assert vae.first_stage_model.encoder.mid.attn_1.optimized_attention == StandInAttention.full_attention
 
 
-def test_node_registration():
-    assert fix.NODE_CLASS_MAPPINGS == {"OpenSoraHunyuanVAE": fix.OpenSoraHunyuanVAE}
-    assert fix.NODE_DISPLAY_NAME_MAPPINGS == {"OpenSoraHunyuanVAE": "Open-Sora HunyuanVideo VAE (causal fix)"}
-    node = fix.OpenSoraHunyuanVAE
-    assert node.CATEGORY == "OpenSora/loaders" and node.RETURN_TYPES == ("VAE",) and node.FUNCTION == "patch"
-    vae_input = node.INPUT_TYPES()["required"]["vae"]
-    assert vae_input[0] == "VAE" and "hunyuan_vae.safetensors" in vae_input[1]["tooltip"]
-
-
 def test_whole_video_switch_restores_the_official_numbers_on_a_chunking_core(report):
     """Newer core runs this VAE in temporal chunks (GroupNorm per chunk); the node's whole_video (default) runs the
     whole video as the official VAE does. On the pinned 0.3.75 (no chunks) the switch changes nothing. Measured on
