@@ -60,6 +60,10 @@ class ComfySTDiT3(STDiT3):
         super().__init__(config, dtype=dtype, device=device, operations=operations or comfy.ops.disable_weight_init)
         self.dtype = dtype  # BaseModel.get_dtype() reads it
 
+    def null_caption(self) -> torch.Tensor:
+        """The learned null caption (the 1.x negative without a negative prompt), [1, tokens, width] fp32 on CPU."""
+        return self.y_embedder.y_embedding.detach().float().cpu()[None]
+
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
         none registered the executor calls _forward directly. transformer_options goes last positionally because
@@ -175,7 +179,7 @@ class OpenSoraModel(comfy.model_base.BaseModel):
             defaults = {"height": height, "width": width}
             defaults["fps"] = rflow.conditioning_fps(None, frames)  # one latent frame is one image
         if kwargs.get("opensora_null_caption"):
-            y_null = self.diffusion_model.y_embedder.y_embedding.detach().float().cpu()[None]
+            y_null = self.diffusion_model.null_caption()
             defaults.update(cross_attn=y_null, attention_mask=torch.ones(y_null.shape[:2], dtype=torch.long))
         return defaults
 

@@ -9,13 +9,11 @@ reference update z += v * (t_i - t_{i+1}) / 1000, so the result matches the Open
 
 from __future__ import annotations
 
-import comfy.samplers
 import torch
 
 from ..opensora_lib import rflow
 from .common import CATEGORY
-from .context_windows import check_context_windows
-from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
+from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
     CFG_INPUT,
@@ -33,22 +31,18 @@ def _tensor(value: int | float) -> torch.Tensor:
     return torch.tensor([float(value)])
 
 
-class OpenSoraV1Guider(comfy.samplers.CFGGuider):
+class OpenSoraV1Guider(ScheduledGuider):
     def __init__(self, model_patcher, latent: dict, options: rflow.RFlowOptions):
         super().__init__(model_patcher)
         self.info = video_info(latent)
         self.latent = latent
         self.options = options
-        self.sigma_list: torch.Tensor | None = None
 
     def set_conds(self, positive, negative):
         y, meta = text_of(positive, "positive", self.info["version"])
-        if y is None:
-            raise ValueError("The positive conditioning is the null caption; connect the positive output.")
         fps = rflow.conditioning_fps(self.info.get("fps"), self.info.get("num_frames"))
         extras = {"height": self.info["height"], "width": self.info["width"], "fps": fps}
-        dm = self.model_patcher.model.diffusion_model
-        y_null = dm.y_embedder.y_embedding.detach().float().cpu()[None]
+        y_null = self.model_patcher.model.diffusion_model.null_caption()
         pos = {"attention_mask": meta["attention_mask"], **extras}
         negative_y, negative_meta = text_of(negative, "negative", self.info["version"])
         if negative_y is None:  # learned null caption, masked by the positive prompt (Q1)
@@ -73,13 +67,8 @@ class OpenSoraV1Guider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        check_sampler_latent(self.latent["samples"].shape, latent_image)
-        check_context_windows(self.model_options, latent_image, self.has_reference)
-        self.sigma_list = sigmas.detach().float().cpu()
+        self.start(self.latent["samples"].shape, latent_image, sigmas, self.has_reference)
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
-
-    def step_index(self, sigma: torch.Tensor) -> int:
-        return int((self.sigma_list[:-1] - float(sigma.flatten()[0])).abs().argmin())
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):
         model_options = model_options or {}

@@ -17,6 +17,7 @@ import comfy.samplers
 import torch
 
 from .common import warn_once
+from .context_windows import check_context_windows
 
 
 def check_sampler_latent(guider_shape: tuple, latent_image: torch.Tensor) -> None:
@@ -29,6 +30,21 @@ def check_sampler_latent(guider_shape: tuple, latent_image: torch.Tensor) -> Non
             f"latent_image {list(latent_image.shape)}: connect the same LATENT to the Guider, Open-Sora Sigmas and "
             "SamplerCustomAdvanced."
         )
+
+
+class ScheduledGuider(comfy.samplers.CFGGuider):
+    """What the 1.x and 2.0 Open-Sora Guiders share: before sampling, the latent and context-window checks, and the
+    sigma schedule kept so that predict_noise knows its step (oscillation guidance)."""
+
+    sigma_list: torch.Tensor | None = None
+
+    def start(self, latent_shape: tuple, latent_image: torch.Tensor, sigmas: torch.Tensor, has_reference: bool):
+        check_sampler_latent(latent_shape, latent_image)
+        check_context_windows(self.model_options, latent_image, has_reference)
+        self.sigma_list = sigmas.detach().float().cpu()
+
+    def step_index(self, sigma: torch.Tensor) -> int:
+        return int((self.sigma_list[:-1] - float(sigma.flatten()[0])).abs().argmin())
 
 
 def with_negative(names: list[str], model_options: dict) -> list[str]:

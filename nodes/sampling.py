@@ -61,13 +61,16 @@ def check_versions(model, latent: dict) -> dict:
 
 
 def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
-    """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker."""
+    """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker,
+    which only a negative may be."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
     check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
     check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
     if meta.get("opensora_null_caption"):
+        if what == "positive":
+            raise ValueError("The positive conditioning is the null caption; connect the positive output.")
         return None, meta
     if "attention_mask" not in meta:
         raise ValueError(f"The {what} conditioning has no T5 attention mask: encode it with Open-Sora Encode Prompt.")
@@ -79,9 +82,7 @@ def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlow
     """Positive T5 states + mask; negative prompt, or the learned null caption (masked by the positive, Q1)."""
     version = model_version(model)
     y, meta = text_of(positive, "positive", version)
-    if y is None:
-        raise ValueError("The positive conditioning is the null caption; connect the positive output.")
-    y_null = model.model.diffusion_model.y_embedder.y_embedding.to(device, dtype)[None, None]
+    y_null = model.model.diffusion_model.null_caption().to(device, dtype)[None]
     text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
     negative_y, negative_meta = text_of(negative, "negative", version)
     if negative_y is not None:

@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import comfy.model_management
 import comfy.sample
-import comfy.samplers
 import torch
 
 from ..opensora_lib import sizes
@@ -46,8 +45,7 @@ from ..opensora_lib.sampling_v2 import (
 )
 from ..opensora_lib.schedules import v2_timesteps
 from .common import Progress, activation_memory, check_plain_conditioning, load_for_sampling
-from .context_windows import check_context_windows
-from .guider_hooks import check_sampler_latent, post_cfg, run_passes, with_negative
+from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas
@@ -293,7 +291,7 @@ def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- GUIDER
 
 
-class OpenSoraV2Guider(comfy.samplers.CFGGuider):
+class OpenSoraV2Guider(ScheduledGuider):
     """Core's denoised outputs -> velocities (v = (x - denoised) / sigma), guided as the reference does."""
 
     def __init__(self, model_patcher, latent: dict, options: V2SamplingOptions):
@@ -310,7 +308,6 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
             self.condition = torch.cat((masks, masked), dim=1)
             if self.cond_type.startswith("i2v"):
                 self.paste = (frames, prepare_condition(shape, self.cond_type, raw)[1])
-        self.sigma_list: torch.Tensor | None = None
 
     def set_conds(self, positive, negative):
         config = self.model_patcher.model.diffusion_model.config
@@ -325,9 +322,7 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        check_sampler_latent(self.latent_shape, latent_image)
-        check_context_windows(self.model_options, latent_image, self.condition is not None)
-        self.sigma_list = sigmas.detach().float().cpu()
+        self.start(self.latent_shape, latent_image, sigmas, self.condition is not None)
         self.options.num_steps = max(1, len(self.sigma_list) - 1)  # the image ramp spans the schedule
         out = super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.paste is not None and float(self.sigma_list[-1]) == 0.0:
@@ -335,9 +330,6 @@ class OpenSoraV2Guider(comfy.samplers.CFGGuider):
             out = out.clone()
             out[:, :, frames] = masked[:, :, frames].to(out.device, out.dtype)
         return out
-
-    def step_index(self, sigma: torch.Tensor) -> int:
-        return int((self.sigma_list[:-1] - float(sigma.flatten()[0])).abs().argmin())
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):
         model_options = model_options or {}
