@@ -98,11 +98,7 @@ def build_vae(info, sd: dict, dtype: torch.dtype, path: str | None = None) -> Op
     version, config_class, model_class = BUILDERS[info.family]
     config = config_class.from_dict({**(info.config or {}), **(read_folder_config(path) if path else {})})
     model = model_class(config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"VAE {version} checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.to(dtype).eval()
-    return OpenSoraVAE(version, model, wrap_module(model, "vae"), dtype)
+    return _loaded(model, sd, f"the Open-Sora {version} VAE", version, dtype)
 
 
 def build_dcae(info, sd: dict, dtype: torch.dtype, scaling_factor: float | None) -> OpenSoraVAE:
@@ -110,11 +106,16 @@ def build_dcae(info, sd: dict, dtype: torch.dtype, scaling_factor: float | None)
     tiling of high_compression.py), the chosen scaling, weights loaded strictly."""
     config = DCAEConfig.from_dict({**info.config, "scaling_factor": scaling_factor})
     model = DCAE(config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    return _loaded(model, sd, "the Video DC-AE", "2.0", dtype, autoencoder="dc_ae")
+
+
+def _loaded(model, sd: dict, what: str, version: str, dtype: torch.dtype, **kwargs) -> OpenSoraVAE:
+    """Load the weights strictly (worded as the DiT loader) and put the VAE under the memory manager."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"DC-AE checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"The checkpoint does not match {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(dtype).eval()
-    return OpenSoraVAE("2.0", model, wrap_module(model, "vae"), dtype, autoencoder="dc_ae")
+    return OpenSoraVAE(version, model, wrap_module(model, "vae"), dtype, **kwargs)
 
 
 # ---------------------------------------------------------------- activation memory of encode / decode
