@@ -13,7 +13,7 @@ default on) the shipped workflow's decode in the same budget: core VAEDecodeTile
 sampled latent, through the pack's HunyuanVideo VAE fix, with core's VAE built from random weights in the
 hunyuan_vae.safetensors layout (ComfyUI offloads the DiT for it); the verdict covers both. The T5 (9.5 GB in bf16)
 is not run: it fits any 24 GB card alone. Also, for every run, the activation peak of the forward measured on the
-meta device vs the pack's estimate (nodes/common.activation_memory) and core's memory_usage_factor formula.
+meta device vs the pack's estimate (opensora_lib/memory.activation_memory) and core's memory_usage_factor formula.
 
 The budget is applied twice, because one knob alone does not simulate a smaller card:
 - `--reserve-vram` (comfy.model_management.EXTRA_RESERVED_VRAM) = total - budget + 0.4 GiB (0.4 GiB is ComfyUI's
@@ -27,7 +27,7 @@ estimate-based partial loading on any host version (pinned 0.3.75 by default; $C
 
 Expected on a 24 GiB budget (ComfyUI 0.3.75's own planning code run on a meta-device copy of the model, see
 tests/test_partial_loading.py): the pack asks for 1.62 GiB of activations (6 H + M per token in bf16 + 3 H in float32,
-batch 2) plus the 0.5 GiB workspace margin (nodes/common.FORWARD_WORKSPACE_BYTES), so ComfyUI keeps ~20.9 GiB of the
+batch 2) plus the 0.5 GiB workspace margin (opensora_lib/memory.FORWARD_WORKSPACE_BYTES), so ComfyUI keeps ~20.9 GiB of the
 weights resident and streams ~1.2 GiB per forward; tensors peak at ~22.8 GiB with a 0.5 GiB CUDA context (weights
 + 1.32 GiB of tracked activations for the batch-2 step + offload buffer). Measured on an H200 before the margin (20.6 GiB
 resident): allocated 22.7 GiB, but reserved 23.4 GiB + 0.75 GiB outside the allocator = 24.16 GiB, FAIL by 0.16; the
@@ -529,9 +529,9 @@ def run(args: argparse.Namespace) -> dict:
     import comfy.model_management
     from opensora_pack.nodes import sampling_v2
     from opensora_pack.nodes.comfy_model_v2 import build_mmdit_patcher
-    from opensora_pack.nodes.common import activation_memory
     from opensora_pack.nodes.sampling_v2 import sample_v2_node
     from opensora_pack.opensora_lib.detection import ModelInfo
+    from opensora_pack.opensora_lib.memory import activation_memory
 
     import_seconds = time.perf_counter() - started
     compute_dtype = torch.bfloat16

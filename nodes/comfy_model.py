@@ -21,12 +21,12 @@ import comfy.utils
 import torch
 
 from ..opensora_lib import attention, checkpoint, rflow, sizes
+from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from .common import (
     check_conditioning_version,
     check_v1_text,
     compute_dtype,
-    forward_memory,
     match_timestep_scale,
     warn_once,
 )
@@ -62,7 +62,7 @@ class ComfySTDiT3(STDiT3):
 
     def null_caption(self) -> torch.Tensor:
         """The learned null caption (the 1.x negative without a negative prompt), [1, tokens, width] fp32 on CPU."""
-        return self.y_embedder.y_embedding.detach().float().cpu()[None]
+        return self.y_embedder.y_embedding.to("cpu", torch.float32)[None]  # only a move: the weight may be offloaded
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **kwargs):
         """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
@@ -136,7 +136,7 @@ class OpenSoraModel(comfy.model_base.BaseModel):
     def memory_required(self, input_shape, cond_shapes=None) -> int:
         """Bytes of one forward on a latent batch [B, C, T, H, W], for core's prepare_sampling (KSampler,
         SamplerCustomAdvanced) and calc_cond_batch, which batches conds only while 1.5x this fits; the same
-        nodes.common.forward_memory the pack's Sampler node passes. The caption is cross-attention only."""
+        opensora_lib.memory.forward_memory the pack's Sampler node passes. The caption is cross-attention only."""
         return forward_memory(self.diffusion_model, input_shape, 0, compute_dtype(self))
 
     def extra_conds(self, **kwargs):

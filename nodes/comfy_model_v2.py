@@ -25,10 +25,11 @@ import comfy.supported_models_base
 import torch
 
 from ..opensora_lib import attention
+from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, run_diffusion_model_wrappers
-from .common import check_conditioning_version, compute_dtype, forward_memory, match_timestep_scale
+from .common import check_conditioning_version, compute_dtype, match_timestep_scale
 from .context_windows import resize_reference_cond
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
@@ -190,7 +191,7 @@ class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
     latent_format = comfy.latent_formats.HunyuanVideo
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
     # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
-    # OpenSoraV2Model replaces with the per-token estimate (nodes/common.forward_memory).
+    # OpenSoraV2Model replaces with the per-token estimate (opensora_lib/memory.forward_memory).
 
     def get_model(self, state_dict=None, prefix="", device=None):
         return OpenSoraV2Model(self, device=device)

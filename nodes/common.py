@@ -11,6 +11,8 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..opensora_lib.memory import forward_memory
+
 CATEGORY = "OpenSora"
 
 _WARNED: set[str] = set()
@@ -227,90 +229,6 @@ class Progress:
         if self.previewer is not None and info.get("x") is not None:
             preview = self.previewer(info.get("denoised", info["x"]))
         self.bar.update_absolute(info["i"] + 1, self.total, preview)
-
-
-# Peak activation bytes per token of one DiT forward, in units of (compute dtype size x hidden size H), with
-# M = H x mlp_ratio. Measured by tracking every tensor allocation of a forward on the meta device, each storage
-# counted once (a reshape's copy included), attention counted as the CUDA flash / memory-efficient kernels
-# allocate (the output only, no L x L scores) (benchmarks/bench_comfy_memory.py peak_activation_bytes;
-# tests/test_benchmarks_memory.py and test_memory_estimates.py keep these formulas between 1.0x and 1.25x of that
-# measurement at the real model sizes):
-# - MMDiT (2.0): 13.12 H per token in bf16 at mlp_ratio 4 (11.1 / 17.1 H at mlp_ratio 2 / 8), 11.04 H in float32:
-#   5 H + M in the compute dtype plus ~2.1 H in float32 (the float32 temporaries of q / k's RMSNorm, whatever the
-#   compute dtype), the same for any image / text token count and batch. The traced peak is at the q / k RMSNorm in a
-#   single-stream block (x, the v + MLP projection [L, H + M], q, k and the norm's float32 upcast); RoPE's float32
-#   products come next (12.08 H with the norm's temporaries removed, 11.08 H with RoPE's removed too, as CUDA runs
-#   both: F.rms_norm is one fused kernel there and the Triton RoPE of opensora_lib/fused_ops.py has no
-#   temporaries; measured on the meta device with output-only replacements). Eagerly a single block
-#   writes linear2's input over that projection and the MLPs run their GELU in place, so no 4x-wide activation is
-#   held twice. 6 H + M + 3 H float32 bounds it: 1.22x in bf16, 1.18x in float32 (1.17x - 1.26x for mlp_ratio 8 - 2),
-#   the same ~3 H per token (bf16) of headroom as before, for the caching allocator's rounding and block reuse on a
-#   GPU (the workspace margin below adds what a GPU run showed on top). The estimate keeps the bound of the form
-#   every device can run. Per batch row, full 11B model:
-#     size (latent)                     tokens  dtype  measured GiB  estimate GiB  ratio
-#     256px 16:9 129f (33x24x42)          8828  bf16         0.662         0.808  1.221  (0.660 / row at 2-3 rows)
-#     256px 16:9 33f (9x24x42)            2780  bf16         0.209         0.255  1.218
-#     256px 16:9 129f                     8828  fp32         1.116         1.313  1.177
-#     768px 16:9 129f (33x96x168)       133568  bf16        10.023        12.229  1.220
-#     768px 16:9 33f (9x96x168)          36800  bf16         2.762         3.369  1.220  (fp32: 4.650 / 5.475)
-#     DC-AE 768px 128f (32x24x42, p1)    32768  bf16         2.459         3.000  1.220
-#   Flux-layout files (fused qkv / linear1, `fused_qkv`) keep the plain concatenation in single blocks (linear1's
-#   [v | mlp] is a strided view there), so they hold linear1's output, the GELU and the concatenation: 6.1 H + 3 M
-#   (18.1 H in bf16 and float32 at mlp_ratio 4, 12.1 / 30.1 H at 2 / 8), bounded by 9 H + 3 M (1.16x; 1.10x - 1.24x).
-#   So a 3-pass 256px step needs ~2.0 GiB (estimate 2.4) on top of the weights. Core's formula with
-#   memory_usage_factor 1.8 scales with the latent only and ignores the 512 text tokens: 1.17 GiB per row at 256px
-#   129f (1.77x), 0.319 at 33f (1.53x), 0.035 for one frame (0.61x of 0.057): no single per-latent-element factor
-#   fits.
-# - STDiT3 (1.x): 13.2 - 15.6 H per token (most for one frame), independent of mlp_ratio: the peak is in the
-#   attention (qkv, normalised and rotated q / k, window reordering copies), not in the MLP. 16 H bounds it
-#   (1.03x - 1.21x); 8 H + 2 M takes over for MLPs wider than 4 H. 720p 113 frames (126000 tokens) peaks at 3.9 GiB
-#   per row in bf16; core's formula with memory_usage_factor 2.0 gave 19.7 GiB (5x too high).
-# These formulas drive the pack's Sampler node (load_for_sampling) and, through the BaseModel.memory_required
-# overrides in comfy_model.py / comfy_model_v2.py, core's samplers (KSampler, the Open-Sora Guider) too.
-MMDIT_BYTES_PER_TOKEN = (6, 1, 3)  # (x H, x M) in compute-dtype elements + x H in float32 (q / k norm temporaries)
-MMDIT_FUSED_BYTES_PER_TOKEN = (9, 3, 0)  # the fused (Flux) layout: the same terms, no float32 one
-STDIT3_BYTES_PER_TOKEN = (16, 8, 2)  # max(16 H, 8 H + 2 M)
-# What a forward takes on the GPU besides its tensors: cuBLAS / cuDNN workspaces and plans (0.24 GiB grew outside
-# PyTorch's allocator during a 256px 2.0 run on an H200) and the blocks the caching allocator holds over the tensor
-# peak (reserved - allocated: 0.68 GiB there). Without it that 24 GiB run (10 steps, ComfyUI 0.3.75 partial
-# loading) needed 24.16 GiB; ComfyUI's own 0.4 GiB reserve did not cover both. Added once per forward estimate.
-FORWARD_WORKSPACE_BYTES = 512 * 2**20
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def activation_memory(
-    diffusion_model: torch.nn.Module, latent_shape, text_tokens: int = 0, dtype: torch.dtype | None = None
-) -> int:
-    """Peak activation bytes of one forward of an Open-Sora DiT on a latent batch [B, C, T, H, W] (B = every row
-    the forward sees, e.g. latent batch x guidance passes); text_tokens: T5 tokens in the joint sequence (2.0)."""
-    config = diffusion_model.config
-    batch, _channels, frames, height, width = (int(d) for d in latent_shape)
-    element = torch.empty((), dtype=dtype or torch.float32).element_size()
-    hidden = config.hidden_size
-    mlp = int(hidden * config.mlp_ratio)
-    if isinstance(config.patch_size, int):  # MMDiT: image tokens (latent padded to the patch) + text tokens
-        patch = config.patch_size
-        tokens = frames * _ceil_div(height, patch) * _ceil_div(width, patch) + text_tokens
-        terms = MMDIT_FUSED_BYTES_PER_TOKEN if config.fused_qkv else MMDIT_BYTES_PER_TOKEN
-        per_hidden, per_mlp, float32_per_hidden = terms
-        per_token_bytes = (per_hidden * hidden + per_mlp * mlp) * element + float32_per_hidden * hidden * 4
-        return batch * tokens * per_token_bytes
-    # STDiT3: (t, h, w) patches; the caption is only cross-attention keys
-    pt, ph, pw = config.patch_size
-    tokens = _ceil_div(frames, pt) * _ceil_div(height, ph) * _ceil_div(width, pw)
-    flat, base, wide = STDIT3_BYTES_PER_TOKEN
-    return batch * tokens * max(flat * hidden, base * hidden + wide * mlp) * element
-
-
-def forward_memory(
-    diffusion_model: torch.nn.Module, latent_shape, text_tokens: int = 0, dtype: torch.dtype | None = None
-) -> int:
-    """VRAM to keep free for one forward (what ComfyUI's memory manager is told): the activation estimate plus the
-    workspace margin."""
-    return activation_memory(diffusion_model, latent_shape, text_tokens, dtype) + FORWARD_WORKSPACE_BYTES
 
 
 def load_for_sampling(

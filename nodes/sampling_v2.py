@@ -32,6 +32,7 @@ import comfy.sample
 import torch
 
 from ..opensora_lib import sizes
+from ..opensora_lib.memory import activation_memory
 from ..opensora_lib.sampling_v2 import (
     COND_TYPES,
     V2SamplingOptions,
@@ -44,7 +45,7 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, activation_memory, check_plain_conditioning, load_for_sampling
+from .common import Progress, check_plain_conditioning, load_for_sampling
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for

@@ -1,5 +1,5 @@
 """benchmarks/bench_comfy_memory.py: the CPU run of the script (--tiny --device cpu), its meta-device activation
-tracker, and the pack's activation estimate (nodes/common.activation_memory) against that tracker for the
+tracker, and the pack's activation estimate (opensora_lib/memory.activation_memory) against that tracker for the
 full-size models at their real sizes (meta device, so no memory or time is spent on them)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def probe(out_path: str, _models_dir: str) -> None:
     """Runs inside ComfyUI (--cpu): estimate vs meta-device peak for each GRID row."""
     import dataclasses
 
-    from opensora_pack.nodes.common import activation_memory
+    from opensora_pack.opensora_lib.memory import activation_memory
     from opensora_pack.opensora_lib.mmdit import MMDiT
     from opensora_pack.opensora_lib.stdit3 import STDiT3, stdit3_v12_config, stdit3_v13_config
 
@@ -206,7 +206,7 @@ def test_script_tiny_cpu(tmp_path):
     assert weights["streamed_bytes"] == 0 and weights["comfy_ops_modules"] > 0
     assert payload["memory_estimate"] == {"mode": "node", "node_passed_estimate": True}
     (load,) = payload["load_calls"]
-    # rows x tokens x (6 H + M + 3 H) x float32 (bf16 weights on CPU), + the 512 MiB of nodes/common.FORWARD_WORKSPACE_BYTES
+    # rows x tokens x (6 H + M + 3 H) x float32 (bf16 weights on CPU), + the 512 MiB of opensora_lib/memory.FORWARD_WORKSPACE_BYTES
     expected = 2 * 79 * ((6 * 64 + 256) * 4 + 3 * 64 * 4) + 512 * 2**20
     assert load["memory_required"] == load["minimum_memory_required"] == expected
     seconds = payload["seconds"]

@@ -82,7 +82,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     }
     # memory_required (what core plans with; the memory_usage_factor attributes are no longer read): a DC-AE latent
     # [2, 128, 8, 6, 10] with 7 T5 tokens per row, vs activation_memory and the per-token formula by hand
-    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, activation_memory
+    from opensora_pack.opensora_lib.memory import FORWARD_WORKSPACE_BYTES, activation_memory
 
     dcae_shape = (2, 128, 8, 6, 10)
     hidden, mlp = dm.config.hidden_size, int(dm.config.hidden_size * dm.config.mlp_ratio)

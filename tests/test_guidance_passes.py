@@ -24,8 +24,8 @@ def probe(out_path: str, models_dir: str) -> None:
     import torch
     from opensora_pack.nodes import latent, loaders, sampling
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT
-    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, activation_memory
     from opensora_pack.nodes.sampling_v2 import mmdit_caller, options_v2, text_v2
+    from opensora_pack.opensora_lib.memory import FORWARD_WORKSPACE_BYTES, activation_memory
     from opensora_pack.opensora_lib.sampling_v2 import sample_v2
 
     torch.set_grad_enabled(False)

@@ -1,10 +1,10 @@
 """The activation memory the pack tells ComfyUI, against the meta-device allocation tracker at full size.
 
 - DiTs: OpenSoraModel / OpenSoraV2Model.memory_required (what core's KSampler and the Open-Sora Guider plan with, via
-  prepare_sampling's estimate_memory and calc_cond_batch) equals nodes.common.forward_memory: activation_memory,
+  prepare_sampling's estimate_memory and calc_cond_batch) equals opensora_lib.memory.forward_memory: activation_memory,
   which bounds the tracked peak of one forward (one block of each kind: the peak is per block) within 1.0x-1.25x,
   plus the constant workspace margin.
-- VAEs: OpenSoraVAE.encode / decode pass nodes.vae.encode_memory / decode_memory to load_models_gpu, and that
+- VAEs: OpenSoraVAE.encode / decode pass opensora_lib.memory.encode_memory / decode_memory to load_models_gpu, and that
   bounds the tracked peak of the node's own encode / decode (input copy, output, float32 copy) within 1.0x-1.5x.
 
 Every model is the released architecture built on the meta device (no memory, no compute), in one ComfyUI process.
@@ -74,9 +74,15 @@ def probe(out_path: str, _models_dir: str) -> None:  # noqa: C901 (one subproces
     import torch
     from opensora_pack.nodes.comfy_model import LATENT_FORMATS, OpenSoraModelConfig
     from opensora_pack.nodes.comfy_model_v2 import OpenSoraV2DCAEModelConfig, OpenSoraV2ModelConfig
-    from opensora_pack.nodes.common import FORWARD_WORKSPACE_BYTES, activation_memory, forward_memory
-    from opensora_pack.nodes.vae import OpenSoraVAE, decode_memory, encode_memory
+    from opensora_pack.nodes.vae import OpenSoraVAE
     from opensora_pack.opensora_lib.dcae import DCAE, dc_ae_f32t4c128_config
+    from opensora_pack.opensora_lib.memory import (
+        FORWARD_WORKSPACE_BYTES,
+        activation_memory,
+        decode_memory,
+        encode_memory,
+        forward_memory,
+    )
     from opensora_pack.opensora_lib.mmdit import mmdit_v2_config, mmdit_v2_dcae_config
     from opensora_pack.opensora_lib.stdit3 import stdit3_v12_config, stdit3_v13_config
     from opensora_pack.opensora_lib.vae_v12 import OpenSoraVAEv12
@@ -203,7 +209,7 @@ def measured(tmp_path_factory):
 
 
 def activations(measured: dict, planned: int) -> int:
-    """A planned forward's bytes without the workspace margin (nodes/common.FORWARD_WORKSPACE_BYTES)."""
+    """A planned forward's bytes without the workspace margin (opensora_lib/memory.FORWARD_WORKSPACE_BYTES)."""
     return planned - measured["workspace"]
 
 

@@ -165,9 +165,10 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import comfy.model_management as mm
     import folder_paths
     import torch
-    from opensora_pack.nodes.common import forward_memory, load_for_sampling
+    from opensora_pack.nodes.common import load_for_sampling
     from opensora_pack.nodes.loaders import OpenSoraLoadDiT, OpenSoraLoadVAE
     from opensora_pack.nodes.sampling import OpenSoraSampler
+    from opensora_pack.opensora_lib.memory import forward_memory
 
     torch.set_grad_enabled(False)
     for folder in ("diffusion_models", "vae"):
