@@ -111,7 +111,7 @@ class OpenSoraEmptyLatentVideo:
                     VERSIONS,
                     {
                         "default": "1.3",
-                        "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention). 2.0 DC-AE: the high-compression 2.0 variant (Open_Sora_v2_Video_DC_AE + F32T4C128_AE: 128 channels, x32 spatial, 1 or 4k frames up to 128, sizes in multiples of 32; official 768px, 128 frames).",
+                        "tooltip": "The Open-Sora generation the latent is for (sets channels, frame rules and aspect convention). 2.0 DC-AE: the high-compression 2.0 variant (Open_Sora_v2_Video_DC_AE + F32T4C128_AE: 128 channels, x32 spatial, 1 or 4k frames from 8 to 128, sizes in multiples of 32; official 768px, 128 frames).",
                     },
                 ),
                 "resolution": (
@@ -134,7 +134,7 @@ class OpenSoraEmptyLatentVideo:
                         "default": 49,
                         "min": 1,
                         "max": 1024,
-                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 2.0 DC-AE: 1 or 4k up to 128 (official 128); 1.2: 1 or 17 and more.",
+                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 2.0 DC-AE: 1 or 4k from 8 to 128 (official 128); 1.2: 1 or 17 and more.",
                     },
                 ),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos generated at once."}),
@@ -166,7 +166,7 @@ class OpenSoraEmptyLatentVideo:
                         "default": 24,
                         "min": 1,
                         "max": 120,
-                        "tooltip": "Frame rate the model is conditioned on and the video is meant to play at (official: 24).",
+                        "tooltip": "Frame rate the video is meant to play at (official: 24). 1.x: the DiT is conditioned on it. 2.0: only the duration shown here; the model reads the fps written into the prompt (Open-Sora Encode Prompt's fps): keep the two equal.",
                     },
                 ),
             },

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-MAX_SIZE = 512
-
 
 def previews_enabled() -> bool:
     try:
@@ -20,6 +18,13 @@ def previews_enabled() -> bool:
     except ImportError:
         return False
     return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def max_preview_size() -> int:
+    """--preview-size (default 512), the largest side the server sends, as core's samplers pass it."""
+    from comfy.cli_args import args
+
+    return args.preview_size
 
 
 def to_rgb(frame: torch.Tensor, factors=None, bias=None) -> torch.Tensor:
@@ -56,6 +61,7 @@ def previewer_for(model):
         scale = max(1, 256 // max(image.size))
         if scale > 1:
             image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-        return ("JPEG", image, MAX_SIZE)
+        return ("JPEG", image, size)
 
+    size = max_preview_size()
     return preview

@@ -29,11 +29,18 @@ def _encode(core_vae, images: torch.Tensor) -> torch.Tensor:
     return core_vae.encode(images).float().cpu()
 
 
-def _longer_video_hint(cond_type: str) -> str:
-    """What num_frames a video reference needs: the shortest 2.0 length whose latent holds the conditioned frames
-    and one more."""
-    for frames in sizes.allowed_num_frames("2.0"):
-        latent = sizes.latent_frames("2.0", frames)
+def _conditioned_frames(cond_type: str, info: dict, latent_frames: int, autoencoder: str = "hunyuan") -> list[int]:
+    """conditioned_frames, refusing a latent too short for the condition with the num_frames to set: the shortest
+    2.0 length whose latent holds the conditioned frames and one more."""
+    try:
+        return conditioned_frames(cond_type, latent_frames)
+    except ValueError as e:
+        raise ValueError(f"{e} ({info['num_frames']} frames). {_longer_video_hint(cond_type, autoencoder)}") from None
+
+
+def _longer_video_hint(cond_type: str, autoencoder: str) -> str:
+    for frames in sizes.allowed_num_frames("2.0", autoencoder=autoencoder):
+        latent = sizes.latent_frames("2.0", frames, autoencoder=autoencoder)
         try:
             conditioned_frames(cond_type, latent)
         except ValueError:
@@ -51,10 +58,7 @@ def encode_reference_v2(core_vae, image: torch.Tensor, latent: dict, info: dict,
         )
     samples = latent["samples"]
     latent_frames = samples.shape[2]
-    try:
-        frames = conditioned_frames(cond_type, latent_frames)  # raises for a single latent frame / a short video
-    except ValueError as e:
-        raise ValueError(f"{e} ({info['num_frames']} frames). {_longer_video_hint(cond_type)}") from None
+    frames = _conditioned_frames(cond_type, info, latent_frames)  # raises for a single latent frame / a short video
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
     if cond_type in IMAGE_PICKS:
@@ -89,7 +93,7 @@ def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, info: dict, co
             "VAE only)."
         )
     samples = latent["samples"]
-    frames = conditioned_frames(cond_type, samples.shape[2])  # raises for a single latent frame
+    frames = _conditioned_frames(cond_type, info, samples.shape[2], "dc_ae")  # raises for a single latent frame
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     # One image -> one latent frame (official collect_references_batch: r[:, :1] -> model_ae.encode).
     reference = encode_image_condition(

@@ -25,6 +25,8 @@ the prompt). The CLIP-L pooled vector is the same kind (unprojected EOS state, 7
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 
 import comfy.model_management
@@ -50,6 +52,8 @@ from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
 from .sampling import diffusion_model_runner, flow_sigmas
+
+log = logging.getLogger("OpenSora")
 
 GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "negative_image"}
 
@@ -199,6 +203,21 @@ def mmdit_caller(model, latent_shape: tuple[int, ...]) -> Callable[..., torch.Te
     return call
 
 
+def warn_fps_mismatch(positive: list, latent: dict) -> None:
+    """2.0 is conditioned on the " N FPS." Encode Prompt writes into the prompt, not on the latent's fps: say so when
+    the two differ (the latent's fps then only sets the duration shown and, by habit, the saved video's rate)."""
+    text = positive[0][1].get("opensora_text") if positive else None
+    found = re.search(r" (\d+) FPS\.", text or "")
+    latent_fps = latent.get("opensora", {}).get("fps")
+    if found and latent_fps is not None and int(found.group(1)) != int(latent_fps):
+        log.warning(
+            "OpenSora: the prompt says %s FPS but Empty Latent Video's fps is %s; Open-Sora 2.0 reads the prompt's "
+            "(Encode Prompt's fps): set both to the rate the video is saved at",
+            found.group(1),
+            latent_fps,
+        )
+
+
 def sample_v2_node(
     model,
     positive,
@@ -223,6 +242,7 @@ def sample_v2_node(
     batched = guidance_passes == "batched"
     samples = check_latent(model, latent)
     text = text_v2(model, positive, negative)
+    warn_fps_mismatch(positive, latent)
     cond_type, reference, _ = reference_v2(model, latent)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
     # the rows one model call runs: every needed pass when batched, else one

@@ -55,7 +55,7 @@ _FRAME_RULES = {
     "1.2": (True, 1, 17, 816, None),
     "1.3": (True, 16, 17, 801, 113),
     "2.0": (True, 4, 5, 129, 129),
-    "2.0/dc_ae": (True, 4, 4, 128, 128),
+    "2.0/dc_ae": (True, 4, 8, 128, 128),  # not 4: one latent frame, which the DC-AE decodes as one image
 }
 
 
@@ -200,7 +200,7 @@ def validate_size(version: str, height: int, width: int, *, autoencoder: str = "
                     f"compression), got {height}x{width}; try {suggestion[0]}x{suggestion[1]}"
                 )
             raise ValueError(
-                f"Open-Sora 2.0 ({autoencoder}) needs height and width that are multiples of {step}, got "
+                f"Open-Sora 2.0 needs height and width that are multiples of {step}, got "
                 f"{height}x{width}; the official sampler rounds up to {suggestion[0]}x{suggestion[1]}"
             )
 
@@ -255,7 +255,8 @@ def validate_num_frames(version: str, num_frames: int, *, autoencoder: str = "hu
             f"got {num_frames}"
         )
     if autoencoder == "dc_ae":
-        raise ValueError(f"Open-Sora 2.0 with the DC-AE takes 1 or 4k frames from 4 to 128, got {num_frames}")
+        why = " (4 frames make one latent frame, which the Video DC-AE decodes as one image)" if num_frames == 4 else ""
+        raise ValueError(f"Open-Sora 2.0 with the DC-AE takes 1 or 4k frames from 8 to 128, got {num_frames}{why}")
     raise ValueError(
         f"Open-Sora 2.0 takes 1 (an image) or 4k+1 frames from 5 to 129 (5, 9, 13, ..., 125, 129), got {num_frames}"
     )

@@ -52,10 +52,10 @@ def _find_tokenizer(source: Path, tokenizer_path: str | Path | None, what: str, 
     for folder in candidates:
         if folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES):
             return folder
-    looked = ", ".join(str(c) for c in candidates)
+    looked = ", ".join(str(c.absolute()) for c in candidates)
     raise FileNotFoundError(
-        f"no {what} tokenizer found (looked for {', '.join(_TOKENIZER_FILES)} in: {looked}); "
-        f"pass tokenizer_path, e.g. {hint}"
+        f"no {what} tokenizer found (looked for {', '.join(_TOKENIZER_FILES)} in: {looked}); give the folder that "
+        f"holds it (e.g. {hint}), or leave the tokenizer folder empty to use the one ComfyUI ships"
     )
 
 

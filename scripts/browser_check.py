@@ -228,7 +228,9 @@ PAGE_HELPERS = r"""
     const element = info(node)?.element;
     const rows = {};
     for (const row of element?.children ?? []) (rows[row.dataset.role] ??= []).push(row.textContent);
+    const width = node.widgets?.find((w) => w.name === "width");
     return { text: element?.textContent ?? null, rows, invalid: element?.dataset.invalid === "true",
+             widthStep: width?.options?.step2 ?? null,
              badge: node.opensora?.badge?.text ?? null,
              badgeShown: (node.badges ?? []).some((b) => (typeof b === "function" ? b() : b) === node.opensora?.badge) };
   };
@@ -633,6 +635,10 @@ def assess(report: dict) -> list[str]:
         problems.append(f"2.0 DC-AE with 128 frames: not shown as a valid 128-channel latent: {dcae_good}")
     if not (dcae_bad["invalid"] and any("4k" in row for row in dcae_bad["rows"].get("warning", []))):
         problems.append(f"2.0 DC-AE with 129 frames: no '1 or 4k' warning: {dcae_bad}")
+    # the width / height arrows follow the version's size grid
+    for name, step in (("49 frames (1.3, 360p 9:16)", 8), ("2.0 DC-AE, 128 frames", 32)):
+        if steps[name].get("widthStep") != step:
+            problems.append(f"{name}: the width widget steps by {steps[name].get('widthStep')}, not {step}")
     saved = report["serialized"]
     expected_values = ["1.3", "360p", "9:16", 33, 1, 0, 0, 24]
     if saved["widgets_values"] != expected_values:

@@ -61,7 +61,11 @@ def test_size_rules_route_serves_sizes_rules_and_registers_once():
         assert body[choice] == json.loads(json.dumps(size_rules(version, autoencoder)))
     # The DC-AE choice has its own frames, grid and latent formulas where the page reads them.
     dcae = body["2.0 DC-AE"]
-    assert (dcae["frames"]["min"], dcae["frames"]["max"], dcae["frames"]["step"]) == (4, 128, 4)
+    assert (dcae["frames"]["min"], dcae["frames"]["max"], dcae["frames"]["step"]) == (
+        8,
+        128,
+        4,
+    )  # not 4: one latent frame, decoded as one image
     assert dcae["size_limits"]["multiple_of"] == 32 and dcae["latent"]["channels"] == 128
     assert dcae["sizes"]["768px"]["16:9"] == [576, 1024] and dcae["defaults"]["num_frames"] == 128
     assert body["2.0"] == json.loads(json.dumps(size_rules("2.0")))  # the HunyuanVideo choice is unchanged

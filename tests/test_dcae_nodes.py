@@ -274,6 +274,9 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     kind, picture_out, max_size = previews.previewer_for(model)(sampled["samples"])
     pixels_out = torch.tensor(list(picture_out.getdata()), dtype=torch.float32)
     results["preview"] = {"kind": kind, "size": list(picture_out.size), "max": max_size, "std": float(pixels_out.std())}
+    args.preview_size = 128  # --preview-size, as core's samplers pass it
+    results["preview"]["max_at_128"] = previews.previewer_for(model)(sampled["samples"])[2]
+    args.preview_size = 512
 
     # -- mismatches and bad input: specific errors
     (vae13,) = loaders.OpenSoraLoadVAE().load("opensora-tiny-vae-v13/", "fp32")
@@ -376,10 +379,12 @@ def test_empty_latent_dc_ae_choice(measured):
     assert empty["hunyuan_shape"] == [1, 16, 33, 24, 42]  # the 2.0 choice is unchanged
     assert "autoencoder" not in empty["hunyuan_info"]
     validate = empty["validate"]
-    for ok in ("2.0 DC-AE 128 0x0", "2.0 DC-AE 4 0x0", "2.0 DC-AE 1 0x0", "2.0 DC-AE 128 352x192", "2.0 129 0x0"):
+    for ok in ("2.0 DC-AE 128 0x0", "2.0 DC-AE 1 0x0", "2.0 DC-AE 128 352x192", "2.0 129 0x0"):
         assert validate[ok] is True, ok
-    for bad in ("2.0 DC-AE 129 0x0", "2.0 DC-AE 9 0x0", "2.0 DC-AE 132 0x0"):
-        assert "DC-AE takes 1 or 4k frames from 4 to 128" in validate[bad], bad
+    for bad in ("2.0 DC-AE 129 0x0", "2.0 DC-AE 9 0x0", "2.0 DC-AE 132 0x0", "2.0 DC-AE 4 0x0"):
+        assert "DC-AE takes 1 or 4k frames from 8 to 128" in validate[bad], bad
+    # 4 frames would be one latent frame: the DC-AE decodes it as one image (as the official code), so it is refused
+    assert "decodes as one image" in validate["2.0 DC-AE 4 0x0"]
     assert "multiples of 32" in validate["2.0 DC-AE 128 336x192"] and "try 192x352" in validate["2.0 DC-AE 128 336x192"]
     assert "4k+1" in validate["2.0 128 0x0"]
     assert "2.0 DC-AE" in validate["2.1 129 0x0"] and "'2.1'" in validate["2.1 129 0x0"]
@@ -442,7 +447,7 @@ def test_i2v_with_dc_ae_references(measured):
 def test_core_ksampler_and_previews(measured):
     assert measured["ksampler"] == {"shape": [1, 128, 3, 3, 2], "finite": True}
     preview = measured["preview"]
-    assert preview["kind"] == "JPEG" and preview["max"] == 512
+    assert preview["kind"] == "JPEG" and preview["max"] == 512 and preview["max_at_128"] == 128
     assert preview["size"] == [2 * 85, 3 * 85]  # 2 x 3 latent pixels scaled up to about 256
     assert preview["std"] > 1.0
 
@@ -464,6 +469,7 @@ def test_mismatches_give_specific_errors(measured):
     assert "F32T4C128_AE" in errors["reference_1_3_vae"]
     assert "v2v_head" in errors["reference_v2v"] and "i2v_head, i2v_tail, i2v_loop" in errors["reference_v2v"]
     assert ">= 2 latent frames" in errors["reference_one_frame"]
+    assert "num_frames to 8 or more" in errors["reference_one_frame"], errors["reference_one_frame"]
     assert "HunyuanVideo VAE" in errors["hunyuan_reference_on_dcae_dit"]
 
 

@@ -75,6 +75,16 @@ def probe(out_path: str, models_dir: str) -> None:
         sampler_node_samples(ModelSamplingSD3().patch(load("2.0"), 3.0)[0], "2.0", LATENTS["2.0"], SEED, 2, 5.0)
     results["sampler_warnings"] = messages
 
+    # 2.0 reads the fps written into the prompt; a different Empty Latent fps is named
+    from opensora_pack.nodes.sampling_v2 import warn_fps_mismatch
+
+    prompt = [[torch.zeros(1), {"opensora_text": "a fox in snow. 24 FPS. 4 motion score."}]]
+    with pack_warnings() as fps_messages:
+        warn_fps_mismatch(prompt, {"opensora": {"fps": 12}})
+        warn_fps_mismatch(prompt, {"opensora": {"fps": 24}})
+        warn_fps_mismatch([[torch.zeros(1), {}]], {"opensora": {"fps": 12}})  # core conditioning: no text to read
+    results["fps_warnings"] = fps_messages
+
     # attention: the 2.0 DiT with "math", sampled before and after a 1.3 DiT is loaded with "sdpa"
     math_v2 = load("2.0", "math")
     before = sampler_node_samples(math_v2, "2.0", LATENTS["2.0"], SEED, 2, 5.0)
@@ -117,3 +127,8 @@ def test_each_dit_keeps_its_own_attention_backend(measured):
     values = measured["attention"]
     assert values["same_after_other_load"], values
     assert values["math_vs_sdpa"] > 0, "math and sdpa attention must differ in the last bits on the CPU"
+
+
+def test_a_2_0_latent_fps_other_than_the_prompts_is_named(measured):
+    (message,) = measured["fps_warnings"]
+    assert "the prompt says 24 FPS but Empty Latent Video's fps is 12" in message

@@ -144,8 +144,12 @@ def test_frame_rules():
         sizes.validate_num_frames("1.3", n)
     for n in (1, 5, 97, 129):
         sizes.validate_num_frames("2.0", n)
-    for n in (1, 4, 128):
+    for n in (1, 8, 128):
         sizes.validate_num_frames("2.0", n, autoencoder="dc_ae")
+    # 4 frames make one latent frame, which the DC-AE decodes as one image (official too): refused, and why
+    with pytest.raises(ValueError, match="decodes as one image"):
+        sizes.validate_num_frames("2.0", 4, autoencoder="dc_ae")
+    assert sizes.frames_for_latent("2.0", 1, autoencoder="dc_ae") == 1
     assert sizes.allowed_num_frames("1.3")[:8] == [1, 17, 33, 49, 65, 81, 97, 113]
     assert sizes.allowed_num_frames("2.0")[-1] == 129 and 128 not in sizes.allowed_num_frames("2.0")
 

@@ -233,7 +233,7 @@ def test_missing_tokenizer_names_where_it_looked(files, tmp_path):
     lonely.write_bytes(files["t5_fp32"].read_bytes())
     with pytest.raises(FileNotFoundError) as error:
         T5Embedder.from_files(lonely)
-    assert str(lonely.parent) in str(error.value) and "tokenizer_path" in str(error.value)
+    assert str(lonely.parent) in str(error.value) and "tokenizer folder" in str(error.value)
     assert "t5_tokenizer" in str(error.value)  # points at ComfyUI's bundled folder
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no CLIP tokenizer found.*empty"):
@@ -264,3 +264,12 @@ def test_wrong_model_or_tokenizer(files):
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(files["clip_tokenizer"]))
     with pytest.raises(ValueError, match="tokenizer has 519 tokens but the model embeds only 128"):
         T5Embedder(tiny_t5_model(), clip_tokenizer)
+
+
+def test_a_missing_tokenizer_folder_is_named_with_its_absolute_path(files, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a relative folder is resolved against the server's working directory
+    with pytest.raises(FileNotFoundError) as error:
+        T5Embedder.from_files(files["t5_fp32"], tokenizer_path="no_such_tokenizer", max_length=16)
+    message = str(error.value)
+    assert str(tmp_path / "no_such_tokenizer") in message, message
+    assert "leave the tokenizer folder empty" in message and "tokenizer_path" not in message, message

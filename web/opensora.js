@@ -200,10 +200,23 @@ function refresh(node, force = false, configuring = false) {
   info.derived = derived;
   info.invalid = invalid;
   if (info.badge) info.badge.text = invalid ? BADGE_TEXT : "";
+  applySizeStep(node);
   const height = infoHeight(node, info.element);
   if (height !== info.height || force) fitHeight(node, !configuring);
   info.height = height;
   node.setDirtyCanvas?.(true, true);
+}
+
+// The width / height arrows move on the chosen version's size grid (1.x: 8, 2.0: 16, 2.0 DC-AE: 32), so a click
+// from a valid size lands on the next valid one.
+function applySizeStep(node) {
+  const version = node.widgets?.find((w) => w.name === "version")?.value;
+  const multiple = Math.max(8, state.rules?.[version]?.size_limits?.multiple_of ?? 8);
+  for (const widget of node.widgets ?? []) {
+    if ((widget.name !== "width" && widget.name !== "height") || !widget.options) continue;
+    widget.options.step2 = multiple; // the increment on current frontends
+    widget.options.step = multiple * 10; // LiteGraph's older convention: ten times the increment
+  }
 }
 
 function fitHeight(node, shrink) {
