@@ -366,7 +366,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit
 

@@ -27,7 +27,6 @@ import torch
 from helpers_comfy_probe import run_probe
 from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
-REPO = Path(__file__).resolve().parent.parent
 V1_CONFIGS = {
     "1.2": {"depth": 2, "hidden_size": 48, "num_heads": 2, "in_channels": 4, "caption_channels": 16},
     "1.3": {
@@ -359,9 +358,7 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    import sys
 
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit
 

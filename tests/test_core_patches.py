@@ -22,14 +22,12 @@ ComfySTDiT3 / ComfyMMDiT latent interface through that wrapper. The probe checks
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from helpers_comfy_probe import pack_warnings, run_probe
 from helpers_conditioning import random_conditioning
 
-REPO = Path(__file__).resolve().parent.parent
 DIT_FILES = {
     "1.2": "opensora-tiny-v12/",
     "1.3": "opensora-tiny-v13/",
@@ -382,7 +380,6 @@ def easycache_probe(models, inputs, latent_for, sample, reference) -> dict:  # n
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     """Run probe() once inside ComfyUI with the tiny 1.2 / 1.3 / 2.0 / 2.0 DC-AE DiTs."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit, make_mmdit_dcae
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -325,7 +324,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     """Run probe() once inside ComfyUI with the tiny DC-AE DiT / DC-AE, the tiny 2.0 DiT, T5, CLIP and 1.3 VAE."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import VAE_NAMES, make_t5, make_vae
     from demo_models_v2 import NAMES, make_clip, make_dcae, make_mmdit, make_mmdit_dcae
 
@@ -487,7 +485,6 @@ def reference_listing(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_tiny_dc_ae_is_detected_with_its_config(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import DC_AE_DEPTHS, DC_AE_WIDTHS, dcae_dotlist, make_dcae
 
     from opensora_lib import checkpoint, detection
@@ -515,7 +512,6 @@ def test_tiny_dc_ae_is_detected_with_its_config(tmp_path):
 
 
 def test_tiny_dc_ae_mmdit_is_detected_as_the_dc_ae_variant(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import MMDIT_DCAE_CONFIG, make_mmdit_dcae
 
     from opensora_lib import checkpoint, detection

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import torch
 from helpers_comfy_probe import run_probe
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
 LATENTS = {"1.3": ("1.3", "144p", "9:16", 17), "2.0": ("2.0", "256px", "16:9", 9, 1, 64, 48)}
 LINEAR = {"1.3": "t_block.1", "2.0": "double_blocks.0.img_attn.q_proj"}
 VARIANTS = ("bf16", "fp8", "scaled_old", "scaled_new", "dequantized", "nvfp4")
@@ -104,7 +102,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit
 

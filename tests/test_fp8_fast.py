@@ -11,13 +11,11 @@ The speed-up itself needs an fp8-capable GPU (not measured here).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from helpers_comfy_probe import run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 DIT_FILES = {"1.3": "opensora-tiny-v13/", "2.0": "opensora-tiny-v2.safetensors"}
 LATENTS = {"1.3": ("1.3", "144p", "9:16", 17), "2.0": ("2.0", "256px", "16:9", 9, 1, 64, 48)}
 STEPS, SEED, CFG = 3, 11, 7.5
@@ -82,7 +80,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit
     from demo_models_v2 import make_mmdit
 

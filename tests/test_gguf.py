@@ -7,9 +7,6 @@ loader nodes inside ComfyUI.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import gguf  # a requirement of the pack (requirements.txt)
 import numpy as np
 import pytest
@@ -21,9 +18,6 @@ from safetensors.torch import load_file
 from opensora_lib import checkpoint, detection
 from opensora_lib.checkpoint import CheckpointError
 from opensora_lib.text_encoders import load_t5
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 @pytest.fixture(scope="module")

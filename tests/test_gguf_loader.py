@@ -6,7 +6,6 @@ safetensors file; both loaders list .gguf files; a truncated file is refused by 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,6 @@ import torch
 from helpers_comfy_probe import run_probe
 from helpers_gguf import write_gguf
 from safetensors.torch import load_file, save_file
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 LATENT = ("2.0", "256px", "16:9", 9, 1, 64, 48)
 MATRIX = "double_blocks.0.img_attn.q_proj"
@@ -67,7 +63,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import make_mmdit
 
     models = tmp_path_factory.mktemp("models-gguf")

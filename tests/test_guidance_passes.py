@@ -5,14 +5,12 @@ the batched one). Runs inside the pinned ComfyUI host with the tiny 2.0 DiT."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from helpers_comfy_probe import run_probe
 from helpers_conditioning import random_conditioning
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 14  # past the 10 oscillation-free steps, so some steps need fewer passes
 
 
@@ -99,7 +97,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import NAMES, make_mmdit
 
     models = tmp_path_factory.mktemp("models-passes")

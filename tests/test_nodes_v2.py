@@ -9,7 +9,6 @@ a small stand-in for core's VAE (the real HunyuanVideo VAE runs in test_workflow
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -281,7 +280,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     """Run probe() once inside ComfyUI with the tiny 2.0 DiT / T5 / CLIP."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_t5
     from demo_models_v2 import NAMES, make_clip, make_mmdit
 
@@ -396,7 +394,6 @@ def reference_listing(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_test_vaes_have_the_official_layouts():
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import flux_ae_layout, hunyuan_vae_layout
 
     assert hunyuan_vae_layout() == reference_listing("hunyuan_vae")  # 248 tensors, names and shapes
@@ -404,7 +401,6 @@ def test_test_vaes_have_the_official_layouts():
 
 
 def test_test_flux_is_flux_dev_with_one_block_and_small_text_widths():
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import FLUX_CONFIG, mmdit_layout
 
     layout = mmdit_layout(FLUX_CONFIG)
@@ -419,7 +415,6 @@ def test_test_flux_is_flux_dev_with_one_block_and_small_text_widths():
 
 
 def test_tiny_mmdit_is_detected_as_open_sora_2_0(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models_v2 import MMDIT_CONFIG, NAMES, make_mmdit
 
     from opensora_lib import checkpoint, detection

@@ -9,14 +9,12 @@ align 5 puts -1; loop: both), the DiT sees them as x_mask False at every step, t
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers_comfy_probe import run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 DIT, VAE = "opensora-tiny-v12/", "opensora-tiny-vae-v12/"
 KEPT = {"i2v_head": [0], "i2v_tail": [10], "i2v_loop": [0, 10]}
 
@@ -67,7 +65,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_dit, make_vae
 
     models = tmp_path_factory.mktemp("models-v12-reference")

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers_comfy_probe import run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 VAE = "opensora-tiny-vae-v13/"
 VAE12 = "opensora-tiny-vae-v12/"
 
@@ -105,7 +103,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_vae
 
     models = tmp_path_factory.mktemp("models-v13-reference")

@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers_comfy_probe import run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 T5 = "opensora-tiny-t5/"
 
 
@@ -55,7 +53,6 @@ def probe(out_path: str, models_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
     from demo_models import make_t5
 
     models = tmp_path_factory.mktemp("models-v1-prompt")
