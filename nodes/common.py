@@ -75,6 +75,16 @@ def input_range_error(node_class, values: dict) -> str | None:
     return None
 
 
+def check_choices(node_class, values: dict) -> None:
+    """The list check core makes when a prompt is queued, for direct Python callers: each of `values` {input name:
+    value} must be one of its INPUT_TYPES choices."""
+    spec = node_class.INPUT_TYPES()
+    for name, value in values.items():
+        entry = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
+        if entry and isinstance(entry[0], list) and value not in entry[0]:
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(map(str, entry[0]))}")
+
+
 # What core's conditioning nodes add that the Open-Sora Sampler and Guiders would drop (they guide with one text
 # per prompt, oscillating): key -> the node that sets it.
 CORE_CONDITIONING_KEYS = {

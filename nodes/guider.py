@@ -133,7 +133,10 @@ class OpenSoraGuider:
                     scale_image_weight,
                 ),
             )
-        options = v1_options(info, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, flaw_fix)
+        # no SDEdit: core's samplers re-noise the latent themselves (the Sampler node's sdedit input is its own)
+        options = v1_options(
+            info, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, flaw_fix, sdedit=False
+        )
         guider = OpenSoraV1Guider(model, latent, options)
         guider.set_conds(positive, negative)
         return (guider,)

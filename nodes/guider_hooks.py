@@ -66,7 +66,7 @@ def run_passes(
     if "sampler_cfg_function" in model_options:
         warn_once(
             "guider cfg_function",
-            "Open-Sora Guider: the MODEL's sampler_cfg_function is not applied (Open-Sora guidance replaces it)",
+            "OpenSora: the Open-Sora Guider does not apply the MODEL's sampler_cfg_function (Open-Sora guidance replaces it)",
         )
     model = guider.inner_model
     if handler is None and not pre_cfg:

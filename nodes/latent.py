@@ -63,7 +63,7 @@ def info_for_samples(info: dict, samples: torch.Tensor) -> dict:
         ) from e
     warn_once(
         f"latent info {made} -> {given}",
-        f"Open-Sora: a LATENT made as {info['num_frames']} frames at {info['height']} x {info['width']} now has latent "
+        f"OpenSora: a LATENT made as {info['num_frames']} frames at {info['height']} x {info['width']} now has latent "
         f"(T, H, W) {given} (a core latent node changed it): using {updated['num_frames']} frames at "
         f"{updated['height']} x {updated['width']}.",
     )

@@ -13,7 +13,7 @@ from ..opensora_lib import checkpoint, detection
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
-from .common import CATEGORY, WEIGHT_DTYPES, model_choices, model_path, wrap_module
+from .common import CATEGORY, WEIGHT_DTYPES, check_choices, model_choices, model_path, wrap_module
 from .vae import DC_AE_SCALINGS, build_dcae, build_vae, read_folder_config
 
 FP8_FAST = "fp8_e4m3fn_fast"  # core's name: fp8 weights + fp8 matrix multiplication where the GPU has it
@@ -65,6 +65,7 @@ class OpenSoraLoadDiT:
     DESCRIPTION = "Load an Open-Sora DiT (STDiT3 1.2/1.3, the 2.0 MMDiT or its Video DC-AE variant) as a native MODEL."
 
     def load(self, dit_name, weight_dtype, attention="sdpa"):
+        check_choices(type(self), {"weight_dtype": weight_dtype})
         attention_lib.check_backend(attention)  # the DiT selects it at every forward (use_backend)
         path = model_path("diffusion_models", dit_name)
         header = checkpoint.read_header(path)
@@ -153,8 +154,7 @@ class OpenSoraLoadTextEncoder:
     def load(self, t5_name, precision, version, clip_name="none", tokenizer_folder="", device="default"):
         from .text import TextEncoder
 
-        if device not in ("default", "cpu"):
-            raise ValueError(f"device must be 'default' or 'cpu', got {device!r}")
+        check_choices(type(self), {"precision": precision, "version": version, "device": device})
         on_cpu = device == "cpu"
         v2 = version == "2.0"
         settings = T5_V2 if v2 else T5_V1  # max_length, use_mask and the official dtype
@@ -222,8 +222,7 @@ class OpenSoraLoadVAE:
     DESCRIPTION = "Load the Open-Sora 1.2 or 1.3 video VAE or the 2.0 Video DC-AE (detected from the weights)."
 
     def load(self, vae_name, dtype, dc_ae_scaling="trained 0.493"):
-        if dc_ae_scaling not in DC_AE_SCALINGS:
-            raise ValueError(f"dc_ae_scaling {dc_ae_scaling!r} is not one of {', '.join(DC_AE_SCALINGS)}")
+        check_choices(type(self), {"dtype": dtype, "dc_ae_scaling": dc_ae_scaling})
         path = model_path("vae", vae_name)
         info = detection.detect(checkpoint.read_header(path))
         detection.expect_family(info, {"vae_v12", "vae_v13", "dc_ae"}, "Open-Sora VAE loader")

@@ -24,6 +24,7 @@ from ..opensora_lib.schedules import rflow_timesteps
 from .common import (
     CATEGORY,
     Progress,
+    check_choices,
     check_conditioning_version,
     check_plain_conditioning,
     check_v1_text,
@@ -292,12 +293,12 @@ FLAW_FIX_INPUT = _bool("1.3 t2v: rescale the guided velocity toward the conditio
 def v1_options(
     info: dict,
     cfg: float,
-    image_cfg: float = 5.0,
-    oscillation: bool = True,
-    image_oscillation: bool = True,
-    scale_image_weight: bool = True,
-    flaw_fix: bool = True,
-    sdedit: bool = False,
+    image_cfg: float,
+    oscillation: bool,
+    image_oscillation: bool,
+    scale_image_weight: bool,
+    flaw_fix: bool,
+    sdedit: bool,
     timestep_transform: bool = True,
     **extra,
 ) -> rflow.RFlowOptions:
@@ -317,17 +318,6 @@ def v1_options(
     )
 
 
-# Defaults of the Sampler's optional inputs (API prompts may omit them).
-OPTION_DEFAULTS = {
-    "image_cfg": 5.0,
-    "oscillation": True,
-    "image_oscillation": True,
-    "scale_image_weight": True,
-    "sdedit": True,
-    "flaw_fix": True,
-    "timestep_transform": True,
-    "guidance_passes": "batched",
-}
 GUIDANCE_PASS_MODES = ["batched", "one at a time"]
 
 
@@ -383,7 +373,10 @@ class OpenSoraSampler:
     )
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, **options):
-        options = {**OPTION_DEFAULTS, **options}
+        # the optional inputs' widget defaults for what an API prompt omits (one definition: INPUT_TYPES)
+        defaults = {name: spec[1]["default"] for name, spec in self.INPUT_TYPES()["optional"].items()}
+        options = {**defaults, **options}
+        check_choices(type(self), {"guidance_passes": options["guidance_passes"]})
         info = check_versions(model, latent)
         if latent.get("noise_mask") is not None:
             raise ValueError(

@@ -237,8 +237,6 @@ def sample_v2_node(
     """The Open-Sora Sampler node for 2.0: returns a LATENT in raw VAE space (reference dropped).
     guidance_passes "one at a time" runs each guidance pass as its own model call, so ComfyUI only has to keep
     one pass's activations free (partial loading can keep more weights resident)."""
-    if guidance_passes not in ("batched", "one at a time"):
-        raise ValueError(f"guidance_passes must be 'batched' or 'one at a time', got {guidance_passes!r}")
     batched = guidance_passes == "batched"
     samples = check_latent(model, latent)
     text = text_v2(model, positive, negative)

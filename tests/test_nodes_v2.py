@@ -366,7 +366,7 @@ def test_text_encoder_device_option(measured):
     assert found["default"] == ["cuda:3", "cpu", "cuda:3", "cpu"]
     assert found["cpu"] == ["cpu"] * 4
     assert found["cpu_conditioning_equal"] is True and found["advanced"] is True
-    assert found["bad"] == "ValueError: device must be 'default' or 'cpu', got 'cuda'"
+    assert found["bad"] == "ValueError: device 'cuda' is not one of default, cpu"
 
 
 def test_conditioning_from_core_text_encoders(measured):
