@@ -70,15 +70,7 @@ class OpenSoraVAE:
         z = latent.to(device, self.dtype)
         if self.autoencoder == "dc_ae":
             frames = model.decode(z)  # 4 frames per latent frame (1 for a one-frame latent); callers cut
-        elif self.version == "1.2":
-            num_frames = num_frames or model.longest_video(z.shape[2])  # a latent without Open-Sora info
-            if tile_size:
-                model.enable_tiling(tile_size, tile_overlap)
-            try:
-                frames = model.decode(z, num_frames=num_frames)
-            finally:
-                model.disable_tiling()
-        else:
+        else:  # num_frames None (a latent without Open-Sora info): the longest video of that latent
             tiles = (
                 {"spatial_tile_size": tile_size // 8, "spatial_tile_overlap": tile_overlap // 8} if tile_size else {}
             )

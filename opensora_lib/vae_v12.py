@@ -236,8 +236,29 @@ class OpenSoraVAEv12(nn.Module):
         z = torch.cat(latents, dim=2) if len(latents) > 1 else latents[0]
         return (z - self.shift.to(z)) / self.scale.to(z)  # .to(z): dtype and device (partially loaded VAE)
 
-    def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] in about [-1, 1]."""
+    def decode(
+        self,
+        z: torch.Tensor,
+        num_frames: int | None = None,
+        *,
+        spatial_tile_size: int | None = None,
+        spatial_tile_overlap: int | None = None,
+    ) -> torch.Tensor:
+        """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] in about [-1, 1]; num_frames None:
+        the longest video with that many latent frames. spatial_tile_size / _overlap (latent pixels, as the 1.3 VAE's
+        decode): the 2-D VAE decodes this call on blended tiles (enable_tiling)."""
+        if num_frames is None:
+            num_frames = self.longest_video(z.shape[2])
+        if not spatial_tile_size:
+            return self._decode(z, num_frames)
+        factor, saved = self.spatial_vae.factor, (self.spatial_vae.tile_size, self.spatial_vae.tile_overlap)
+        self.enable_tiling(spatial_tile_size * factor, (spatial_tile_overlap or 0) * factor)
+        try:
+            return self._decode(z, num_frames)
+        finally:
+            self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = saved
+
+    def _decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         self._check_latent(z, num_frames)
         z = z * self.scale.to(z) + self.shift.to(z)
         size, step, parts = self.micro_frame_size, self.micro_latent_frames, []

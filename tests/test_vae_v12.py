@@ -281,3 +281,19 @@ def test_longest_video_for_a_latent_without_its_frame_count(fixture_model):
         assert fixture_model.latent_frames(frames) == latent_frames
         assert fixture_model.latent_frames(frames + 1) == latent_frames + 1
     assert fixture_model.longest_video(1) == 1  # an image: 1.2 makes no 2..16-frame videos
+
+
+def test_decode_tiles_for_one_call_as_the_1_3_vae_and_restores_the_setting():
+    """decode(spatial_tile_size=, spatial_tile_overlap=) in latent pixels (the 1.3 VAE's signature) equals
+    enable_tiling in pixels around a plain decode, and leaves the model as it was."""
+    model = _small_model()
+    torch.manual_seed(5)
+    z = torch.randn(1, 4, 5, 16, 24)
+    plain = model.decode(z, num_frames=17)
+    tiled = model.decode(z, num_frames=17, spatial_tile_size=8, spatial_tile_overlap=2)
+    assert model.spatial_vae.tile_size is None and model.spatial_vae.tile_overlap == 0  # restored
+    model.enable_tiling(64, 16)
+    assert torch.equal(tiled, model.decode(z, num_frames=17))
+    model.disable_tiling()
+    assert not torch.equal(tiled, plain)  # the tiles did run
+    assert torch.equal(model.decode(z), model.decode(z, num_frames=model.longest_video(5)))  # None: longest
