@@ -73,30 +73,13 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
             "first_frame_sizes": first_frame_sizes,
             "round_up_to": 16,
             "size_limits": {"min": MIN_SIDE, "max": MAX_SIDE, "multiple_of": 16},
-            "autoencoders": {
-                "hunyuan": {
-                    "default": True,
-                    "causal": True,
-                    "channels": 16,
-                    "spatial_compression": 8,
-                    "patch_size": 2,
-                    "latent_frames": "1 if n == 1 else (n - 1) // 4 + 1",
-                    "latent_hw": "2*ceil(H/16), 2*ceil(W/16)",
-                    "tokens_per_frame": "ceil(H/16) * ceil(W/16)",
-                    "frames": _frames_json("2.0", "hunyuan"),
-                },
-                "dc_ae": {
-                    "default": False,
-                    "causal": False,
-                    "channels": 128,
-                    "spatial_compression": 32,
-                    "patch_size": 1,
-                    "size_step": 32,
-                    "latent_frames": "1 if n == 1 else n // 4",
-                    "latent_hw": "ceil(H/32), ceil(W/32)",
-                    "tokens_per_frame": "ceil(H/32) * ceil(W/32)",
-                    "frames": _frames_json("2.0", "dc_ae"),
-                },
+            "latent": {  # the HunyuanVideo VAE (causal: 4k + 1 frames)
+                "channels": 16,
+                "spatial_compression": 8,
+                "patch_size": 2,
+                "latent_frames": "1 if n == 1 else (n - 1) // 4 + 1",
+                "latent_hw": "2*ceil(H/16), 2*ceil(W/16)",
+                "tokens_per_frame": "ceil(H/16) * ceil(W/16)",
             },
             "frames": _frames_json("2.0", "hunyuan"),
             "decode": "the decoder output is cut to num_frames",
@@ -157,7 +140,14 @@ def _dc_ae_rules() -> dict:
     for resolution, table in sizes.items():
         first_frame = v2_table(resolution, True, step)  # official: AE_SPATIAL_COMPRESSION=32 reaches this too
         first_frame_sizes[resolution] = {r: list(first_frame[r]) if r in first_frame else None for r in table}
-    latent = {k: v for k, v in rules["autoencoders"]["dc_ae"].items() if k not in ("default", "frames")}
+    latent = {  # the Video DC-AE (not causal: 4k frames), one latent pixel per 32 x 32, patch 1
+        "channels": 128,
+        "spatial_compression": 32,
+        "patch_size": 1,
+        "latent_frames": "1 if n == 1 else n // 4",
+        "latent_hw": "ceil(H/32), ceil(W/32)",
+        "tokens_per_frame": "ceil(H/32) * ceil(W/32)",
+    }
     rules.update(
         autoencoder="dc_ae",
         defaults=dict(DEFAULTS_DC_AE),
@@ -167,7 +157,7 @@ def _dc_ae_rules() -> dict:
         size_algorithm={**rules["size_algorithm"], "step": step},
         size_limits={**rules["size_limits"], "multiple_of": step},
         frames=_frames_json("2.0", "dc_ae"),
-        latent=latent,  # the page uses "latent" when present, else the default autoencoder's formulas
+        latent=latent,
     )
     return rules
 

@@ -216,14 +216,6 @@ export function compileRule(text) {
 // Evaluating the rules for one set of widget values
 // ---------------------------------------------------------------------------------------------
 
-function latentRules(rules) {
-  // 1.x and the "2.0 DC-AE" choice carry their own formulas.
-  if (rules.latent) return rules.latent;
-  // "2.0" keeps its formulas per autoencoder; that choice is the default (HunyuanVideo) one.
-  const autoencoders = Object.values(rules.autoencoders ?? {});
-  return autoencoders.find((entry) => entry.default) ?? autoencoders[0];
-}
-
 function frameProblems(version, frames, n) {
   const { image, step, min, max, trained_max: trainedMax, rule } = frames;
   if (!Number.isInteger(n)) return { error: `num_frames must be a whole number, got ${n}` };
@@ -309,7 +301,7 @@ export function derive(allRules, values) {
   if (size.error) return out;
   out.pixels = [size.W, size.H];
   out.sizeSource = size.source;
-  const latent = latentRules(rules);
+  const latent = rules.latent; // every version choice carries its own formulas
   if (!latent) {
     out.errors.push(`the server's rules for ${version} have no latent formulas`);
     return out;
