@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..opensora_lib import sizes
+from ..opensora_lib import reference_image, sizes
 from .common import CATEGORY, input_range_error, warn_once
 from .reference import encode_reference_v1
 from .reference_v2 import encode_reference_dcae, encode_reference_v2
@@ -264,6 +264,12 @@ class OpenSoraEncodeReference:
                         "tooltip": "Seed of the VAE posterior sample (1.x, as the official code samples the posterior). No effect for 2.0: core's VAE returns the mean and the DC-AE encoder is deterministic.",
                     },
                 ),
+                "end_image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "First-last-frame video: the last frame for cond_type i2v_loop, whose first frame is image (the official two-image reference). Any size: each image is fitted to the latent on its own."
+                    },
+                ),
             },
         }
 
@@ -272,12 +278,14 @@ class OpenSoraEncodeReference:
     CATEGORY = f"{CATEGORY}/latent"
     DESCRIPTION = "VAE-encode a reference image or video and attach it to the latent for image/video-to-video."
 
-    def encode(self, image, latent, cond_type, vae=None, core_vae=None, frame_index=0, seed=0):
-        if image.shape[0] == 0:
+    def encode(self, image, latent, cond_type, vae=None, core_vae=None, frame_index=0, seed=0, end_image=None):
+        if image.shape[0] == 0 or (end_image is not None and end_image.shape[0] == 0):
             raise ValueError(
                 "Open-Sora Encode Reference: the image batch is empty (0 images); give at least one image."
             )
         info = video_info(latent)
+        if end_image is not None:
+            image = with_end_image(image, end_image, cond_type, info)
         if latent_autoencoder(info) == "dc_ae":
             if vae is None:
                 raise ValueError(
@@ -303,6 +311,19 @@ class OpenSoraEncodeReference:
             )
         check_vae_fits(vae, info, "Encode Reference")
         return (encode_reference_v1(vae, image, latent, info, cond_type, frame_index, seed),)
+
+
+def with_end_image(image: torch.Tensor, end_image: torch.Tensor, cond_type: str, info: dict) -> torch.Tensor:
+    """image's frames then end_image's last, each fitted to the latent's size (so they batch whatever their sizes),
+    back in the IMAGE layout: i2v_loop takes the first and the last. The fit is 8-bit, so fitting again is exact."""
+    if cond_type != "i2v_loop":
+        raise ValueError(
+            f"end_image is the last frame of cond_type i2v_loop (a first-last-frame video); with {cond_type!r} "
+            "disconnect it, or set cond_type to i2v_loop."
+        )
+    height, width = info["height"], info["width"]
+    pixels = torch.cat([reference_image.resize_crop(x, height, width) for x in (image, end_image[-1:])])
+    return ((pixels + 1) / 2).movedim(1, -1)
 
 
 def tile_error(node, tile_size: int | None, tile_overlap: int | None) -> str | None:

@@ -163,6 +163,16 @@ def i2v_v2() -> dict:
     return prompt
 
 
+def flf2v_v2() -> dict:
+    """First-last-frame video: i2v_loop, the start frame from one Load Image and the end frame from another (the
+    official two-image reference "a.png;b.png")."""
+    prompt = i2v_v2()
+    prompt["13"] = {"class_type": "LoadImage", "inputs": {"image": "opensora_reference_end.png"}}
+    prompt["11"]["inputs"].update(cond_type="i2v_loop", end_image=["13", 0])
+    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_flf2v"
+    return prompt
+
+
 def first_frame_size(autoencoder: str = "hunyuan") -> tuple[int, int]:
     """(height, width) of the T2I first frame: img_resolution with training=True, on the AE's size grid."""
     return image_size("2.0", IMAGE_RESOLUTION, SETTINGS["aspect_ratio"], training=True, autoencoder=autoencoder)
@@ -269,6 +279,7 @@ def definitions_v2() -> dict[str, dict]:
     return {
         "opensora20_t2v": t2v_v2(),
         "opensora20_i2v": i2v_v2(),
+        "opensora20_flf2v": flf2v_v2(),
         "opensora20_t2i2v": t2i2v_v2(),
         "opensora20_dcae_t2v": dcae_t2v_v2(),
         "opensora20_dcae_t2i2v": dcae_t2i2v_v2(),

@@ -40,8 +40,8 @@ def tiny_workflow(server, name: str, steps: int = 3, **latent_overrides) -> dict
     return prompt
 
 
-def write_reference_image(server, name: str = "opensora_reference.png") -> Path:
-    rng = np.random.default_rng(0)
+def write_reference_image(server, name: str = "opensora_reference.png", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     gradient = np.linspace(0, 255, 320, dtype=np.float32)[None, :, None]
     pixels = (gradient + rng.normal(0, 20, (200, 320, 3))).clip(0, 255).astype(np.uint8)
     path = server.base / "input" / name

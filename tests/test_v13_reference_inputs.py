@@ -46,6 +46,19 @@ def probe(out_path: str, models_dir: str) -> None:
         loop_of_three = encode(video[:3], "i2v_loop")
     (loop_two,) = latent.OpenSoraEncodeReference().encode(video[:2], empty, "i2v_loop", vae=vae, seed=3)
     (loop_one,) = latent.OpenSoraEncodeReference().encode(video[:1], empty, "i2v_loop", vae=vae, seed=3)
+    # end_image: the same as the two-image batch; another size is fitted on its own; only for i2v_loop
+    (with_end,) = latent.OpenSoraEncodeReference().encode(
+        video[:1], empty, "i2v_loop", vae=vae, seed=3, end_image=video[1:2]
+    )
+    other_size = torch.rand(1, 200, 300, 3, generator=torch.Generator().manual_seed(6))
+    (odd_end,) = latent.OpenSoraEncodeReference().encode(
+        video[:1], empty, "i2v_loop", vae=vae, seed=3, end_image=other_size
+    )
+    try:
+        latent.OpenSoraEncodeReference().encode(video[:1], empty, "i2v_head", vae=vae, end_image=video[1:2])
+        end_error = None
+    except ValueError as e:
+        end_error = str(e)
     z = torch.zeros_like(empty["samples"])
     placed_two = sampling.v1_conditioning("1.3", loop_two, z)[1].latent
     placed_one = sampling.v1_conditioning("1.3", loop_one, z)[1].latent
@@ -88,6 +101,14 @@ def probe(out_path: str, models_dir: str) -> None:
             torch.equal(placed_one[:, :, 0], first[:, :, 0]) and torch.equal(placed_one[:, :, -1], first[:, :, 0])
         ),
         "loop_one_middle_empty": not placed_one[:, :, 1:-1].any().item(),
+        "end_image_is_the_batch": bool(
+            torch.equal(with_end["opensora_reference"]["latent"], loop_two["opensora_reference"]["latent"])
+        ),
+        "odd_end_start_same": bool(torch.equal(odd_end["opensora_reference"]["latent"][:, :, 0], first[:, :, 0])),
+        "odd_end_differs": not torch.equal(
+            odd_end["opensora_reference"]["latent"][:, :, 1], loop_two["opensora_reference"]["latent"][:, :, 1]
+        ),
+        "end_error": end_error,
         "v12_start_same": bool(torch.equal(written12[1][:, :, 0], written12[2][:, :, 0])),
         "v12_end_is_second": bool(
             torch.equal(written12[2][:, :, 10], loop12[2]["opensora_reference"]["latent"][:, :, 1])
@@ -150,3 +171,9 @@ def test_a_1_2_exact_size_off_the_8_pixel_grid_is_floored_and_said(measured):
     assert measured["floored_shape"] == [7, 12], measured["floored_shape"]  # 56 x 96 pixels
     assert len(measured["size_messages"]) == 1, measured["size_messages"]
     assert "1.2 makes 96 x 56 frames for the 100 x 60 asked" in measured["size_messages"][0]
+
+
+def test_end_image_gives_i2v_loop_its_last_frame_whatever_its_size(measured):
+    assert measured["end_image_is_the_batch"], "end_image must equal the two-image batch"
+    assert measured["odd_end_start_same"] and measured["odd_end_differs"], measured
+    assert "end_image is the last frame of cond_type i2v_loop" in measured["end_error"], measured["end_error"]

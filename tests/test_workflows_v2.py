@@ -19,7 +19,14 @@ from workflows_v2 import OFFICIAL_V2, definitions_v2, tiny_settings_v2, use_mode
 
 pytestmark = pytest.mark.server
 
-NAMES_V2 = ("opensora20_t2v", "opensora20_i2v", "opensora20_t2i2v", "opensora20_dcae_t2v", "opensora20_dcae_t2i2v")
+NAMES_V2 = (
+    "opensora20_t2v",
+    "opensora20_i2v",
+    "opensora20_flf2v",
+    "opensora20_t2i2v",
+    "opensora20_dcae_t2v",
+    "opensora20_dcae_t2i2v",
+)
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 STEPS = 4
 
@@ -38,8 +45,9 @@ def saved_files(server, result, key: str) -> list[Path]:
 
 @pytest.mark.parametrize("name", NAMES_V2)
 def test_v2_workflow_writes_mp4(comfy_server, name):
-    if name == "opensora20_i2v":
+    if name in ("opensora20_i2v", "opensora20_flf2v"):
         write_reference_image(comfy_server)
+        write_reference_image(comfy_server, "opensora_reference_end.png", seed=1)
     prompt = tiny_v2(comfy_server, name)
     result = comfy_server.client().run(prompt, timeout=900)
     assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
