@@ -26,14 +26,13 @@ the prompt). The CLIP-L pooled vector is the same kind (unprojected EOS state, 7
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 
 import comfy.model_management
 import comfy.sample
 import torch
 
-from ..opensora_lib import sizes
+from ..opensora_lib import prompts, sizes
 from ..opensora_lib.memory import activation_memory
 from ..opensora_lib.sampling_v2 import (
     COND_TYPES,
@@ -206,14 +205,13 @@ def mmdit_caller(model, latent_shape: tuple[int, ...]) -> Callable[..., torch.Te
 def warn_fps_mismatch(positive: list, latent: dict) -> None:
     """2.0 is conditioned on the " N FPS." Encode Prompt writes into the prompt, not on the latent's fps: say so when
     the two differ (the latent's fps then only sets the duration shown and, by habit, the saved video's rate)."""
-    text = positive[0][1].get("opensora_text") if positive else None
-    found = re.search(r" (\d+) FPS\.", text or "")
+    prompt_fps = prompts.fps_of_v2(positive[0][1].get("opensora_text") if positive else None)
     latent_fps = latent.get("opensora", {}).get("fps")
-    if found and latent_fps is not None and int(found.group(1)) != int(latent_fps):
+    if prompt_fps is not None and latent_fps is not None and prompt_fps != int(latent_fps):
         log.warning(
             "OpenSora: the prompt says %s FPS but Empty Latent Video's fps is %s; Open-Sora 2.0 reads the prompt's "
             "(Encode Prompt's fps): set both to the rate the video is saved at",
-            found.group(1),
+            prompt_fps,
             latent_fps,
         )
 

@@ -351,6 +351,13 @@ def negative_prompt_text_v1(prompt: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _FPS_SUFFIX = re.compile(r"\d+ FPS\.$")
+_FPS_SENTENCE = re.compile(r"(?:^| )(\d+) FPS\.")
+
+
+def fps_of_v2(text: str | None) -> int | None:
+    """The frame rate a 2.0 prompt text states (' 24 FPS.', as prompt_text_v2 writes it), or None."""
+    found = _FPS_SENTENCE.search(text or "")
+    return int(found.group(1)) if found else None
 
 
 def prompt_text_v2(prompt: str, fps: int = 24, motion_score: int | float | str | None = 4) -> str:

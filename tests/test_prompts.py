@@ -243,3 +243,8 @@ def test_non_string_prompt():
         prompts.prompt_text_v1(3, "1.3")
     with pytest.raises(ValueError, match="empty"):
         prompts.prompt_text_t2i("")
+
+
+def test_fps_of_v2_reads_the_rate_prompt_text_v2_writes():
+    assert prompts.fps_of_v2(prompts.prompt_text_v2("a fox in snow", fps=12)) == 12
+    assert prompts.fps_of_v2("a fox in snow.") is None and prompts.fps_of_v2(None) is None
