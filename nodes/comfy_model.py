@@ -21,8 +21,10 @@ import comfy.utils
 import torch
 
 from ..opensora_lib import attention, checkpoint, rflow, sizes
+from ..opensora_lib.gguf_file import QuantizedWeight
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
+from . import gguf_linear
 from .common import (
     check_conditioning_version,
     check_v1_text,
@@ -213,7 +215,9 @@ def build_patcher(
     model_config.optimizations["fp8"] = fp8_matmul
     model = model_config.get_model(device=offload_device)
     load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
-    return PatcherClass(model, load_device=load_device, offload_device=offload_device)
+    # GGUF layers keep their own bytes: core's plain ModelPatcher (see gguf_linear.py), on every host
+    patcher_class = comfy.model_patcher.ModelPatcher if gguf_linear.quantized_layers(model) else PatcherClass
+    return patcher_class(model, load_device=load_device, offload_device=offload_device)
 
 
 def build_stdit3_patcher(
@@ -243,7 +247,8 @@ def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
 def load_weights(
     module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str
 ) -> None:
-    """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype.
+    """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype; GGUF matrices
+    (QuantizedWeight) of Linear layers stay in their blocks (gguf_linear.GGUFLinear).
 
     assign=True because under newer ComfyUI's DynamicVRAM the comfy.ops layers allocate no weights.
     """
@@ -257,6 +262,10 @@ def load_weights(
         raise ValueError(f"The checkpoint does not match {what}: wrong shapes {wrong[:5]}")
     converted = {}
     for key, tensor in sd.items():
+        if isinstance(tensor, QuantizedWeight):  # a GGUF matrix: kept in its blocks where it is a Linear's weight
+            if gguf_linear.install(module, key, tensor, compute_dtype):
+                continue
+            tensor = tensor.dequantize(torch.float32)
         if tensor.is_floating_point():
             tensor = tensor.to(weight_dtype if checkpoint.is_matrix(key, tensor.ndim) else compute_dtype)
         converted[key] = tensor

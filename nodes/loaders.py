@@ -9,7 +9,7 @@ import comfy.model_management
 import torch
 
 from ..opensora_lib import attention as attention_lib
-from ..opensora_lib import checkpoint, detection
+from ..opensora_lib import checkpoint, detection, gguf_file
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
@@ -39,14 +39,14 @@ class OpenSoraLoadDiT:
                 "dit_name": (
                     model_choices("diffusion_models"),
                     {
-                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file, a Hugging Face folder or a .gguf file (dequantized on loading) (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2 or Open_Sora_v2_Video_DC_AE). The version is detected from the weights."
+                        "tooltip": "An official Open-Sora DiT from models/diffusion_models: a .safetensors file, a Hugging Face folder or a .gguf file (default: its matrices stay quantized) (1.2 STDiT-v3, 1.3 STDiT-v4, 2.0 Open_Sora_v2 or Open_Sora_v2_Video_DC_AE). The version is detected from the weights."
                     },
                 ),
                 "weight_dtype": (
                     [*WEIGHT_DTYPES, FP8_FAST],
                     {
                         "default": "default",
-                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. ComfyUI scaled-fp8 and GGUF files are dequantized on loading (pick fp8_e4m3fn to keep a GGUF's memory small). fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
+                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. A GGUF file under default keeps its Linear matrices in their GGUF blocks (about the file's size in memory; each layer is expanded at its forward; LoRA works) and the rest in the compute dtype; any other choice dequantizes it on loading into that dtype, as ComfyUI scaled-fp8 files always are. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
                     },
                 ),
                 "attention": (
@@ -74,6 +74,7 @@ class OpenSoraLoadDiT:
         fast = weight_dtype == FP8_FAST
         dtype = torch.float8_e4m3fn if fast else WEIGHT_DTYPES[weight_dtype]
         read_dtype = matrix_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
+        keep_blocks = False
         if checkpoint.is_quantized(path):  # scaled fp8 / GGUF: the comfy.ops layers take plain weights
             # The matrices go straight into their storage dtype (no bf16 copy of the whole model on the way to fp8: a
             # 0.8B-weight 2.0 DiT as Q8_0 GGUF, fp8, peaked at 2.4 GB anonymous memory before, 1.0 GB now); the small
@@ -83,7 +84,12 @@ class OpenSoraLoadDiT:
                 params = sum(math.prod(shape) for _, shape in header.values())
                 supported = [torch.bfloat16, torch.float32]
                 matrix_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
-        sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)
+            if dtype is None and gguf_file.is_gguf(path):  # its Linear matrices stay in their blocks (gguf_linear.py)
+                keep_blocks, dtype = True, matrix_dtype  # and the rest is stored in the compute dtype
+        if keep_blocks:
+            sd = gguf_file.load_keeping_blocks(path)
+        else:
+            sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)
         sd = checkpoint.strip_prefix(sd, info.prefix)
         config_values = {**info.config, **read_folder_config(path)}
         if info.family == "mmdit":

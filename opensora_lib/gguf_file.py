@@ -1,13 +1,13 @@
-"""GGUF weight files, dequantized on load into plain tensors.
+"""GGUF weight files: read without pickle, dequantized on load or kept in their blocks.
 
 GGUF is llama.cpp's format, used by ComfyUI-GGUF's converter (keys as in the original safetensors file) and by
 llama.cpp's own converters, e.g. the popular T5-v1.1-XXL encoder files (llama.cpp tensor names, renamed here to the
 Hugging Face ones). Nothing is unpickled: the `gguf` package parses the header and memory-maps the data.
 
-Every tensor is dequantized to a plain floating tensor when it is read, so the model gets ordinary comfy.ops layers
-(LoRA, partial loading, fp8 storage and compile work as with a safetensors file); memory is that of the chosen
-weight dtype, not of the quantized file. Quantized types are dequantized by the `gguf` package's numpy code
-(llama.cpp's reference; about 0.2 s for a 3072 x 12288 Q8_0 matrix on one CPU core).
+Two ways to read one: `dequantize` gives each tensor as a plain floating tensor (the `gguf` package's numpy code,
+llama.cpp's reference; about 0.2 s for a 3072 x 12288 Q8_0 matrix on one CPU core), so the model gets ordinary
+comfy.ops layers; `load_keeping_blocks` keeps every quantized matrix as its bytes (QuantizedWeight), which the DiT
+loader gives to layers that expand them at each forward (gguf_dequant.py, nodes/gguf_linear.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import gguf_dequant
 from .checkpoint import CheckpointError as GGUFError  # one error type for every unusable weight file
 
 MAGIC = b"GGUF"
@@ -111,6 +112,30 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
     if not tensors:
         raise GGUFError(f"{path}: the GGUF file holds no tensors")
     return tensors
+
+
+class QuantizedWeight:
+    """A matrix kept in its GGUF blocks: raw bytes [rows, bytes per row] (uint8), type name, shape [rows, columns]."""
+
+    __slots__ = ("raw", "qtype", "shape")
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, ...]):
+        self.raw, self.qtype, self.shape = raw, qtype, torch.Size(shape)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return gguf_dequant.dequantize(self.raw, self.qtype, tuple(self.shape), dtype)
+
+
+def load_keeping_blocks(path: str | Path) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """A GGUF file's tensors with every matrix of a type gguf_dequant expands kept as a QuantizedWeight (copied
+    out of the memory map); the rest as dequantize() gives them."""
+    out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    for name, t in read_tensors(path).items():
+        if t.qtype in gguf_dequant.BLOCKS and len(t.shape) == 2:
+            out[name] = QuantizedWeight(torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1), t.qtype, t.shape)
+        else:
+            out[name] = dequantize(t)
+    return out
 
 
 def is_quantized(tensors: dict[str, _Tensor]) -> bool:

@@ -15,7 +15,7 @@ from helpers_gguf import write_gguf
 from helpers_tiny_text import save_t5, tiny_t5_model
 from safetensors.torch import load_file
 
-from opensora_lib import checkpoint, detection
+from opensora_lib import checkpoint, detection, gguf_dequant
 from opensora_lib.checkpoint import CheckpointError
 from opensora_lib.text_encoders import load_t5
 
@@ -164,3 +164,21 @@ def test_a_flattened_stdit3_patch_embedding_is_named(tiny_dits, tmp_path):
     write_gguf(tmp_path / "flat.gguf", state_dict, "F32")
     with pytest.raises(CheckpointError, match="x_embedder.proj.weight has shape .*comfy.gguf.orig_shape"):
         detection.detect_file(tmp_path / "flat.gguf")
+
+
+@pytest.mark.parametrize("qtype", sorted(gguf_dequant.BLOCKS))
+def test_torch_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
+    """opensora_lib.gguf_dequant (what kept GGUF layers run at every forward) against the gguf package's numpy
+    reference, on random blocks: every byte pattern of the packed integers, random float16 scales."""
+    from gguf import GGMLQuantizationType, quants
+
+    values, size = gguf_dequant.BLOCKS[qtype]
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, size=(96, size), dtype=np.uint8)
+    halves = {"Q2_K": (80, 82), "Q3_K": (108,), "Q6_K": (208,), "Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,)}
+    for offset in halves.get(qtype, (0, 2)):  # the float16 fields (d, and dmin / m where the type has one)
+        raw[:, offset : offset + 2] = rng.normal(size=(96, 1)).astype(np.float16).view(np.uint8)
+    reference = quants.dequantize(raw.reshape(8, -1), GGMLQuantizationType[qtype]).reshape(-1)
+    ours = gguf_dequant.dequantize(torch.from_numpy(raw), qtype, (96 * values,))
+    assert np.isfinite(reference).all()
+    np.testing.assert_array_equal(ours.numpy(), reference)

@@ -1,0 +1,187 @@
+"""GGUF DiTs whose Linear matrices stay in their blocks (weight_dtype "default"), inside ComfyUI (--cpu).
+
+The tiny 2.0 MMDiT and 1.3 STDiT3 written as Q8_0 and Q4_1 GGUF files (helpers_gguf.py, the gguf package's own
+quantizers) load with their matrices as bytes (nodes/gguf_linear.py): the model's size is that of the blocks, and
+sampling gives exactly (torch.equal) the samples of the same weights dequantized into a float32 safetensors file.
+Core's LoraLoaderModelOnly patches a kept layer (loaded) to the same output as on the dequantized file, and the model
+without the LoRA afterwards is unchanged (its bytes restored). A layer left offloaded by core's partial loading
+applies the LoRA in its forward: the layer's output equals the dequantized file's patched layer; so does a patched
+layer that core unloads (partially_unload gives its bytes back, the LoRA goes to the forward). torch.compile
+traces a kept layer in one graph (fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_comfy_probe import run_probe
+from helpers_gguf import write_gguf
+from safetensors.torch import load_file, save_file
+
+LATENTS = {"2.0": ("2.0", "256px", "16:9", 9, 1, 64, 48), "1.3": ("1.3", "144p", "9:16", 17)}
+LORA_LAYER = {"2.0": "double_blocks.0.img_attn.q_proj", "1.3": "spatial_blocks.0.attn.qkv"}
+QTYPES = ("Q8_0", "Q4_1")
+
+
+def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess, many measurements)
+    import comfy.model_management
+    import folder_paths
+    from helpers_conditioning import sampler_node_samples
+    from opensora_pack.nodes import loaders
+    from opensora_pack.nodes.gguf_linear import GGUFLinear
+    from opensora_pack.opensora_lib import checkpoint
+
+    import nodes as core_nodes
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    root = Path(models_dir)
+    folder_paths.add_model_folder_path("diffusion_models", str(root / "diffusion_models"), True)
+    folder_paths.add_model_folder_path("loras", str(root / "loras"), True)
+
+    def load(name, weight_dtype="default"):
+        return loaders.OpenSoraLoadDiT().load(name, weight_dtype)[0]
+
+    def sample(model, version):
+        return sampler_node_samples(model, version, LATENTS[version], 5, 3, 7.5)
+
+    results = {}
+    for version in ("2.0", "1.3"):
+        layer = LORA_LAYER[version]
+        for qtype in QTYPES:
+            kept = load(f"{version}-{qtype}.gguf")
+            plain = load(f"{version}-{qtype}-dequantized.safetensors", "fp32")
+            dm = kept.model.diffusion_model
+            base = sample(kept, version)
+            entry = {
+                "patcher": type(kept).__name__,
+                "kept_layers": sum(isinstance(m, GGUFLinear) for m in dm.modules()),
+                "quantized_linears": sum(  # the Linear weights the file holds quantized (rows of whole blocks)
+                    isinstance(plain.model.diffusion_model.get_submodule(key.removesuffix(".weight")), torch.nn.Linear)
+                    for key, (kind, _) in checkpoint.read_header(
+                        root / "diffusion_models" / f"{version}-{qtype}.gguf"
+                    ).items()
+                    if kind == qtype and key.endswith(".weight")
+                ),
+                "layer_dtype": str(dm.get_submodule(layer).weight.dtype),
+                "size_kept": kept.model_size(),
+                "size_fp32": plain.model_size(),
+                "equal_to_dequantized": bool(torch.equal(base, sample(plain, version))),
+            }
+            probe_layer = dm.get_submodule(layer)
+            x = torch.randn(2, 5, probe_layer.in_features, generator=torch.Generator().manual_seed(1))
+            compiled = torch.compile(probe_layer, backend="eager", fullgraph=True)  # fullgraph: a break raises
+            entry["compiled_equal"] = bool(torch.equal(compiled(x), probe_layer(x)))
+            lora = {}
+            out_features, in_features = dm.get_submodule(layer).out_features, dm.get_submodule(layer).in_features
+            gen = torch.Generator().manual_seed(3)
+            lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=gen) * 0.1
+            lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=gen) * 0.1
+            name = f"lora-{version}.safetensors"
+            save_file(lora, str(root / "loras" / name))
+            (kept_lora,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(kept, name, 0.8)
+            (plain_lora,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(plain, name, 0.8)
+            with_lora = sample(kept_lora, version)
+            entry["lora"] = {
+                "changes_output": not torch.equal(with_lora, base),
+                "max_diff_to_dequantized": float((with_lora - sample(plain_lora, version)).abs().max()),
+                "scale": float(with_lora.abs().max()),
+                "base_again_equal": bool(torch.equal(sample(kept, version), base)),
+                "layer_dtype_after": str(dm.get_submodule(layer).weight.dtype),
+            }
+            # core's partial loading: a budget of 1 byte leaves every layer offloaded, LoRA as a weight_function
+            cpu = torch.device("cpu")
+            kept_lora.patch_model(device_to=cpu, lowvram_model_memory=1)
+            plain_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
+            kept_layer = dm.get_submodule(layer)
+            x = torch.randn(2, 5, in_features, generator=gen)
+            offloaded = kept_layer(x)
+            entry["offloaded"] = {
+                "cast_weights": bool(kept_layer.comfy_cast_weights),
+                "weight_functions": len(kept_layer.weight_function),
+                "still_bytes": str(kept_layer.weight.dtype),
+                "max_diff_to_dequantized": float(
+                    (offloaded - plain_lora.model.diffusion_model.get_submodule(layer)(x)).abs().max()
+                ),
+                "scale": float(offloaded.abs().max()),
+            }
+            kept_lora.unpatch_model()
+            # loaded and patched (a float weight), then unloaded by core: the bytes come back, the LoRA moves into
+            # the forward
+            kept_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
+            patched_dtype = str(kept_layer.weight.dtype)
+            kept_lora.partially_unload(cpu, memory_to_free=1 << 40)
+            unloaded = kept_layer(x)
+            entry["unloaded"] = {
+                "patched_dtype": patched_dtype,
+                "bytes_again": str(kept_layer.weight.dtype),
+                "weight_functions": len(kept_layer.weight_function),
+                "max_diff_to_dequantized": float((unloaded - offloaded).abs().max()),
+            }
+            kept_lora.unpatch_model()
+            plain_lora.unpatch_model()
+            entry["offloaded"]["base_again_equal"] = bool(torch.equal(sample(kept, version), base))
+            comfy.model_management.unload_all_models()
+            results[f"{version} {qtype}"] = entry
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    from demo_models import make_dit
+    from demo_models_v2 import make_mmdit
+
+    models = tmp_path_factory.mktemp("models-gguf-kept")
+    dits = models / "diffusion_models"
+    dits.mkdir()
+    (models / "loras").mkdir()
+    make_mmdit(models / "v2.safetensors")
+    make_dit("1.3", models / "v13")
+    sources = {
+        "2.0": load_file(str(models / "v2.safetensors")),
+        "1.3": load_file(str(models / "v13" / "model.safetensors")),
+    }
+    for version, state_dict in sources.items():
+        for qtype in QTYPES:
+            held = write_gguf(dits / f"{version}-{qtype}.gguf", state_dict, qtype)
+            save_file(held, str(dits / f"{version}-{qtype}-dequantized.safetensors"))
+    return run_probe("test_gguf_kept", models / "results.json", models)
+
+
+@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+def test_kept_blocks_sample_as_their_dequantized_weights(measured, case):
+    entry = measured[case]
+    assert entry["patcher"] == "ModelPatcher", entry
+    assert entry["kept_layers"] > 0 and entry["kept_layers"] == entry["quantized_linears"], entry
+    assert entry["layer_dtype"] == "torch.uint8", entry
+    bytes_per_value = {"Q8_0": 34 / 32, "Q4_1": 20 / 32}[case.split()[1]]
+    assert entry["size_kept"] < entry["size_fp32"] * (bytes_per_value / 4) * 1.6, entry  # + norms, biases, convs
+    assert entry["equal_to_dequantized"], entry
+    assert entry["compiled_equal"], entry  # torch.compile traces the dequantizing forward in one graph
+
+
+@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+def test_lora_on_kept_blocks_matches_the_dequantized_file(measured, case):
+    lora = measured[case]["lora"]
+    assert lora["changes_output"], lora
+    assert lora["max_diff_to_dequantized"] <= 1e-5 * max(1.0, lora["scale"]), lora
+    assert lora["base_again_equal"] and lora["layer_dtype_after"] == "torch.uint8", lora
+
+
+@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+def test_an_offloaded_kept_layer_applies_the_lora_in_its_forward(measured, case):
+    offloaded = measured[case]["offloaded"]
+    assert offloaded["cast_weights"] and offloaded["weight_functions"] == 1, offloaded
+    assert offloaded["still_bytes"] == "torch.uint8", offloaded
+    assert offloaded["max_diff_to_dequantized"] <= 1e-5 * max(1.0, offloaded["scale"]), offloaded
+    assert offloaded["base_again_equal"], offloaded
+
+
+@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+def test_a_patched_kept_layer_unloaded_by_core_gets_its_bytes_back(measured, case):
+    unloaded = measured[case]["unloaded"]
+    assert unloaded["patched_dtype"] == "torch.float32" and unloaded["bytes_again"] == "torch.uint8", unloaded
+    assert unloaded["weight_functions"] == 1 and unloaded["max_diff_to_dequantized"] == 0.0, unloaded
