@@ -47,29 +47,36 @@ def _nibbles(raw: Tensor) -> Tensor:
     return torch.cat([raw & 0x0F, raw >> 4], dim=-1)
 
 
+def _scaled(q: Tensor, d: Tensor, m: Tensor | None = None) -> Tensor:
+    """d * q (+ m) for integer q, computed in place on q's float32 copy: at forward time a layer's expansion then
+    holds one float32 buffer of its size, not three."""
+    out = q.float().mul_(d)
+    return out if m is None else out.add_(m)
+
+
 def _q4_0(b: Tensor) -> Tensor:
-    return _half(b[:, :2]) * (_nibbles(b[:, 2:]).float() - 8)
+    return _scaled(_nibbles(b[:, 2:]).to(torch.int8) - 8, _half(b[:, :2]))
 
 
 def _q4_1(b: Tensor) -> Tensor:
-    return _half(b[:, :2]) * _nibbles(b[:, 4:]).float() + _half(b[:, 2:4])
+    return _scaled(_nibbles(b[:, 4:]), _half(b[:, :2]), _half(b[:, 2:4]))
 
 
 def _five_bits(low: Tensor, high: Tensor) -> Tensor:
-    """4 low bits from nibbles, the 5th from a little-endian 32-bit mask (bit j for value j)."""
-    return (_nibbles(low) | (_bits(high, 8).transpose(1, 2).reshape(-1, 32) << 4)).float()
+    """4 low bits from nibbles, the 5th from a little-endian 32-bit mask (bit j for value j), as int8."""
+    return (_nibbles(low) | (_bits(high, 8).transpose(1, 2).reshape(-1, 32) << 4)).to(torch.int8)
 
 
 def _q5_0(b: Tensor) -> Tensor:
-    return _half(b[:, :2]) * (_five_bits(b[:, 6:], b[:, 2:6]) - 16)
+    return _scaled(_five_bits(b[:, 6:], b[:, 2:6]) - 16, _half(b[:, :2]))
 
 
 def _q5_1(b: Tensor) -> Tensor:
-    return _half(b[:, :2]) * _five_bits(b[:, 8:], b[:, 4:8]) + _half(b[:, 2:4])
+    return _scaled(_five_bits(b[:, 8:], b[:, 4:8]), _half(b[:, :2]), _half(b[:, 2:4]))
 
 
 def _q8_0(b: Tensor) -> Tensor:
-    return _half(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return _scaled(b[:, 2:].contiguous().view(torch.int8), _half(b[:, :2]))
 
 
 def _k4_scales(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,7 +90,7 @@ def _with_mins(d_dmin: Tensor, q: Tensor, scales: Tensor, mins: Tensor) -> Tenso
     """d * scale * q - dmin * min per sub-block: d_dmin is the block's two float16 bytes pairs, q [n, sub-blocks,
     values], scales and mins [n, sub-blocks]."""
     d, dmin = _half(d_dmin).chunk(2, dim=1)
-    return ((d * scales).unsqueeze(-1) * q.float() - (dmin * mins).unsqueeze(-1)).flatten(1)
+    return _scaled(q, (d * scales).unsqueeze(-1)).sub_((dmin * mins).unsqueeze(-1)).flatten(1)
 
 
 def _q4_k(b: Tensor) -> Tensor:
@@ -116,8 +123,8 @@ def _q3_k(b: Tensor) -> Tensor:
     scales = ((low | (high << 4)).to(torch.int8) - 32).float()
     q = (b[:, 32:96].reshape(n, 2, 1, 32) >> two.view(1, 1, 4, 1)) & 3  # [n, 2 chunks, 4 shifts, 32]
     missing = 1 - _bits(b[:, :32], 8).reshape(n, 2, 4, 32)  # the mask bit set means no offset of -4
-    values = (q.to(torch.int8) - (missing << 2).to(torch.int8)).reshape(n, 16, 16).float()
-    return ((_half(b[:, 108:110]) * scales).unsqueeze(-1) * values).reshape(n, -1)
+    values = (q.to(torch.int8) - (missing << 2).to(torch.int8)).reshape(n, 16, 16)
+    return _scaled(values, (_half(b[:, 108:110]) * scales).unsqueeze(-1)).reshape(n, -1)
 
 
 def _q6_k(b: Tensor) -> Tensor:
@@ -125,9 +132,9 @@ def _q6_k(b: Tensor) -> Tensor:
     low = _nibbles(b[:, :128].reshape(n, 2, 64))  # [n, 2 chunks, 128]
     shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
     high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 2, 128)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16)
     scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    return ((_half(b[:, 208:210]) * scales).unsqueeze(-1) * q).reshape(n, -1)
+    return _scaled(q, (_half(b[:, 208:210]) * scales).unsqueeze(-1)).reshape(n, -1)
 
 
 _KERNELS = {
