@@ -18,7 +18,7 @@ import comfy.lora
 import torch
 import torch.nn.functional as F
 
-from ..opensora_lib.gguf_dequant import dequantize
+from ..opensora_lib.gguf_dequant import dequantize, expansion_bytes
 from ..opensora_lib.gguf_file import QuantizedWeight
 
 
@@ -40,6 +40,13 @@ class GGUFLinear(torch.nn.Module):
     @property
     def quantized(self) -> bool:
         return self.weight.dtype == torch.uint8  # else a LoRA-patched float weight (set_weight)
+
+    def expanded_bytes(self) -> int:
+        """Device memory the forward's expansion takes at its peak (opensora_lib.memory.forward_memory adds the
+        largest layer's)."""
+        if not self.quantized:
+            return 0
+        return expansion_bytes(self.qtype, (self.out_features, self.in_features), bool(self.weight_function))
 
     def _expand(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(raw.to(torch.uint8), self.qtype, (self.out_features, self.in_features), dtype)

@@ -8,6 +8,8 @@ times integer, minus the scaled minimum), which the tests compare against bit fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,20 @@ BLOCKS = {
 def row_bytes(qtype: str, columns: int) -> int:
     values, size = BLOCKS[qtype]
     return columns // values * size
+
+
+# Peak bytes per value of one dequantize() call into bf16 or float32 (the float32 buffer, the result, the integer
+# intermediates), measured with benchmarks/bench_comfy_memory.peak_activation_bytes on a 3072 x 12288 matrix:
+# 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K. A LoRA patch works on another float32 copy.
+EXPANSION_BYTES_PER_VALUE = 8
+PATCH_BYTES_PER_VALUE = 4
+
+
+def expansion_bytes(qtype: str, shape: tuple[int, ...], patched: bool = False) -> int:
+    """Memory one expansion of a quantized matrix takes at its peak, its raw bytes on the device included."""
+    values = math.prod(shape)
+    per_value = EXPANSION_BYTES_PER_VALUE + (PATCH_BYTES_PER_VALUE if patched else 0)
+    return values * per_value + row_bytes(qtype, shape[-1]) * (values // shape[-1])
 
 
 def _half(raw: Tensor) -> Tensor:

@@ -182,3 +182,18 @@ def test_torch_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
     ours = gguf_dequant.dequantize(torch.from_numpy(raw), qtype, (96 * values,))
     assert np.isfinite(reference).all()
     np.testing.assert_array_equal(ours.numpy(), reference)
+
+
+@pytest.mark.parametrize("qtype", sorted(gguf_dequant.BLOCKS))
+def test_the_expansion_estimate_covers_the_measured_peak(qtype):
+    """gguf_dequant.expansion_bytes (what the Sampler tells ComfyUI to keep free for a kept GGUF layer) against the
+    peak the expansion allocates (meta device, benchmarks/bench_comfy_memory.py's allocation tracker)."""
+    from benchmarks.bench_comfy_memory import peak_activation_bytes
+
+    rows, columns = 768, 3072
+    raw = torch.empty(rows, gguf_dequant.row_bytes(qtype, columns), dtype=torch.uint8, device="meta")
+    estimate = gguf_dequant.expansion_bytes(qtype, (rows, columns))
+    for dtype in (torch.bfloat16, torch.float32):
+        measured = peak_activation_bytes(lambda d=dtype: gguf_dequant.dequantize(raw, qtype, (rows, columns), d))
+        measured += raw.numel()  # the bytes the forward copies to the device
+        assert measured <= estimate <= 1.6 * measured, (dtype, measured, estimate)

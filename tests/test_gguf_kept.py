@@ -70,6 +70,10 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
                 "size_kept": kept.model_size(),
                 "size_fp32": plain.model_size(),
                 "equal_to_dequantized": bool(torch.equal(base, sample(plain, version))),
+                # what the memory manager is told to keep free for a forward, over the dequantized file's
+                "memory_required_extra": kept.model.memory_required([2, 16, 3, 16, 16])
+                - plain.model.memory_required([2, 16, 3, 16, 16]),
+                "largest_expansion": max(m.expanded_bytes() for m in dm.modules() if isinstance(m, GGUFLinear)),
             }
             probe_layer = dm.get_submodule(layer)
             x = torch.randn(2, 5, probe_layer.in_features, generator=torch.Generator().manual_seed(1))
@@ -161,6 +165,7 @@ def test_kept_blocks_sample_as_their_dequantized_weights(measured, case):
     assert entry["size_kept"] < entry["size_fp32"] * (bytes_per_value / 4) * 1.6, entry  # + norms, biases, convs
     assert entry["equal_to_dequantized"], entry
     assert entry["compiled_equal"], entry  # torch.compile traces the dequantizing forward in one graph
+    assert entry["memory_required_extra"] == entry["largest_expansion"] > 0, entry
 
 
 @pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
