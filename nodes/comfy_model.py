@@ -215,9 +215,10 @@ def build_patcher(
     model_config.optimizations["fp8"] = fp8_matmul
     model = model_config.get_model(device=offload_device)
     load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
-    # GGUF layers keep their own bytes: core's plain ModelPatcher (see gguf_linear.py), on every host
-    patcher_class = comfy.model_patcher.ModelPatcher if gguf_linear.quantized_layers(model) else PatcherClass
-    return patcher_class(model, load_device=load_device, offload_device=offload_device)
+    if gguf_linear.kept_layers(model.diffusion_model):  # GGUF blocks: their own patcher and saving (gguf_linear.py)
+        gguf_linear.save_expanded(model.model_config, model.diffusion_model)
+        return gguf_linear.GGUFModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return PatcherClass(model, load_device=load_device, offload_device=offload_device)
 
 
 def build_stdit3_patcher(

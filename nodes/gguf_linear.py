@@ -1,25 +1,38 @@
 """Linear layers whose weights stay in their GGUF blocks: a Q4_K 2.0 DiT takes about 6 GB of memory, not 11 (fp8)
 or 22 (bf16). Each forward expands the layer's blocks on the device running it (opensora_lib.gguf_dequant).
 
-How they meet core's ModelPatcher (the plain one: newer hosts' DynamicVRAM pages comfy.ops weights by their float
-geometry, which these bytes do not have):
+How they meet core's model machinery:
 - The bytes are the layer's `weight` parameter, so model_size counts them, partial loading moves or leaves them
   per layer (a left layer's bytes go to the device at each forward, `comfy_cast_weights`), and LoRA keys match.
-- LoRA on a loaded layer: core's patch_weight_to_device hands `convert_weight` the bytes cast to a float dtype
-  (byte values are exact in any of them), patches the dequantized weight and gives it to `set_weight`, which
-  keeps it dequantized in the compute dtype; unpatching restores the bytes. On a layer left offloaded, core lists
-  the patches in `weight_function`; the forward applies them to the dequantized weight itself (0.3.75's
-  LowVramPatch would run `convert_weight` again on it).
+- LoRA is never merged into a layer: GGUFModelPatcher (core's plain ModelPatcher otherwise; newer hosts'
+  DynamicVRAM pages comfy.ops weights by their float geometry, which these bytes do not have) gives a loaded layer
+  its patch list (ForwardPatch) instead of a patched copy, and core gives a layer it leaves offloaded a LowVramPatch;
+  the forward applies either to the expanded weight. So memory stays the blocks' size, as core counts it, and
+  unpatching has nothing to restore.
+- `convert_weight` turns the bytes, cast to a float dtype by core (byte values are exact in any), into the weight:
+  core's get_key_patches uses it (model merging). A patched layer shows its patched weight in model_state_dict
+  (LoRA extraction); saving (ModelSave, CheckpointSave) writes the expanded weights, LoRA applied
+  (`save_expanded`).
+- Not supported: hook LoRA (CreateHookLora & co. patch weights in place; refused by name) and LoRA training.
 """
 
 from __future__ import annotations
 
 import comfy.lora
+import comfy.model_patcher
+import comfy.utils
 import torch
 import torch.nn.functional as F
 
 from ..opensora_lib.gguf_dequant import dequantize, expansion_bytes
 from ..opensora_lib.gguf_file import QuantizedWeight
+
+
+class ForwardPatch:
+    """A LoRA patch list a GGUFLinear applies at its forward (the same fields as core's LowVramPatch)."""
+
+    def __init__(self, key: str, patches: dict):
+        self.key, self.patches = key, patches
 
 
 class GGUFLinear(torch.nn.Module):
@@ -37,52 +50,112 @@ class GGUFLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
 
-    @property
-    def quantized(self) -> bool:
-        return self.weight.dtype == torch.uint8  # else a LoRA-patched float weight (set_weight)
-
     def expanded_bytes(self) -> int:
-        """Device memory the forward's expansion takes at its peak (opensora_lib.memory.forward_memory adds the
-        largest layer's)."""
-        if not self.quantized:
-            return 0
-        return expansion_bytes(self.qtype, (self.out_features, self.in_features), bool(self.weight_function))
+        """Device memory the forward's expansion takes at its peak, a LoRA's work included (one may come with the
+        load that follows the estimate); opensora_lib.memory.forward_memory adds the largest layer's."""
+        return expansion_bytes(self.qtype, (self.out_features, self.in_features), patched=True)
 
     def _expand(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(raw.to(torch.uint8), self.qtype, (self.out_features, self.in_features), dtype)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
-        """core's patch path: the stored bytes cast to a float dtype -> the weight's values in that dtype."""
-        if weight.dtype == torch.uint8 or tuple(weight.shape) != (self.out_features, self.in_features):
-            return self._expand(weight, weight.dtype if weight.is_floating_point() else torch.float32)
-        return weight  # already a plain weight (a layer patched before)
+        """core's get_key_patches path: the stored bytes cast to a float dtype -> the weight's values in that dtype."""
+        return self._expand(weight, weight.dtype if weight.is_floating_point() else torch.float32)
 
-    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **_):
-        if return_weight:
-            return weight
-        self.weight = torch.nn.Parameter(weight.to(self.compute_dtype), requires_grad=False)
+    def patch_at_forward(self, key: str, patches: dict) -> None:
+        if not any(getattr(f, "key", None) == key for f in self.weight_function):
+            self.weight_function.append(ForwardPatch(key, patches))
+
+    def drop_forward_patches(self) -> None:
+        self.weight_function = [f for f in self.weight_function if not isinstance(f, ForwardPatch)]
+
+    def effective_weight(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the forward multiplies with: expanded, with its LoRA patches."""
+        raw = self.weight.to(device or self.weight.device, non_blocking=True)
+        dtype = dtype or self.compute_dtype
+        if not self.weight_function:
+            return self._expand(raw, dtype)
+        return _apply(self.weight_function, self._expand(raw, torch.float32)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.device, non_blocking=True)
-        patched = bool(self.weight_function)
-        if self.quantized:
-            weight = self._expand(weight, torch.float32 if patched else x.dtype)
-        weight = _apply(self.weight_function, weight, "weight").to(x.dtype)
+        weight = self.effective_weight(x.device, x.dtype)
         bias = None
         if self.bias is not None:
-            bias = _apply(self.bias_function, self.bias.to(x.device, non_blocking=True), "bias").to(x.dtype)
+            bias = _apply(self.bias_function, self.bias.to(x.device, non_blocking=True)).to(x.dtype)
         return F.linear(x, weight, bias)
 
 
-def _apply(functions: list, tensor: torch.Tensor, what: str) -> torch.Tensor:
-    """Core's offloaded-layer patches: LoRA patch lists (LowVramPatch: .patches[.key]) are applied here to the
-    dequantized tensor; other weight functions are called as they are."""
+def _apply(functions: list, tensor: torch.Tensor) -> torch.Tensor:
+    """Patch lists (ForwardPatch, core's LowVramPatch: .patches[.key]) applied to the expanded tensor, each key once
+    (core adds a LowVramPatch when it unloads a layer that already has its ForwardPatch); other weight functions
+    are called as they are."""
+    applied = set()
     for function in functions:
-        if hasattr(function, "patches") and hasattr(function, "key"):
-            tensor = comfy.lora.calculate_weight(function.patches[function.key], tensor, function.key)
-        else:
+        key = getattr(function, "key", None)
+        if key is None or not hasattr(function, "patches"):
             tensor = function(tensor)
+        elif key not in applied:
+            applied.add(key)
+            tensor = comfy.lora.calculate_weight(function.patches[key], tensor, key)
     return tensor
+
+
+class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
+    """core's plain ModelPatcher, except that LoRA on a GGUFLinear weight is applied at the layer's forward."""
+
+    def _kept_layer(self, key: str) -> GGUFLinear | None:
+        path, _, name = key.rpartition(".")
+        if name != "weight":
+            return None
+        try:
+            layer = comfy.utils.get_attr(self.model, path)
+        except AttributeError:
+            return None
+        return layer if isinstance(layer, GGUFLinear) else None
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
+        layer = self._kept_layer(key)
+        if layer is None:
+            return super().patch_weight_to_device(key, device_to, inplace_update, **kwargs)
+        if key in self.patches:
+            layer.patch_at_forward(key, self.patches)
+        if kwargs.get("return_weight"):  # newer hosts' lazy saving asks for the patched weight
+            return layer.effective_weight(device_to)
+        return None
+
+    def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
+        if key in combined_patches and self._kept_layer(key) is not None:
+            raise ValueError(
+                f"Hook LoRA (CreateHookLora / CreateHookModelAsLora) cannot patch {key}: this layer keeps its GGUF "
+                "blocks. Use LoraLoaderModelOnly, or load the DiT with weight_dtype bf16 / fp8_e4m3fn."
+            )
+        return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+
+    def model_state_dict(self, filter_prefix=None):
+        """A layer with LoRA patches shows its patched weight (core's LoRA extraction reads the merged weights here);
+        an unpatched one its bytes, as core shows its own quantized weights (get_key_weight's convert_weight)."""
+        state_dict = super().model_state_dict(filter_prefix)
+        if not self._keys_only:
+            for name, layer in kept_layers(self.model).items():
+                if layer.weight_function and f"{name}.weight" in state_dict:
+                    state_dict[f"{name}.weight"] = layer.effective_weight()
+        return state_dict
+
+    _keys_only = False
+
+    def get_key_patches(self, filter_prefix=None):
+        self._keys_only = True  # it reads the state dict's keys only: expanding every patched layer would be waste
+        try:
+            return super().get_key_patches(filter_prefix)
+        finally:
+            self._keys_only = False
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            for module in self.model.modules():
+                if isinstance(module, GGUFLinear):
+                    module.drop_forward_patches()
+        return super().unpatch_model(device_to, unpatch_weights)
 
 
 def install(module: torch.nn.Module, key: str, weight: QuantizedWeight, compute_dtype: torch.dtype) -> bool:
@@ -105,5 +178,19 @@ def _lazy_bias(layer: torch.nn.Linear) -> bool:
     return bool(getattr(layer, "comfy_need_lazy_init_bias", False))
 
 
-def quantized_layers(module: torch.nn.Module) -> int:
-    return sum(isinstance(m, GGUFLinear) for m in module.modules())
+def kept_layers(module: torch.nn.Module) -> dict[str, GGUFLinear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, GGUFLinear)}
+
+
+def save_expanded(model_config, diffusion_model: torch.nn.Module) -> None:
+    """Make ModelSave / CheckpointSave write the kept layers' weights expanded (LoRA applied), not their bytes:
+    `process_unet_state_dict_for_saving` is the step both 0.3.75 and newer hosts run on the DiT's state dict."""
+    process = model_config.process_unet_state_dict_for_saving
+
+    def expanded_then_processed(state_dict):
+        for name, layer in kept_layers(diffusion_model).items():
+            if f"{name}.weight" in state_dict:
+                state_dict[f"{name}.weight"] = layer.effective_weight().to("cpu")
+        return process(state_dict)
+
+    model_config.process_unet_state_dict_for_saving = expanded_then_processed

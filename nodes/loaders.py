@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -88,6 +89,13 @@ class OpenSoraLoadDiT:
                 keep_blocks, dtype = True, matrix_dtype  # and the rest is stored in the compute dtype
         if keep_blocks:
             sd = gguf_file.load_keeping_blocks(path)
+            expanded = gguf_file.expanded_on_load(header)
+            if expanded:
+                kinds = ", ".join(f"{count} {qtype}" for qtype, count in expanded.items())
+                logging.getLogger("OpenSora").warning(
+                    f"{dit_name}: {kinds} matrices are dequantized on loading (into {dtype}), so they take that dtype's "
+                    "memory: the DiT keeps Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K..Q6_K blocks only."
+                )
         else:
             sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)
         sd = checkpoint.strip_prefix(sd, info.prefix)

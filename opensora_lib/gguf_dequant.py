@@ -132,7 +132,7 @@ def _q2_k(b: Tensor) -> Tensor:
 def _q3_k(b: Tensor) -> Tensor:
     n = b.shape[0]
     s = b[:, 96:108]
-    four = torch.tensor([0, 4], device=b.device, dtype=torch.uint8).view(1, 2, 1)
+    four = torch.arange(0, 8, 4, device=b.device, dtype=torch.uint8).view(1, 2, 1)  # made on the device: no copy
     two = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 4, 1)
     low = ((s[:, :8].unsqueeze(1) >> four) & 0x0F).reshape(n, 16)
     high = ((s[:, 8:12].unsqueeze(1) >> two) & 3).reshape(n, 16)

@@ -138,6 +138,16 @@ def load_keeping_blocks(path: str | Path) -> dict[str, torch.Tensor | QuantizedW
     return out
 
 
+def expanded_on_load(header: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    """{GGUF type: matrices} that load_keeping_blocks dequantizes although quantized (types gguf_dequant lacks,
+    e.g. IQ4_XS): they take the compute dtype's memory, not the file's."""
+    counts: dict[str, int] = {}
+    for qtype, shape in header.values():
+        if qtype not in _PLAIN and qtype not in gguf_dequant.BLOCKS and len(shape) == 2:
+            counts[qtype] = counts.get(qtype, 0) + 1
+    return counts
+
+
 def is_quantized(tensors: dict[str, _Tensor]) -> bool:
     return any(t.qtype not in _PLAIN for t in tensors.values())
 

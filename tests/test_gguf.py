@@ -197,3 +197,16 @@ def test_the_expansion_estimate_covers_the_measured_peak(qtype):
         measured = peak_activation_bytes(lambda d=dtype: gguf_dequant.dequantize(raw, qtype, (rows, columns), d))
         measured += raw.numel()  # the bytes the forward copies to the device
         assert measured <= estimate <= 1.6 * measured, (dtype, measured, estimate)
+
+
+def test_quantized_types_without_a_torch_kernel_are_named_for_the_load_warning():
+    from opensora_lib.gguf_file import expanded_on_load
+
+    header = {
+        "a.weight": ("IQ4_XS", (64, 256)),
+        "b.weight": ("IQ4_XS", (64, 256)),
+        "c.weight": ("Q4_K", (64, 256)),  # kept
+        "d.weight": ("F16", (64, 64)),  # plain
+        "e.bias": ("IQ4_XS", (64,)),  # not a matrix
+    }
+    assert expanded_on_load(header) == {"IQ4_XS": 2}

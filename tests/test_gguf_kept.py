@@ -113,24 +113,75 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
                 "scale": float(offloaded.abs().max()),
             }
             kept_lora.unpatch_model()
-            # loaded and patched (a float weight), then unloaded by core: the bytes come back, the LoRA moves into
-            # the forward
+            # loaded and patched: the layer keeps its bytes, the LoRA waits for its forward; core then unloads it
+            # (partially_unload adds its own LowVramPatch: applied once)
             kept_lora.patch_model(device_to=cpu, lowvram_model_memory=0)
             patched_dtype = str(kept_layer.weight.dtype)
+            loaded = kept_layer(x)
             kept_lora.partially_unload(cpu, memory_to_free=1 << 40)
             unloaded = kept_layer(x)
-            entry["unloaded"] = {
+            entry["loaded"] = {
                 "patched_dtype": patched_dtype,
-                "bytes_again": str(kept_layer.weight.dtype),
-                "weight_functions": len(kept_layer.weight_function),
-                "max_diff_to_dequantized": float((unloaded - offloaded).abs().max()),
+                "size_while_patched": sum(p.numel() * p.element_size() for p in dm.parameters()),
+                "size_before": entry["size_kept"],
+                "diff_loaded": float((loaded - offloaded).abs().max()),
+                "diff_unloaded": float((unloaded - offloaded).abs().max()),
             }
             kept_lora.unpatch_model()
             plain_lora.unpatch_model()
             entry["offloaded"]["base_again_equal"] = bool(torch.equal(sample(kept, version), base))
+            if qtype == QTYPES[0]:
+                entry["core_nodes"] = core_node_results(root, version, kept, kept_lora, base, load, sample)
             comfy.model_management.unload_all_models()
             results[f"{version} {qtype}"] = entry
     Path(out_path).write_text(json.dumps(results))
+
+
+def core_node_results(root: Path, version: str, kept, kept_lora, base, load, sample) -> dict:
+    """Hook LoRA (refused, nothing left broken), ModelSave (the expanded, patched weights: reloads and samples as the
+    kept MODEL with its LoRA), LoRA extraction from ModelSubtract (as from the dequantized files)."""
+    import comfy.hooks
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+    from comfy_extras import nodes_lora_extract, nodes_model_merging
+
+    out = {}
+    hooked = kept.clone()
+    lora = comfy.utils.load_torch_file(str(root / "loras" / f"lora-{version}.safetensors"))
+    group = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
+    hooked.register_all_hook_patches(group, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
+    hooked.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=0)
+    try:
+        hooked.patch_hooks(group)
+        out["hooks"] = "patched"
+    except ValueError as e:
+        out["hooks"] = str(e)
+    hooked.unpatch_hooks()
+    hooked.unpatch_model()
+    out["after_hooks_equal"] = bool(torch.equal(sample(kept, version), base))
+
+    folder_paths.set_output_directory(str(root / "output"))
+    nodes_model_merging.ModelSave().save(kept_lora, f"saved-{version}")
+    saved = sorted((root / "output").glob(f"saved-{version}*.safetensors"))[-1]
+    saved.rename(root / "diffusion_models" / saved.name)
+    out["saved_equal"] = bool(torch.equal(sample(load(saved.name, "fp32"), version), sample(kept_lora, version)))
+
+    def extracted(suffix: str, weight_dtype: str) -> dict:
+        first, second = (load(f"{version}-{qtype}{suffix}", weight_dtype) for qtype in QTYPES)
+        (difference,) = nodes_model_merging.ModelSubtract().merge(first, second, 1.0)
+        lora_sd = nodes_lora_extract.calc_lora_model(
+            difference, 4, "diffusion_model.", "diffusion_model.", {}, nodes_lora_extract.LORAType.STANDARD, False
+        )
+        comfy.model_management.unload_all_models()
+        return lora_sd
+
+    from_kept, from_plain = extracted(".gguf", "default"), extracted("-dequantized.safetensors", "fp32")
+    out["extracted_keys"] = len(from_kept)
+    out["extracted_equal"] = from_kept.keys() == from_plain.keys() and all(
+        torch.equal(from_kept[k], from_plain[k]) for k in from_kept
+    )
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +209,7 @@ def measured(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
 def test_kept_blocks_sample_as_their_dequantized_weights(measured, case):
     entry = measured[case]
-    assert entry["patcher"] == "ModelPatcher", entry
+    assert entry["patcher"] == "GGUFModelPatcher", entry
     assert entry["kept_layers"] > 0 and entry["kept_layers"] == entry["quantized_linears"], entry
     assert entry["layer_dtype"] == "torch.uint8", entry
     bytes_per_value = {"Q8_0": 34 / 32, "Q4_1": 20 / 32}[case.split()[1]]
@@ -186,7 +237,26 @@ def test_an_offloaded_kept_layer_applies_the_lora_in_its_forward(measured, case)
 
 
 @pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
-def test_a_patched_kept_layer_unloaded_by_core_gets_its_bytes_back(measured, case):
-    unloaded = measured[case]["unloaded"]
-    assert unloaded["patched_dtype"] == "torch.float32" and unloaded["bytes_again"] == "torch.uint8", unloaded
-    assert unloaded["weight_functions"] == 1 and unloaded["max_diff_to_dequantized"] == 0.0, unloaded
+def test_lora_on_a_loaded_kept_layer_leaves_its_bytes_and_memory_alone(measured, case):
+    loaded = measured[case]["loaded"]
+    assert loaded["patched_dtype"] == "torch.uint8", loaded
+    assert loaded["size_while_patched"] <= loaded["size_before"], loaded  # no float copy of a patched layer
+    assert loaded["diff_loaded"] == 0.0 and loaded["diff_unloaded"] == 0.0, loaded  # the LoRA applied once
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_hook_lora_is_refused_by_name_and_breaks_nothing(measured, version):
+    core = measured[f"{version} {QTYPES[0]}"]["core_nodes"]
+    assert core["hooks"].startswith("Hook LoRA") and "LoraLoaderModelOnly" in core["hooks"], core
+    assert core["after_hooks_equal"], core
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_model_save_writes_the_patched_expanded_weights(measured, version):
+    assert measured[f"{version} {QTYPES[0]}"]["core_nodes"]["saved_equal"]
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_lora_extraction_from_kept_models_equals_the_dequantized_files(measured, version):
+    core = measured[f"{version} {QTYPES[0]}"]["core_nodes"]
+    assert core["extracted_keys"] > 0 and core["extracted_equal"], core
