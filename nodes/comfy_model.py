@@ -20,7 +20,7 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..opensora_lib import attention, checkpoint, rflow, sizes
+from ..opensora_lib import attention, checkpoint, packed_linear, rflow, sizes
 from ..opensora_lib.gguf_file import QuantizedWeight
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
@@ -264,7 +264,7 @@ def load_weights(
     converted = {}
     for key, tensor in sd.items():
         if isinstance(tensor, QuantizedWeight):  # a GGUF matrix: kept in its blocks where it is a Linear's weight
-            if gguf_linear.install(module, key, tensor, compute_dtype):
+            if packed_linear.install(module, key, tensor, compute_dtype, gguf_linear.GGUFLinear):
                 continue
             tensor = tensor.dequantize(torch.float32)
         if tensor.is_floating_point():

@@ -1,5 +1,5 @@
-"""Linear layers whose weights stay in their GGUF blocks: a Q4_K 2.0 DiT takes about 6 GB of memory, not 11 (fp8)
-or 22 (bf16). Each forward expands the layer's blocks on the device running it (opensora_lib.gguf_dequant).
+"""The DiT's GGUF layers (opensora_lib.packed_linear.PackedLinear: the weight stays in its blocks, expanded at each
+forward) joined to core's model machinery.
 
 How they meet core's model machinery:
 - The bytes are the layer's `weight` parameter, so model_size counts them, partial loading moves or leaves them
@@ -24,8 +24,9 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..opensora_lib.gguf_dequant import dequantize, expansion_bytes
+from ..opensora_lib.gguf_dequant import expansion_bytes
 from ..opensora_lib.gguf_file import QuantizedWeight
+from ..opensora_lib.packed_linear import PackedLinear
 
 
 class ForwardPatch:
@@ -35,32 +36,23 @@ class ForwardPatch:
         self.key, self.patches = key, patches
 
 
-class GGUFLinear(torch.nn.Module):
+class GGUFLinear(PackedLinear):
+    """PackedLinear with core's patch lists: LoRA (ForwardPatch, LowVramPatch) and weight functions."""
+
     comfy_cast_weights = False  # read by core's partial loading: set on layers it leaves on the offload device
 
     def __init__(self, weight: QuantizedWeight, bias: bool, compute_dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.qtype, self.compute_dtype = weight.qtype, compute_dtype
-        self.weight = torch.nn.Parameter(weight.raw, requires_grad=False)
-        placeholder = torch.empty(self.out_features, dtype=compute_dtype)  # load_state_dict(assign=True) replaces it
-        self.bias = torch.nn.Parameter(placeholder, requires_grad=False) if bias else None
+        super().__init__(weight, bias, compute_dtype)
         self.weight_function, self.bias_function = [], []
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
 
     def expanded_bytes(self) -> int:
         """Device memory the forward's expansion takes at its peak, a LoRA's work included (one may come with the
         load that follows the estimate); opensora_lib.memory.forward_memory adds the largest layer's."""
         return expansion_bytes(self.qtype, (self.out_features, self.in_features), patched=True)
 
-    def _expand(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(raw.to(torch.uint8), self.qtype, (self.out_features, self.in_features), dtype)
-
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **_) -> torch.Tensor:
         """core's get_key_patches path: the stored bytes cast to a float dtype -> the weight's values in that dtype."""
-        return self._expand(weight, weight.dtype if weight.is_floating_point() else torch.float32)
+        return self.expand(weight, weight.dtype if weight.is_floating_point() else torch.float32)
 
     def patch_at_forward(self, key: str, patches: dict) -> None:
         if not any(getattr(f, "key", None) == key for f in self.weight_function):
@@ -74,8 +66,8 @@ class GGUFLinear(torch.nn.Module):
         raw = self.weight.to(device or self.weight.device, non_blocking=True)
         dtype = dtype or self.compute_dtype
         if not self.weight_function:
-            return self._expand(raw, dtype)
-        return _apply(self.weight_function, self._expand(raw, torch.float32)).to(dtype)
+            return self.expand(raw, dtype)
+        return _apply(self.weight_function, self.expand(raw, torch.float32)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.effective_weight(x.device, x.dtype)
@@ -156,26 +148,6 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
                 if isinstance(module, GGUFLinear):
                     module.drop_forward_patches()
         return super().unpatch_model(device_to, unpatch_weights)
-
-
-def install(module: torch.nn.Module, key: str, weight: QuantizedWeight, compute_dtype: torch.dtype) -> bool:
-    """Put a GGUFLinear holding `weight` in place of the Linear whose weight `key` names; False if `key` is not a
-    Linear's weight (a convolution, an embedding: the caller dequantizes those)."""
-    path = key.removesuffix(".weight")
-    if path == key or len(weight.shape) != 2:
-        return False
-    parent_path, _, name = path.rpartition(".")
-    parent = module.get_submodule(parent_path)
-    layer = getattr(parent, name, None)
-    if not isinstance(layer, torch.nn.Linear) or (layer.out_features, layer.in_features) != tuple(weight.shape):
-        return False
-    setattr(parent, name, GGUFLinear(weight, layer.bias is not None or _lazy_bias(layer), compute_dtype))
-    return True
-
-
-def _lazy_bias(layer: torch.nn.Linear) -> bool:
-    """Newer hosts' DynamicVRAM builds comfy.ops Linears with no tensors until loading; this flag says a bias comes."""
-    return bool(getattr(layer, "comfy_need_lazy_init_bias", False))
 
 
 def kept_layers(module: torch.nn.Module) -> dict[str, GGUFLinear]:
