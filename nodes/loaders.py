@@ -119,7 +119,7 @@ class OpenSoraLoadTextEncoder:
                 "t5_name": (
                     model_choices("text_encoders"),
                     {
-                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf; dequantized on loading)."
+                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf; its attention and gate matrices stay quantized, expanded at each use)."
                     },
                 ),
                 "precision": (

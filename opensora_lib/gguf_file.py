@@ -126,11 +126,13 @@ class QuantizedWeight:
         return gguf_dequant.dequantize(self.raw, self.qtype, tuple(self.shape), dtype)
 
 
-def load_keeping_blocks(path: str | Path) -> dict[str, torch.Tensor | QuantizedWeight]:
+def load_keeping_blocks(path: str | Path, select=None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """A GGUF file's tensors with every matrix of a type gguf_dequant expands kept as a QuantizedWeight (copied
-    out of the memory map); the rest as dequantize() gives them."""
+    out of the memory map); the rest as dequantize() gives them. `select(name)` -> False skips a tensor unread."""
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name, t in read_tensors(path).items():
+        if select is not None and not select(name):
+            continue
         if t.qtype in gguf_dequant.BLOCKS and len(t.shape) == 2:
             out[name] = QuantizedWeight(torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1), t.qtype, t.shape)
         else:

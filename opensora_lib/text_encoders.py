@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from . import checkpoint, detection
+from . import checkpoint, detection, gguf_file, packed_linear
 
 T5_V1 = dict(max_length=300, use_mask=True, dtype=torch.float32)  # Open-Sora 1.2 / 1.3
 T5_V2 = dict(max_length=512, use_mask=False, dtype=torch.bfloat16)  # Open-Sora 2.0
@@ -70,6 +70,25 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device | str) -> 
             setattr(module, name, torch.arange(buffer.shape[-1], device=device).expand(buffer.shape))
 
 
+# Hugging Face's T5 casts the feed-forward activations to the dtype of `wo`'s weight (T5DenseGatedActDense): those
+# matrices are dequantized, since a packed layer's weight is its bytes.
+_DEQUANTIZED = ".DenseReluDense.wo.weight"
+
+
+def _install_packed(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, device) -> dict:
+    """Put a PackedLinear in place of every Linear whose weight the state dict holds as GGUF blocks; the other
+    entries (dequantized where still packed, cast to dtype) are returned for load_state_dict."""
+    rest = {}
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, gguf_file.QuantizedWeight):
+            if not key.endswith(_DEQUANTIZED) and packed_linear.install(model, key, tensor, dtype):
+                model.get_submodule(key.removesuffix(".weight")).to(device)
+                continue
+            tensor = tensor.dequantize(torch.float32)
+        rest[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).to(device)
+    return rest
+
+
 def _load_model(
     source: str | Path,
     family: str,
@@ -97,7 +116,10 @@ def _load_model(
             key.startswith(info.prefix) and not name.startswith(_IGNORED_PREFIXES) and not name.endswith("position_ids")
         )
 
-    state_dict = checkpoint.load_state_dict(source, dtype=dtype, device=device, select=wanted)
+    if family == "t5" and gguf_file.is_gguf(source):  # its matrices stay in their blocks (packed_linear.py)
+        state_dict = gguf_file.load_keeping_blocks(source, select=wanted)
+    else:
+        state_dict = checkpoint.load_state_dict(source, dtype=dtype, device=device, select=wanted)
     state_dict = checkpoint.strip_prefix(state_dict, info.prefix)
     if family == "t5":  # encoder.embed_tokens is tied to shared; keep one copy
         embed = state_dict.pop("encoder.embed_tokens.weight", None)
@@ -113,6 +135,7 @@ def _load_model(
         raise checkpoint.CheckpointError(
             f"{source}: does not fit {info.description}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    state_dict = _install_packed(model, state_dict, dtype, device)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if family == "t5":
         model.tie_weights()

@@ -210,3 +210,33 @@ def test_quantized_types_without_a_torch_kernel_are_named_for_the_load_warning()
         "e.bias": ("IQ4_XS", (64,)),  # not a matrix
     }
     assert expanded_on_load(header) == {"IQ4_XS": 2}
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_t5_keeps_its_blocks_and_encodes_as_its_dequantized_weights(tmp_path, qtype, dtype):
+    """The T5 loader keeps a GGUF's attention and gate matrices packed (PackedLinear, expanded at each forward), and
+    dequantizes `wo` (Hugging Face's T5 casts the feed-forward activations to its weight's dtype) and the embedding.
+    The encoder states equal those of the same weights dequantized into a safetensors file, bit for bit."""
+    from safetensors.torch import save_file
+
+    from opensora_lib.packed_linear import PackedLinear
+
+    model = tiny_t5_model(seed=5)
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied
+    held = write_gguf(tmp_path / "t5.gguf", state_dict, qtype)
+    save_file(held, str(tmp_path / "t5-dequantized.safetensors"))
+    packed = load_t5(tmp_path / "t5.gguf", dtype)
+    layers = {
+        name: type(m).__name__ for name, m in packed.named_modules() if isinstance(m, torch.nn.Linear | PackedLinear)
+    }
+    assert layers["encoder.block.0.layer.0.SelfAttention.q"] == "PackedLinear"
+    assert layers["encoder.block.1.layer.1.DenseReluDense.wi_0"] == "PackedLinear"
+    assert layers["encoder.block.1.layer.1.DenseReluDense.wo"] == "Linear"
+    assert packed.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.uint8
+    dequantized = load_t5(tmp_path / "t5-dequantized.safetensors", dtype)
+    size = sum(t.numel() * t.element_size() for t in packed.state_dict().values())
+    assert size < 0.75 * sum(t.numel() * t.element_size() for t in dequantized.state_dict().values())
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).last_hidden_state, dequantized(input_ids=ids).last_hidden_state)
