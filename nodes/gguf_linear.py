@@ -55,8 +55,9 @@ class GGUFLinear(PackedLinear):
         return self.expand(weight, weight.dtype if weight.is_floating_point() else torch.float32)
 
     def patch_at_forward(self, key: str, patches: dict) -> None:
+        """First in weight_function: core computes wrapper(W + LoRA), so weight wrappers come after the LoRA."""
         if not any(getattr(f, "key", None) == key for f in self.weight_function):
-            self.weight_function.append(ForwardPatch(key, patches))
+            self.weight_function.insert(0, ForwardPatch(key, patches))
 
     def drop_forward_patches(self) -> None:
         self.weight_function = [f for f in self.weight_function if not isinstance(f, ForwardPatch)]
@@ -104,6 +105,16 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         except AttributeError:
             return None
         return layer if isinstance(layer, GGUFLinear) else None
+
+    def load(self, *args, **kwargs):
+        """core's load() clears the patch lists of layers that stay loaded and does not patch them again (a float
+        layer keeps its merged LoRA; a kept layer's was in that list): give them their ForwardPatch back."""
+        result = super().load(*args, **kwargs)
+        for name, layer in kept_layers(self.model).items():
+            key = f"{name}.weight"
+            if getattr(layer, "comfy_patched_weights", False) and key in self.patches:
+                layer.patch_at_forward(key, self.patches)
+        return result
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
         layer = self._kept_layer(key)

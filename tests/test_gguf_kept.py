@@ -132,9 +132,38 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             entry["offloaded"]["base_again_equal"] = bool(torch.equal(sample(kept, version), base))
             if qtype == QTYPES[0]:
                 entry["core_nodes"] = core_node_results(root, version, kept, kept_lora, base, load, sample)
+                entry["requeue"] = requeue_after_partial_unload(kept_lora, version, with_lora)
             comfy.model_management.unload_all_models()
             results[f"{version} {qtype}"] = entry
     Path(out_path).write_text(json.dumps(results))
+
+
+def requeue_after_partial_unload(model, version: str, expected) -> dict:
+    """Sample and leave the MODEL loaded; core frees part of it (LoadedModel.model_unload, as when a VAE or T5 needs
+    room); sample again: load_models_gpu -> partially_load -> load(), which clears the patch lists of the layers
+    that stayed loaded (GGUFModelPatcher.load gives them back)."""
+    import comfy.model_management as mm
+    from helpers_conditioning import random_conditioning
+    from opensora_pack.nodes import latent, sampling
+    from opensora_pack.nodes.gguf_linear import kept_layers
+
+    def sample_left_loaded():
+        positive, negative = random_conditioning(version, model.model.diffusion_model.config)
+        (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
+        return sampling.OpenSoraSampler().sample(model, positive, negative, empty, 5, 3, 7.5)[0]["samples"]
+
+    layers = kept_layers(model.model)
+    for fraction in (0.01, 0.03, 0.1, 0.2, 0.3, 0.5):  # one that leaves some kept layers loaded, not all
+        mm.unload_all_models()
+        sample_left_loaded()
+        loaded = next(x for x in mm.current_loaded_models if x.model is model)
+        loaded.model_unload(memory_to_free=int(model.model_size() * fraction))
+        still_loaded = sum(bool(getattr(m, "comfy_patched_weights", False)) for m in layers.values())
+        if 0 < still_loaded < len(layers):
+            break
+    again = sample_left_loaded()
+    mm.unload_all_models()
+    return {"still_loaded": still_loaded, "layers": len(layers), "diff": float((again - expected).abs().max())}
 
 
 def core_node_results(root: Path, version: str, kept, kept_lora, base, load, sample) -> dict:
@@ -260,3 +289,10 @@ def test_model_save_writes_the_patched_expanded_weights(measured, version):
 def test_lora_extraction_from_kept_models_equals_the_dequantized_files(measured, version):
     core = measured[f"{version} {QTYPES[0]}"]["core_nodes"]
     assert core["extracted_keys"] > 0 and core["extracted_equal"], core
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.3"])
+def test_a_requeue_after_core_freed_part_of_the_model_keeps_the_lora(measured, version):
+    requeue = measured[f"{version} {QTYPES[0]}"]["requeue"]
+    assert 0 < requeue["still_loaded"] < requeue["layers"], requeue  # the partial state the test is about
+    assert requeue["diff"] == 0.0, requeue
