@@ -35,9 +35,10 @@ def row_bytes(qtype: str, columns: int) -> int:
 
 # Peak bytes per value of one dequantize() call into bf16 or float32 (the float32 buffer, the result, the integer
 # intermediates), measured with benchmarks/bench_comfy_memory.peak_activation_bytes on a 3072 x 12288 matrix:
-# 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K. A LoRA patch works on another float32 copy.
+# 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K. Patches work on float32 copies: the worst
+# measured (review 19) is a ModelMergeSimple whose other model is a kept GGUF too, 15.5 bytes per value in all.
 EXPANSION_BYTES_PER_VALUE = 8
-PATCH_BYTES_PER_VALUE = 4
+PATCH_BYTES_PER_VALUE = 8
 
 
 def expansion_bytes(qtype: str, shape: tuple[int, ...], patched: bool = False) -> int:
