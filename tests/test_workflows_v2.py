@@ -249,3 +249,65 @@ def test_dcae_latent_into_the_hunyuan_vae_is_named(comfy_server):
     assert result.status == "error", result.status
     message = result.error["exception_message"]
     assert "128 channels" in message and "Open-Sora Decode" in message, message
+
+
+def test_gguf_dit_and_t5_with_a_lora_through_the_api(comfy_server):
+    """The 2.0 text-to-video workflow with its DiT and T5 as Q8_0 GGUF files (kept quantized: nodes/gguf_linear.py,
+    opensora_lib/packed_linear.py) and core LoraLoaderModelOnly on the DiT, queued through the HTTP API, writes the
+    same video as with the same weights dequantized into safetensors files (and another than without the LoRA)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers_gguf import write_gguf
+    from safetensors.torch import save_file
+
+    models, names = comfy_server.models, comfy_server.tiny_models
+    t5_folder = models / "text_encoders" / names["t5_2.0"].rstrip("/")
+    files = {}
+    for role, source, folder in (
+        ("dit", models / "diffusion_models" / names["dit_2.0"], "diffusion_models"),
+        ("t5", t5_folder / "model.safetensors", "text_encoders"),
+    ):
+        stem = f"opensora-tiny-{role}-q8"
+        held = write_gguf(models / folder / f"{stem}.gguf", load_file(str(source)), "Q8_0")
+        save_file(held, str(models / folder / f"{stem}-dequantized.safetensors"))
+        files[role] = (f"{stem}.gguf", f"{stem}-dequantized.safetensors")
+    (models / "loras").mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(4)
+    layer = "double_blocks.0.img_attn.q_proj"
+    width = load_file(str(models / "diffusion_models" / names["dit_2.0"]))[f"{layer}.weight"].shape
+    lora = {
+        f"diffusion_model.{layer}.lora_A.weight": torch.randn(4, width[1], generator=gen) * 0.3,
+        f"diffusion_model.{layer}.lora_B.weight": torch.randn(width[0], 4, generator=gen) * 0.3,
+    }
+    save_file(lora, str(models / "loras" / "opensora-tiny-lora.safetensors"))
+
+    def video(variant: int, strength: float = 0.8) -> dict:
+        prompt = tiny_v2(comfy_server, "opensora20_t2v")
+        dit_node = next(k for k, n in prompt.items() if n["class_type"] == "OpenSoraLoadDiT")
+        for node in prompt.values():
+            if node["class_type"] == "OpenSoraLoadDiT":
+                node["inputs"].update(dit_name=files["dit"][variant], weight_dtype="default")
+            if node["class_type"] == "OpenSoraLoadTextEncoder":
+                node["inputs"]["t5_name"] = files["t5"][variant]
+            for field, value in node["inputs"].items():
+                if value == [dit_node, 0]:
+                    node["inputs"][field] = ["90", 0]
+        prompt["90"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {
+                "model": [dit_node, 0],
+                "lora_name": "opensora-tiny-lora.safetensors",
+                "strength_model": strength,
+            },
+        }
+        result = comfy_server.client().run(prompt, timeout=900)
+        assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
+        ran = {m["data"].get("node") for m in result.messages if m["type"] == "executing"}
+        assert "90" in ran
+        return video_properties(output_files(result, comfy_server.base)[0])
+
+    kept, dequantized = video(0), video(1)
+    assert kept["frames"] == 9 and kept["pixels"].std() > 1.0
+    assert (kept["pixels"] == dequantized["pixels"]).all()
+    assert (kept["pixels"] != video(0, strength=0.0)["pixels"]).any()  # the LoRA does reach the kept layer
