@@ -38,6 +38,7 @@ from benchmarks.common import (
     float32_reference,
     linear_flops,
     measure,
+    pack_linears,
     parameter_count,
     peak_tflops,
     probe_cudnn_attention,
@@ -50,6 +51,7 @@ from benchmarks.common import (
     write_json,
 )
 from opensora_lib import attention, fused_ops, mmdit_layers
+from opensora_lib.gguf_dequant import BLOCKS
 from opensora_lib.mmdit import MMDiT, MMDiTConfig, mmdit_v2_config
 from opensora_lib.sampling_v2 import PASSES, V2SamplingOptions, image_ids, pass_plan, sample_v2, text_ids
 from opensora_lib.sizes import latent_shape
@@ -446,6 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also time one joint attention call per forward size through every available backend",
     )
+    parser.add_argument(
+        "--packed",
+        choices=sorted(BLOCKS),
+        default=None,
+        help="time the DiT with its Linear weights kept in GGUF blocks of this type, expanded at each forward (as "
+        "Load Open-Sora DiT keeps a GGUF file; random blocks)",
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     dtype = DTYPES[args.dtype]
@@ -467,14 +476,17 @@ def main(argv: list[str] | None = None) -> dict:
     if runs.error is not None:
         results.append(bench_precision(model, config, runs.error, text_tokens, device, dtype))  # before any write
     env["buffered_forms_check"] = buffered_forms_check(model, device, dtype)
+    parameters = parameter_count(model)  # before packing: a packed weight's elements are its bytes
+    if args.packed:
+        env["packed"] = pack_linears(model, args.packed, dtype)
     release_memory(device)
     if args.compile_blocks != "off":
         compile_blocks(model, args.compile_blocks)
         env["compiled_blocks"] = args.compile_blocks
     payload = {
-        "benchmark": "mmdit v2.0",
+        "benchmark": "mmdit v2.0" + (f", Linear weights kept as GGUF {args.packed}" if args.packed else ""),
         "environment": env,
-        "model": {"config": dataclasses.asdict(config), "parameters": parameter_count(model)},
+        "model": {"config": dataclasses.asdict(config), "parameters": parameters},
         "results": results,
         "notes": [
             "random weights; FLOPs are matmul FLOPs counted from the config (benchmarks/common.py)",

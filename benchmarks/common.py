@@ -463,3 +463,34 @@ def report(payload: dict[str, Any], out: Path | None) -> None:
     if out is not None:
         write_json(payload, out)
         print(f"wrote {out}")
+
+
+def pack_linears(model: torch.nn.Module, qtype: str, compute_dtype: torch.dtype) -> dict:
+    """Replace every Linear whose rows split into `qtype` blocks with a PackedLinear of random blocks (what a kept
+    GGUF DiT runs; opensora_lib/packed_linear.py), its float16 scales small so the forward stays finite. Timing
+    does not depend on the values. Returns {"qtype", "layers", "weight_gib" (the blocks)}."""
+    from opensora_lib.gguf_dequant import BLOCKS, FLOAT16_FIELDS, row_bytes
+    from opensora_lib.gguf_file import QuantizedWeight
+    from opensora_lib.packed_linear import PackedLinear
+
+    values = BLOCKS[qtype][0]
+    layers, nbytes = 0, 0
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, torch.nn.Linear) or layer.in_features % values:
+            continue
+        device = layer.weight.device
+        raw = torch.randint(
+            0, 256, (layer.out_features, row_bytes(qtype, layer.in_features)), dtype=torch.uint8, device=device
+        )
+        blocks = raw.view(-1, BLOCKS[qtype][1])
+        scale = torch.tensor([2.0**-12], dtype=torch.float16, device=device).view(torch.uint8)
+        for offset in FLOAT16_FIELDS[qtype]:
+            blocks[:, offset : offset + 2] = scale
+        packed = PackedLinear(
+            QuantizedWeight(raw, qtype, (layer.out_features, layer.in_features)), False, compute_dtype
+        )
+        packed.bias = layer.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, packed)
+        layers, nbytes = layers + 1, nbytes + raw.numel()
+    return {"qtype": qtype, "layers": layers, "weight_gib": nbytes / 2**30}

@@ -29,6 +29,8 @@
 #   6. ours_compiled  bench_mmdit --attention cudnn --compile-blocks inductor: the forwards and both 50-step
 #                  runs with every block compiled (as TorchCompileModel gives users), static shapes, every
 #                  new shape compiled in an untimed call                                         ~140 s (cap 240)
+#   7. ours_gguf   bench_mmdit --attention cudnn --packed Q8_0: the forwards of step 1 with kept GGUF weights
+#                  (never run on a GPU yet; runs after step 4, before 5 and 6)                   ~60 s (cap 120)
 # Steps 5 and 6 were measured in the 2026-11-28 sessions (results/h200-2026-11-28b); they run when time is left.
 # The second 2026-11-28 H200 run took 96 / 90 / 49 (comfy_memory, failed: no PyAV, since stubbed) / 140 s
 # (compiled). The bf16-vs-float32 error of a whole forward (0.0147 with sdpa, 2026-11-28) is no longer a step: the
@@ -157,6 +159,13 @@ step ours_fa3 150 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention fla
 #    forwards only, what the fused forms save.
 OPENSORA_FUSED_OPS=0 step ours_torch_forms 90 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn \
     --error-size none --steps 0 "${official_json[@]}" --out "$DIR/mmdit_cudnn_torch_forms.json"
+
+# 7, run before 5 and 6 (those were measured on 2026-11-28). Ours with cuDNN attention and the Linear weights kept
+#    as Q8_0 GGUF blocks (what Load Open-Sora DiT does with a GGUF file under weight_dtype default): the forwards
+#    only, what expanding the blocks at each forward costs against step 1. Its JSON stays outside DIR (the device
+#    tool returns 8 files); the table is in session.log.
+step ours_gguf 120 "$PY" benchmarks/bench_mmdit.py "${COMMON[@]}" --attention cudnn --error-size none --steps 0 \
+    --packed Q8_0 "${official_json[@]}" --out "${TMPDIR:-/tmp}/mmdit_gguf_q8_0.json"
 
 # 5. ComfyUI partial loading within 24 GiB (another helper's script; called when present).
 if [[ -f benchmarks/bench_comfy_memory.py ]]; then

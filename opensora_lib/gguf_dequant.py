@@ -33,6 +33,20 @@ def row_bytes(qtype: str, columns: int) -> int:
     return columns // values * size
 
 
+# Where each block keeps its float16 fields (d, and dmin / m where the type has one): byte offsets in the block.
+FLOAT16_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
 # Peak bytes per value of one dequantize() call into bf16 or float32 (the float32 buffer, the result, the integer
 # intermediates), measured with benchmarks/bench_comfy_memory.peak_activation_bytes on a 3072 x 12288 matrix:
 # 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K. Patches work on float32 copies: the worst

@@ -486,6 +486,7 @@ def test_gpu_session_dry_run(tmp_path):
         steps
     )
     assert steps["official"] == ("ok" if official_present else "skipped"), steps
+    assert steps["ours_gguf"] == "ok", steps
     assert steps["comfy_memory"] in ("ok", "skipped")
     assert steps["comfy_memory"] == "ok" or not (REPO / "benchmarks" / "bench_comfy_memory.py").exists()
     files = sorted(p.name for p in out.iterdir())
@@ -536,3 +537,16 @@ def test_gpu_session_dry_run(tmp_path):
     else:
         assert ".official/ absent" in done.stdout
         assert not (out / "official_mmdit.json").exists()
+
+
+def test_mmdit_script_with_packed_gguf_linears(tmp_path):
+    """--packed Q8_0: the tiny MMDiT's Linear weights become random Q8_0 blocks expanded at each forward (what a GPU
+    session times for kept GGUF DiTs); the forwards run, finite, and the report says so."""
+    payload = run_script("bench_mmdit", tmp_path, "--steps", "0", "--error-size", "none", "--packed", "Q8_0")
+    packed = payload["environment"]["packed"]
+    assert packed["qtype"] == "Q8_0" and packed["layers"] > 10 and packed["weight_gib"] > 0
+    assert payload["benchmark"].endswith("kept as GGUF Q8_0")
+    forwards = by_kind(payload, "forward")
+    assert len(forwards) == 2
+    for result in forwards:
+        check_timed(result)

@@ -175,8 +175,7 @@ def test_torch_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
     values, size = gguf_dequant.BLOCKS[qtype]
     rng = np.random.default_rng(7)
     raw = rng.integers(0, 256, size=(96, size), dtype=np.uint8)
-    halves = {"Q2_K": (80, 82), "Q3_K": (108,), "Q6_K": (208,), "Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,)}
-    for offset in halves.get(qtype, (0, 2)):  # the float16 fields (d, and dmin / m where the type has one)
+    for offset in gguf_dequant.FLOAT16_FIELDS[qtype]:
         raw[:, offset : offset + 2] = rng.normal(size=(96, 1)).astype(np.float16).view(np.uint8)
     reference = quants.dequantize(raw.reshape(8, -1), GGMLQuantizationType[qtype]).reshape(-1)
     ours = gguf_dequant.dequantize(torch.from_numpy(raw), qtype, (96 * values,))
