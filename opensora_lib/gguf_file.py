@@ -89,7 +89,7 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader's own messages are about numpy views; say what it means
         raise GGUFError(
-            f"{path}: corrupt or truncated GGUF file ({size} bytes); its header or tensor table could not be read "
+            f"{path}: corrupt or truncated GGUF file ({size} bytes); its header, tensor table or tensor data could not be read "
             f"({type(e).__name__}: {e}); download or copy it again"
         ) from None
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
@@ -107,7 +107,10 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
             if math.prod(orig) != math.prod(shape):
                 raise GGUFError(f"{path}: {t.name!r} records shape {orig}, which does not fit its {shape} elements")
             shape = orig
-        name = rename(t.name)
+        try:
+            name = rename(t.name)
+        except GGUFError as e:
+            raise GGUFError(f"{path}: {e}") from None
         tensors[name] = _Tensor(name, t.tensor_type.name, shape, t.data)
     if not tensors:
         raise GGUFError(f"{path}: the GGUF file holds no tensors")
@@ -133,7 +136,9 @@ def load_keeping_blocks(path: str | Path, select=None) -> dict[str, torch.Tensor
     for name, t in read_tensors(path).items():
         if select is not None and not select(name):
             continue
-        if t.qtype in gguf_dequant.BLOCKS and len(t.shape) == 2:
+        # rows of whole blocks only: a converter may also write blocks that run across rows (the shape recorded in
+        # comfy.gguf.orig_shape), which only the flat dequantization reads
+        if t.qtype in gguf_dequant.BLOCKS and len(t.shape) == 2 and t.shape[1] % gguf_dequant.BLOCKS[t.qtype][0] == 0:
             out[name] = QuantizedWeight(torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1), t.qtype, t.shape)
         else:
             out[name] = dequantize(t)

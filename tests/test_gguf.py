@@ -124,7 +124,7 @@ def test_damaged_and_unknown_files_are_refused_with_a_reason(tiny_dits, tmp_path
         with pytest.raises(CheckpointError, match="truncated"):
             checkpoint.load_state_dict(tmp_path / name, dtype=torch.float32)
     write_gguf(tmp_path / "odd-t5.gguf", {"enc.blk.0.something.weight": torch.ones(2, 2)}, arch="t5encoder")
-    with pytest.raises(CheckpointError, match="unknown tensor 'enc.blk.0.something.weight'"):
+    with pytest.raises(CheckpointError, match=r"odd-t5.gguf: unknown tensor 'enc.blk.0.something.weight'"):
         checkpoint.read_header(tmp_path / "odd-t5.gguf")
     write_gguf(tmp_path / "other.gguf", {"blk.0.attn_q.weight": torch.ones(64, 64)}, arch="llama")
     with pytest.raises(CheckpointError):
@@ -239,3 +239,31 @@ def test_a_quantized_t5_keeps_its_blocks_and_encodes_as_its_dequantized_weights(
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(packed(input_ids=ids).last_hidden_state, dequantized(input_ids=ids).last_hidden_state)
+
+
+def test_blocks_that_run_across_rows_are_dequantized_not_kept(tmp_path):
+    """A converter may quantize a matrix whose rows do not split into blocks over its flattened values (the shape in
+    comfy.gguf.orig_shape): load_keeping_blocks dequantizes it (before, its bytes were split into rows as if each
+    row held whole blocks: a bare RuntimeError, or here a packed weight that would expand wrongly); a matrix of
+    whole-block rows stays packed."""
+    from gguf import GGMLQuantizationType, quants
+
+    from opensora_lib.gguf_file import QuantizedWeight, load_keeping_blocks
+
+    rng = np.random.default_rng(2)
+    odd, even = rng.normal(size=(4, 48)).astype(np.float32), rng.normal(size=(4, 64)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "rows.gguf"), "flux")
+    writer.add_array("comfy.gguf.orig_shape.odd.weight", [4, 48])
+    odd_data = quants.quantize(odd.reshape(-1, 32), GGMLQuantizationType.Q8_0)  # 6 blocks over 4 rows of 48
+    writer.add_tensor("odd.weight", odd_data, raw_shape=odd_data.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    even_data = quants.quantize(even, GGMLQuantizationType.Q8_0)
+    writer.add_tensor("even.weight", even_data, raw_shape=even_data.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    loaded = load_keeping_blocks(tmp_path / "rows.gguf")
+    expected = quants.dequantize(odd_data, GGMLQuantizationType.Q8_0).reshape(4, 48)
+    assert isinstance(loaded["odd.weight"], torch.Tensor) and loaded["odd.weight"].shape == (4, 48)
+    np.testing.assert_array_equal(loaded["odd.weight"].numpy(), expected)
+    assert isinstance(loaded["even.weight"], QuantizedWeight) and tuple(loaded["even.weight"].shape) == (4, 64)
