@@ -21,7 +21,6 @@ import comfy.utils
 import torch
 
 from ..opensora_lib import attention, checkpoint, packed_linear, rflow, sizes
-from ..opensora_lib.gguf_file import QuantizedWeight
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
 from . import gguf_linear
@@ -262,11 +261,8 @@ def load_weights(
     if wrong:  # the lazy comfy.ops loader assigns any shape, so check here
         raise ValueError(f"The checkpoint does not match {what}: wrong shapes {wrong[:5]}")
     converted = {}
-    for key, tensor in sd.items():
-        if isinstance(tensor, QuantizedWeight):  # a GGUF matrix: kept in its blocks where it is a Linear's weight
-            if packed_linear.install(module, key, tensor, compute_dtype, gguf_linear.GGUFLinear):
-                continue
-            tensor = tensor.dequantize(torch.float32)
+    # GGUF matrices (QuantizedWeight) stay in their blocks where they are a Linear's weight
+    for key, tensor in packed_linear.install_all(module, sd, compute_dtype, gguf_linear.GGUFLinear).items():
         if tensor.is_floating_point():
             tensor = tensor.to(weight_dtype if checkpoint.is_matrix(key, tensor.ndim) else compute_dtype)
         converted[key] = tensor

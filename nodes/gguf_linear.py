@@ -155,9 +155,8 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
-            for module in self.model.modules():
-                if isinstance(module, GGUFLinear):
-                    module.drop_forward_patches()
+            for layer in kept_layers(self.model).values():
+                layer.drop_forward_patches()
         return super().unpatch_model(device_to, unpatch_weights)
 
 

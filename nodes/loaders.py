@@ -10,7 +10,7 @@ import comfy.model_management
 import torch
 
 from ..opensora_lib import attention as attention_lib
-from ..opensora_lib import checkpoint, detection, gguf_file
+from ..opensora_lib import checkpoint, detection, gguf_dequant, gguf_file
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
@@ -94,7 +94,7 @@ class OpenSoraLoadDiT:
                 kinds = ", ".join(f"{count} {qtype}" for qtype, count in expanded.items())
                 logging.getLogger("OpenSora").warning(
                     f"{dit_name}: {kinds} matrices are dequantized on loading (into {dtype}), so they take that dtype's "
-                    "memory: the DiT keeps Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K..Q6_K blocks only."
+                    f"memory: the DiT keeps {' / '.join(gguf_dequant.BLOCKS)} blocks only."
                 )
         else:
             sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)

@@ -62,5 +62,24 @@ def install(
     return True
 
 
+def install_all(
+    module: torch.nn.Module,
+    state_dict: dict,
+    compute_dtype: torch.dtype,
+    layer_class: type[PackedLinear] = PackedLinear,
+    keep=lambda key: True,
+) -> dict:
+    """install() every QuantizedWeight of `state_dict` that `keep(key)` allows; returns the other entries for
+    load_state_dict, a QuantizedWeight that stays unplaced dequantized to float32 (the caller casts)."""
+    rest = {}
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, QuantizedWeight):
+            if keep(key) and install(module, key, tensor, compute_dtype, layer_class):
+                continue
+            tensor = tensor.dequantize(torch.float32)
+        rest[key] = tensor
+    return rest
+
+
 def packed_layers(module: torch.nn.Module) -> dict[str, PackedLinear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, PackedLinear)}

@@ -76,17 +76,12 @@ _DEQUANTIZED = ".DenseReluDense.wo.weight"
 
 
 def _install_packed(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, device) -> dict:
-    """Put a PackedLinear in place of every Linear whose weight the state dict holds as GGUF blocks; the other
-    entries (dequantized where still packed, cast to dtype) are returned for load_state_dict."""
-    rest = {}
-    for key, tensor in state_dict.items():
-        if isinstance(tensor, gguf_file.QuantizedWeight):
-            if not key.endswith(_DEQUANTIZED) and packed_linear.install(model, key, tensor, dtype):
-                model.get_submodule(key.removesuffix(".weight")).to(device)
-                continue
-            tensor = tensor.dequantize(torch.float32)
-        rest[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).to(device)
-    return rest
+    """Put a PackedLinear in place of every Linear whose weight the state dict holds as GGUF blocks (but `wo`); the
+    other entries, cast to dtype, are returned for load_state_dict."""
+    rest = packed_linear.install_all(model, state_dict, dtype, keep=lambda key: not key.endswith(_DEQUANTIZED))
+    for layer in packed_linear.packed_layers(model).values():
+        layer.to(device)
+    return {k: (t.to(dtype) if t.is_floating_point() else t).to(device) for k, t in rest.items()}
 
 
 def _load_model(
