@@ -470,8 +470,7 @@ def pack_linears(model: torch.nn.Module, qtype: str, compute_dtype: torch.dtype)
     GGUF DiT runs; opensora_lib/packed_linear.py), its float16 scales small so the forward stays finite. Timing
     does not depend on the values. Returns {"qtype", "layers", "weight_gib" (the blocks)}."""
     from opensora_lib.gguf_dequant import BLOCKS, FLOAT16_FIELDS, row_bytes
-    from opensora_lib.gguf_file import QuantizedWeight
-    from opensora_lib.packed_linear import PackedLinear
+    from opensora_lib.packed_linear import PackedLinear, QuantizedWeight
 
     values = BLOCKS[qtype][0]
     layers, nbytes = 0, 0

@@ -23,7 +23,7 @@ import torch
 from ..opensora_lib import attention, checkpoint, packed_linear, rflow, sizes
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from . import gguf_linear
+from . import packed_layers
 from .common import (
     check_conditioning_version,
     check_v1_text,
@@ -214,9 +214,9 @@ def build_patcher(
     model_config.optimizations["fp8"] = fp8_matmul
     model = model_config.get_model(device=offload_device)
     load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
-    if gguf_linear.kept_layers(model.diffusion_model):  # GGUF blocks: their own patcher and saving (gguf_linear.py)
-        gguf_linear.save_expanded(model.model_config, model.diffusion_model)
-        return gguf_linear.GGUFModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    if packed_layers.kept_layers(model.diffusion_model):  # packed weights: their own patcher and saving
+        packed_layers.save_expanded(model.model_config, model.diffusion_model)
+        return packed_layers.PackedModelPatcher(model, load_device=load_device, offload_device=offload_device)
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)
 
 
@@ -247,8 +247,8 @@ def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
 def load_weights(
     module: torch.nn.Module, sd: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype, what: str
 ) -> None:
-    """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype; GGUF matrices
-    (QuantizedWeight) of Linear layers stay in their blocks (gguf_linear.GGUFLinear).
+    """Strict load that stores matrices in weight_dtype (fp8 too) and the rest in the compute dtype; packed matrices
+    (QuantizedWeight) of Linear layers stay in their blocks (packed_layers.ComfyPackedLinear).
 
     assign=True because under newer ComfyUI's DynamicVRAM the comfy.ops layers allocate no weights.
     """
@@ -261,8 +261,8 @@ def load_weights(
     if wrong:  # the lazy comfy.ops loader assigns any shape, so check here
         raise ValueError(f"The checkpoint does not match {what}: wrong shapes {wrong[:5]}")
     converted = {}
-    # GGUF matrices (QuantizedWeight) stay in their blocks where they are a Linear's weight
-    for key, tensor in packed_linear.install_all(module, sd, compute_dtype, gguf_linear.GGUFLinear).items():
+    # packed matrices (QuantizedWeight: GGUF blocks, scaled fp8 rows) stay packed where they are a Linear's weight
+    for key, tensor in packed_linear.install_all(module, sd, compute_dtype, packed_layers.ComfyPackedLinear).items():
         if tensor.is_floating_point():
             tensor = tensor.to(weight_dtype if checkpoint.is_matrix(key, tensor.ndim) else compute_dtype)
         converted[key] = tensor

@@ -47,7 +47,7 @@ class OpenSoraLoadDiT:
                     [*WEIGHT_DTYPES, FP8_FAST],
                     {
                         "default": "default",
-                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. A GGUF file under default keeps its Linear matrices in their GGUF blocks (about the file's size in memory; each layer is expanded at its forward; LoRA works) and the rest in the compute dtype; any other choice dequantizes it on loading into that dtype, as ComfyUI scaled-fp8 files always are. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
+                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. A GGUF file under default keeps its Linear matrices in their GGUF blocks and a ComfyUI scaled-fp8 file its scaled matrices in fp8, as core does (about the file's size in memory; each layer is expanded at its forward; LoRA works), the rest in the compute dtype; any other choice dequantizes them on loading into that dtype. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
                     },
                 ),
                 "attention": (
@@ -75,18 +75,21 @@ class OpenSoraLoadDiT:
         fast = weight_dtype == FP8_FAST
         dtype = torch.float8_e4m3fn if fast else WEIGHT_DTYPES[weight_dtype]
         read_dtype = matrix_dtype = None  # as stored, so that "default" can keep an fp8 file's storage as core does
-        keep_blocks = False
+        keep_blocks = keep_scaled = False
         if checkpoint.is_quantized(path):  # scaled fp8 / GGUF: the comfy.ops layers take plain weights
             # The matrices go straight into their storage dtype (no bf16 copy of the whole model on the way to fp8: a
             # 0.8B-weight 2.0 DiT as Q8_0 GGUF, fp8, peaked at 2.4 GB anonymous memory before, 1.0 GB now); the small
             # rest is read in fp32, so load_weights rounds it once, to the compute dtype.
             read_dtype, matrix_dtype = torch.float32, dtype
-            if dtype is None:  # dequantize straight into what default will pick (fp32 on GPUs without bf16)
+            if dtype is None:  # Linear matrices stay packed (GGUF blocks, scaled fp8 rows: packed_layers.py) as core
+                # keeps a scaled fp8 file; the rest goes into what default picks (fp32 on GPUs without bf16)
                 params = sum(math.prod(shape) for _, shape in header.values())
                 supported = [torch.bfloat16, torch.float32]
-                matrix_dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=supported)
-            if dtype is None and gguf_file.is_gguf(path):  # its Linear matrices stay in their blocks (gguf_linear.py)
-                keep_blocks, dtype = True, matrix_dtype  # and the rest is stored in the compute dtype
+                dtype = matrix_dtype = comfy.model_management.unet_dtype(
+                    model_params=params, supported_dtypes=supported
+                )
+                keep_blocks = gguf_file.is_gguf(path)
+                keep_scaled = not keep_blocks
         if keep_blocks:
             sd = gguf_file.load_keeping_blocks(path)
             expanded = gguf_file.expanded_on_load(header)
@@ -97,7 +100,8 @@ class OpenSoraLoadDiT:
                     f"memory: the DiT keeps {' / '.join(gguf_dequant.BLOCKS)} blocks only."
                 )
         else:
-            sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype)
+            pack = (lambda _stored, scaled: scaled) if keep_scaled else None
+            sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype, pack=pack)
         sd = checkpoint.strip_prefix(sd, info.prefix)
         config_values = {**info.config, **read_folder_config(path)}
         if info.family == "mmdit":
@@ -119,7 +123,7 @@ class OpenSoraLoadTextEncoder:
                 "t5_name": (
                     model_choices("text_encoders"),
                     {
-                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf; its attention and gate matrices stay quantized, expanded at each use)."
+                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf). Matrices stay as the file stores them when that is narrower than the precision (GGUF blocks, fp8, and fp16 under fp32), expanded at each use: an fp8 T5-XXL takes about 5 GB, not 9.5 (bf16) or 19 (fp32); the encodings are exactly those of the file loaded in that precision."
                     },
                 ),
                 "precision": (

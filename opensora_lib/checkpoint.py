@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import float_rows
+from .packed_linear import QuantizedWeight
+
 
 class CheckpointError(ValueError):
     """A file or folder that is not a usable safetensors checkpoint (the message says why)."""
@@ -222,16 +225,15 @@ def is_quantized(path: str | Path) -> bool:
     return False
 
 
-def _dequantize(path: Path, key: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """weight * scale for a tensor-wise scale (one value) or a per-row one ([rows, 1, ...]); a 1-D per-row scale
-    would broadcast over the columns instead, so any other shape is refused."""
+def _check_scale(path: Path, key: str, tensor: torch.Tensor, scale: torch.Tensor) -> None:
+    """A tensor-wise scale (one value) or a per-row one ([rows, 1, ...]); a 1-D per-row scale would broadcast over the
+    columns instead, so any other shape is refused."""
     rows = scale.ndim == tensor.ndim and scale.shape[0] == tensor.shape[0] and all(d == 1 for d in scale.shape[1:])
     if scale.numel() != 1 and not rows:
         raise CheckpointError(
             f"{path}: the scale of {key!r} has shape {tuple(scale.shape)}, which does not fit the weight's "
             f"{tuple(tensor.shape)} (one value, or one per row shaped [{tensor.shape[0]}, 1])"
         )
-    return tensor.float() * scale
 
 
 def load_state_dict(
@@ -240,7 +242,8 @@ def load_state_dict(
     device: str | torch.device = "cpu",
     select: Callable[[str], bool] | None = None,
     matrix_dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
+    pack: Callable[[torch.dtype, bool], bool] | None = None,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Load a safetensors file or folder. Every file is validated before anything is read.
 
     dtype=None returns the tensors as stored. With a dtype, floating tensors (fp8 included) are cast to it one
@@ -249,6 +252,8 @@ def load_state_dict(
     A GGUF file is dequantized tensor by tensor (to float32 for quantized types when dtype is None).
     `matrix_dtype` (with a dtype): the dtype of the matrices (is_matrix), e.g. fp8 storage, cast straight from the
     dequantized values, so that no full-size intermediate copy is ever held.
+    `pack(stored dtype, scaled)` (with a dtype) -> True keeps a matrix stored in fp8 or 16 bits packed as it is
+    (float_rows: a QuantizedWeight, scale included) instead; e.g. the T5 keeps every matrix narrower than its dtype.
     """
 
     def target(key: str, ndim: int) -> torch.dtype | None:
@@ -289,7 +294,14 @@ def load_state_dict(
                 if layer_format and tensor.dtype == torch.uint8:  # older files store the fp8 bytes as uint8
                     tensor = tensor.view(_FP8_FORMATS[layer_format])
                 if key in scales:
-                    tensor = _dequantize(file, key, tensor, scales[key])
+                    _check_scale(file, key, tensor, scales[key])
+                kept = pack is not None and dtype is not None and is_matrix(key, tensor.ndim) and tensor.ndim == 2
+                if kept and float_rows.qtype_of(tensor.dtype) and pack(tensor.dtype, key in scales):
+                    raw, qtype = float_rows.pack(tensor, scales.get(key))
+                    state_dict[key] = QuantizedWeight(raw, qtype, tensor.shape)
+                    continue
+                if key in scales:
+                    tensor = tensor.float() * scales[key]
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(target(key, tensor.ndim))
                 state_dict[key] = tensor.to(device)

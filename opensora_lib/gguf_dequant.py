@@ -1,5 +1,5 @@
 """GGUF block dequantization in PyTorch, so that quantized weights can stay quantized in memory and be expanded one
-layer at a time, on the device that runs the layer (see nodes/gguf_linear.py).
+layer at a time, on the device that runs the layer (see nodes/packed_layers.py).
 
 Layouts are llama.cpp's (ggml-common.h): a row of a quantized matrix is a run of blocks; each block holds its
 scales (float16) and packed integers. The arithmetic follows the `gguf` package's numpy reference (float32, scale
@@ -7,8 +7,6 @@ times integer, minus the scaled minimum), which the tests compare against bit fo
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -46,20 +44,6 @@ FLOAT16_FIELDS = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
 }
-
-# Peak bytes per value of one dequantize() call into bf16 or float32 (the float32 buffer, the result, the integer
-# intermediates), measured with benchmarks/bench_comfy_memory.peak_activation_bytes on a 3072 x 12288 matrix:
-# 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K. Patches work on float32 copies: the worst
-# measured (review 19) is a ModelMergeSimple whose other model is a kept GGUF too, 15.5 bytes per value in all.
-EXPANSION_BYTES_PER_VALUE = 8
-PATCH_BYTES_PER_VALUE = 8
-
-
-def expansion_bytes(qtype: str, shape: tuple[int, ...], patched: bool = False) -> int:
-    """Memory one expansion of a quantized matrix takes at its peak, its raw bytes on the device included."""
-    values = math.prod(shape)
-    per_value = EXPANSION_BYTES_PER_VALUE + (PATCH_BYTES_PER_VALUE if patched else 0)
-    return values * per_value + row_bytes(qtype, shape[-1]) * (values // shape[-1])
 
 
 def _half(raw: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ Hugging Face ones). Nothing is unpickled: the `gguf` package parses the header a
 Two ways to read one: `dequantize` gives each tensor as a plain floating tensor (the `gguf` package's numpy code,
 llama.cpp's reference; about 0.2 s for a 3072 x 12288 Q8_0 matrix on one CPU core), so the model gets ordinary
 comfy.ops layers; `load_keeping_blocks` keeps every quantized matrix as its bytes (QuantizedWeight), which the DiT
-loader gives to layers that expand them at each forward (gguf_dequant.py, nodes/gguf_linear.py).
+loader gives to layers that expand them at each forward (gguf_dequant.py, nodes/packed_layers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from . import gguf_dequant
 from .checkpoint import CheckpointError as GGUFError  # one error type for every unusable weight file
+from .packed_linear import QuantizedWeight
 
 MAGIC = b"GGUF"
 _PLAIN = ("F32", "F16", "BF16")
@@ -115,18 +116,6 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
     if not tensors:
         raise GGUFError(f"{path}: the GGUF file holds no tensors")
     return tensors
-
-
-class QuantizedWeight:
-    """A matrix kept in its GGUF blocks: raw bytes [rows, bytes per row] (uint8), type name, shape [rows, columns]."""
-
-    __slots__ = ("raw", "qtype", "shape")
-
-    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, ...]):
-        self.raw, self.qtype, self.shape = raw, qtype, torch.Size(shape)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return gguf_dequant.dequantize(self.raw, self.qtype, tuple(self.shape), dtype)
 
 
 def load_keeping_blocks(path: str | Path, select=None) -> dict[str, torch.Tensor | QuantizedWeight]:

@@ -94,8 +94,8 @@ def forward_memory(
     diffusion_model: torch.nn.Module, latent_shape, text_tokens: int = 0, dtype: torch.dtype | None = None
 ) -> int:
     """VRAM to keep free for one forward (what ComfyUI's memory manager is told): the activation estimate, the
-    workspace margin, and the largest expansion of a layer that keeps its weight packed (a GGUF layer's
-    `expanded_bytes`; they expand one at a time)."""
+    workspace margin, and the largest expansion of a layer that keeps its weight packed (GGUF blocks,
+    scaled fp8 rows: `expanded_bytes`; they expand one at a time)."""
     packed = max((m.expanded_bytes() for m in diffusion_model.modules() if hasattr(m, "expanded_bytes")), default=0)
     return activation_memory(diffusion_model, latent_shape, text_tokens, dtype) + FORWARD_WORKSPACE_BYTES + packed
 

@@ -1,28 +1,73 @@
-"""Linear layers whose weight stays in its GGUF blocks and is expanded at each forward, on the device running it.
+"""Linear layers whose weight stays packed as in its file and is expanded at each forward, on the device running it.
 
-A model loaded from a GGUF file keeps about the file's size in memory this way (a Q4_K 2.0 DiT about 6 GB, not 11 in
-fp8 or 22 in bf16). The DiT loader uses the ComfyUI-aware subclass (nodes/gguf_linear.py: LoRA, core's patcher);
-the T5 encoder this plain one.
+Two packings: GGUF blocks (gguf_dequant.py) and float rows (float_rows.py: fp8 with its scales, or 16-bit values
+under a float32 compute dtype). A model keeps about its file's size in memory this way (a Q4_K 2.0 DiT about 6 GB,
+not 11 in fp8 or 22 in bf16; an fp8 T5-XXL about 5 GB, not 9.5 in bf16 or 19 in fp32). The DiT loader uses the
+ComfyUI-aware subclass (nodes/packed_layers.py: LoRA, core's patcher); the T5 encoder a plain one.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .gguf_dequant import dequantize
-from .gguf_file import QuantizedWeight
+from . import float_rows, gguf_dequant
+
+
+class QuantizedWeight:
+    """A matrix kept packed: its bytes [rows, bytes per row] (uint8), format name (a GGUF type, or a float_rows
+    one), shape [rows, columns]."""
+
+    __slots__ = ("raw", "qtype", "shape")
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, ...]):
+        self.raw, self.qtype, self.shape = raw, qtype, torch.Size(shape)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.raw, self.qtype, tuple(self.shape), dtype)
+
+
+def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if qtype in float_rows.STORAGE:
+        return float_rows.dequantize(raw, qtype, shape, dtype)
+    return gguf_dequant.dequantize(raw, qtype, shape, dtype)
+
+
+def row_bytes(qtype: str, columns: int) -> int:
+    return (float_rows if qtype in float_rows.STORAGE else gguf_dequant).row_bytes(qtype, columns)
+
+
+# Peak bytes per value of one GGUF expansion into bf16 or float32 (the float32 buffer, the result, the integer
+# intermediates), measured with benchmarks/bench_comfy_memory.peak_activation_bytes on a 3072 x 12288 matrix:
+# 5.1-6.0 for Q4_0 .. Q8_0 / Q2_K / Q4_K, 7.4-7.6 for Q3_K / Q5_K / Q6_K (float rows: their own figure). Patches work
+# on float32 copies: the worst measured (review 19) is a ModelMergeSimple whose other model is a kept GGUF too,
+# 15.5 bytes per value in all.
+GGUF_EXPANSION_BYTES_PER_VALUE = 8
+PATCH_BYTES_PER_VALUE = 8
+
+
+def expansion_bytes(qtype: str, shape: tuple[int, ...], patched: bool = False) -> int:
+    """Memory one expansion of a packed matrix takes at its peak, its bytes on the device included."""
+    values = math.prod(shape)
+    floats = qtype in float_rows.STORAGE
+    per_value = float_rows.expansion_bytes_per_value(qtype) if floats else GGUF_EXPANSION_BYTES_PER_VALUE
+    per_value += PATCH_BYTES_PER_VALUE if patched else 0
+    return values * per_value + row_bytes(qtype, shape[-1]) * (values // shape[-1])
 
 
 class PackedLinear(torch.nn.Module):
-    """The bytes are the `weight` parameter (uint8 [rows, bytes per row]), so state_dict sizes count them and
-    .to(device) moves them; `bias` is a plain tensor in the compute dtype."""
+    """The bytes are the `weight` parameter ([rows, bytes per row] of `byte_dtype`), so state_dict sizes count them
+    and .to(device) or .to(dtype) moves them unchanged; `bias` is a plain tensor in the compute dtype."""
+
+    byte_dtype = torch.uint8
 
     def __init__(self, weight: QuantizedWeight, bias: bool, compute_dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.qtype, self.compute_dtype = weight.qtype, compute_dtype
-        self.weight = torch.nn.Parameter(weight.raw, requires_grad=False)
+        self.weight = torch.nn.Parameter(weight.raw.view(self.byte_dtype), requires_grad=False)
         placeholder = torch.empty(self.out_features, dtype=compute_dtype)  # load_state_dict(assign=True) replaces it
         self.bias = torch.nn.Parameter(placeholder, requires_grad=False) if bias else None
 
@@ -30,8 +75,9 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
 
     def expand(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weight's values from its bytes (or from the bytes cast to a float dtype: byte values are exact)."""
-        return dequantize(raw.to(torch.uint8), self.qtype, (self.out_features, self.in_features), dtype)
+        """The weight's values from its bytes (or from uint8 bytes cast to a float dtype: byte values are exact)."""
+        raw = raw.view(torch.uint8) if raw.dtype == torch.int8 else raw.to(torch.uint8)
+        return dequantize(raw, self.qtype, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.expand(self.weight.to(x.device, non_blocking=True), x.dtype)

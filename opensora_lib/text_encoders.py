@@ -70,15 +70,18 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device | str) -> 
             setattr(module, name, torch.arange(buffer.shape[-1], device=device).expand(buffer.shape))
 
 
-# Hugging Face's T5 casts the feed-forward activations to the dtype of `wo`'s weight (T5DenseGatedActDense): those
-# matrices are dequantized, since a packed layer's weight is its bytes.
-_DEQUANTIZED = ".DenseReluDense.wo.weight"
+class T5PackedLinear(packed_linear.PackedLinear):
+    """Hugging Face's T5 casts the feed-forward activations to the dtype of `wo`'s weight unless that weight is int8
+    (T5DenseGatedActDense, for int8-quantized models): bytes held as int8 leave them in the compute dtype, so `wo`
+    can stay packed too (tests/test_text_encoders.py checks the encodings against the dense load)."""
+
+    byte_dtype = torch.int8
 
 
 def _install_packed(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, device) -> dict:
-    """Put a PackedLinear in place of every Linear whose weight the state dict holds as GGUF blocks (but `wo`); the
-    other entries, cast to dtype, are returned for load_state_dict."""
-    rest = packed_linear.install_all(model, state_dict, dtype, keep=lambda key: not key.endswith(_DEQUANTIZED))
+    """Put a T5PackedLinear in place of every Linear whose weight the state dict holds packed (GGUF blocks, fp8 or
+    16-bit rows); the other entries, cast to dtype, are returned for load_state_dict."""
+    rest = packed_linear.install_all(model, state_dict, dtype, T5PackedLinear)
     for layer in packed_linear.packed_layers(model).values():
         layer.to(device)
     return {k: (t.to(dtype) if t.is_floating_point() else t).to(device) for k, t in rest.items()}
@@ -113,8 +116,9 @@ def _load_model(
 
     if family == "t5" and gguf_file.is_gguf(source):  # its matrices stay in their blocks (packed_linear.py)
         state_dict = gguf_file.load_keeping_blocks(source, select=wanted)
-    else:
-        state_dict = checkpoint.load_state_dict(source, dtype=dtype, device=device, select=wanted)
+    else:  # a T5 keeps the matrices its file stores narrower than `dtype` (fp8, 16 bits under float32) packed
+        narrower = (lambda stored, _scaled: stored.itemsize < dtype.itemsize) if family == "t5" else None
+        state_dict = checkpoint.load_state_dict(source, dtype=dtype, device=device, select=wanted, pack=narrower)
     state_dict = checkpoint.strip_prefix(state_dict, info.prefix)
     if family == "t5":  # encoder.embed_tokens is tied to shared; keep one copy
         embed = state_dict.pop("encoder.embed_tokens.weight", None)

@@ -50,3 +50,26 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return held
+
+
+def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write `state_dict` as a ComfyUI scaled fp8 file (the `scaled_fp8` marker, `<layer>.scale_weight`): every 2-D
+    matrix as weight / scale in e4m3, the scale tensor-wise for every other matrix and per row ([rows, 1]) for the
+    rest; everything else float32. Returns what the file holds dequantized (fp8 in float32 x scale), float32."""
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    held: dict[str, torch.Tensor] = {}
+    for index, (key, tensor) in enumerate(state_dict.items()):
+        tensor = tensor.detach().float()
+        if tensor.ndim != 2 or not key.endswith(".weight"):
+            out[key] = held[key] = tensor.contiguous()
+            continue
+        per_row = index % 2 == 1
+        largest = tensor.abs().amax(dim=1, keepdim=True) if per_row else tensor.abs().max().reshape(1)
+        scale = largest.clamp_min(1e-12) / 448.0  # e4m3's largest value, as ComfyUI's scaled fp8 files
+        fp8 = (tensor / scale).to(torch.float8_e4m3fn)
+        out[key], out[f"{key.removesuffix('.weight')}.scale_weight"] = fp8, scale
+        held[key] = fp8.float() * scale
+    save_file(out, str(path))
+    return held

@@ -122,6 +122,22 @@ def test_load_memory_script_cpu(tmp_path):
     assert all(r["peak_anon_gib"] > 0 and r["seconds"] > 0 for r in rows)
 
 
+def test_t5_memory_script_cpu(tmp_path):
+    """benchmarks/bench_t5_memory.py on a narrow one-block T5: every format and precision is reported, the packed
+    encoder equals the dense one, and it is smaller wherever the file is narrower than the precision."""
+    from benchmarks import bench_t5_memory
+
+    rows = bench_t5_memory.main(["--blocks", "1", "--width", "256", "--repeats", "1", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    cases = {(r["format"], r["precision"]): r for r in rows}
+    assert set(cases) == {(f, p) for f in bench_t5_memory.FORMATS for p in bench_t5_memory.PRECISIONS}
+    assert all(r["equal"] and r["kept_seconds"] > 0 and r["dense_seconds"] > 0 for r in rows)
+    for (fmt, precision), r in cases.items():
+        narrower = fmt != "fp16" or precision.endswith("fp32")
+        assert r["packed_layers"] == (7 if narrower else 0), r  # q, k, v, o, wi_0, wi_1, wo
+        assert (r["kept_gib"] < r["dense_gib"]) == narrower and r["kept_gib"] <= r["dense_gib"], r
+
+
 def test_vae_script_tiny_cpu(tmp_path):
     payload = run_script("bench_vae", tmp_path)
     (decode,) = by_kind(payload, "decode")
@@ -539,7 +555,7 @@ def test_gpu_session_dry_run(tmp_path):
         assert not (out / "official_mmdit.json").exists()
 
 
-def test_mmdit_script_with_packed_gguf_linears(tmp_path):
+def test_mmdit_script_with_packed_packed_layerss(tmp_path):
     """--packed Q8_0: the tiny MMDiT's Linear weights become random Q8_0 blocks expanded at each forward (what a GPU
     session times for kept GGUF DiTs); the forwards run, finite, and the report says so."""
     payload = run_script("bench_mmdit", tmp_path, "--steps", "0", "--error-size", "none", "--packed", "Q8_0")

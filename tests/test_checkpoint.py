@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from opensora_lib import packed_linear
 from opensora_lib.checkpoint import (
     CheckpointError,
     is_quantized,
@@ -19,6 +20,7 @@ from opensora_lib.checkpoint import (
     weight_files,
 )
 from opensora_lib.detection import FAMILIES, detect, detect_file, expect_family
+from opensora_lib.packed_linear import QuantizedWeight
 
 TESTS = Path(__file__).resolve().parent
 KEYS = TESTS / "fixtures" / "reference_keys"  # copies of OPENSORA.md's keys/*.txt
@@ -452,6 +454,51 @@ def test_newer_comfy_fp8_layouts_dequantize_like_the_old_one(tmp_path):
 
     write_checkpoint(tmp_path / "plain.safetensors", {"lin.weight": fp8, "lin.bias": bias})  # fp8, not scaled
     assert not is_quantized(tmp_path / "plain.safetensors")
+
+
+def test_packed_matrices_expand_to_exactly_the_dense_load(tmp_path):
+    """load_state_dict(pack=...) keeps fp8 (every ComfyUI layout, scaled tensor-wise, per row or not at all) and
+    16-bit matrices as float rows; expanded, each equals the dense load's tensor bit for bit, in float32 and bf16.
+    `pack` is asked with the stored dtype and whether the matrix has a scale; what it declines stays dense."""
+    weight, rows = torch.randn(8, 4), torch.randn(6, 4) * 10
+    scale, row_scale = weight.abs().max() / 448.0, rows.abs().amax(1, keepdim=True) / 448.0
+    fp8, fp8_rows = (weight / scale).to(torch.float8_e4m3fn), (rows / row_scale).to(torch.float8_e5m2)
+    files = {
+        "old": {"lin.weight": fp8, "lin.scale_weight": scale.reshape(1), "scaled_fp8": torch.empty(0)},
+        "keys": {"lin.weight": fp8, "lin.weight_scale": scale, "lin.comfy_quant": comfy_quant("float8_e4m3fn")},
+        "rows": {"r.weight": fp8_rows, "r.weight_scale": row_scale, "r.comfy_quant": comfy_quant("float8_e5m2")},
+        "plain_fp8": {"lin.weight": fp8},
+        "fp16": {"lin.weight": weight.half()},
+        "bf16": {"lin.weight": weight.bfloat16()},
+    }
+    save_file(
+        {"lin.weight": fp8.view(torch.uint8), "lin.weight_scale": scale, "lin.bias": torch.randn(8)},
+        str(tmp_path / "meta.safetensors"),
+        metadata={"_quantization_metadata": json.dumps({"layers": {"lin": {"format": "float8_e4m3fn"}}})},
+    )
+    for name, tensors in files.items():
+        write_checkpoint(tmp_path / f"{name}.safetensors", {**tensors, "lin.bias": torch.randn(8)})
+    asked = {}
+    for name in [*files, "meta"]:
+        path = tmp_path / f"{name}.safetensors"
+        for dtype in (torch.float32, torch.bfloat16):
+            dense = load_state_dict(path, dtype=dtype)
+            kept = load_state_dict(
+                path, dtype=dtype, pack=lambda stored, scaled, n=name: asked.setdefault(n, (stored, scaled)) and True
+            )
+            assert set(kept) == set(dense), name
+            matrix = "r.weight" if name == "rows" else "lin.weight"
+            assert isinstance(kept[matrix], QuantizedWeight), name
+            assert torch.equal(kept[matrix].dequantize(dtype), dense[matrix]), (name, dtype)
+            assert torch.equal(kept["lin.bias"], dense["lin.bias"]), name  # only matrices are packed
+    assert asked["old"] == asked["keys"] == asked["meta"] == (torch.float8_e4m3fn, True)
+    assert asked["rows"] == (torch.float8_e5m2, True) and asked["plain_fp8"] == (torch.float8_e4m3fn, False)
+    assert asked["fp16"] == (torch.float16, False)
+    declined = load_state_dict(tmp_path / "old.safetensors", dtype=torch.float32, pack=lambda stored, scaled: False)
+    assert torch.equal(
+        declined["lin.weight"], load_state_dict(tmp_path / "old.safetensors", dtype=torch.float32)["lin.weight"]
+    )
+    assert packed_linear.row_bytes("F8_E4M3", 4) == 4 + 4 and packed_linear.row_bytes("F16", 4) == 8
 
 
 def test_quantized_formats_it_cannot_read_are_refused_by_name(tmp_path):

@@ -3,7 +3,8 @@
 - weight_dtype "default" counts the file's dtype as core's Load Diffusion Model does: an fp8 file stays fp8 where
   core would keep it (here: core told the device has fp8 compute); a bf16 file does not become fp8.
 - ComfyUI's scaled fp8 files, old layout (`scaled_fp8`, `.scale_weight`) and newer one (`.weight_scale`,
-  `.comfy_quant`), are dequantized on loading: their samples equal those of the same weights written dequantized.
+  `.comfy_quant`), stay fp8 under "default" (packed rows, as core keeps them scaled) and are dequantized on loading
+  under a chosen dtype: then their samples equal those of the same weights written dequantized.
 - A quantization format the loader cannot read (nvfp4) is refused by name.
 """
 
@@ -128,8 +129,8 @@ def test_default_keeps_an_fp8_file_where_core_would(measured, version):
     defaults = measured[version]["default_with_fp8_compute"]
     assert defaults["fp8"] == "torch.float8_e4m3fn", defaults
     assert defaults["bf16"] != "torch.float8_e4m3fn", defaults
-    # scaled files are dequantized on reading, so their default is that of a bf16 file
-    assert defaults["scaled_old"] == defaults["scaled_new"] == defaults["bf16"], defaults
+    # scaled files keep their matrices as fp8 rows (bytes; tests/test_gguf_kept.py samples them), as core keeps them
+    assert defaults["scaled_old"] == defaults["scaled_new"] == "torch.uint8", defaults
 
 
 @pytest.mark.parametrize("version", ["1.3", "2.0"])

@@ -15,7 +15,7 @@ from helpers_gguf import write_gguf
 from helpers_tiny_text import save_t5, tiny_t5_model
 from safetensors.torch import load_file
 
-from opensora_lib import checkpoint, detection, gguf_dequant
+from opensora_lib import checkpoint, detection, float_rows, gguf_dequant, packed_linear
 from opensora_lib.checkpoint import CheckpointError
 from opensora_lib.text_encoders import load_t5
 
@@ -183,19 +183,24 @@ def test_torch_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
     np.testing.assert_array_equal(ours.numpy(), reference)
 
 
-@pytest.mark.parametrize("qtype", sorted(gguf_dequant.BLOCKS))
-def test_the_expansion_estimate_covers_the_measured_peak(qtype):
-    """gguf_dequant.expansion_bytes (what the Sampler tells ComfyUI to keep free for a kept GGUF layer) against the
-    peak the expansion allocates (meta device, benchmarks/bench_comfy_memory.py's allocation tracker)."""
+EXPANSIONS = [(q, d) for q in sorted(gguf_dequant.BLOCKS) for d in (torch.bfloat16, torch.float32)]
+# float rows: fp8 into either dtype; 16-bit rows are kept only under a float32 compute dtype (the T5 in 1.x)
+EXPANSIONS += [(q, torch.bfloat16) for q in ("F8_E4M3", "F8_E5M2")]
+EXPANSIONS += [(q, torch.float32) for q in sorted(float_rows.STORAGE)]
+
+
+@pytest.mark.parametrize(("qtype", "dtype"), EXPANSIONS)
+def test_the_expansion_estimate_covers_the_measured_peak(qtype, dtype):
+    """packed_linear.expansion_bytes (what the Sampler tells ComfyUI to keep free for a kept layer) against the peak
+    the expansion allocates (meta device, benchmarks/bench_comfy_memory.py's allocation tracker)."""
     from benchmarks.bench_comfy_memory import peak_activation_bytes
 
     rows, columns = 768, 3072
-    raw = torch.empty(rows, gguf_dequant.row_bytes(qtype, columns), dtype=torch.uint8, device="meta")
-    estimate = gguf_dequant.expansion_bytes(qtype, (rows, columns))
-    for dtype in (torch.bfloat16, torch.float32):
-        measured = peak_activation_bytes(lambda d=dtype: gguf_dequant.dequantize(raw, qtype, (rows, columns), d))
-        measured += raw.numel()  # the bytes the forward copies to the device
-        assert measured <= estimate <= 1.6 * measured, (dtype, measured, estimate)
+    raw = torch.empty(rows, packed_linear.row_bytes(qtype, columns), dtype=torch.uint8, device="meta")
+    estimate = packed_linear.expansion_bytes(qtype, (rows, columns))
+    measured = peak_activation_bytes(lambda: packed_linear.dequantize(raw, qtype, (rows, columns), dtype))
+    measured += raw.numel()  # the bytes the forward copies to the device
+    assert measured <= estimate <= 1.6 * measured, (measured, estimate)
 
 
 def test_quantized_types_without_a_torch_kernel_are_named_for_the_load_warning():
@@ -214,9 +219,9 @@ def test_quantized_types_without_a_torch_kernel_are_named_for_the_load_warning()
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_quantized_t5_keeps_its_blocks_and_encodes_as_its_dequantized_weights(tmp_path, qtype, dtype):
-    """The T5 loader keeps a GGUF's attention and gate matrices packed (PackedLinear, expanded at each forward), and
-    dequantizes `wo` (Hugging Face's T5 casts the feed-forward activations to its weight's dtype) and the embedding.
-    The encoder states equal those of the same weights dequantized into a safetensors file, bit for bit."""
+    """The T5 loader keeps a GGUF's matrices packed (T5PackedLinear, expanded at each forward), `wo` included (its
+    bytes are int8, which Hugging Face's T5 does not cast the feed-forward activations to), and dequantizes the
+    embedding. The encoder states equal those of the same weights dequantized into a safetensors file, bit for bit."""
     from safetensors.torch import save_file
 
     from opensora_lib.packed_linear import PackedLinear
@@ -229,10 +234,8 @@ def test_a_quantized_t5_keeps_its_blocks_and_encodes_as_its_dequantized_weights(
     layers = {
         name: type(m).__name__ for name, m in packed.named_modules() if isinstance(m, torch.nn.Linear | PackedLinear)
     }
-    assert layers["encoder.block.0.layer.0.SelfAttention.q"] == "PackedLinear"
-    assert layers["encoder.block.1.layer.1.DenseReluDense.wi_0"] == "PackedLinear"
-    assert layers["encoder.block.1.layer.1.DenseReluDense.wo"] == "Linear"
-    assert packed.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.uint8
+    assert set(layers.values()) == {"T5PackedLinear"}, layers  # q, k, v, o, wi_0, wi_1 and wo of every block
+    assert packed.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.int8
     dequantized = load_t5(tmp_path / "t5-dequantized.safetensors", dtype)
     size = sum(t.numel() * t.element_size() for t in packed.state_dict().values())
     assert size < 0.75 * sum(t.numel() * t.element_size() for t in dequantized.state_dict().values())

@@ -1,7 +1,7 @@
-"""GGUF DiTs whose Linear matrices stay in their blocks (weight_dtype "default"), inside ComfyUI (--cpu).
+"""GGUF and scaled-fp8 DiTs whose Linear matrices stay packed (weight_dtype "default"), inside ComfyUI (--cpu).
 
 The tiny 2.0 MMDiT and 1.3 STDiT3 written as Q8_0 and Q4_1 GGUF files (helpers_gguf.py, the gguf package's own
-quantizers) load with their matrices as bytes (nodes/gguf_linear.py): the model's size is that of the blocks, and
+quantizers) and as a ComfyUI scaled fp8 file (scales tensor-wise and per row) load with their matrices as bytes (nodes/packed_layers.py): the model's size is that of the blocks, and
 sampling gives exactly (torch.equal) the samples of the same weights dequantized into a float32 safetensors file.
 Core's LoraLoaderModelOnly patches a kept layer (loaded) to the same output as on the dequantized file, and the model
 without the LoRA afterwards is unchanged (its bytes restored). A layer left offloaded by core's partial loading
@@ -18,12 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_comfy_probe import run_probe
-from helpers_gguf import write_gguf
+from helpers_gguf import write_gguf, write_scaled_fp8
 from safetensors.torch import load_file, save_file
 
 LATENTS = {"2.0": ("2.0", "256px", "16:9", 9, 1, 64, 48), "1.3": ("1.3", "144p", "9:16", 17)}
 LORA_LAYER = {"2.0": "double_blocks.0.img_attn.q_proj", "1.3": "spatial_blocks.0.attn.qkv"}
 QTYPES = ("Q8_0", "Q4_1")
+# every kept format: the GGUF types, and a ComfyUI scaled fp8 file (kept as fp8 rows: opensora_lib/float_rows.py)
+KEPT_FILES = {"Q8_0": "Q8_0.gguf", "Q4_1": "Q4_1.gguf", "F8_E4M3": "scaled-fp8.safetensors"}
+CASES = [f"{v} {q}" for v in ("2.0", "1.3") for q in KEPT_FILES]
 
 
 def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess, many measurements)
@@ -31,7 +34,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import folder_paths
     from helpers_conditioning import sampler_node_samples
     from opensora_pack.nodes import loaders
-    from opensora_pack.nodes.gguf_linear import GGUFLinear
+    from opensora_pack.nodes.packed_layers import ComfyPackedLinear
     from opensora_pack.opensora_lib import checkpoint
 
     import nodes as core_nodes
@@ -51,18 +54,18 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     results = {}
     for version in ("2.0", "1.3"):
         layer = LORA_LAYER[version]
-        for qtype in QTYPES:
-            kept = load(f"{version}-{qtype}.gguf")
+        for qtype, file in KEPT_FILES.items():
+            kept = load(f"{version}-{file}")
             plain = load(f"{version}-{qtype}-dequantized.safetensors", "fp32")
             dm = kept.model.diffusion_model
             base = sample(kept, version)
             entry = {
                 "patcher": type(kept).__name__,
-                "kept_layers": sum(isinstance(m, GGUFLinear) for m in dm.modules()),
+                "kept_layers": sum(isinstance(m, ComfyPackedLinear) for m in dm.modules()),
                 "quantized_linears": sum(  # the Linear weights the file holds quantized (rows of whole blocks)
                     isinstance(plain.model.diffusion_model.get_submodule(key.removesuffix(".weight")), torch.nn.Linear)
                     for key, (kind, _) in checkpoint.read_header(
-                        root / "diffusion_models" / f"{version}-{qtype}.gguf"
+                        root / "diffusion_models" / f"{version}-{file}"
                     ).items()
                     if kind == qtype and key.endswith(".weight")
                 ),
@@ -73,7 +76,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
                 # what the memory manager is told to keep free for a forward, over the dequantized file's
                 "memory_required_extra": kept.model.memory_required([2, 16, 3, 16, 16])
                 - plain.model.memory_required([2, 16, 3, 16, 16]),
-                "largest_expansion": max(m.expanded_bytes() for m in dm.modules() if isinstance(m, GGUFLinear)),
+                "largest_expansion": max(m.expanded_bytes() for m in dm.modules() if isinstance(m, ComfyPackedLinear)),
             }
             probe_layer = dm.get_submodule(layer)
             x = torch.randn(2, 5, probe_layer.in_features, generator=torch.Generator().manual_seed(1))
@@ -141,11 +144,11 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 def requeue_after_partial_unload(model, version: str, expected) -> dict:
     """Sample and leave the MODEL loaded; core frees part of it (LoadedModel.model_unload, as when a VAE or T5 needs
     room); sample again: load_models_gpu -> partially_load -> load(), which clears the patch lists of the layers
-    that stayed loaded (GGUFModelPatcher.load gives them back)."""
+    that stayed loaded (PackedModelPatcher.load gives them back)."""
     import comfy.model_management as mm
     from helpers_conditioning import random_conditioning
     from opensora_pack.nodes import latent, sampling
-    from opensora_pack.nodes.gguf_linear import kept_layers
+    from opensora_pack.nodes.packed_layers import kept_layers
 
     def sample_left_loaded():
         positive, negative = random_conditioning(version, model.model.diffusion_model.config)
@@ -229,26 +232,29 @@ def measured(tmp_path_factory) -> dict:
         "1.3": load_file(str(models / "v13" / "model.safetensors")),
     }
     for version, state_dict in sources.items():
-        for qtype in QTYPES:
-            held = write_gguf(dits / f"{version}-{qtype}.gguf", state_dict, qtype)
+        for qtype, file in KEPT_FILES.items():
+            if qtype in QTYPES:
+                held = write_gguf(dits / f"{version}-{file}", state_dict, qtype)
+            else:
+                held = write_scaled_fp8(dits / f"{version}-{file}", state_dict)
             save_file(held, str(dits / f"{version}-{qtype}-dequantized.safetensors"))
     return run_probe("test_gguf_kept", models / "results.json", models)
 
 
-@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+@pytest.mark.parametrize("case", CASES)
 def test_kept_blocks_sample_as_their_dequantized_weights(measured, case):
     entry = measured[case]
-    assert entry["patcher"] == "GGUFModelPatcher", entry
+    assert entry["patcher"] == "PackedModelPatcher", entry
     assert entry["kept_layers"] > 0 and entry["kept_layers"] == entry["quantized_linears"], entry
     assert entry["layer_dtype"] == "torch.uint8", entry
-    bytes_per_value = {"Q8_0": 34 / 32, "Q4_1": 20 / 32}[case.split()[1]]
+    bytes_per_value = {"Q8_0": 34 / 32, "Q4_1": 20 / 32, "F8_E4M3": 1}[case.split()[1]]
     assert entry["size_kept"] < entry["size_fp32"] * (bytes_per_value / 4) * 1.6, entry  # + norms, biases, convs
     assert entry["equal_to_dequantized"], entry
     assert entry["compiled_equal"], entry  # torch.compile traces the dequantizing forward in one graph
     assert entry["memory_required_extra"] == entry["largest_expansion"] > 0, entry
 
 
-@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+@pytest.mark.parametrize("case", CASES)
 def test_lora_on_kept_blocks_matches_the_dequantized_file(measured, case):
     lora = measured[case]["lora"]
     assert lora["changes_output"], lora
@@ -256,7 +262,7 @@ def test_lora_on_kept_blocks_matches_the_dequantized_file(measured, case):
     assert lora["base_again_equal"] and lora["layer_dtype_after"] == "torch.uint8", lora
 
 
-@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+@pytest.mark.parametrize("case", CASES)
 def test_an_offloaded_kept_layer_applies_the_lora_in_its_forward(measured, case):
     offloaded = measured[case]["offloaded"]
     assert offloaded["cast_weights"] and offloaded["weight_functions"] == 1, offloaded
@@ -265,7 +271,7 @@ def test_an_offloaded_kept_layer_applies_the_lora_in_its_forward(measured, case)
     assert offloaded["base_again_equal"], offloaded
 
 
-@pytest.mark.parametrize("case", [f"{v} {q}" for v in ("2.0", "1.3") for q in QTYPES])
+@pytest.mark.parametrize("case", CASES)
 def test_lora_on_a_loaded_kept_layer_leaves_its_bytes_and_memory_alone(measured, case):
     loaded = measured[case]["loaded"]
     assert loaded["patched_dtype"] == "torch.uint8", loaded

@@ -19,6 +19,8 @@ from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, T5Tokenizer
 
+from opensora_lib import packed_linear
+from opensora_lib.checkpoint import load_state_dict
 from opensora_lib.text_encoders import T5_V2, CLIPPooledEmbedder, T5Embedder, encode_v2, load_t5
 
 PROMPTS = ["a cat sits on the mat", "the dog runs under the blue sky and the red sea wave in rain"]
@@ -139,6 +141,51 @@ def test_low_precision_files_load_upcast(files, name):
     if name != "t5_single":  # fp8 really changed the weights, so this is not the fp32 result by accident
         full = reference_t5(files, tokens(files, PROMPTS, 16), True)
         assert (y[:, 0] - full).abs().max() > 1e-3
+
+
+def dense_embedder(files, name, dtype, **settings):
+    """The same file loaded the plain way: every tensor cast to dtype, into an ordinary T5EncoderModel."""
+    state_dict = load_state_dict(files[name], dtype=dtype)
+    state_dict.setdefault("shared.weight", state_dict.pop("encoder.embed_tokens.weight", None))
+    model = tiny_t5_model(seed=1)
+    model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    tokenizer = T5Tokenizer.from_pretrained(str(files["t5_tokenizer"]))
+    return T5Embedder(model, tokenizer, dtype=dtype, **settings)
+
+
+KEPT_T5 = [  # file, compute dtype, the packed format of its matrices (None: loaded dense)
+    ("t5_fp8", torch.float32, "F8_E4M3"),
+    ("t5_fp8", torch.bfloat16, "F8_E4M3"),
+    ("t5_scaled", torch.float32, "F8_E4M3"),
+    ("t5_scaled", torch.bfloat16, "F8_E4M3"),
+    ("t5_single", torch.float32, "F16"),  # ComfyUI's t5xxl_fp16 under 1.x's float32
+    ("t5_single", torch.bfloat16, None),  # as wide as bf16: nothing to save
+    ("t5_fp32", torch.float32, None),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype", "qtype"), KEPT_T5)
+def test_t5_keeps_matrices_narrower_than_its_dtype_packed_and_encodes_exactly_as_dense(files, name, dtype, qtype):
+    """Every Linear of a T5 file stored narrower than the compute dtype stays packed (`wo` included: its bytes are
+    int8, which Hugging Face's T5 does not cast its activations to), so an fp8 T5-XXL takes its file's 4.8 GB, not
+    9.5 (bf16) or 19 (fp32); the encodings equal the dense load's bit for bit, 1.x and 2.0 settings."""
+    for settings in ({"max_length": 16}, {**T5_V2, "max_length": 16, "dtype": dtype}):
+        settings = {**settings, "dtype": dtype}
+        kept = T5Embedder.from_files(files[name], tokenizer_path=files["t5_tokenizer"], **settings)
+        dense = dense_embedder(files, name, **settings)
+        layers = packed_linear.packed_layers(kept.model)
+        linears = [m for m in dense.model.modules() if isinstance(m, torch.nn.Linear)]
+        if qtype is None:
+            assert not layers
+        else:
+            assert len(layers) == len(linears) and {m.qtype for m in layers.values()} == {qtype}, layers
+            assert any(name.endswith("DenseReluDense.wo") for name in layers)
+        size = sum(p.numel() * p.element_size() for p in kept.model.parameters())
+        dense_size = sum(p.numel() * p.element_size() for p in dense.model.parameters())
+        assert size < dense_size if qtype else size == dense_size, (size, dense_size)
+        prompts = [*PROMPTS, LONG]
+        assert torch.equal(kept.encode(prompts)[0], dense.encode(prompts)[0]), settings
 
 
 def test_hf_folder_with_a_sentencepiece_tokenizer(files, tmp_path):

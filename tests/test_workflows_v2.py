@@ -252,7 +252,7 @@ def test_dcae_latent_into_the_hunyuan_vae_is_named(comfy_server):
 
 
 def test_gguf_dit_and_t5_with_a_lora_through_the_api(comfy_server):
-    """The 2.0 text-to-video workflow with its DiT and T5 as Q8_0 GGUF files (kept quantized: nodes/gguf_linear.py,
+    """The 2.0 text-to-video workflow with its DiT and T5 as Q8_0 GGUF files (kept quantized: nodes/packed_layers.py,
     opensora_lib/packed_linear.py) and core LoraLoaderModelOnly on the DiT, queued through the HTTP API, writes the
     same video as with the same weights dequantized into safetensors files (and another than without the LoRA)."""
     import sys

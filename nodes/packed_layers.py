@@ -1,10 +1,10 @@
-"""The DiT's GGUF layers (opensora_lib.packed_linear.PackedLinear: the weight stays in its blocks, expanded at each
-forward) joined to core's model machinery.
+"""The DiT's packed layers (opensora_lib.packed_linear.PackedLinear: the weight stays packed as in its file, GGUF
+blocks or scaled fp8 rows, and is expanded at each forward) joined to core's model machinery.
 
 How they meet core's model machinery:
 - The bytes are the layer's `weight` parameter, so model_size counts them, partial loading moves or leaves them
   per layer (a left layer's bytes go to the device at each forward, `comfy_cast_weights`), and LoRA keys match.
-- LoRA is never merged into a layer: GGUFModelPatcher (core's plain ModelPatcher otherwise; newer hosts'
+- LoRA is never merged into a layer: PackedModelPatcher (core's plain ModelPatcher otherwise; newer hosts'
   DynamicVRAM pages comfy.ops weights by their float geometry, which these bytes do not have) gives a loaded layer
   its patch list (ForwardPatch) instead of a patched copy, and core gives a layer it leaves offloaded a LowVramPatch;
   the forward applies either to the expanded weight. So memory stays the blocks' size, as core counts it, and
@@ -24,19 +24,17 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..opensora_lib.gguf_dequant import expansion_bytes
-from ..opensora_lib.gguf_file import QuantizedWeight
-from ..opensora_lib.packed_linear import PackedLinear
+from ..opensora_lib.packed_linear import PackedLinear, QuantizedWeight, expansion_bytes
 
 
 class ForwardPatch:
-    """A LoRA patch list a GGUFLinear applies at its forward (the same fields as core's LowVramPatch)."""
+    """A LoRA patch list a ComfyPackedLinear applies at its forward (the same fields as core's LowVramPatch)."""
 
     def __init__(self, key: str, patches: dict):
         self.key, self.patches = key, patches
 
 
-class GGUFLinear(PackedLinear):
+class ComfyPackedLinear(PackedLinear):
     """PackedLinear with core's patch lists: LoRA (ForwardPatch, LowVramPatch) and weight functions."""
 
     comfy_cast_weights = False  # read by core's partial loading: set on layers it leaves on the offload device
@@ -93,10 +91,10 @@ def _apply(functions: list, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
-    """core's plain ModelPatcher, except that LoRA on a GGUFLinear weight is applied at the layer's forward."""
+class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
+    """core's plain ModelPatcher, except that LoRA on a ComfyPackedLinear weight is applied at the layer's forward."""
 
-    def _kept_layer(self, key: str) -> GGUFLinear | None:
+    def _kept_layer(self, key: str) -> ComfyPackedLinear | None:
         path, _, name = key.rpartition(".")
         if name != "weight":
             return None
@@ -104,7 +102,7 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
             layer = comfy.utils.get_attr(self.model, path)
         except AttributeError:
             return None
-        return layer if isinstance(layer, GGUFLinear) else None
+        return layer if isinstance(layer, ComfyPackedLinear) else None
 
     def load(self, *args, **kwargs):
         """core's load() clears the patch lists of layers that stay loaded and does not patch them again (a float
@@ -129,8 +127,8 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
     def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
         if key in combined_patches and self._kept_layer(key) is not None:
             raise ValueError(
-                f"Hook LoRA (CreateHookLora / CreateHookModelAsLora) cannot patch {key}: this layer keeps its GGUF "
-                "blocks. Use LoraLoaderModelOnly, or load the DiT with weight_dtype bf16 / fp8_e4m3fn."
+                f"Hook LoRA (CreateHookLora / CreateHookModelAsLora) cannot patch {key}: this layer keeps its file's "
+                "packed weights (GGUF blocks or scaled fp8). Use LoraLoaderModelOnly, or load the DiT with weight_dtype bf16 / fp8_e4m3fn."
             )
         return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
 
@@ -160,8 +158,8 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         return super().unpatch_model(device_to, unpatch_weights)
 
 
-def kept_layers(module: torch.nn.Module) -> dict[str, GGUFLinear]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, GGUFLinear)}
+def kept_layers(module: torch.nn.Module) -> dict[str, ComfyPackedLinear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, ComfyPackedLinear)}
 
 
 def save_expanded(model_config, diffusion_model: torch.nn.Module) -> None:
