@@ -296,7 +296,7 @@ def load_state_dict(
                 if key in scales:
                     _check_scale(file, key, tensor, scales[key])
                 kept = pack is not None and dtype is not None and is_matrix(key, tensor.ndim) and tensor.ndim == 2
-                if kept and float_rows.qtype_of(tensor.dtype) and pack(tensor.dtype, key in scales):
+                if kept and float_rows.qtype_of(tensor.dtype, key in scales) and pack(tensor.dtype, key in scales):
                     raw, qtype = float_rows.pack(tensor, scales.get(key))
                     state_dict[key] = QuantizedWeight(raw, qtype, tensor.shape)
                     continue

@@ -24,9 +24,11 @@ STORAGE = {
 _SCALE_BYTES = 4  # an fp8 row starts with its float32 scale
 
 
-def qtype_of(dtype: torch.dtype) -> str | None:
-    """The format that keeps a matrix stored in `dtype`, None for a dtype with none (float32, integers)."""
-    return next((name for name, stored in STORAGE.items() if stored == dtype), None)
+def qtype_of(dtype: torch.dtype, scaled: bool = False) -> str | None:
+    """The format that keeps a matrix stored in `dtype` (with a scale: fp8 only), None if there is none (float32,
+    integers, a scaled 16-bit matrix)."""
+    name = next((name for name, stored in STORAGE.items() if stored == dtype), None)
+    return None if name is None or (scaled and not _scaled(name)) else name
 
 
 def _scaled(qtype: str) -> bool:
