@@ -262,7 +262,7 @@ def load_weights(
         raise ValueError(f"The checkpoint does not match {what}: wrong shapes {wrong[:5]}")
     converted = {}
     # packed matrices (QuantizedWeight: GGUF blocks, scaled fp8 rows) stay packed where they are a Linear's weight
-    for key, tensor in packed_linear.install_all(module, sd, compute_dtype, packed_layers.ComfyPackedLinear).items():
+    for key, tensor in packed_linear.install_all(module, sd, weight_dtype, packed_layers.ComfyPackedLinear).items():
         if tensor.is_floating_point():
             tensor = tensor.to(weight_dtype if checkpoint.is_matrix(key, tensor.ndim) else compute_dtype)
         converted[key] = tensor

@@ -91,7 +91,7 @@ class OpenSoraLoadDiT:
                 keep_blocks = gguf_file.is_gguf(path)
                 keep_scaled = not keep_blocks
         if keep_blocks:
-            sd = gguf_file.load_keeping_blocks(path)
+            sd = gguf_file.load_keeping_blocks(path, narrower_than=dtype)
             expanded = gguf_file.expanded_on_load(header)
             if expanded:
                 kinds = ", ".join(f"{count} {qtype}" for qtype, count in expanded.items())
@@ -100,7 +100,7 @@ class OpenSoraLoadDiT:
                     f"memory: the DiT keeps {' / '.join(gguf_dequant.BLOCKS)} blocks only."
                 )
         else:
-            pack = (lambda _stored, scaled: scaled) if keep_scaled else None
+            pack = (lambda stored, scaled: scaled or stored.itemsize == 1) if keep_scaled else None  # fp8 (scale 1)
             sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype, pack=pack)
         sd = checkpoint.strip_prefix(sd, info.prefix)
         config_values = {**info.config, **read_folder_config(path)}

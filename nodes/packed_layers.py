@@ -39,8 +39,8 @@ class ComfyPackedLinear(PackedLinear):
 
     comfy_cast_weights = False  # read by core's partial loading: set on layers it leaves on the offload device
 
-    def __init__(self, weight: QuantizedWeight, bias: bool, compute_dtype: torch.dtype):
-        super().__init__(weight, bias, compute_dtype)
+    def __init__(self, weight: QuantizedWeight, bias: bool, weight_dtype: torch.dtype):
+        super().__init__(weight, bias, weight_dtype)
         self.weight_function, self.bias_function = [], []
 
     def expanded_bytes(self) -> int:
@@ -61,15 +61,15 @@ class ComfyPackedLinear(PackedLinear):
         self.weight_function = [f for f in self.weight_function if not isinstance(f, ForwardPatch)]
 
     def effective_weight(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight the forward multiplies with: expanded, with its LoRA patches."""
+        """The weight with its LoRA patches, expanded into `dtype` (default: weight_dtype, as a dense layer stores it)."""
         raw = self.weight.to(device or self.weight.device, non_blocking=True)
-        dtype = dtype or self.compute_dtype
+        dtype = dtype or self.weight_dtype
         if not self.weight_function:
             return self.expand(raw, dtype)
         return _apply(self.weight_function, self.expand(raw, torch.float32)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.effective_weight(x.device, x.dtype)
+        weight = self.effective_weight(x.device).to(x.dtype)  # rounded to weight_dtype first, as a dense weight
         bias = None
         if self.bias is not None:
             bias = _apply(self.bias_function, self.bias.to(x.device, non_blocking=True)).to(x.dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gguf_dequant
+from . import float_rows, gguf_dequant
 from .checkpoint import CheckpointError as GGUFError  # one error type for every unusable weight file
 from .packed_linear import QuantizedWeight
 
@@ -118,12 +118,19 @@ def read_tensors(path: str | Path) -> dict[str, _Tensor]:
     return tensors
 
 
-def load_keeping_blocks(path: str | Path, select=None) -> dict[str, torch.Tensor | QuantizedWeight]:
+def load_keeping_blocks(
+    path: str | Path, select=None, narrower_than: torch.dtype | None = None
+) -> dict[str, torch.Tensor | QuantizedWeight]:
     """A GGUF file's tensors with every matrix of a type gguf_dequant expands kept as a QuantizedWeight (copied
-    out of the memory map); the rest as dequantize() gives them. `select(name)` -> False skips a tensor unread."""
+    out of the memory map), and F16 / BF16 matrices too where they are narrower than `narrower_than` (float rows,
+    e.g. an F16 T5 under fp32); the rest as dequantize() gives them. `select(name)` -> False skips a tensor unread."""
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name, t in read_tensors(path).items():
         if select is not None and not select(name):
+            continue
+        narrower = narrower_than is not None and narrower_than.itemsize > 2
+        if t.qtype in ("F16", "BF16") and len(t.shape) == 2 and narrower:
+            out[name] = QuantizedWeight(*float_rows.pack(dequantize(t)), t.shape)
             continue
         # rows of whole blocks only: a converter may also write blocks that run across rows (the shape recorded in
         # comfy.gguf.orig_shape), which only the flat dequantization reads

@@ -59,16 +59,20 @@ def expansion_bytes(qtype: str, shape: tuple[int, ...], patched: bool = False) -
 
 class PackedLinear(torch.nn.Module):
     """The bytes are the `weight` parameter ([rows, bytes per row] of `byte_dtype`), so state_dict sizes count them
-    and .to(device) or .to(dtype) moves them unchanged; `bias` is a plain tensor in the compute dtype."""
+    and .to(device) or .to(dtype) moves them unchanged; `bias` is a plain tensor in the compute dtype.
+
+    `weight_dtype` is the dtype the same file loaded dense would store the matrix in: an expansion is rounded to it
+    and then cast to the input's dtype, as a dense layer's weight is (core's manual cast, e.g. bf16 weights computed
+    in fp16 / fp32 on GPUs without bf16 compute), so the two give the same numbers."""
 
     byte_dtype = torch.uint8
 
-    def __init__(self, weight: QuantizedWeight, bias: bool, compute_dtype: torch.dtype):
+    def __init__(self, weight: QuantizedWeight, bias: bool, weight_dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.qtype, self.compute_dtype = weight.qtype, compute_dtype
+        self.qtype, self.weight_dtype = weight.qtype, weight_dtype
         self.weight = torch.nn.Parameter(weight.raw.view(self.byte_dtype), requires_grad=False)
-        placeholder = torch.empty(self.out_features, dtype=compute_dtype)  # load_state_dict(assign=True) replaces it
+        placeholder = torch.empty(self.out_features, dtype=weight_dtype)  # load_state_dict(assign=True) replaces it
         self.bias = torch.nn.Parameter(placeholder, requires_grad=False) if bias else None
 
     def extra_repr(self) -> str:
@@ -80,7 +84,7 @@ class PackedLinear(torch.nn.Module):
         return dequantize(raw, self.qtype, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.expand(self.weight.to(x.device, non_blocking=True), x.dtype)
+        weight = self.expand(self.weight.to(x.device, non_blocking=True), self.weight_dtype).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype, non_blocking=True)
         return F.linear(x, weight, bias)
 
@@ -89,7 +93,7 @@ def install(
     module: torch.nn.Module,
     key: str,
     weight: QuantizedWeight,
-    compute_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
     layer_class: type[PackedLinear] = PackedLinear,
 ) -> bool:
     """Put a `layer_class` holding `weight` in place of the Linear whose weight `key` names; False if `key` is not a
@@ -104,23 +108,22 @@ def install(
         return False
     # newer ComfyUI hosts build comfy.ops Linears with no tensors until loading; this flag says a bias comes
     bias = layer.bias is not None or bool(getattr(layer, "comfy_need_lazy_init_bias", False))
-    setattr(parent, name, layer_class(weight, bias, compute_dtype))
+    setattr(parent, name, layer_class(weight, bias, weight_dtype))
     return True
 
 
 def install_all(
     module: torch.nn.Module,
     state_dict: dict,
-    compute_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
     layer_class: type[PackedLinear] = PackedLinear,
-    keep=lambda key: True,
 ) -> dict:
-    """install() every QuantizedWeight of `state_dict` that `keep(key)` allows; returns the other entries for
-    load_state_dict, a QuantizedWeight that stays unplaced dequantized to float32 (the caller casts)."""
+    """install() every QuantizedWeight of `state_dict`; returns the other entries for load_state_dict, a
+    QuantizedWeight that is no Linear's weight dequantized to float32 (the caller casts)."""
     rest = {}
     for key, tensor in state_dict.items():
         if isinstance(tensor, QuantizedWeight):
-            if keep(key) and install(module, key, tensor, compute_dtype, layer_class):
+            if install(module, key, tensor, weight_dtype, layer_class):
                 continue
             tensor = tensor.dequantize(torch.float32)
         rest[key] = tensor

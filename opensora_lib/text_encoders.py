@@ -115,7 +115,7 @@ def _load_model(
         )
 
     if family == "t5" and gguf_file.is_gguf(source):  # its matrices stay in their blocks (packed_linear.py)
-        state_dict = gguf_file.load_keeping_blocks(source, select=wanted)
+        state_dict = gguf_file.load_keeping_blocks(source, select=wanted, narrower_than=dtype)
     else:  # a T5 keeps the matrices its file stores narrower than `dtype` (fp8, 16 bits under float32) packed
         narrower = (lambda stored, _scaled: stored.itemsize < dtype.itemsize) if family == "t5" else None
         state_dict = checkpoint.load_state_dict(source, dtype=dtype, device=device, select=wanted, pack=narrower)

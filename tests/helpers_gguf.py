@@ -55,15 +55,21 @@ def write_gguf(
 def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Write `state_dict` as a ComfyUI scaled fp8 file (the `scaled_fp8` marker, `<layer>.scale_weight`): every 2-D
     matrix as weight / scale in e4m3, the scale tensor-wise for every other matrix and per row ([rows, 1]) for the
-    rest; everything else float32. Returns what the file holds dequantized (fp8 in float32 x scale), float32."""
+    rest, but the last matrix plain fp8 with no scale (as core reads it: scale 1); everything else float32. Returns
+    what the file holds dequantized (fp8 in float32 x scale), float32."""
     from safetensors.torch import save_file
 
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     held: dict[str, torch.Tensor] = {}
+    last = [k for k, t in state_dict.items() if t.ndim == 2 and k.endswith(".weight")][-1]
     for index, (key, tensor) in enumerate(state_dict.items()):
         tensor = tensor.detach().float()
         if tensor.ndim != 2 or not key.endswith(".weight"):
             out[key] = held[key] = tensor.contiguous()
+            continue
+        if key == last:
+            out[key] = tensor.to(torch.float8_e4m3fn)
+            held[key] = out[key].float()
             continue
         per_row = index % 2 == 1
         largest = tensor.abs().amax(dim=1, keepdim=True) if per_row else tensor.abs().max().reshape(1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_comfy_probe import run_probe
+from helpers_gguf import write_gguf
 from safetensors.torch import load_file, save_file
 
 LATENTS = {"1.3": ("1.3", "144p", "9:16", 17), "2.0": ("2.0", "256px", "16:9", 9, 1, 64, 48)}
@@ -97,8 +98,36 @@ def probe(out_path: str, models_dir: str) -> None:
             },
             "differs_from_unscaled_fp8": not torch.equal(sample(load(files["fp8"], "bf16"), version), reference),
             "nvfp4": refused,
+            "manual_cast": manual_cast_results(files, load, sample, version),
         }
     Path(out_path).write_text(json.dumps(results))
+
+
+def manual_cast_results(files: dict, load, sample, version: str) -> dict:
+    """As on a GPU without bf16 compute, where core stores bf16 weights and computes in fp32 / fp16 (here: default
+    made to pick bf16 storage; on the CPU core then computes in fp32): a kept scaled-fp8 or GGUF DiT rounds each
+    expansion to bf16 first, so it samples exactly as the same file loaded dense into bf16."""
+    import comfy.model_management as mm
+    from opensora_pack.nodes.packed_layers import kept_layers
+
+    saved = mm.unet_dtype
+    mm.unet_dtype = lambda *args, **kwargs: torch.bfloat16
+    try:
+        out = {}
+        for kind in ("scaled_old", "scaled_new", "q8_gguf"):
+            kept = load(files[kind], "default")
+            layers = kept_layers(kept.model.diffusion_model)
+            out[kind] = {
+                "kept": len(layers),
+                "weight_dtypes": sorted({str(m.weight_dtype) for m in layers.values()}),
+                "compute_dtype": str(kept.model.manual_cast_dtype),
+                "equal_to_dense_bf16": bool(
+                    torch.equal(sample(kept, version), sample(load(files[kind], "bf16"), version))
+                ),
+            }
+        return out
+    finally:
+        mm.unet_dtype = saved
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +149,9 @@ def measured(tmp_path_factory) -> dict:
         names["1.3"][kind] = f"v13-{kind}/"
         save_file(variant(load_file(str(models / "v2.safetensors")), kind), str(root / f"v2-{kind}.safetensors"))
         names["2.0"][kind] = f"v2-{kind}.safetensors"
+    write_gguf(root / "v13-q8.gguf", load_file(str(models / "v13" / "model.safetensors")), "Q8_0")
+    write_gguf(root / "v2-q8.gguf", load_file(str(models / "v2.safetensors")), "Q8_0")
+    names["1.3"]["q8_gguf"], names["2.0"]["q8_gguf"] = "v13-q8.gguf", "v2-q8.gguf"
     (models / "names.json").write_text(json.dumps(names))
     return run_probe("test_dit_file_dtypes", models / "results.json", models)
 
@@ -145,3 +177,11 @@ def test_scaled_fp8_files_sample_as_their_dequantized_weights(measured, version)
 def test_a_format_it_cannot_read_is_refused_by_name(measured, version):
     message = measured[version]["nvfp4"]
     assert message is not None and "'nvfp4'" in message and "float8_e4m3fn" in message, message
+
+
+@pytest.mark.parametrize("version", ["1.3", "2.0"])
+def test_kept_layers_round_to_the_stored_dtype_under_manual_cast(measured, version):
+    for kind, result in measured[version]["manual_cast"].items():
+        assert result["kept"] > 0 and result["weight_dtypes"] == ["torch.bfloat16"], (kind, result)
+        assert result["compute_dtype"] == "torch.float32", (kind, result)  # core casts the bf16 weights at the forward
+        assert result["equal_to_dense_bf16"], (kind, result)

@@ -244,6 +244,29 @@ def test_a_quantized_t5_keeps_its_blocks_and_encodes_as_its_dequantized_weights(
         assert torch.equal(packed(input_ids=ids).last_hidden_state, dequantized(input_ids=ids).last_hidden_state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_f16_gguf_t5_stays_16_bit_under_fp32(tmp_path, dtype):
+    """An F16 GGUF T5 keeps its matrices as 16-bit rows under 1.x's fp32 (half the memory), as t5xxl_fp16 does, and
+    loads dense under bf16 (nothing narrower to keep); the encoder states equal the dense load bit for bit."""
+    from opensora_lib import packed_linear
+
+    model = tiny_t5_model(seed=5)
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    write_gguf(tmp_path / "t5.gguf", state_dict, "F16")
+    kept = load_t5(tmp_path / "t5.gguf", dtype)
+    dense = tiny_t5_model(seed=5)
+    dense.load_state_dict(checkpoint.load_state_dict(tmp_path / "t5.gguf", dtype=dtype), strict=False)
+    dense.tie_weights()
+    dense = dense.to(dtype)
+    layers = packed_linear.packed_layers(kept)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    assert {m.qtype for m in layers.values()} == ({"F16"} if dtype == torch.float32 else set()), layers
+    assert len(layers) == (linears if dtype == torch.float32 else 0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state)
+
+
 def test_blocks_that_run_across_rows_are_dequantized_not_kept(tmp_path):
     """A converter may quantize a matrix whose rows do not split into blocks over its flattened values (the shape in
     comfy.gguf.orig_shape): load_keeping_blocks dequantizes it (before, its bytes were split into rows as if each
