@@ -22,31 +22,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
+
+from ..opensora_lib.attention import frame_causal_attention
 
 MID_ATTENTION_PATHS = (("encoder", "mid", "attn_1"), ("decoder", "mid", "attn_1"))
-
-
-def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Core AttnBlock's attention (one head over the C channels) with the official frame-causal mask.
-
-    q, k, v: [B, C, T, H, W]. Tokens are ordered frame by frame, so the keys a frame may see are a prefix of the
-    sequence: each frame's queries attend to that prefix without a mask. Same result as the official dense
-    [T*H*W, T*H*W] mask, without building it, and every call can use a memory-efficient kernel.
-    """
-    if q.ndim != 5:
-        raise ValueError(
-            f"frame-causal attention needs [B, C, T, H, W] video features, got shape {tuple(q.shape)}: "
-            "this is not the 3-D HunyuanVideo VAE"
-        )
-    batch, channels, frames, height, width = q.shape
-    per_frame = height * width
-    q, k, v = (x.reshape(batch, 1, channels, frames * per_frame).transpose(2, 3) for x in (q, k, v))
-    out = torch.empty_like(q)
-    for frame in range(frames):
-        start, end = frame * per_frame, (frame + 1) * per_frame
-        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
-    return out.transpose(2, 3).reshape(batch, channels, frames, height, width)
 
 
 def _own_children(module: torch.nn.Module) -> torch.nn.Module:

