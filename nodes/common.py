@@ -135,12 +135,19 @@ def check_v1_text(states: torch.Tensor, mask, what: str, channels: int | None = 
         )
 
 
+# Core encoders that also give a version's conditioning, named when conditioning of another version is refused.
+CORE_TEXT_ENCODERS = {
+    "2.0": "2.0 takes T5 + CLIP-L conditioning, which core DualCLIPLoader(type=flux) + CLIPTextEncode give"
+}
+
+
 def check_conditioning_version(encoded: str | None, version: str, what: str) -> None:
     """Refuse conditioning that Open-Sora Encode Prompt made for another version (None: not from the pack)."""
     if encoded is not None and encoded != version:
+        core = f"; {CORE_TEXT_ENCODERS[version]}" if version in CORE_TEXT_ENCODERS else ""
         raise ValueError(
             f"{what} was encoded for Open-Sora {encoded} but the model is Open-Sora {version}: set Load Open-Sora "
-            f"Text Encoder's version to {version} (each version words the caption its own way)."
+            f"Text Encoder's version to {version} (each version words the caption its own way){core}."
         )
 
 

@@ -46,7 +46,7 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, check_plain_conditioning, load_for_sampling
+from .common import Progress, check_conditioning_version, check_plain_conditioning, load_for_sampling
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
@@ -66,12 +66,10 @@ def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, tor
         raise ValueError(f"The {what} conditioning is empty.")
     check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
-    version = meta.get("opensora_version")
-    if meta.get("opensora_null_caption") or version not in (None, "2.0"):
-        raise ValueError(
-            f"The {what} conditioning was encoded for Open-Sora {version}; 2.0 needs T5 + CLIP-L conditioning: "
-            "Load Open-Sora Text Encoder with version 2.0, or core DualCLIPLoader(type=flux) + CLIPTextEncode."
-        )
+    encoded = meta.get("opensora_version")
+    if meta.get("opensora_null_caption") and encoded in (None, "2.0"):
+        encoded = "1.x"  # the null caption is a 1.x DiT's learned one, however it is tagged: refused too
+    check_conditioning_version(encoded, "2.0", f"The {what} conditioning")
     if tensor.ndim == 4 and tensor.shape[1] == 1:
         tensor = tensor[:, 0]
     if tensor.ndim != 3 or tensor.shape[-1] != config.context_in_dim:
