@@ -40,9 +40,7 @@ def main() -> int:
     print(f"[demo] booting ComfyUI ({server.comfy}) on {server.url}")
     with server:
         print(f"[demo] host up after {time.monotonic() - start:.1f}s; pack loaded")
-        version = "1.2" if "opensora12" in Path(args.workflow).name else "1.3"
-        tiny = {"dit": names[f"dit_{version}"], "vae": names[f"vae_{version}"], "t5": names["t5"]}
-        prompt = use_models(json.loads(Path(args.workflow).read_text()), tiny)
+        prompt = use_models(json.loads(Path(args.workflow).read_text()), names)
         if not args.full:  # the tiny VAE decodes 360p x 49 frames slowly on 2 cores; keep the demo short
             for node in prompt.values():
                 if node["class_type"] == "OpenSoraEmptyLatentVideo":

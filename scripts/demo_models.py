@@ -167,7 +167,8 @@ def make_t5(folder: Path) -> None:
 
 
 def install_tiny_models(models_dir: Path, versions: tuple[str, ...] = ("1.3", "1.2")) -> dict[str, str]:
-    """Write the tiny models into a ComfyUI models/ folder (skips what is already there)."""
+    """Write the tiny models into a ComfyUI models/ folder (skips what is already there). Returns {role (as in
+    shipped_workflows.OFFICIAL): name as the loaders list it}: dit_<version>, vae_<version>, t5."""
     models_dir = Path(models_dir)
     names = {}
     for version in versions:

@@ -58,7 +58,7 @@ LAYOUT_VERSION = 1  # bump when a generator changes, so cached files are remade
 
 NAMES = {
     "dit_2.0": "opensora-tiny-v2.safetensors",
-    "t5_2.0": T5_NAME + "/",
+    "t5": T5_NAME + "/",
     "clip_l_2.0": "opensora-tiny-clip-l.safetensors",
     "vae_2.0": "opensora-test-hunyuan-vae.safetensors",
     "flux": "opensora-test-flux.safetensors",
@@ -300,7 +300,7 @@ LARGE = {
 }
 FOLDERS = {
     "dit_2.0": "diffusion_models",
-    "t5_2.0": "text_encoders",
+    "t5": "text_encoders",
     "clip_l_2.0": "text_encoders",
     "vae_2.0": "vae",
     "flux": "diffusion_models",
@@ -321,15 +321,15 @@ def _link(target: Path, link: Path) -> None:
 def install_tiny_models_v2(models_dir: Path, cache_dir: Path | None = None) -> dict[str, str]:
     """Write the 2.0 test models into a ComfyUI models/ folder (skips what is already there).
 
-    Returns {role: name as the loaders list it}: dit_2.0, t5_2.0, clip_l_2.0, vae_2.0, flux, flux_ae, dit_dcae,
-    vae_dcae.
+    Returns {role (as in shipped_workflows.OFFICIAL): name as the loaders list it}: dit_2.0, t5 (the 1.x tiny T5),
+    clip_l_2.0, vae_2.0, flux, flux_ae, dit_dcae, vae_dcae.
     """
     models_dir = Path(models_dir)
     cache_dir = Path(cache_dir or os.environ.get("OPENSORA_TINY_CACHE", CACHE))
     dit = models_dir / FOLDERS["dit_2.0"] / NAMES["dit_2.0"]
     if not dit.is_file():
         make_mmdit(dit)
-    t5 = models_dir / FOLDERS["t5_2.0"] / T5_NAME
+    t5 = models_dir / FOLDERS["t5"] / T5_NAME
     if not (t5 / "model.safetensors").is_file():
         make_t5(t5)
     clip = models_dir / FOLDERS["clip_l_2.0"] / NAMES["clip_l_2.0"]

@@ -2,8 +2,9 @@
 
 `python scripts/shipped_workflows.py` boots the real host, reads /object_info (widget order, output types) and
 writes workflows/<name>.json (UI format, drag onto the canvas; also listed in the template browser) and
-workflows/api/<name>.json (API format, for POST /prompt). `use_models()` points a workflow's loaders at
-other files, which is how the demo and the tests run them on the tiny models.
+workflows/api/<name>.json (API format, for POST /prompt). The 1.x workflows are defined here, the 2.0 ones in
+workflows_v2.py. `use_models()` points any workflow's loaders at other files by role (OFFICIAL) and
+`tiny_settings()` shrinks sizes and steps, which is how the demo and the tests run them on the tiny models.
 """
 
 from __future__ import annotations
@@ -16,27 +17,41 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 
 PROMPT = "a red fox running through fresh snow in a pine forest at sunrise, cinematic"
+# Role -> the official file a shipped workflow loads; use_models() swaps files by role (the tiny models' roles).
 OFFICIAL = {
-    "1.3": {"dit": "OpenSora-STDiT-v4/", "vae": "OpenSora-VAE-v1.3/", "t5": "t5xxl_fp16.safetensors"},
-    "1.2": {"dit": "OpenSora-STDiT-v3/", "vae": "OpenSora-VAE-v1.2/", "t5": "t5xxl_fp16.safetensors"},
+    "dit_1.3": "OpenSora-STDiT-v4/",
+    "vae_1.3": "OpenSora-VAE-v1.3/",
+    "dit_1.2": "OpenSora-STDiT-v3/",
+    "vae_1.2": "OpenSora-VAE-v1.2/",
+    "t5": "t5xxl_fp16.safetensors",  # every version's T5, and FLUX's in the 2.0 t2i2v first frame
+    "dit_2.0": "Open_Sora_v2.safetensors",
+    "vae_2.0": "hunyuan_vae.safetensors",
+    "clip_l_2.0": "clip_l.safetensors",
+    "flux": "flux1-dev.safetensors",
+    "flux_ae": "ae.safetensors",  # BFL's name; Open-Sora's HF repo ships the same weights as flux1-dev-ae.safetensors
+    "dit_dcae": "Open_Sora_v2_Video_DC_AE.safetensors",  # hpcai-tech/Open-Sora-v2-Video-DC-AE
+    "vae_dcae": "F32T4C128_AE.safetensors",
 }
-MODEL_FIELDS = {
-    "OpenSoraLoadDiT": ("dit_name", "dit"),
-    "OpenSoraLoadVAE": ("vae_name", "vae"),
-    "OpenSoraLoadTextEncoder": ("t5_name", "t5"),
+FILE_FIELDS = ("dit_name", "vae_name", "t5_name", "clip_name", "unet_name", "clip_name1", "clip_name2")
+# A CPU-sized latent per Empty Latent Video version, for tiny_settings(): the 1.x presets, 2.0 at exact pixels.
+TINY_SIZE = 64
+TINY_LATENTS = {
+    "1.3": {"resolution": "144p", "aspect_ratio": "9:16", "num_frames": 17},
+    "1.2": {"resolution": "144p", "aspect_ratio": "9:16", "num_frames": 17},
+    "2.0": {"width": TINY_SIZE, "height": TINY_SIZE, "num_frames": 9},  # 4k + 1 (causal VAE)
+    "2.0 DC-AE": {"width": TINY_SIZE, "height": TINY_SIZE, "num_frames": 8},  # 4k
 }
 
 
 def t2v(version: str, resolution: str, aspect: str, frames: int, cfg: float, aes: float) -> dict:
-    names = OFFICIAL[version]
     return {
         "1": {
             "class_type": "OpenSoraLoadDiT",
-            "inputs": {"dit_name": names["dit"], "weight_dtype": "default", "attention": "sdpa"},
+            "inputs": {"dit_name": OFFICIAL[f"dit_{version}"], "weight_dtype": "default", "attention": "sdpa"},
         },
         "2": {
             "class_type": "OpenSoraLoadTextEncoder",
-            "inputs": {"t5_name": names["t5"], "precision": "default", "version": version},
+            "inputs": {"t5_name": OFFICIAL["t5"], "precision": "default", "version": version},
         },
         "3": {
             "class_type": "OpenSoraEncodePrompt",
@@ -64,7 +79,7 @@ def t2v(version: str, resolution: str, aspect: str, frames: int, cfg: float, aes
                 "cfg": cfg,
             },
         },
-        "6": {"class_type": "OpenSoraLoadVAE", "inputs": {"vae_name": names["vae"], "dtype": "default"}},
+        "6": {"class_type": "OpenSoraLoadVAE", "inputs": {"vae_name": OFFICIAL[f"vae_{version}"], "dtype": "default"}},
         "7": {"class_type": "OpenSoraDecode", "inputs": {"vae": ["6", 0], "latent": ["5", 0]}},
         "8": {"class_type": "CreateVideo", "inputs": {"images": ["7", 0], "fps": 24.0}},
         "9": {
@@ -103,12 +118,53 @@ def definitions() -> dict[str, dict]:
 
 
 def use_models(prompt: dict, names: dict[str, str]) -> dict:
-    """A copy of an API workflow whose loaders read other files: names has keys dit / vae / t5."""
+    """A copy of an API workflow (any version) whose loaders read other files.
+
+    names: roles as in OFFICIAL (install_tiny_models / install_tiny_models_v2 return them); a role not in names
+    keeps its file. Core DualCLIPLoader only loads a full-size T5-XXL, so unless names also has "flux_t5" and
+    "flux_clip_l" (files core can load), the DualCLIPLoader + CLIPTextEncode pair is removed and FluxGuidance takes
+    Open-Sora Encode Prompt's positive output instead: same [T5 states, pooled_output] layout, but the 2.0 text
+    (with its fps / motion suffix).
+    """
+    out = json.loads(json.dumps(prompt))
+    file_roles = {name: role for role, name in OFFICIAL.items()}
+    core_text = "flux_t5" in names and "flux_clip_l" in names
+    for node in out.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "DualCLIPLoader" and core_text:
+            inputs.update(clip_name1=names["flux_t5"], clip_name2=names["flux_clip_l"])
+            continue
+        for field in FILE_FIELDS:
+            role = file_roles.get(inputs.get(field))
+            if role in names:
+                inputs[field] = names[role]
+    if not core_text:
+        clip_nodes = {k for k, n in out.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")}
+        encoder = next((k for k, n in out.items() if n["class_type"] == "OpenSoraEncodePrompt"), None)
+        if clip_nodes and encoder is not None:
+            for key in clip_nodes:
+                del out[key]
+            for node in out.values():
+                for field, value in node["inputs"].items():
+                    if isinstance(value, list) and len(value) == 2 and value[0] in clip_nodes:
+                        node["inputs"][field] = [encoder, 0]
+    return out
+
+
+def tiny_settings(prompt: dict, steps: int = 4, image_steps: int = 2, **latent) -> dict:
+    """A copy at a CPU-friendly size: TINY_LATENTS for the video (`latent` overrides it), steps for the Sampler,
+    and a TINY_SIZE FLUX first frame with image_steps."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
-        field = MODEL_FIELDS.get(node["class_type"])
-        if field and field[1] in names:
-            node["inputs"][field[0]] = names[field[1]]
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "OpenSoraEmptyLatentVideo":
+            inputs.update({**TINY_LATENTS[inputs["version"]], **latent})
+        elif kind == "OpenSoraSampler":
+            inputs["steps"] = steps
+        elif kind in ("EmptySD3LatentImage", "ModelSamplingFlux"):
+            inputs.update(width=TINY_SIZE, height=TINY_SIZE)
+        elif kind == "KSampler":
+            inputs["steps"] = image_steps
     return out
 
 

@@ -152,10 +152,7 @@ def node_of(prompt: dict, class_type: str) -> dict:
 
 def good_prompt(server: ComfyServer, seed: int, steps: int = STEPS) -> dict:
     """The shipped 1.3 text-to-video workflow on the tiny models at 144p / 17 frames."""
-    names = server.tiny_models
-    prompt = use_models(
-        json.loads(WORKFLOW.read_text()), {"dit": names["dit_1.3"], "vae": names["vae_1.3"], "t5": names["t5"]}
-    )
+    prompt = use_models(json.loads(WORKFLOW.read_text()), server.tiny_models)
     node_of(prompt, "OpenSoraEmptyLatentVideo")["inputs"].update(LATENT)
     # A new seed each time so ComfyUI's cache cannot skip the sampler, decoder and writer.
     node_of(prompt, "OpenSoraSampler")["inputs"].update(seed=seed, steps=steps)

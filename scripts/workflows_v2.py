@@ -21,8 +21,7 @@ Officially AE_SPATIAL_COMPRESSION=32 also reaches the FLUX call (get_noise / unp
 stays 2), which makes the FLUX image half as wide and high and resizes it up afterwards (found by reading
 opensora/utils/sampling.py; not run).
 
-`use_models_v2()` points the loaders at other files (the tests' tiny models) and `tiny_settings_v2()`
-shrinks sizes and steps for a CPU run.
+The official files, use_models() and tiny_settings() are shipped_workflows.py's, shared with the 1.x workflows.
 """
 
 from __future__ import annotations
@@ -36,20 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from shipped_workflows import OFFICIAL, PROMPT  # noqa: E402
+
 from opensora_lib.schedules import v2_shift_alpha  # noqa: E402
 from opensora_lib.sizes import image_size, tokens_per_frame  # noqa: E402
 
-PROMPT = "a red fox running through fresh snow in a pine forest at sunrise, cinematic"
-OFFICIAL_V2 = {
-    "dit_2.0": "Open_Sora_v2.safetensors",
-    "vae_2.0": "hunyuan_vae.safetensors",
-    "t5_2.0": "t5xxl_fp16.safetensors",
-    "clip_l_2.0": "clip_l.safetensors",
-    "flux": "flux1-dev.safetensors",
-    "flux_ae": "ae.safetensors",  # BFL's name; Open-Sora's HF repo ships the same weights as flux1-dev-ae.safetensors
-    "dit_dcae": "Open_Sora_v2_Video_DC_AE.safetensors",  # hpcai-tech/Open-Sora-v2-Video-DC-AE
-    "vae_dcae": "F32T4C128_AE.safetensors",
-}
 SETTINGS = {
     "resolution": "256px",
     "aspect_ratio": "16:9",
@@ -65,31 +55,21 @@ SETTINGS_DC_AE = {**SETTINGS, "resolution": "768px", "num_frames": 128}  # high_
 IMAGE_RESOLUTION = "768px"  # the t2i2v plugin's img_resolution
 FLUX_GUIDANCE = 4.0  # modify_option_to_t2i
 
-# (class_type, input) -> role in OFFICIAL_V2, for use_models_v2; the DiT and VAE loaders are told apart by file.
-FILE_FIELDS_V2 = {("OpenSoraLoadDiT", "dit_name"), ("VAELoader", "vae_name"), ("OpenSoraLoadVAE", "vae_name")}
-MODEL_FIELDS_V2 = {
-    ("OpenSoraLoadTextEncoder", "t5_name"): "t5_2.0",
-    ("OpenSoraLoadTextEncoder", "clip_name"): "clip_l_2.0",
-    ("UNETLoader", "unet_name"): "flux",
-    ("DualCLIPLoader", "clip_name1"): "t5_2.0",
-    ("DualCLIPLoader", "clip_name2"): "clip_l_2.0",
-}
-
 
 def t2v_v2() -> dict:
     s = SETTINGS
     return {
         "1": {
             "class_type": "OpenSoraLoadDiT",
-            "inputs": {"dit_name": OFFICIAL_V2["dit_2.0"], "weight_dtype": "default", "attention": "sdpa"},
+            "inputs": {"dit_name": OFFICIAL["dit_2.0"], "weight_dtype": "default", "attention": "sdpa"},
         },
         "2": {
             "class_type": "OpenSoraLoadTextEncoder",
             "inputs": {
-                "t5_name": OFFICIAL_V2["t5_2.0"],
+                "t5_name": OFFICIAL["t5"],
                 "precision": "default",
                 "version": "2.0",
-                "clip_name": OFFICIAL_V2["clip_l_2.0"],
+                "clip_name": OFFICIAL["clip_l_2.0"],
             },
         },
         "3": {
@@ -130,7 +110,7 @@ def t2v_v2() -> dict:
                 "timestep_transform": True,
             },
         },
-        "6": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL_V2["vae_2.0"]}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL["vae_2.0"]}},
         "12": {"class_type": "OpenSoraHunyuanVAE", "inputs": {"vae": ["6", 0]}},  # official frame-causal mid attention
         "7": {
             "class_type": "VAEDecodeTiled",
@@ -191,12 +171,12 @@ def add_flux_first_frame(prompt: dict, autoencoder: str, prefix: str) -> None:
     shift = flux_shift(autoencoder)
     prompt.update(
         {
-            "20": {"class_type": "UNETLoader", "inputs": {"unet_name": OFFICIAL_V2["flux"], "weight_dtype": "default"}},
+            "20": {"class_type": "UNETLoader", "inputs": {"unet_name": OFFICIAL["flux"], "weight_dtype": "default"}},
             "21": {
                 "class_type": "DualCLIPLoader",
                 "inputs": {
-                    "clip_name1": OFFICIAL_V2["t5_2.0"],
-                    "clip_name2": OFFICIAL_V2["clip_l_2.0"],
+                    "clip_name1": OFFICIAL["t5"],
+                    "clip_name2": OFFICIAL["clip_l_2.0"],
                     "type": "flux",
                 },
             },
@@ -228,7 +208,7 @@ def add_flux_first_frame(prompt: dict, autoencoder: str, prefix: str) -> None:
                     "denoise": 1.0,
                 },
             },
-            "27": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL_V2["flux_ae"]}},
+            "27": {"class_type": "VAELoader", "inputs": {"vae_name": OFFICIAL["flux_ae"]}},
             "28": {"class_type": "VAEDecode", "inputs": {"samples": ["26", 0], "vae": ["27", 0]}},
             "29": {
                 "class_type": "SaveImage",
@@ -252,11 +232,11 @@ def dcae_t2v_v2() -> dict:
     s = SETTINGS_DC_AE
     prompt = t2v_v2()
     del prompt["12"]  # the HunyuanVideo causal fix has no place here
-    prompt["1"]["inputs"]["dit_name"] = OFFICIAL_V2["dit_dcae"]
+    prompt["1"]["inputs"]["dit_name"] = OFFICIAL["dit_dcae"]
     prompt["4"]["inputs"].update(version="2.0 DC-AE", resolution=s["resolution"], num_frames=s["num_frames"])
     prompt["6"] = {
         "class_type": "OpenSoraLoadVAE",
-        "inputs": {"vae_name": OFFICIAL_V2["vae_dcae"], "dtype": "default", "dc_ae_scaling": "trained 0.493"},
+        "inputs": {"vae_name": OFFICIAL["vae_dcae"], "dtype": "default", "dc_ae_scaling": "trained 0.493"},
     }
     prompt["7"] = {"class_type": "OpenSoraDecode", "inputs": {"vae": ["6", 0], "latent": ["5", 0], "tile_size": 0}}
     prompt["9"]["inputs"]["filename_prefix"] = "opensora/v20_dcae_t2v"
@@ -284,67 +264,6 @@ def definitions_v2() -> dict[str, dict]:
         "opensora20_dcae_t2v": dcae_t2v_v2(),
         "opensora20_dcae_t2i2v": dcae_t2i2v_v2(),
     }
-
-
-def use_models_v2(prompt: dict, names: dict[str, str]) -> dict:
-    """A copy of a 2.0 API workflow whose loaders read other files.
-
-    names: roles as in OFFICIAL_V2 (install_tiny_models_v2 returns them). Core DualCLIPLoader only loads a
-    full-size T5-XXL, so unless names also has "flux_t5" and "flux_clip_l" (files core can load), the
-    DualCLIPLoader + CLIPTextEncode pair is removed and FluxGuidance takes Open-Sora Encode Prompt's positive
-    output instead: same [T5 states, pooled_output] layout, but the 2.0 text (with its fps / motion suffix).
-    """
-    out = json.loads(json.dumps(prompt))
-    file_roles = {name: role for role, name in OFFICIAL_V2.items()}
-    core_text = "flux_t5" in names and "flux_clip_l" in names
-    for node in out.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        for class_type, field in FILE_FIELDS_V2:
-            role = file_roles.get(inputs.get(field)) if kind == class_type else None
-            if role in names:
-                inputs[field] = names[role]
-        if kind == "DualCLIPLoader" and core_text:
-            inputs.update(clip_name1=names["flux_t5"], clip_name2=names["flux_clip_l"])
-            continue
-        for (class_type, field), role in MODEL_FIELDS_V2.items():
-            if kind == class_type and field in inputs and role in names:
-                inputs[field] = names[role]
-    if not core_text:
-        clip_nodes = {k for k, n in out.items() if n["class_type"] in ("DualCLIPLoader", "CLIPTextEncode")}
-        encoder = next((k for k, n in out.items() if n["class_type"] == "OpenSoraEncodePrompt"), None)
-        if clip_nodes and encoder is not None:
-            for key in clip_nodes:
-                del out[key]
-            for node in out.values():
-                for field, value in node["inputs"].items():
-                    if isinstance(value, list) and len(value) == 2 and value[0] in clip_nodes:
-                        node["inputs"][field] = [encoder, 0]
-    return out
-
-
-def tiny_settings_v2(
-    prompt: dict,
-    width: int = 64,
-    height: int = 64,
-    num_frames: int | None = None,
-    steps: int = 4,
-    image_steps: int = 2,
-) -> dict:
-    """A copy at a CPU-friendly size: the video (exact width / height) and the Flux first frame.
-    num_frames None: 9 (2.0, 4k+1) or 8 (2.0 DC-AE, 4k)."""
-    out = json.loads(json.dumps(prompt))
-    for node in out.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "OpenSoraEmptyLatentVideo":
-            frames = num_frames or (8 if inputs.get("version") == "2.0 DC-AE" else 9)
-            inputs.update(width=width, height=height, num_frames=frames)
-        elif kind == "OpenSoraSampler":
-            inputs["steps"] = steps
-        elif kind in ("EmptySD3LatentImage", "ModelSamplingFlux"):
-            inputs.update(width=width, height=height)
-        elif kind == "KSampler":
-            inputs["steps"] = image_steps
-    return out
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ import av
 import numpy as np
 from comfy_host import output_files
 from PIL import Image
-from shipped_workflows import use_models
+from shipped_workflows import tiny_settings, use_models
 
 REPO = Path(__file__).resolve().parent.parent
 API = REPO / "workflows" / "api"
-
-# Small enough for a 2-core CPU, still exercising every node of the workflow.
-FAST = {"resolution": "144p", "aspect_ratio": "9:16", "num_frames": 17}
 
 
 def api_workflow(name: str) -> dict:
@@ -23,21 +20,8 @@ def api_workflow(name: str) -> dict:
 
 
 def tiny_workflow(server, name: str, steps: int = 3, **latent_overrides) -> dict:
-    """A shipped API workflow pointed at the tiny models, at a small size and few steps."""
-    prompt = api_workflow(name)
-    version = next(n["inputs"]["version"] for n in prompt.values() if n["class_type"] == "OpenSoraEmptyLatentVideo")
-    names = server.tiny_models
-    if version == "2.0":
-        from workflows_v2 import tiny_settings_v2, use_models_v2
-
-        return tiny_settings_v2(use_models_v2(prompt, names), steps=steps)
-    prompt = use_models(prompt, {"dit": names[f"dit_{version}"], "vae": names[f"vae_{version}"], "t5": names["t5"]})
-    for node in prompt.values():
-        if node["class_type"] == "OpenSoraEmptyLatentVideo":
-            node["inputs"].update({**FAST, **latent_overrides})
-        if node["class_type"] == "OpenSoraSampler":
-            node["inputs"]["steps"] = steps
-    return prompt
+    """A shipped API workflow (any version) pointed at the tiny models, at a small size and few steps."""
+    return tiny_settings(use_models(api_workflow(name), server.tiny_models), steps=steps, **latent_overrides)
 
 
 def write_reference_image(server, name: str = "opensora_reference.png", seed: int = 0) -> Path:

@@ -62,7 +62,7 @@ def test_conditioning_encoded_for_another_version(comfy_server, t2v, encoded):
     encoder = node_of(t2v, "OpenSoraLoadTextEncoder")["inputs"]
     encoder["version"] = encoded
     if encoded == "2.0":
-        encoder.update(t5_name=comfy_server.tiny_models["t5_2.0"], clip_name=comfy_server.tiny_models["clip_l_2.0"])
+        encoder.update(t5_name=comfy_server.tiny_models["t5"], clip_name=comfy_server.tiny_models["clip_l_2.0"])
     message = run_error(comfy_server, t2v)
     assert f"encoded for Open-Sora {encoded} but the model is Open-Sora 1.3" in message, message
     assert "version to 1.3" in message, message

@@ -333,7 +333,7 @@ def measured(tmp_path_factory) -> dict:
     make_mmdit(models / "diffusion_models" / NAMES["dit_2.0"])
     make_dcae(models / "vae" / NAMES["vae_dcae"])
     make_vae("1.3", models / "vae" / VAE_NAMES["1.3"])
-    make_t5(models / "text_encoders" / NAMES["t5_2.0"].rstrip("/"))
+    make_t5(models / "text_encoders" / NAMES["t5"].rstrip("/"))
     make_clip(models / "text_encoders" / NAMES["clip_l_2.0"])
     return run_probe("test_dcae_nodes", models / "results.json", models)
 

@@ -285,7 +285,7 @@ def measured(tmp_path_factory) -> dict:
 
     models = tmp_path_factory.mktemp("models-v2")
     make_mmdit(models / "diffusion_models" / NAMES["dit_2.0"])
-    make_t5(models / "text_encoders" / NAMES["t5_2.0"].rstrip("/"))
+    make_t5(models / "text_encoders" / NAMES["t5"].rstrip("/"))
     make_clip(models / "text_encoders" / NAMES["clip_l_2.0"])
     out = models / "results.json"
     return run_probe("test_nodes_v2", out, models)

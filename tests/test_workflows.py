@@ -189,7 +189,7 @@ def _v12_i2v(comfy_server, seed: int, cond_type: str) -> dict:
     write_reference_image(comfy_server)
     names = comfy_server.tiny_models
     prompt = use_models(
-        api_workflow("opensora13_i2v"), {"dit": names["dit_1.2"], "vae": names["vae_1.2"], "t5": names["t5"]}
+        api_workflow("opensora13_i2v"), {"dit_1.3": names["dit_1.2"], "vae_1.3": names["vae_1.2"], "t5": names["t5"]}
     )
     prompt["2"]["inputs"]["version"] = "1.2"
     prompt["4"]["inputs"].update(version="1.2", resolution="144p", aspect_ratio="9:16", num_frames=17)

@@ -1,7 +1,7 @@
 """The shipped Open-Sora 2.0 workflows on the real host with the 2.0 test models, and GUIDER/SIGMAS parity.
 
-Each API workflow from workflows/api/ is pointed at the test models (use_models_v2) and shrunk to 64 x 64
-pixels, 9 frames (8 for the Video DC-AE ones; tiny_settings_v2). In text-to-image-to-video the FLUX first frame
+Each API workflow from workflows/api/ is pointed at the test models (use_models) and shrunk to 64 x 64
+pixels, 9 frames (8 for the Video DC-AE ones; tiny_settings). In text-to-image-to-video the FLUX first frame
 takes its conditioning from Open-Sora Encode Prompt, because core DualCLIPLoader only loads a full-size T5-XXL
 (see scripts/demo_models_v2.py); every other node of the workflow runs as shipped.
 """
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_host import output_files
-from helpers_server import api_workflow, run_ok, video_properties, write_reference_image
+from helpers_server import run_ok, tiny_workflow, video_properties, write_reference_image
 from PIL import Image
 from safetensors.torch import load_file
-from workflows_v2 import OFFICIAL_V2, definitions_v2, tiny_settings_v2, use_models_v2
+from shipped_workflows import OFFICIAL, definitions, tiny_settings, use_models
+from workflows_v2 import definitions_v2
 
 pytestmark = pytest.mark.server
 
@@ -31,10 +32,6 @@ WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 STEPS = 4
 
 
-def tiny_v2(server, name: str) -> dict:
-    return tiny_settings_v2(use_models_v2(api_workflow(name), server.tiny_models), steps=STEPS)
-
-
 def saved_files(server, result, key: str) -> list[Path]:
     files = []
     for output in result.outputs.values():
@@ -48,7 +45,7 @@ def test_v2_workflow_writes_mp4(comfy_server, name):
     if name in ("opensora20_i2v", "opensora20_flf2v"):
         write_reference_image(comfy_server)
         write_reference_image(comfy_server, "opensora_reference_end.png", seed=1)
-    prompt = tiny_v2(comfy_server, name)
+    prompt = tiny_workflow(comfy_server, name, steps=STEPS)
     result = comfy_server.client().run(prompt, timeout=900)
     assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"
     videos = output_files(result, comfy_server.base)
@@ -81,14 +78,14 @@ def test_v2_workflows_ship_in_ui_and_api_format():
         assert kinds["CreateVideo"]["fps"] == 24.0
 
 
-def test_v2_workflows_reference_official_files():
+def test_workflows_reference_official_files():
     files = set()
-    for prompt in definitions_v2().values():
+    for prompt in definitions().values():  # every version's: each OFFICIAL role is loaded somewhere
         for node in prompt.values():
             for field in ("dit_name", "t5_name", "clip_name", "vae_name", "unet_name", "clip_name1", "clip_name2"):
                 if field in node["inputs"]:
                     files.add(node["inputs"][field])
-    assert files == set(OFFICIAL_V2.values())
+    assert files == set(OFFICIAL.values())
     t2i2v = {n["class_type"]: n["inputs"] for n in definitions_v2()["opensora20_t2i2v"].values()}
     assert t2i2v["DualCLIPLoader"]["type"] == "flux"
     assert t2i2v["FluxGuidance"]["guidance"] == 4.0 and t2i2v["KSampler"]["cfg"] == 1.0
@@ -132,24 +129,33 @@ def test_dcae_workflows_follow_high_compression_py():
     assert "VAELoader" not in {n["class_type"] for n in definitions_v2()["opensora20_dcae_t2v"].values()}
 
 
-def test_use_models_v2_substitutes_only_what_core_cannot_load():
-    names = {"dit_2.0": "d", "t5_2.0": "t/", "clip_l_2.0": "c", "vae_2.0": "v", "flux": "f", "flux_ae": "a"}
-    swapped = use_models_v2(definitions_v2()["opensora20_t2i2v"], names)
+def test_use_models_substitutes_only_what_core_cannot_load():
+    names = {"dit_2.0": "d", "t5": "t/", "clip_l_2.0": "c", "vae_2.0": "v", "flux": "f", "flux_ae": "a"}
+    swapped = use_models(definitions_v2()["opensora20_t2i2v"], names)
     kinds = {n["class_type"]: n["inputs"] for n in swapped.values()}
     assert "DualCLIPLoader" not in kinds and "CLIPTextEncode" not in kinds
     assert kinds["FluxGuidance"]["conditioning"] == ["3", 0]  # Open-Sora Encode Prompt's positive output
     assert kinds["UNETLoader"]["unet_name"] == "f" and kinds["OpenSoraLoadDiT"]["dit_name"] == "d"
     vaes = sorted(n["inputs"]["vae_name"] for n in swapped.values() if n["class_type"] == "VAELoader")
     assert vaes == ["a", "v"]
-    kept = use_models_v2(definitions_v2()["opensora20_t2i2v"], {**names, "flux_t5": "T5", "flux_clip_l": "L"})
+    kept = use_models(definitions_v2()["opensora20_t2i2v"], {**names, "flux_t5": "T5", "flux_clip_l": "L"})
     kept_kinds = {n["class_type"]: n["inputs"] for n in kept.values()}
     assert (kept_kinds["DualCLIPLoader"]["clip_name1"], kept_kinds["DualCLIPLoader"]["clip_name2"]) == ("T5", "L")
     assert kept_kinds["FluxGuidance"]["conditioning"] == ["22", 0]
-    dcae = use_models_v2(definitions_v2()["opensora20_dcae_t2i2v"], {**names, "dit_dcae": "dd", "vae_dcae": "dv"})
+    dcae = use_models(definitions_v2()["opensora20_dcae_t2i2v"], {**names, "dit_dcae": "dd", "vae_dcae": "dv"})
     dcae_kinds = {n["class_type"]: n["inputs"] for n in dcae.values()}
     assert dcae_kinds["OpenSoraLoadDiT"]["dit_name"] == "dd" and dcae_kinds["OpenSoraLoadVAE"]["vae_name"] == "dv"
     assert dcae_kinds["VAELoader"]["vae_name"] == "a" and dcae_kinds["UNETLoader"]["unet_name"] == "f"
-    assert tiny_settings_v2(dcae)["4"]["inputs"]["num_frames"] == 8  # 4k for the DC-AE
+    assert tiny_settings(dcae)["4"]["inputs"]["num_frames"] == 8  # 4k for the DC-AE
+    # the same roles reach the 1.x loaders; a role not given keeps its official file
+    v13 = use_models(definitions()["opensora13_i2v"], {"dit_1.3": "d13", "t5": "t/", "dit_2.0": "d"})
+    v13_kinds = {n["class_type"]: n["inputs"] for n in v13.values()}
+    assert v13_kinds["OpenSoraLoadDiT"]["dit_name"] == "d13" and v13_kinds["OpenSoraLoadTextEncoder"]["t5_name"] == "t/"
+    assert v13_kinds["OpenSoraLoadVAE"]["vae_name"] == OFFICIAL["vae_1.3"]
+    assert tiny_settings(v13, steps=2, num_frames=33)["4"]["inputs"] == {
+        **v13["4"]["inputs"],
+        **{"resolution": "144p", "aspect_ratio": "9:16", "num_frames": 33},
+    }
 
 
 def _latent(server, result) -> torch.Tensor:
@@ -166,7 +172,7 @@ def test_v2_guider_and_sigmas_reproduce_the_sampler_node(comfy_server, name):
     output (v = (x - denoised) / sigma) in float32, hence differences at the 1e-5 level, not bit equality.
     """
     write_reference_image(comfy_server)
-    base = tiny_v2(comfy_server, name)
+    base = tiny_workflow(comfy_server, name, steps=STEPS)
     keep = {k: v for k, v in base.items() if v["class_type"] not in ("VAEDecodeTiled", "CreateVideo", "SaveVideo")}
     seed, steps, cfg, image_cfg = 31, 12, 7.5, 3.0  # 12 steps reach the oscillating steps (>= 10)
     keep["5"]["inputs"].update(seed=seed, steps=steps, cfg=cfg, image_cfg=image_cfg)
@@ -214,7 +220,7 @@ def test_v2_video_reference_modes_through_the_api(comfy_server):
     """v2v_tail, one of the official 2.0 video-conditioning modes beyond v2v_head (the _easy variants differ in
     counts only: tests/test_sampling_v2.py): a 33-frame reference video (8 + 1 latent frames) into 41 frames."""
     write_reference_image(comfy_server)
-    prompt = tiny_settings_v2(use_models_v2(api_workflow("opensora20_i2v"), comfy_server.tiny_models), steps=2)
+    prompt = tiny_workflow(comfy_server, "opensora20_i2v", steps=2)
     prompt["4"]["inputs"]["num_frames"] = 41
     prompt["13"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["10", 0], "amount": 33}}
     prompt["11"]["inputs"].update(image=["13", 0], cond_type="v2v_tail")
@@ -227,7 +233,7 @@ def test_v2_video_reference_modes_through_the_api(comfy_server):
 def test_long_prompt_truncation_is_logged_for_t5_and_clip(comfy_server):
     """CLIP-L's pooled vector reads 77 tokens, T5 512: a longer prompt is cut as the official code does, with a log
     line for each encoder that cut it."""
-    prompt = tiny_settings_v2(use_models_v2(api_workflow("opensora20_t2v"), comfy_server.tiny_models), steps=1)
+    prompt = tiny_workflow(comfy_server, "opensora20_t2v", steps=1)
     encode = next(node for node in prompt.values() if node["class_type"] == "OpenSoraEncodePrompt")
     encode["inputs"]["prompt"] = " ".join(f"word{i}" for i in range(150))
     assert run_ok(comfy_server, prompt)
@@ -237,8 +243,8 @@ def test_long_prompt_truncation_is_logged_for_t5_and_clip(comfy_server):
 def test_dcae_latent_into_the_hunyuan_vae_is_named(comfy_server):
     """A 2.0 DC-AE latent wired into core VAEDecode with the HunyuanVideo VAE (causal fix): a message that says
     what the latent is and which decoder it needs, not torch's channel error."""
-    prompt = tiny_v2(comfy_server, "opensora20_dcae_t2v")
-    hunyuan = tiny_v2(comfy_server, "opensora20_t2v")
+    prompt = tiny_workflow(comfy_server, "opensora20_dcae_t2v", steps=STEPS)
+    hunyuan = tiny_workflow(comfy_server, "opensora20_t2v", steps=STEPS)
     for key in ("7", "8", "9"):
         del prompt[key]
     prompt["60"] = hunyuan["6"]  # VAELoader with the test HunyuanVideo VAE
@@ -262,7 +268,7 @@ def test_gguf_dit_and_t5_with_a_lora_through_the_api(comfy_server):
     from safetensors.torch import save_file
 
     models, names = comfy_server.models, comfy_server.tiny_models
-    t5_folder = models / "text_encoders" / names["t5_2.0"].rstrip("/")
+    t5_folder = models / "text_encoders" / names["t5"].rstrip("/")
     files = {}
     for role, source, folder in (
         ("dit", models / "diffusion_models" / names["dit_2.0"], "diffusion_models"),
@@ -283,7 +289,7 @@ def test_gguf_dit_and_t5_with_a_lora_through_the_api(comfy_server):
     save_file(lora, str(models / "loras" / "opensora-tiny-lora.safetensors"))
 
     def video(variant: int, strength: float = 0.8) -> dict:
-        prompt = tiny_v2(comfy_server, "opensora20_t2v")
+        prompt = tiny_workflow(comfy_server, "opensora20_t2v", steps=STEPS)
         dit_node = next(k for k, n in prompt.items() if n["class_type"] == "OpenSoraLoadDiT")
         for node in prompt.values():
             if node["class_type"] == "OpenSoraLoadDiT":
