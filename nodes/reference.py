@@ -24,22 +24,28 @@ IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1), "frame_
 
 
 def encode_image_condition(
-    encode_one: Callable[[int], torch.Tensor], count: int, cond_type: str, version: str
+    encode_one: Callable[[int], torch.Tensor], count: int, cond_type: str, version: str, rows: int = 1
 ) -> torch.Tensor:
-    """The reference latent of an image condition: encode_one(i) ([B, C, 1, h, w]) for the images it picks from a
+    """The reference latent of an image condition: encode_one(i) ([1, C, 1, h, w]) for the images it picks from a
     batch of `count`, concatenated in latent-frame order (i2v_loop: [start, end]; one image is encoded once and
-    used at both ends). Says which images were used when the batch holds more than the condition takes."""
+    used at both ends), shared by the latent's `rows` videos. A one-image condition given one image per video
+    (count == rows > 1) gives each video its own: [rows, C, 1, h, w]. Says which images were used when the batch
+    holds more than the condition takes."""
+    if rows > 1 and count == rows and len(IMAGE_PICKS[cond_type]) == 1:
+        return torch.cat([encode_one(i) for i in range(count)])
     order = [i % count for i in IMAGE_PICKS[cond_type]]
     picks = list(dict.fromkeys(order))
     if count > len(picks):
         which = "the last" if picks == [count - 1] else "the first and the last" if len(picks) == 2 else "the first"
+        per_row = "" if len(picks) == 2 else f"; give {rows} images (the latent's batch_size) for one per video"
         log.warning(
-            "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s)",
+            "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s%s)",
             cond_type,
             which,
             count,
             version,
             "a start and an end image" if cond_type == "i2v_loop" else "one image here",
+            per_row if rows > 1 else "",
         )
     encoded = {i: encode_one(i) for i in picks}  # in pick order: the 1.x posterior noise is drawn first, then last
     return torch.cat([encoded[i] for i in order], dim=2)
@@ -60,7 +66,8 @@ def mask_index_for(cond_type: str, latent_frames: int, reference_frames: int, fr
 def encode_reference_v1(
     vae, image: torch.Tensor, latent: dict, info: dict, cond_type: str, frame_index: int, seed: int
 ):
-    """LATENT with opensora_reference = {latent (raw, [1, C, N, h, w]), mask_index, cond_type} for a 1.x latent."""
+    """LATENT with opensora_reference = {latent (raw, [1 or B, C, N, h, w]), mask_index, cond_type} for a 1.x
+    latent (B: one image per video of the batch)."""
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
     generator = torch.Generator().manual_seed(seed)
 
@@ -81,6 +88,7 @@ def encode_reference_v1(
             pixels.shape[0],
             cond_type,
             info["version"],
+            latent["samples"].shape[0],
         )
     index = mask_index_for(cond_type, latent["samples"].shape[2], reference.shape[2], frame_index)
     out = dict(latent)

@@ -64,7 +64,7 @@ def encode_reference_v2(core_vae, image: torch.Tensor, latent: dict, info: dict,
     if cond_type in IMAGE_PICKS:
         # one frame per conditioned end: head from the first image, tail from the last (official ref_path[0/-1])
         reference = encode_image_condition(
-            lambda i: _encode(core_vae, images[i : i + 1]), len(images), cond_type, "2.0"
+            lambda i: _encode(core_vae, images[i : i + 1]), len(images), cond_type, "2.0", samples.shape[0]
         )
     else:
         needed = (len(frames) - 1) * 4 + 1  # the causal VAE turns 4k + 1 frames into k + 1 latent frames
@@ -97,7 +97,11 @@ def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, info: dict, co
     pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
     # One image -> one latent frame (official collect_references_batch: r[:, :1] -> model_ae.encode).
     reference = encode_image_condition(
-        lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu(), len(pixels), cond_type, "2.0 DC-AE"
+        lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu(),
+        len(pixels),
+        cond_type,
+        "2.0 DC-AE",
+        samples.shape[0],
     )
     if reference.shape[1] != samples.shape[1] or reference.shape[-2:] != samples.shape[-2:]:
         raise ValueError(

@@ -96,11 +96,23 @@ def check_reference_fits(reference: dict, z: torch.Tensor) -> None:
     """Encode Reference made its entry for the latent as it was then: a core latent node after it (LatentUpscaleBy,
     TrimVideoLatent) changes the samples but not the entry."""
     ref, index = reference["latent"], list(reference["mask_index"])
+    check_reference_rows(ref, z)
     if tuple(ref.shape[3:]) != tuple(z.shape[3:]) or not all(0 <= frame < z.shape[2] for frame in index):
         raise ValueError(
             f"The Open-Sora Encode Reference (reference latent {list(ref.shape)} for latent frames {index}) does not "
             f"fit this latent {list(z.shape)}: a node after Encode Reference (e.g. LatentUpscaleBy, TrimVideoLatent) "
             "changed the latent. Run Encode Reference after that node."
+        )
+
+
+def check_reference_rows(ref: torch.Tensor, z: torch.Tensor) -> None:
+    """A reference shared by the batch (1 row) or one per video: a node after Encode Reference that changed the
+    batch (RepeatLatentBatch, LatentFromBatch) leaves one per video of the old batch."""
+    if ref.shape[0] not in (1, z.shape[0]):
+        raise ValueError(
+            f"The Open-Sora Encode Reference holds {ref.shape[0]} references, one per video of its latent, but this "
+            f"latent has a batch of {z.shape[0]}: a node after Encode Reference changed the batch (e.g. "
+            "RepeatLatentBatch, LatentFromBatch). Run Encode Reference after that node."
         )
 
 

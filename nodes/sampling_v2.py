@@ -50,7 +50,7 @@ from .common import Progress, check_conditioning_version, check_plain_conditioni
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
-from .sampling import diffusion_model_runner, flow_sigmas
+from .sampling import check_reference_rows, diffusion_model_runner, flow_sigmas
 
 log = logging.getLogger("OpenSora")
 
@@ -117,6 +117,7 @@ def reference_v2(model, latent: dict) -> tuple[str, torch.Tensor | None, torch.T
             f"but this DiT works with the {AUTOENCODER_LABELS[expected]}: encode it again on the matching latent."
         )
     raw = reference["latent"].float()
+    check_reference_rows(raw, latent["samples"])
     return cond_type, model.model.process_latent_in(raw), raw
 
 
@@ -315,10 +316,10 @@ class OpenSoraV2Guider(ScheduledGuider):
         samples = check_latent(model_patcher, latent)
         self.latent_shape = tuple(samples.shape)
         self.cond_type, reference, raw = reference_v2(model_patcher, latent)
-        self.condition = None  # [1, 1 + C, T, H, W] mask + masked reference, model space
+        self.condition = None  # [1 or B, 1 + C, T, H, W] mask + masked reference, model space (B: one per video)
         self.paste = None  # (frames, raw masked reference) pasted back after sampling, as the Sampler node
         if reference is not None:
-            shape = (1, *samples.shape[1:])
+            shape = (reference.shape[0], *samples.shape[1:])
             masks, masked, frames = prepare_condition(shape, self.cond_type, reference)
             self.condition = torch.cat((masks, masked), dim=1)
             if self.cond_type.startswith("i2v"):
