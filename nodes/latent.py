@@ -228,7 +228,7 @@ class OpenSoraEncodeReference:
                 "image": (
                     "IMAGE",
                     {
-                        "tooltip": "A reference image; for i2v_loop two images (start and end frame); several frames (a video) for v2v_head. Of a batch, i2v_head takes the first image and i2v_tail the last. Resized to fill and center-cropped to the latent's size, as the official code does."
+                        "tooltip": "A reference image; for i2v_loop two images (start and end frame); several frames (a video) for v2v_head. Of a batch, i2v_head takes the first image and i2v_tail the last, except that one image per video of the latent's batch_size gives each video its own (i2v_loop: batch_size start images, with as many end_image or the end images after them). Resized to fill and center-cropped to the latent's size, as the official code does."
                     },
                 ),
                 "latent": ("LATENT", {"tooltip": "The latent to condition, from Open-Sora Empty Latent Video."}),
@@ -267,7 +267,7 @@ class OpenSoraEncodeReference:
                 "end_image": (
                     "IMAGE",
                     {
-                        "tooltip": "First-last-frame video: the last frame for cond_type i2v_loop, whose first frame is image (the official two-image reference). Any size: each image is fitted to the latent on its own."
+                        "tooltip": "First-last-frame video: the last frame for cond_type i2v_loop, whose first frame is image (the official two-image reference); one per video when image and end_image both hold batch_size images. Any size: each image is fitted to the latent on its own."
                     },
                 ),
             },
@@ -285,7 +285,7 @@ class OpenSoraEncodeReference:
             )
         info = video_info(latent)
         if end_image is not None:
-            image = with_end_image(image, end_image, cond_type, info)
+            image = with_end_image(image, end_image, cond_type, info, latent["samples"].shape[0])
         if latent_autoencoder(info) == "dc_ae":
             if vae is None:
                 raise ValueError(
@@ -313,16 +313,21 @@ class OpenSoraEncodeReference:
         return (encode_reference_v1(vae, image, latent, info, cond_type, frame_index, seed),)
 
 
-def with_end_image(image: torch.Tensor, end_image: torch.Tensor, cond_type: str, info: dict) -> torch.Tensor:
+def with_end_image(
+    image: torch.Tensor, end_image: torch.Tensor, cond_type: str, info: dict, rows: int = 1
+) -> torch.Tensor:
     """image's frames then end_image's last, each fitted to the latent's size (so they batch whatever their sizes),
-    back in the IMAGE layout: i2v_loop takes the first and the last. The fit is 8-bit, so fitting again is exact."""
+    back in the IMAGE layout: i2v_loop takes the first and the last. With one start and one end image per video of
+    the latent's `rows` (> 1), all the end images: each video gets its own pair (reference.encode_image_condition).
+    The fit is 8-bit, so fitting again is exact."""
     if cond_type != "i2v_loop":
         raise ValueError(
             f"end_image is the last frame of cond_type i2v_loop (a first-last-frame video); with {cond_type!r} "
             "disconnect it, or set cond_type to i2v_loop."
         )
     height, width = info["height"], info["width"]
-    pixels = torch.cat([reference_image.resize_crop(x, height, width) for x in (image, end_image[-1:])])
+    ends = end_image if rows > 1 and image.shape[0] == end_image.shape[0] == rows else end_image[-1:]
+    pixels = torch.cat([reference_image.resize_crop(x, height, width) for x in (image, ends)])
     return ((pixels + 1) / 2).movedim(1, -1)
 
 

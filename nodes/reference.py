@@ -28,16 +28,19 @@ def encode_image_condition(
 ) -> torch.Tensor:
     """The reference latent of an image condition: encode_one(i) ([1, C, 1, h, w]) for the images it picks from a
     batch of `count`, concatenated in latent-frame order (i2v_loop: [start, end]; one image is encoded once and
-    used at both ends), shared by the latent's `rows` videos. A one-image condition given one image per video
-    (count == rows > 1) gives each video its own: [rows, C, 1, h, w]. Says which images were used when the batch
-    holds more than the condition takes."""
-    if rows > 1 and count == rows and len(IMAGE_PICKS[cond_type]) == 1:
-        return torch.cat([encode_one(i) for i in range(count)])
+    used at both ends), shared by the latent's `rows` videos. Given one image per video (count == rows > 1; i2v_loop:
+    the rows' start images, then their end images, count == 2 rows) each video gets its own: [rows, C, 1 or 2, h, w].
+    Says which images were used when the batch holds more than the condition takes."""
+    ends = len(IMAGE_PICKS[cond_type])
+    if rows > 1 and count == rows * ends:
+        return torch.cat([torch.cat([encode_one(i + k * rows) for k in range(ends)], dim=2) for i in range(rows)])
     order = [i % count for i in IMAGE_PICKS[cond_type]]
     picks = list(dict.fromkeys(order))
     if count > len(picks):
         which = "the last" if picks == [count - 1] else "the first and the last" if len(picks) == 2 else "the first"
-        per_row = "" if len(picks) == 2 else f"; give {rows} images (the latent's batch_size) for one per video"
+        per_row = (
+            f"; give {rows * ends} images (the latent's batch_size{' x 2' if ends == 2 else ''}) for one per video"
+        )
         log.warning(
             "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s%s)",
             cond_type,

@@ -5,7 +5,8 @@ the reference latent has one row per video, and sampling a batch of 2 with image
 of the batch [A, A] and row 1 of the batch [B, B] (same noise rows; the rows are computed independently). That holds
 for the Sampler node on 1.2 (mask strategy), 1.3 (the DiT's reference input), 2.0 (HunyuanVideo VAE, a stand-in
 encoder here) and the 2.0 DC-AE, and for the Open-Sora Guider on 1.3 and 2.0; 2.0 pastes each row's own reference
-frame back. A latent whose batch changed after Encode Reference is refused by name; other image counts keep the
+frame back. i2v_loop takes one start and one end image per video (image and end_image of batch_size images each).
+A latent whose batch changed after Encode Reference is refused by name; other image counts keep the
 first image, and the warning says how to get one per video.
 """
 
@@ -86,6 +87,19 @@ def probe(out_path: str, models_dir: str) -> None:
                 frame = ab["opensora_reference"]["mask_index"][0]
                 scaled = model.model.process_latent_out(model.model.process_latent_in(raw.float()))
                 entry["pasted_own_frame"] = bool(torch.allclose(got_ab[:, :, frame], scaled[:, :, 0], atol=1e-5))
+        # i2v_loop: start images [A, B] and end_image [C, A]: each video its own pair
+        loops = {}
+        for key, (starts, ends) in {"ab": ((a, b), (c, a)), "aa": ((a, a), (c, c)), "bb": ((b, b), (a, a))}.items():
+            loop_latent = latent.OpenSoraEncodeReference().encode(
+                torch.cat(starts), empty, "i2v_loop", vae=vae, core_vae=core_vae, seed=3, end_image=torch.cat(ends)
+            )[0]
+            loops[key] = (loop_latent["opensora_reference"]["latent"].shape[:3], sampled(loop_latent))
+        entry["loop"] = {
+            "reference_shape": list(loops["ab"][0]),
+            "row0_is_a_c": bool(torch.equal(loops["ab"][1][0], loops["aa"][1][0])),
+            "row1_is_b_a": bool(torch.equal(loops["ab"][1][1], loops["bb"][1][1])),
+            "rows_differ": not torch.equal(loops["ab"][1][1], loops["aa"][1][1]),
+        }
         with pack_warnings() as messages:
             shared = encode(torch.cat([a, b, c]))
         entry["three_images_keep_the_first"] = shared["opensora_reference"]["latent"].shape[0] == 1
@@ -124,6 +138,9 @@ def test_each_video_of_a_batch_gets_its_own_reference_image(measured, version):
             assert entry[run] == {"row0_is_a": True, "row1_is_b": True, "rows_differ": True}, (run, entry)
     if version.startswith("2.0"):
         assert entry["pasted_own_frame"], entry
+    loop = entry["loop"]  # start and end frame per video: reference [2 videos, C, 2 frames]
+    assert loop["reference_shape"][0] == 2 and loop["reference_shape"][2] == 2, loop
+    assert loop["row0_is_a_c"] and loop["row1_is_b_a"] and loop["rows_differ"], loop
 
 
 @pytest.mark.parametrize("version", list(LATENTS))
