@@ -234,7 +234,8 @@ def wrap_module(module: torch.nn.Module, kind: str, on_cpu: bool = False) -> com
 
 
 class Progress:
-    """A ComfyUI progress bar that also serves as the sampler callback (interrupts raise from update)."""
+    """A ComfyUI progress bar that also serves as the sampler callback (interrupts raise from update). A sample that
+    turns non-finite stops the run there, named, rather than after every step and a decode of NaNs."""
 
     def __init__(self, total: int, previewer=None):
         self.bar = comfy.utils.ProgressBar(total)
@@ -242,6 +243,13 @@ class Progress:
         self.previewer = previewer
 
     def __call__(self, info: dict) -> None:
+        x = info.get("x")
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise RuntimeError(
+                f"Open-Sora Sampler: the sample became non-finite (NaN or inf) at step {info['i'] + 1} of "
+                f"{self.total}: the DiT's output overflowed or its weights hold non-finite values. Load the DiT with "
+                "weight_dtype bf16 or fp32 (fp16 overflows), or check the checkpoint file."
+            )
         preview = None
         if self.previewer is not None and info.get("x") is not None:
             preview = self.previewer(info.get("denoised", info["x"]))

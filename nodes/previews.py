@@ -30,7 +30,7 @@ def max_preview_size() -> int:
 def to_rgb(frame: torch.Tensor, factors=None, bias=None) -> torch.Tensor:
     """[C, H, W] latent frame -> [H, W, 3] in 0..1."""
     channels = frame.shape[0]
-    flat = frame.reshape(channels, -1).T.float()  # [HW, C]
+    flat = torch.nan_to_num(frame.reshape(channels, -1).T.float())  # [HW, C]; a NaN would stop the SVD
     if factors is not None and len(factors) == channels:
         rgb = flat @ torch.tensor(factors, dtype=torch.float32)
         if bias is not None:

@@ -106,6 +106,24 @@ def test_truncated_safetensors(comfy_server, t2v):
     assert "truncated" in message.lower() or "bytes" in message.lower(), message
 
 
+def test_a_dit_with_non_finite_weights_stops_at_the_first_step_by_name(comfy_server, t2v):
+    """NaN weights make every sample NaN: the Sampler stops at step 1 saying so (before: 2 steps, then a bare
+    "linalg.svd ... non-finite values" from the preview), and the next prompt runs."""
+    from safetensors.torch import load_file, save_file
+
+    source = comfy_server.models / "diffusion_models" / comfy_server.tiny_models["dit_1.3"].rstrip("/")
+    target = comfy_server.models / "diffusion_models" / "nan-dit"
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    weights = load_file(str(target / "model.safetensors"))
+    weights["t_block.1.weight"][0, 0] = float("nan")
+    save_file(weights, str(target / "model.safetensors"))
+    good = json.loads(json.dumps(t2v))
+    node_of(t2v, "OpenSoraLoadDiT")["inputs"]["dit_name"] = "nan-dit/"
+    message = run_error(comfy_server, t2v)
+    assert "non-finite (NaN or inf) at step 1 of 2" in message and "weight_dtype" in message, message
+    run_ok(comfy_server, good)
+
+
 def test_pickle_renamed_safetensors(comfy_server, t2v):
     import torch
 
