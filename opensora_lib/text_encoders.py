@@ -25,7 +25,10 @@ from . import checkpoint, detection, gguf_file, packed_linear
 T5_V1 = dict(max_length=300, use_mask=True, dtype=torch.float32)  # Open-Sora 1.2 / 1.3
 T5_V2 = dict(max_length=512, use_mask=False, dtype=torch.bfloat16)  # Open-Sora 2.0
 
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json")
+# The files that make a folder a tokenizer of that kind: a CLIP (BPE) folder's vocab.json / tokenizer_config.json
+# would load as a T5 tokenizer of a few hundred entries that turns every prompt into <unk> (audit 23).
+_TOKENIZER_FILES = {"T5": ("tokenizer.json", "spiece.model"), "CLIP": ("tokenizer.json", "vocab.json")}
+T5_TOKENIZER_HINT = "give a T5 tokenizer folder (e.g. ComfyUI's comfy/text_encoders/t5_tokenizer)"
 # keys a text-encoder file may carry besides the encoder (full T5 seq2seq checkpoints, CLIP projection)
 _IGNORED_PREFIXES = ("decoder.", "lm_head.", "text_projection.", "logit_scale")
 
@@ -49,13 +52,13 @@ def _find_tokenizer(source: Path, tokenizer_path: str | Path | None, what: str, 
         candidates = [source, source / "tokenizer", source.parent / "tokenizer"]
     else:
         candidates = [source.parent]
+    files = _TOKENIZER_FILES[what]
     for folder in candidates:
-        if folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        if folder.is_dir() and any((folder / name).is_file() for name in files):
             return folder
     looked = ", ".join(str(c.absolute()) for c in candidates)
     raise FileNotFoundError(
-        f"no {what} tokenizer found (looked for {', '.join(_TOKENIZER_FILES)} in: {looked}); give the folder that "
-        f"holds it (e.g. {hint}), or leave the tokenizer folder empty to use the one ComfyUI ships"
+        f"no {what} tokenizer found (looked for {', '.join(files)} in: {looked}); {hint}, or leave the tokenizer folder empty to use the one ComfyUI ships"
     )
 
 
@@ -226,8 +229,16 @@ class T5Embedder:
         device: str | torch.device = "cpu",
     ) -> T5Embedder:
         source = Path(weights_path_or_folder)
-        folder = _find_tokenizer(source, tokenizer_path, "T5", "ComfyUI's comfy/text_encoders/t5_tokenizer")
-        tokenizer = T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+        folder = _find_tokenizer(source, tokenizer_path, "T5", T5_TOKENIZER_HINT)
+        try:
+            tokenizer = T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
+            vocab = tokenizer.get_vocab()
+        except (TypeError, ValueError, KeyError) as e:  # e.g. a CLIP tokenizer.json: its BPE vocabulary is a dict
+            raise ValueError(f"{folder.absolute()} is not a T5 tokenizer ({e}); {T5_TOKENIZER_HINT}") from None
+        if "</s>" not in vocab:  # loaded, but every prompt would become <unk>
+            raise ValueError(
+                f"{folder.absolute()} is not a T5 tokenizer (no </s> in its vocabulary); {T5_TOKENIZER_HINT}"
+            )
         return cls(load_t5(source, dtype, device), tokenizer, max_length, use_mask, dtype)
 
     @property
@@ -268,7 +279,9 @@ class CLIPPooledEmbedder:
         device: str | torch.device = "cpu",
     ) -> CLIPPooledEmbedder:
         source = Path(weights_path_or_folder)
-        folder = _find_tokenizer(source, tokenizer_path, "CLIP", "ComfyUI's comfy/sd1_tokenizer")
+        folder = _find_tokenizer(
+            source, tokenizer_path, "CLIP", "give the folder that holds it (e.g. ComfyUI's comfy/sd1_tokenizer)"
+        )
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         # an inferred config takes its special-token ids from the tokenizer (pooling looks for the EOS id)
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -287,6 +287,19 @@ def test_missing_tokenizer_names_where_it_looked(files, tmp_path):
         CLIPPooledEmbedder.from_files(files["clip_single"], tokenizer_path=tmp_path / "empty")
 
 
+def test_a_clip_tokenizer_is_refused_as_the_t5_tokenizer(files, tmp_path):
+    """A CLIP (BPE) folder loads as a T5 tokenizer of a few hundred entries that encodes every prompt as <unk>
+    (audit 23: a silently wrong video): without spiece.model / tokenizer.json it is not found, and a tokenizer.json
+    whose vocabulary has no </s> is refused by name."""
+    with pytest.raises(FileNotFoundError, match="no T5 tokenizer found .*tokenizer.json, spiece.model"):
+        T5Embedder.from_files(files["t5_fp32"], tokenizer_path=files["clip_tokenizer"])
+    clip_json = tmp_path / "clip_fast"
+    CLIPTokenizer.from_pretrained(str(files["clip_tokenizer"])).save_pretrained(str(clip_json))
+    assert (clip_json / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="is not a T5 tokenizer"):
+        T5Embedder.from_files(files["t5_fp32"], tokenizer_path=clip_json)
+
+
 def test_prompt_validation(files):
     embedder = T5Embedder.from_files(files["t5_folder"], max_length=8)
     with pytest.raises(ValueError, match="prompt list is empty"):
