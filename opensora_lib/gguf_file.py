@@ -125,11 +125,11 @@ def load_keeping_blocks(
     out of the memory map), and F16 / BF16 matrices too where they are narrower than `narrower_than` (float rows,
     e.g. an F16 T5 under fp32); the rest as dequantize() gives them. `select(name)` -> False skips a tensor unread."""
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    keep_16_bit = narrower_than is not None and narrower_than.itemsize > 2
     for name, t in read_tensors(path).items():
         if select is not None and not select(name):
             continue
-        narrower = narrower_than is not None and narrower_than.itemsize > 2
-        if t.qtype in ("F16", "BF16") and len(t.shape) == 2 and narrower:
+        if t.qtype in ("F16", "BF16") and len(t.shape) == 2 and keep_16_bit:
             out[name] = QuantizedWeight(*float_rows.pack(dequantize(t)), t.shape)
             continue
         # rows of whole blocks only: a converter may also write blocks that run across rows (the shape recorded in

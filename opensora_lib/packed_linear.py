@@ -29,14 +29,17 @@ class QuantizedWeight:
         return dequantize(self.raw, self.qtype, tuple(self.shape), dtype)
 
 
+def _packing(qtype: str):
+    """The module that reads a format: float_rows or gguf_dequant (both give dequantize and row_bytes)."""
+    return float_rows if qtype in float_rows.STORAGE else gguf_dequant
+
+
 def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if qtype in float_rows.STORAGE:
-        return float_rows.dequantize(raw, qtype, shape, dtype)
-    return gguf_dequant.dequantize(raw, qtype, shape, dtype)
+    return _packing(qtype).dequantize(raw, qtype, shape, dtype)
 
 
 def row_bytes(qtype: str, columns: int) -> int:
-    return (float_rows if qtype in float_rows.STORAGE else gguf_dequant).row_bytes(qtype, columns)
+    return _packing(qtype).row_bytes(qtype, columns)
 
 
 # Peak bytes per value of one GGUF expansion into bf16 or float32 (the float32 buffer, the result, the integer
