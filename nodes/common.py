@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import comfy.model_management
@@ -256,21 +257,57 @@ class Progress:
         self.bar.update_absolute(info["i"] + 1, self.total, preview)
 
 
+# Latent-sized float32 tensors a sampler keeps in RAM at once besides the model's work: the input latent (ComfyUI
+# caches it), the noise drawn on the CPU, the output, and one transfer copy.
+SAMPLER_HOST_LATENTS = 4
+SMALLER_VIDEO = "Use fewer frames, a smaller size or a smaller batch_size on Open-Sora Empty Latent Video."
+
+
+def check_host_memory(
+    host_bytes: int, what: str, advice: str, device: torch.device | None = None, device_bytes: int = 0
+) -> None:
+    """Refuse work that cannot fit in free RAM before allocating any of it. Running short of GPU memory fails cleanly
+    (torch.OutOfMemoryError); running short of RAM does not: the kernel's OOM killer ends the whole ComfyUI server.
+    host_bytes stay in RAM wherever the model runs (latents, decoded frames); device_bytes (the model's activation
+    estimate) are RAM too when the device is the CPU (--cpu) or shares it (mps)."""
+    on_host = device is not None and torch.device(device).type in ("cpu", "mps")
+    needed = host_bytes + (device_bytes if on_host else 0)
+    free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    if needed > free:
+        raise MemoryError(
+            f"{what} needs about {needed / 2**30:.3g} GiB of RAM but {free / 2**30:.3g} GiB is free, so it was refused "
+            f"before allocating (running out of RAM would end the ComfyUI server). {advice}"
+        )
+
+
+def sampling_memory(model, noise_shape, passes: int = 1, text_tokens: int = 0) -> int:
+    """Bytes to keep free on the device for the largest forward a sampler runs on noise_shape [B, C, T, H, W]
+    (forward_memory of B x passes rows), once check_host_memory has found room for the run in RAM."""
+    shape = (int(noise_shape[0]) * passes, *noise_shape[1:])
+    required = forward_memory(model.model.diffusion_model, shape, text_tokens, compute_dtype(model.model))
+    check_host_memory(
+        SAMPLER_HOST_LATENTS * math.prod(int(d) for d in noise_shape) * 4,
+        f"Sampling a latent of {' x '.join(str(int(d)) for d in noise_shape)} ({passes} guidance pass(es) at once)",
+        SMALLER_VIDEO,
+        model.load_device,
+        required,
+    )
+    return required
+
+
 def load_for_sampling(
     model, noise_shape=None, passes: int = 1, text_tokens: int = 0
 ) -> tuple[torch.device, torch.dtype]:
     """Put the DiT on its device through the memory manager; return (device, compute dtype).
 
     With noise_shape [B, C, T, H, W], ComfyUI is told the memory of the largest forward the sampler runs
-    (forward_memory of B x passes rows: the guidance passes are batched), as core's sampling does with
-    BaseModel.memory_required, so partial loading leaves that much VRAM free instead of filling it with weights.
-    It is also the minimum: unlike core's calc_cond_batch, the samplers cannot split a batch when memory is short.
+    (sampling_memory: the guidance passes are batched), as core's sampling does with BaseModel.memory_required, so
+    partial loading leaves that much VRAM free instead of filling it with weights. It is also the minimum: unlike
+    core's calc_cond_batch, the samplers cannot split a batch when memory is short.
     """
-    dtype = compute_dtype(model.model)
     if noise_shape is None:
         comfy.model_management.load_models_gpu([model])
     else:
-        shape = (int(noise_shape[0]) * passes, *noise_shape[1:])
-        required = forward_memory(model.model.diffusion_model, shape, text_tokens, dtype)
+        required = sampling_memory(model, noise_shape, passes, text_tokens)
         comfy.model_management.load_models_gpu([model], memory_required=required, minimum_memory_required=required)
-    return model.load_device, dtype
+    return model.load_device, compute_dtype(model.model)

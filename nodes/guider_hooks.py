@@ -16,7 +16,7 @@ from __future__ import annotations
 import comfy.samplers
 import torch
 
-from .common import warn_once
+from .common import sampling_memory, warn_once
 from .context_windows import check_context_windows
 
 
@@ -40,6 +40,7 @@ class ScheduledGuider(comfy.samplers.CFGGuider):
 
     def start(self, latent_shape: tuple, latent_image: torch.Tensor, sigmas: torch.Tensor, has_reference: bool):
         check_sampler_latent(latent_shape, latent_image)
+        sampling_memory(self.model_patcher, latent_image.shape)  # refuses a run RAM cannot hold (one pass at a time)
         check_context_windows(self.model_options, latent_image, has_reference)
         self.sigma_list = sigmas.detach().float().cpu()
 

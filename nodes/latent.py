@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from ..opensora_lib import reference_image, sizes
-from .common import CATEGORY, input_range_error, warn_once
+from .common import CATEGORY, SMALLER_VIDEO, check_host_memory, input_range_error, warn_once
 from .reference import encode_reference_v1
 from .reference_v2 import encode_reference_dcae, encode_reference_v2
 
@@ -213,7 +214,9 @@ class OpenSoraEmptyLatentVideo:
                 width,
                 height,
             )
-        samples = torch.zeros(batch_size, LATENT_CHANNELS[version], frames, latent_h, latent_w)
+        shape = (batch_size, LATENT_CHANNELS[version], frames, latent_h, latent_w)
+        check_host_memory(math.prod(shape) * 4, f"Open-Sora Empty Latent Video's latent of {shape}", SMALLER_VIDEO)
+        samples = torch.zeros(shape)
         info = {"version": lib_version, "height": height, "width": width, "num_frames": num_frames, "fps": fps}
         if autoencoder == "dc_ae":
             info["autoencoder"] = "dc_ae"  # older 2.0 latents carry no key and mean the HunyuanVideo VAE
@@ -392,6 +395,12 @@ class OpenSoraDecode:
         error = tile_error(self, tile_size, tile_overlap)
         if error:
             raise ValueError(f"Open-Sora Decode: {error}")
+        if latent["samples"].ndim != 5:
+            raise ValueError(
+                f"Open-Sora Decode takes a video LATENT [B, C, T, H, W] (from Open-Sora Empty Latent Video, the Sampler "
+                f"or Encode Reference); this one is a {latent['samples'].ndim}-D latent of shape "
+                f"{list(latent['samples'].shape)}, e.g. an image latent (core Empty Latent Image, VAE Encode)."
+            )
         info = latent.get("opensora") or {}
         if info:
             info = info_for_samples(info, latent["samples"])

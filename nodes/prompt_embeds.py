@@ -101,6 +101,21 @@ def save_conditioning(conditioning: list, path: str) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
+def check_entry(path: str, index: int, entry) -> None:
+    """One conditioning entry of the metadata, as save_conditioning writes it."""
+    well_formed = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("tensors"), list)
+        and all(isinstance(name, str) for name in entry["tensors"])
+        and isinstance(entry.get("values"), dict)
+    )
+    if not well_formed:
+        raise ValueError(
+            f"{path} is damaged: conditioning entry {index} of its metadata is {str(entry)[:80]}, not "
+            '{"tensors": [names], "values": {...}} as Open-Sora Save Prompt Embeds writes it'
+        )
+
+
 def load_conditioning(path: str) -> list:
     read_header(path)  # refuses pickles, truncated and corrupt files with a specific message
     if is_gguf(path):  # read_header reads GGUF weights too; a prompt is always safetensors
@@ -128,6 +143,7 @@ def load_conditioning(path: str) -> list:
         available = set(f.keys())
         conditioning = []
         for index, entry in enumerate(entries):
+            check_entry(path, index, entry)
             names = [f"{index}.cond"] + [f"{index}.extra.{key}" for key in entry["tensors"]]
             missing = [name for name in names if name not in available]
             if missing:

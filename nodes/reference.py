@@ -81,8 +81,11 @@ def encode_reference_v1(
         frames = pixels.movedim(0, 1).unsqueeze(0)
         kept = vae.model.reference_frames(frames.shape[2])  # 1.3: the official 16k + 1 cut; 1.2: all
         if kept < frames.shape[2]:
-            log.info(
-                "OpenSora: Encode Reference: %d of %d video frames kept, as the official 1.3", kept, frames.shape[2]
+            log.warning(  # a 3-frame video keeps 1 frame (then it conditions like one image): easy to miss
+                "OpenSora: Encode Reference v2v_head: %d of %d video frames kept: the official 1.3 trims a reference "
+                "video to a length its VAE encodes whole (1, 17, 33, ... frames with the released settings)",
+                kept,
+                frames.shape[2],
             )
         reference = vae.encode(frames[:, :, :kept], sample_posterior=True, noise=noise)
     else:

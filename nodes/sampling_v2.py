@@ -239,11 +239,11 @@ def sample_v2_node(
     text = text_v2(model, positive, negative)
     warn_fps_mismatch(positive, latent)
     cond_type, reference, _ = reference_v2(model, latent)
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
     # the rows one model call runs: every needed pass when batched, else one
     passes = len(needed_passes(cond_type, float(cfg), float(image_cfg))) if batched else 1
     text_tokens = max(text["t5"].shape[1], text["neg_t5"].shape[1])
     device, dtype = load_for_sampling(model, samples.shape, passes, text_tokens)
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as core samplers draw it
     options = options_v2(
         steps,
         cfg,

@@ -11,8 +11,6 @@ core's VAE does with memory_used_encode / memory_used_decode, so partial loading
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -20,11 +18,12 @@ import comfy.model_patcher
 import comfy.ops
 import torch
 
+from ..opensora_lib.configs import read_config_json
 from ..opensora_lib.dcae import DCAE, DCAEConfig
-from ..opensora_lib.memory import decode_memory, encode_memory
+from ..opensora_lib.memory import FLOAT32, decode_memory, decoded_elements, encode_memory
 from ..opensora_lib.vae_v12 import OpenSoraVAEv12, VAEv12Config
 from ..opensora_lib.vae_v13 import OpenSoraVAEv13, VAEv13Config
-from .common import wrap_module
+from .common import SMALLER_VIDEO, check_host_memory, wrap_module
 
 BUILDERS = {"vae_v12": ("1.2", VAEv12Config, OpenSoraVAEv12), "vae_v13": ("1.3", VAEv13Config, OpenSoraVAEv13)}
 # Load Open-Sora VAE's DC-AE scaling choices -> DCAE scaling_factor (encode divides by it, decode multiplies).
@@ -41,16 +40,20 @@ class OpenSoraVAE:
     dtype: torch.dtype
     autoencoder: str | None = None  # "dc_ae" for the 2.0 Video DC-AE, None for the 1.x VAEs
 
-    def _ready(self, memory_required: int) -> tuple[torch.nn.Module, torch.device]:
+    def _ready(
+        self, memory_required: int, what: str, advice: str = SMALLER_VIDEO, host_bytes: int = 0
+    ) -> tuple[torch.nn.Module, torch.device]:
         """Load through the memory manager, keeping memory_required bytes free for the activations (core's VAE
-        passes its estimate the same way; it is also the minimum, as the work cannot be split further here)."""
+        passes its estimate the same way; it is also the minimum, as the work cannot be split further here), once
+        check_host_memory has found room in RAM for host_bytes (and the activations, on the CPU)."""
+        check_host_memory(host_bytes, what, advice, self.patcher.load_device, memory_required)
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required)
         return self.model, self.patcher.load_device
 
     def encode(self, pixels: torch.Tensor, sample_posterior: bool = True, noise=None) -> torch.Tensor:
         """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device). The DC-AE encoder is
         deterministic, so sample_posterior / noise only matter for 1.x."""
-        model, device = self._ready(encode_memory(self.model, pixels.shape, self.dtype))
+        model, device = self._ready(encode_memory(self.model, pixels.shape, self.dtype), "Encoding the reference")
         if self.autoencoder == "dc_ae":
             z = model.encode(pixels.to(device, self.dtype))
         else:
@@ -66,7 +69,14 @@ class OpenSoraVAE:
                 f"Open-Sora Decode: tile_size {tile_size} is for the 1.x VAEs; the Video DC-AE always decodes with its "
                 "official tiles (256 px, 32 frames, overlap 1/4). Set tile_size to 0."
             )
-        model, device = self._ready(decode_memory(self.model, latent.shape, self.dtype, tile_size, num_frames))
+        frames_bytes = 2 * FLOAT32 * decoded_elements(self.model, latent.shape, num_frames)  # frames, then IMAGE
+        model, device = self._ready(
+            decode_memory(self.model, latent.shape, self.dtype, tile_size, num_frames),
+            f"Decoding a latent of {' x '.join(str(d) for d in latent.shape)}",
+            f"The decoded frames alone take {frames_bytes / 2**30:.3g} GiB; tile_size on Open-Sora Decode (1.x VAEs) "
+            "lowers only the rest. " + SMALLER_VIDEO,
+            frames_bytes,
+        )
         z = latent.to(device, self.dtype)
         if self.autoencoder == "dc_ae":
             frames = model.decode(z)  # 4 frames per latent frame (1 for a one-frame latent); callers cut
@@ -79,11 +89,8 @@ class OpenSoraVAE:
 
 
 def read_folder_config(path: str) -> dict:
-    config_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if config_file and os.path.isfile(config_file):
-        with open(config_file) as f:
-            return json.load(f)
-    return {}
+    """The config.json of a model folder ({} for a single file or a folder without one)."""
+    return read_config_json(path) or {}
 
 
 def build_vae(info, sd: dict, dtype: torch.dtype, path: str | None = None) -> OpenSoraVAE:

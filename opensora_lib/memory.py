@@ -157,6 +157,21 @@ def decode_memory(
     raise TypeError(f"no memory estimate for {type(model).__name__}; expected OpenSoraVAEv12, OpenSoraVAEv13 or DCAE")
 
 
+def decoded_elements(model: torch.nn.Module, latent_shape, num_frames: int | None = None) -> int:
+    """Elements of the frames OpenSoraVAE.decode returns for a latent [B, C, T', h, w], before the caller cuts
+    them to the video's length: what a decode leaves in RAM (as float32) wherever it ran."""
+    batch, _channels, frames, height, width = (int(d) for d in latent_shape)
+    if isinstance(model, OpenSoraVAEv13):
+        scale, count = model.config.spatial_compression, _v13_frames(model, frames)
+    elif isinstance(model, OpenSoraVAEv12):
+        scale, count = model.spatial_vae.factor, num_frames or model.longest_video(frames)
+    elif isinstance(model, DCAE):
+        scale, count = model.config.spatial_compression_ratio, _dcae_frames(model, frames)
+    else:
+        raise TypeError(f"no output size for {type(model).__name__}; expected OpenSoraVAEv12, OpenSoraVAEv13 or DCAE")
+    return batch * 3 * count * height * width * scale * scale
+
+
 def encode_memory(model: torch.nn.Module, pixel_shape, dtype: torch.dtype) -> int:
     """Peak activation bytes of OpenSoraVAE.encode for pixels [B, 3, T, H, W] (the 1.x encoders never tile)."""
     batch, channels, frames, height, width = (int(d) for d in pixel_shape)
@@ -179,9 +194,7 @@ def _v13_decode(model: OpenSoraVAEv13, batch: int, frames: int, height: int, wid
     items, chunk = batch, frames  # micro_batch_size None: the whole clip at once (official)
     if config.micro_batch_size:
         items, chunk = min(batch, config.micro_batch_size), min(frames, config.micro_z_frame_size or frames)
-    chunks = [min(chunk, frames - start) for start in range(0, frames, chunk)]
-    shared = len(chunks) - 1 if config.temporal_overlap else 0  # chunks share their boundary frame
-    output = batch * 3 * (sum(4 * c - 3 for c in chunks) - shared) * pixels
+    output = batch * 3 * _v13_frames(model, frames) * pixels
     per_pixel, padding = V13_DECODE
     tile = tile_size // scale if tile_size else 0
     if tile and (height > tile or width > tile):
@@ -193,6 +206,15 @@ def _v13_decode(model: OpenSoraVAEv13, batch: int, frames: int, height: int, wid
     else:
         work = size * items * pixels * per_pixel * (4 * chunk + padding)
     return int(max(work + output * size, _output_bytes(output, size)))  # the finished chunks stay meanwhile
+
+
+def _v13_frames(model: OpenSoraVAEv13, frames: int) -> int:
+    """Frames decoded from `frames` latent frames: each chunk gives 4 c - 3, and chunks share their boundary frame."""
+    config = model.config
+    chunk = min(frames, config.micro_z_frame_size or frames) if config.micro_batch_size else frames
+    chunks = [min(chunk, frames - start) for start in range(0, frames, chunk)]
+    shared = len(chunks) - 1 if config.temporal_overlap else 0
+    return sum(4 * c - 3 for c in chunks) - shared
 
 
 def _v13_encode(model: OpenSoraVAEv13, batch: int, frames: int, height: int, width: int, size: int):
@@ -253,6 +275,10 @@ def _dcae_tile(model: DCAE, frames: int, height: int, width: int, temporal_tile:
     return frames, height, width
 
 
+def _dcae_frames(model: DCAE, frames: int) -> int:
+    return 1 if frames == 1 else model.config.time_compression_ratio * frames
+
+
 def _dcae_decode(model: DCAE, batch: int, frames: int, height: int, width: int, size: int):
     config = model.config
     scale, ratio = config.spatial_compression_ratio, config.time_compression_ratio
@@ -262,7 +288,7 @@ def _dcae_decode(model: DCAE, batch: int, frames: int, height: int, width: int, 
     in_dtype, in_float32 = DCAE_DECODE
     tile_pixels = (1 if tile_frames == 1 else ratio * tile_frames) * tile_h * tile_w * scale * scale
     work = tile_pixels * (in_dtype * size + in_float32 * FLOAT32)  # items decode one at a time
-    output = batch * 3 * (1 if frames == 1 else ratio * frames) * height * width * scale * scale
+    output = batch * 3 * _dcae_frames(model, frames) * height * width * scale * scale
     kept = 2 * output * size  # the decoded tiles, overlaps included, until they are blended and concatenated
     return int(max(work + kept, _output_bytes(output, size)))
 

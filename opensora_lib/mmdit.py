@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .configs import check_field_types
 from .mmdit_layers import (
     DoubleStreamBlock,
     LastLayer,
@@ -87,6 +88,7 @@ class MMDiTConfig:
         unknown = sorted(k for k in values if k not in names and k not in _IGNORED_FIELDS)
         if unknown:
             raise ValueError(f"unknown MMDiTConfig field(s) {unknown}; known fields: {sorted(names)}")
+        check_field_types(cls, values, "MMDiT")
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [name for name in required if name not in values]
         if missing:

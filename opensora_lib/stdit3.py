@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .configs import check_field_types
 from .rope import interleaved_tables, rope_frequencies, spatial_angles, temporal_angles, window_angles
 from .stdit3_embedders import CaptionEmbedder, PatchEmbed3D, RotaryFrequencies, TimestepEmbedder, sincos_pos_embed_2d
 from .stdit3_layers import AttentionGroup, CaptionKeys, FinalLayer, STDiT3Block, TokenLayout, window_groups
@@ -73,6 +74,7 @@ class STDiT3Config:
         """Build from a case.json model_config or an HF config.json; training / kernel keys are ignored."""
         if d.get("skip_y_embedder"):
             raise ValueError("skip_y_embedder=True (pre-embedded captions) is not supported")
+        check_field_types(cls, d, "STDiT3")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

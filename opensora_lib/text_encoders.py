@@ -13,7 +13,6 @@ Empty strings are encoded by default (2.0 uses "" as its negative prompt); pass 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from . import checkpoint, detection, gguf_file, packed_linear
+from .configs import check_types, read_config_json
 
 T5_V1 = dict(max_length=300, use_mask=True, dtype=torch.float32)  # Open-Sora 1.2 / 1.3
 T5_V2 = dict(max_length=512, use_mask=False, dtype=torch.bfloat16)  # Open-Sora 2.0
@@ -37,12 +37,20 @@ _IGNORED_PREFIXES = ("decoder.", "lm_head.", "text_projection.", "logit_scale")
 # Loading
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
-    file = folder / "config.json"
-    if not file.is_file():
+# the sizes a T5 / CLIP text config.json must give as integers (Hugging Face's configs take any value)
+_INTEGER_FIELDS = {
+    "t5": ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size", "relative_attention_num_buckets"),
+    "clip_l": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
+}
+
+
+def _read_config(folder: Path, family: str) -> dict[str, Any] | None:
+    data = read_config_json(folder)
+    if data is None:
         return None
-    data = json.loads(file.read_text())
-    return data.get("text_config", data)  # a full CLIPModel config nests the text tower
+    data = data.get("text_config", data)  # a full CLIPModel config nests the text tower
+    check_types(data, dict.fromkeys(_INTEGER_FIELDS.get(family, ()), int), f"{folder / 'config.json'}: the text")
+    return data
 
 
 def _find_tokenizer(source: Path, tokenizer_path: str | Path | None, what: str, hint: str) -> Path:
@@ -101,7 +109,7 @@ def _load_model(
     source = Path(source)
     info = detection.detect_file(source)  # validates every file before anything is read
     detection.expect_family(info, {family}, "T5 loader" if family == "t5" else "CLIP-L loader")
-    config_dict = _read_config(source) if source.is_dir() else None
+    config_dict = _read_config(source, family) if source.is_dir() else None
     if config_dict is None:  # ComfyUI-style single file: the shapes give the config
         config_dict = {**info.config, **(inferred_overrides or {})}
     if family == "t5":

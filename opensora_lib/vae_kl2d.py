@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .configs import check_field_types
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 # diffusers config keys that change nothing in the forward pass (sample_size only drives diffusers' own tiling;
@@ -71,6 +72,7 @@ class AutoencoderKLConfig:
         """Build from a diffusers-style config dict; metadata keys ('_class_name', ...) are ignored."""
         known = {f.name for f in fields(cls)}
         check_config_keys(values, known, _IGNORED_KEYS, "AutoencoderKL")
+        check_field_types(cls, values, "AutoencoderKL")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property

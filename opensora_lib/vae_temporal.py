@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import check_field_types
 from .vae_kl2d import check_config_keys
 
 _TEMPORAL_ACTIVATIONS = {"swish": F.silu, "relu": F.relu}
@@ -53,6 +54,7 @@ class VAETemporalConfig:
             raise ValueError(f"temporal VAE type {kind!r} not supported; allowed: {sorted(_TEMPORAL_TYPES)}")
         known = {f.name for f in fields(cls)}
         check_config_keys(values, known, {"type", "from_pretrained"}, "temporal VAE")
+        check_field_types(cls, values, "temporal VAE")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from .configs import check_field_types
 from .vae_kl2d import AutoencoderKL2D, AutoencoderKLConfig, check_config_keys, split_moments, tiled_apply
 from .vae_temporal import VAETemporal, VAETemporalConfig
 
@@ -65,6 +66,7 @@ class VAEv12Config:
         """From an official-style dict (case.json model_config); `vae_2d` may carry the AutoencoderKL fields."""
         known = {f.name for f in fields(cls)}
         check_config_keys(values, known, _LOADER_KEYS_PIPELINE | {"cal_loss"}, "VideoAutoencoderPipeline")
+        check_field_types(cls, values, "VideoAutoencoderPipeline")
         if values.get("cal_loss"):
             raise ValueError("cal_loss=True (training mode) is not supported")
         kwargs = {k: v for k, v in values.items() if k in known}

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .configs import check_field_types
 from .vae_v13_layers import VideoDecoder, VideoEncoder
 
 # "video" per-channel latent statistics (official constants.py VAE_STAT_DICT["video"]); not in the checkpoint.
@@ -116,6 +117,7 @@ class VAEv13Config:
     def from_dict(cls, values: dict) -> VAEv13Config:
         """Build from a case.json model_config or the released config.json (unknown keys such as
         architectures / model_type / torch_dtype are ignored). Missing normalization means "video" (Q26)."""
+        check_field_types(cls, values, "VAE 1.3")
         top = {f.name for f in dataclasses.fields(cls)} - {"encoder", "decoder"}
         kwargs = {k: _tuples(v) for k, v in values.items() if k in top}
         kwargs["encoder"] = _sub_config(VideoEncoderConfig, values.get("encoder", {}), "VideoEncoder")
@@ -163,6 +165,7 @@ def _tuples(value):
 def _sub_config(cls, values: dict, expected_type: str):
     if values.get("type", expected_type) != expected_type:
         raise ValueError(f"{expected_type} config has type {values['type']!r}; only {expected_type!r} is supported")
+    check_field_types(cls, values, f"VAE 1.3 {expected_type}")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: _tuples(v) for k, v in values.items() if k in names})
 

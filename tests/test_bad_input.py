@@ -124,6 +124,24 @@ def test_a_dit_with_non_finite_weights_stops_at_the_first_step_by_name(comfy_ser
     run_ok(comfy_server, good)
 
 
+def test_a_video_too_large_for_the_ram_is_refused_and_the_server_keeps_serving(comfy_server, t2v):
+    """Audit 23: 4096 x 4096 x 801 passes validation; on --cpu its forward (hundreds of GiB) grew the server until
+    the kernel's OOM killer ended it. The Sampler now refuses it before allocating, and the next prompt runs."""
+    good = json.loads(json.dumps(t2v))
+    node_of(t2v, "OpenSoraEmptyLatentVideo")["inputs"].update(width=4096, height=4096, num_frames=801)
+    message = run_error(comfy_server, t2v)
+    assert "Sampling a latent of 1 x 16 x 250 x 512 x 512 (2 guidance pass(es) at once) needs about" in message
+    assert "GiB of RAM but" in message and "refused before allocating" in message, message
+    run_ok(comfy_server, good)
+
+
+def test_an_image_latent_in_open_sora_decode_is_named(comfy_server, t2v):
+    t2v["80"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    node_of(t2v, "OpenSoraDecode")["inputs"]["latent"] = ["80", 0]
+    message = run_error(comfy_server, t2v)
+    assert "Open-Sora Decode takes a video LATENT [B, C, T, H, W]" in message and "4-D latent" in message, message
+
+
 def test_pickle_renamed_safetensors(comfy_server, t2v):
     import torch
 

@@ -117,6 +117,10 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     save_file({"0.cond": torch.zeros(1)}, str(folder / "no_entries.safetensors"), metadata=no_entries)
     metadata = {"format": embeds.FORMAT, "format_version": "1", "entries": "[]"}
     save_file({"0.cond": torch.zeros(1)}, str(folder / "empty_entries.safetensors"), metadata=metadata)
+    damaged_entries = {"key": [{"x": 1}], "int": [1], "values": [{"tensors": [], "values": [1]}]}
+    for name, entries in damaged_entries.items():
+        metadata = {"format": embeds.FORMAT, "format_version": "1", "entries": json.dumps(entries)}
+        save_file({"0.cond": torch.zeros(1)}, str(folder / f"entries_{name}.safetensors"), metadata=metadata)
     results["errors"] = {
         "object": error_of(lambda: save.save([[torch.zeros(1, 2, 3), {"control": object()}]], "bad")),
         "empty": error_of(lambda: save.save([], "bad")),
@@ -128,6 +132,7 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
         "no_entries": error_of(lambda: load.load("no_entries.safetensors")),
         "empty_entries": error_of(lambda: load.load("empty_entries.safetensors")),
         "missing": error_of(lambda: load.load("missing.safetensors")),
+        **{f"entries_{n}": error_of(lambda n=n: load.load(f"entries_{n}.safetensors")) for n in damaged_entries},
     }
     Path(out_path).write_text(json.dumps(results))
 
@@ -165,6 +170,9 @@ def test_bad_input_gets_specific_errors(measured):
     assert "damaged" in errors["no_entries"] and "unreadable" in errors["no_entries"]
     assert "damaged" in errors["empty_entries"] and "no conditioning entries" in errors["empty_entries"]
     assert errors["missing"].startswith("FileNotFoundError") and "not found" in errors["missing"]
+    for name in ("key", "int", "values"):  # before: a bare KeyError / TypeError (audit 23)
+        error = errors[f"entries_{name}"]
+        assert error.startswith("ValueError") and "is damaged: conditioning entry 0" in error, error
 
 
 def _node_id(prompt: dict, class_type: str) -> str:
