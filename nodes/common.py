@@ -273,6 +273,10 @@ def check_host_memory(
     on_host = device is not None and torch.device(device).type in ("cpu", "mps")
     needed = host_bytes + (device_bytes if on_host else 0)
     free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    free_pins = getattr(comfy.model_management, "free_pins", None)  # newer cores pin offloaded weights in RAM
+    if needed > free and free_pins is not None:
+        free_pins(needed - free)  # what core itself releases under RAM pressure (inactive pins first)
+        free = comfy.model_management.get_free_memory(torch.device("cpu"))
     if needed > free:
         raise MemoryError(
             f"{what} needs about {needed / 2**30:.3g} GiB of RAM but {free / 2**30:.3g} GiB is free, so it was refused "

@@ -63,6 +63,25 @@ def probe(out_path: str, _models_dir: str) -> None:
     free["bytes"] = shape.numel() * 4
     results["empty_fits"] = list(empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)[0]["samples"].shape)
     results["asked_for"] = sorted(set(asked))
+    # newer cores pin offloaded weights in RAM and free them under pressure (comfy.model_management.free_pins)
+    pins_freed: list = []
+
+    def free_pins(size, evict_active=False, loaded=False):
+        pins_freed.append(size)
+        free["bytes"] += 1000
+        return 1000
+
+    mm.free_pins = free_pins
+    free["bytes"] = shape.numel() * 4 - 1000
+    results["fits_after_freeing_pins"] = list(
+        empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)[0]["samples"].shape
+    )
+    free["bytes"] = shape.numel() * 4 - 1001
+    results["refused_after_freeing_pins"] = error_of(
+        lambda: empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)
+    )
+    results["pins_freed"] = pins_freed
+    del mm.free_pins
 
     # -- samplers: the audit's size on the released 1.3 DiT, 2 passes batched
     config = OpenSoraModelConfig({"config": stdit3_v13_config(), "version": "1.3"}, LATENT_FORMATS["1.3"])
@@ -124,6 +143,12 @@ def test_empty_latent_larger_than_free_ram_is_refused(measured):
     assert "fewer frames" in error
     assert measured["empty_fits"] == measured["empty_shape"]  # exactly enough free: made
     assert measured["asked_for"] == ["cpu"]  # RAM, whatever the device
+
+
+def test_pinned_memory_is_freed_before_refusing(measured):
+    assert measured["fits_after_freeing_pins"] == measured["empty_shape"]
+    assert measured["refused_after_freeing_pins"].startswith("MemoryError"), measured["refused_after_freeing_pins"]
+    assert measured["pins_freed"] == [1000, 1001]  # the shortfall, each time
 
 
 def test_sampling_counts_activations_as_ram_only_on_the_cpu(measured):
