@@ -13,10 +13,16 @@ How they meet core's model machinery:
   core's get_key_patches uses it (model merging). A patched layer shows its patched weight in model_state_dict
   (LoRA extraction); saving (ModelSave, CheckpointSave) writes the expanded weights, LoRA applied
   (`save_expanded`).
-- Not supported: hook LoRA (CreateHookLora & co. patch weights in place; refused by name) and LoRA training.
+- Hook LoRA (CreateHookLora, CreateHookModelAsLora): core patches a float weight in place
+  per hook group (patch_hooks); a kept layer gets the group's combined patches as its `hook_patch` instead,
+  applied at the forward on top of the MODEL's LoRA, as core's in-place patch sits on top of a merged one.
+- Not supported: LoRA training.
 """
 
 from __future__ import annotations
+
+import contextlib
+from functools import partial
 
 import comfy.lora
 import comfy.model_patcher
@@ -34,10 +40,25 @@ class ForwardPatch:
         self.key, self.patches = key, patches
 
 
+class HookPatch:
+    """The combined patch list of the hook group core applies (patch_hooks) to one kept layer's weight."""
+
+    def __init__(self, key: str, patches: list):
+        self.key, self.patches = key, patches
+
+    def original_weights(self, expand) -> dict | None:
+        """calculate_weight's original_weights for CreateHookModelAsLora's "model_as_lora" patches (the weight before
+        any patch, as core's get_key_patches gives it: here the expansion); None when no patch reads it."""
+        model_as_lora = any(isinstance(p[1], tuple) and p[1][0] == "model_as_lora" for p in self.patches)
+        return {self.key: [(expand(), None)]} if model_as_lora else None
+
+
 class ComfyPackedLinear(PackedLinear):
-    """PackedLinear with core's patch lists: LoRA (ForwardPatch, LowVramPatch) and weight functions."""
+    """PackedLinear with core's patch lists: LoRA (ForwardPatch, LowVramPatch), hook LoRA (HookPatch) and weight
+    functions."""
 
     comfy_cast_weights = False  # read by core's partial loading: set on layers it leaves on the offload device
+    hook_patch: HookPatch | None = None
 
     def __init__(self, weight: QuantizedWeight, bias: bool, weight_dtype: torch.dtype):
         super().__init__(weight, bias, weight_dtype)
@@ -61,12 +82,14 @@ class ComfyPackedLinear(PackedLinear):
         self.weight_function = [f for f in self.weight_function if not isinstance(f, ForwardPatch)]
 
     def effective_weight(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight with its LoRA patches, expanded into `dtype` (default: weight_dtype, as a dense layer stores it)."""
+        """The weight with its LoRA and hook patches, expanded into `dtype` (default: weight_dtype, as a dense layer
+        stores it)."""
         raw = self.weight.to(device or self.weight.device, non_blocking=True)
         dtype = dtype or self.weight_dtype
-        if not self.weight_function:
+        if not self.weight_function and self.hook_patch is None:
             return self.expand(raw, dtype)
-        return _apply(self.weight_function, self.expand(raw, torch.float32)).to(dtype)
+        expand = partial(self.expand, raw, torch.float32)
+        return _apply(self.weight_function, expand(), self.hook_patch, expand).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.effective_weight(x.device).to(x.dtype)  # rounded to weight_dtype first, as a dense weight
@@ -76,23 +99,27 @@ class ComfyPackedLinear(PackedLinear):
         return F.linear(x, weight, bias)
 
 
-def _apply(functions: list, tensor: torch.Tensor) -> torch.Tensor:
-    """Patch lists (ForwardPatch, core's LowVramPatch: .patches[.key]) applied to the expanded tensor, each key once
-    (core adds a LowVramPatch when it unloads a layer that already has its ForwardPatch); other weight functions
-    are called as they are."""
+def _apply(functions: list, tensor: torch.Tensor, hook: HookPatch | None = None, expand=None) -> torch.Tensor:
+    """What a dense layer's weight holds, then its forward applies: the patch lists (ForwardPatch, core's
+    LowVramPatch: .patches[.key]; each key once, as core adds a LowVramPatch when it unloads a layer that already
+    has its ForwardPatch), the hook group's patches, then the other weight functions as they are."""
+    is_patch_list = [getattr(f, "key", None) is not None and hasattr(f, "patches") for f in functions]
     applied = set()
-    for function in functions:
-        key = getattr(function, "key", None)
-        if key is None or not hasattr(function, "patches"):
-            tensor = function(tensor)
-        elif key not in applied:
-            applied.add(key)
-            tensor = comfy.lora.calculate_weight(function.patches[key], tensor, key)
+    for function in (f for f, patch_list in zip(functions, is_patch_list) if patch_list):
+        if function.key not in applied:
+            applied.add(function.key)
+            tensor = comfy.lora.calculate_weight(function.patches[function.key], tensor, function.key)
+    if hook is not None:
+        original = hook.original_weights(expand)
+        tensor = comfy.lora.calculate_weight(hook.patches, tensor, hook.key, original_weights=original)
+    for function in (f for f, patch_list in zip(functions, is_patch_list) if not patch_list):
+        tensor = function(tensor)
     return tensor
 
 
 class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
-    """core's plain ModelPatcher, except that LoRA on a ComfyPackedLinear weight is applied at the layer's forward."""
+    """core's plain ModelPatcher, except that LoRA and hook LoRA on a ComfyPackedLinear weight are applied at the
+    layer's forward."""
 
     def _kept_layer(self, key: str) -> ComfyPackedLinear | None:
         path, _, name = key.rpartition(".")
@@ -124,32 +151,53 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
             return layer.effective_weight(device_to)
         return None
 
+    def patch_hooks(self, hooks):
+        """core's patch_hooks for the float weights (in place, cached per group), then each kept layer gets the
+        group's combined patches for its weight (or none): on core's cached path too, which patches only what it
+        cached and unpatches the rest."""
+        with self._state_dict_keys_only():  # core reads its keys only here too
+            super().patch_hooks(hooks)
+        combined = self.get_combined_hook_patches(hooks=hooks) if hooks is not None else {}
+        for name, layer in kept_layers(self.model).items():
+            key = f"{name}.weight"
+            layer.hook_patch = HookPatch(key, combined[key]) if combined.get(key) else None
+
     def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
-        if key in combined_patches and self._kept_layer(key) is not None:
-            raise ValueError(
-                f"Hook LoRA (CreateHookLora / CreateHookModelAsLora) cannot patch {key}: this layer keeps its file's "
-                "packed weights (GGUF blocks or scaled fp8). Use LoraLoaderModelOnly, or load the DiT with weight_dtype bf16 / fp8_e4m3fn."
-            )
-        return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+        if self._kept_layer(key) is None:
+            return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+        original_weights.pop(key, None)  # as core's: the layer's HookPatch is set by patch_hooks
+        return None
+
+    def unpatch_hooks(self, whitelist_keys_set=None):
+        for name, layer in kept_layers(self.model).items():  # core's rule: a non-empty set names the keys, else all
+            if not whitelist_keys_set or f"{name}.weight" in whitelist_keys_set:
+                layer.hook_patch = None
+        return super().unpatch_hooks(whitelist_keys_set)
 
     def model_state_dict(self, filter_prefix=None):
-        """A layer with LoRA patches shows its patched weight (core's LoRA extraction reads the merged weights here);
-        an unpatched one its bytes, as core shows its own quantized weights (get_key_weight's convert_weight)."""
+        """A layer with LoRA or hook patches shows its patched weight (core's LoRA extraction reads the merged weights
+        here); an unpatched one its bytes, as core shows its own quantized weights (get_key_weight's convert_weight)."""
         state_dict = super().model_state_dict(filter_prefix)
         if not self._keys_only:
             for name, layer in kept_layers(self.model).items():
-                if layer.weight_function and f"{name}.weight" in state_dict:
+                if (layer.weight_function or layer.hook_patch) and f"{name}.weight" in state_dict:
                     state_dict[f"{name}.weight"] = layer.effective_weight()
         return state_dict
 
     _keys_only = False
 
-    def get_key_patches(self, filter_prefix=None):
-        self._keys_only = True  # it reads the state dict's keys only: expanding every patched layer would be waste
+    @contextlib.contextmanager
+    def _state_dict_keys_only(self):
+        """For core code that reads model_state_dict's keys only: expanding every patched layer would be waste."""
+        previous, self._keys_only = self._keys_only, True
         try:
-            return super().get_key_patches(filter_prefix)
+            yield
         finally:
-            self._keys_only = False
+            self._keys_only = previous
+
+    def get_key_patches(self, filter_prefix=None):
+        with self._state_dict_keys_only():
+            return super().get_key_patches(filter_prefix)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:

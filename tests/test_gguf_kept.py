@@ -6,7 +6,8 @@ sampling gives exactly (torch.equal) the samples of the same weights dequantized
 Core's LoraLoaderModelOnly patches a kept layer (loaded) to the same output as on the dequantized file, and the model
 without the LoRA afterwards is unchanged (its bytes restored). A layer left offloaded by core's partial loading
 applies the LoRA in its forward: the layer's output equals the dequantized file's patched layer; so does a patched
-layer that core unloads (partially_unload gives its bytes back, the LoRA goes to the forward). torch.compile
+layer that core unloads (partially_unload gives its bytes back, the LoRA goes to the forward). Hook LoRA through core
+KSampler (CreateHookLora, and a model-as-LoRA patch) gives the dequantized file's samples exactly. torch.compile
 traces a kept layer in one graph (fullgraph=True).
 """
 
@@ -169,8 +170,52 @@ def requeue_after_partial_unload(model, version: str, expected) -> dict:
     return {"still_loaded": still_loaded, "layers": len(layers), "diff": float((again - expected).abs().max())}
 
 
+def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
+    """Core KSampler with hook LoRA on the conditioning (CreateHookLora + set_hooks_for_conditioning, as the hook
+    nodes do; the second group a CreateHookModelAsLora-style "model_as_lora" patch, which reads the original
+    weight): the kept MODEL against the dequantized file's, and against itself without the hooks."""
+    import comfy.hooks
+    import comfy.model_management
+    import comfy.utils
+    from helpers_conditioning import random_conditioning
+    from opensora_pack.nodes import latent
+
+    import nodes as core_nodes
+
+    lora = comfy.utils.load_torch_file(str(root / "loras" / f"lora-{version}.safetensors"))
+    layer_key = f"diffusion_model.{LORA_LAYER[version]}.weight"
+    weight = plain.model.diffusion_model.get_submodule(LORA_LAYER[version]).weight
+    other_model = {layer_key: weight + 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))}
+    groups = {
+        "lora": comfy.hooks.create_hook_lora(lora, strength_model=0.8, strength_clip=0.0),
+        "model_as_lora": comfy.hooks.create_hook_model_as_lora(other_model, None, 0.7, 0.0),
+    }
+    positive, negative = random_conditioning(version, kept.model.diffusion_model.config)
+    (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
+
+    def ksample(model, group=None) -> torch.Tensor:
+        pos, neg = positive, negative
+        if group is not None:
+            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        (out,) = core_nodes.KSampler().sample(model, 5, 3, 4.0, "euler", "simple", pos, neg, empty)
+        comfy.model_management.unload_all_models()
+        return out["samples"]
+
+    unhooked = ksample(kept)
+    results = {}
+    for name, group in groups.items():
+        on_kept, on_plain = ksample(kept, group), ksample(plain, group)
+        results[name] = {
+            "changes_output": not torch.equal(on_kept, unhooked),
+            "max_diff_to_dequantized": float((on_kept - on_plain).abs().max()),
+            "scale": float(on_kept.abs().max()),
+        }
+    results["unhooked_again_equal"] = bool(torch.equal(ksample(kept), unhooked))
+    return results
+
+
 def core_node_results(root: Path, version: str, kept, kept_lora, base, load, sample) -> dict:
-    """Hook LoRA (refused, nothing left broken), ModelSave (the expanded, patched weights: reloads and samples as the
+    """Hook LoRA (hook_lora_results; nothing left behind), ModelSave (the expanded, patched weights: reloads and samples as the
     kept MODEL with its LoRA), LoRA extraction from ModelSubtract (as from the dequantized files)."""
     import comfy.hooks
     import comfy.model_management
@@ -178,19 +223,9 @@ def core_node_results(root: Path, version: str, kept, kept_lora, base, load, sam
     import folder_paths
     from comfy_extras import nodes_lora_extract, nodes_model_merging
 
-    out = {}
-    hooked = kept.clone()
-    lora = comfy.utils.load_torch_file(str(root / "loras" / f"lora-{version}.safetensors"))
-    group = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
-    hooked.register_all_hook_patches(group, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
-    hooked.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=0)
-    try:
-        hooked.patch_hooks(group)
-        out["hooks"] = "patched"
-    except ValueError as e:
-        out["hooks"] = str(e)
-    hooked.unpatch_hooks()
-    hooked.unpatch_model()
+    out = {
+        "hooks": hook_lora_results(root, version, kept, load(f"{version}-{QTYPES[0]}-dequantized.safetensors", "fp32"))
+    }
     out["after_hooks_equal"] = bool(torch.equal(sample(kept, version), base))
 
     folder_paths.set_output_directory(str(root / "output"))
@@ -280,10 +315,14 @@ def test_lora_on_a_loaded_kept_layer_leaves_its_bytes_and_memory_alone(measured,
 
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])
-def test_hook_lora_is_refused_by_name_and_breaks_nothing(measured, version):
+def test_hook_lora_on_kept_blocks_matches_the_dequantized_file(measured, version):
     core = measured[f"{version} {QTYPES[0]}"]["core_nodes"]
-    assert core["hooks"].startswith("Hook LoRA") and "LoraLoaderModelOnly" in core["hooks"], core
-    assert core["after_hooks_equal"], core
+    hooks = core["hooks"]
+    for kind in ("lora", "model_as_lora"):
+        result = hooks[kind]
+        assert result["changes_output"], (kind, result)
+        assert result["max_diff_to_dequantized"] == 0.0, (kind, result)  # core patches the float32 file the same way
+    assert hooks["unhooked_again_equal"] and core["after_hooks_equal"], core
 
 
 @pytest.mark.parametrize("version", ["2.0", "1.3"])
