@@ -468,6 +468,30 @@ async def _check_widget_behaviour(browser: Chromium) -> dict:
     return steps
 
 
+async def _check_reference_seed(browser: Chromium) -> dict:
+    """A new Encode Reference: its seed's control after generate starts on "fixed" (the frontend's default for an
+    INT named seed is "randomize"); a node configured from a saved workflow keeps the saved choice."""
+    return await browser.evaluate(
+        """(() => {
+          const app = window.comfyAPI.app.app;
+          const control = (node) => node.widgets.find((w) => w.name === "seed")
+            ?.linkedWidgets?.find((w) => w.name === "control_after_generate");
+          const fresh = LiteGraph.createNode("OpenSoraEncodeReference");
+          app.graph.add(fresh);
+          const result = { fresh: control(fresh)?.value ?? null };
+          control(fresh).value = "randomize";
+          const saved = fresh.serialize();
+          const loaded = LiteGraph.createNode("OpenSoraEncodeReference");
+          app.graph.add(loaded);
+          loaded.configure(saved);
+          result.loaded = control(loaded)?.value ?? null;
+          app.graph.remove(fresh);
+          app.graph.remove(loaded);
+          return result;
+        })()"""
+    )
+
+
 async def _check_serialization(browser: Chromium) -> dict:
     """The display widget must stay out of the saved workflow and the API prompt."""
     return await browser.evaluate(
@@ -575,6 +599,7 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
         await browser.evaluate("window.comfyAPI.app.app.graph.clear?.() ?? true")
         report["steps"] = await _check_widget_behaviour(browser)
         report["serialized"] = await _check_serialization(browser)
+        report["reference_seed"] = await _check_reference_seed(browser)
         cases = python_expectations()
         derived = await _compare_with_python(browser, [values for values, _ in cases])
         report["cases"] = [
@@ -639,6 +664,11 @@ def assess(report: dict) -> list[str]:
     for name, step in (("49 frames (1.3, 360p 9:16)", 8), ("2.0 DC-AE, 128 frames", 32)):
         if steps[name].get("widthStep") != step:
             problems.append(f"{name}: the width widget steps by {steps[name].get('widthStep')}, not {step}")
+    if report["reference_seed"] != {"fresh": "fixed", "loaded": "randomize"}:
+        problems.append(
+            "Encode Reference's seed control should start on 'fixed' and keep a saved choice: "
+            f"{report['reference_seed']}"
+        )
     saved = report["serialized"]
     expected_values = ["1.3", "360p", "9:16", 33, 1, 0, 0, 24]
     if saved["widgets_values"] != expected_values:

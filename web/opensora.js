@@ -4,12 +4,17 @@
 // and title badge for what the chosen version cannot take, before the user queues. The numbers come
 // from the server's rules (GET /opensora/size_rules, one rule set per version choice, "2.0 DC-AE" included),
 // evaluated by opensora_rules.js.
+//
+// Also: a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The
+// frontend adds that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior
+// sample's, so randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { compileRule, derive } from "./opensora_rules.js";
 
 export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
+export const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
 export const RULES_ROUTE = "/opensora/size_rules";
 const INFO_WIDGET = "opensora_info";
 const INPUT_NAMES = ["version", "resolution", "aspect_ratio", "num_frames", "batch_size", "width", "height", "fps"];
@@ -287,6 +292,14 @@ export const extension = {
     await loadRules();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name === REFERENCE_NODE_TYPE) {
+      // A loaded workflow then restores its own saved choice (configure runs after creation).
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        const seed = this.widgets?.find((widget) => widget.name === "seed");
+        const control = seed?.linkedWidgets?.find((widget) => widget.name === "control_after_generate");
+        if (control) control.value = "fixed";
+      });
+    }
     if (nodeData?.name !== NODE_TYPE) return;
     loadRules();
     const prototype = nodeType.prototype;
