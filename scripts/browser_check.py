@@ -330,6 +330,9 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
           await new Promise((resolve) => setTimeout(resolve, 300));
           const unregistered = {json.dumps(wanted)}.filter((t) => !(t in LiteGraph.registered_node_types));
           const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.textContent);
+          // close them (e.g. the missing-models dialog), so the next workflow's are its own
+          for (const button of document.querySelectorAll(".p-dialog-close-button, .p-dialog-header-close")) button.click();
+          await new Promise((resolve) => setTimeout(resolve, 300));
           const nodes = app.graph.nodes ?? app.graph._nodes;
           const opensora = nodes.filter((n) => n.type === {json.dumps(NODE_TYPE)})
             .map((n) => window.__opensoraCheck.read(n));
@@ -353,7 +356,12 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
             problems.append(f"an Open-Sora Empty Latent Video shows no derived values: {shown}")
     if problems:
         raise BrowserCheckError(f"workflow {path.name}: " + "; ".join(problems))
-    return {"workflow": path.name, "nodes": result["count"], "opensora_nodes": result["opensora"]}
+    return {
+        "workflow": path.name,
+        "nodes": result["count"],
+        "opensora_nodes": result["opensora"],
+        "dialogs": result["dialogs"],
+    }
 
 
 async def _check_widget_behaviour(browser: Chromium) -> dict:
@@ -591,6 +599,7 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
     async with Chromium() as browser:
         await _open(browser, url)
         report: dict = {"workflows": [], "url": url}
+        report["frontend"] = await browser.evaluate("window.__COMFYUI_FRONTEND_VERSION__ ?? null")
         for path in ui_workflows(workflows_dir):
             report["workflows"].append(await _check_workflow(browser, path))
             await browser.evaluate(FIT_GRAPH)
@@ -613,8 +622,13 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
     return report
 
 
-# Errors the pinned frontend logs on a bare ComfyUI too (no pack loaded), matched exactly; anything else fails.
+# Errors the pinned frontend logs on a bare ComfyUI too (no pack loaded), or on a machine without internet access,
+# matched exactly; anything else fails.
 KNOWN_FRONTEND_ERRORS = {
+    # Offline (tests, CI): the missing-models dialog asks huggingface.co for the size of each file a workflow names.
+    "missing-models dialog offline: no file size from huggingface.co": re.compile(
+        r"^console\.error: Error fetching file size: TypeError: Failed to fetch\s+at fetchFileSize \("
+    ),
     # 1.32.9 at page load: useRenderModeSetting sets a setting whose definition is not registered yet.
     "frontend 1.32.9 settings-store onChange at load": re.compile(
         r"^console\.error: TypeError: Cannot read properties of undefined \(reading 'id'\)\s+at onChange \("

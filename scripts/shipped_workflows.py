@@ -32,6 +32,23 @@ OFFICIAL = {
     "dit_dcae": "Open_Sora_v2_Video_DC_AE.safetensors",  # hpcai-tech/Open-Sora-v2-Video-DC-AE
     "vae_dcae": "F32T4C128_AE.safetensors",
 }
+# Where each official file comes from: (Hugging Face repo, models/ subfolder). A name ending in "/" is the repo's whole
+# folder (the 1.x models); a file is also given to the frontend as node properties.models (name, url, directory), so
+# its missing-models dialog offers the download when the workflow is opened without it.
+SOURCES = {
+    "OpenSora-STDiT-v4/": ("hpcai-tech/OpenSora-STDiT-v4", "diffusion_models"),
+    "OpenSora-VAE-v1.3/": ("hpcai-tech/OpenSora-VAE-v1.3", "vae"),
+    "OpenSora-STDiT-v3/": ("hpcai-tech/OpenSora-STDiT-v3", "diffusion_models"),
+    "OpenSora-VAE-v1.2/": ("hpcai-tech/OpenSora-VAE-v1.2", "vae"),
+    "t5xxl_fp16.safetensors": ("comfyanonymous/flux_text_encoders", "text_encoders"),
+    "clip_l.safetensors": ("comfyanonymous/flux_text_encoders", "text_encoders"),
+    "Open_Sora_v2.safetensors": ("hpcai-tech/Open-Sora-v2", "diffusion_models"),
+    "hunyuan_vae.safetensors": ("hpcai-tech/Open-Sora-v2", "vae"),
+    "Open_Sora_v2_Video_DC_AE.safetensors": ("hpcai-tech/Open-Sora-v2-Video-DC-AE", "diffusion_models"),
+    "F32T4C128_AE.safetensors": ("hpcai-tech/Open-Sora-v2-Video-DC-AE", "vae"),
+    "flux1-dev.safetensors": ("black-forest-labs/FLUX.1-dev", "diffusion_models"),  # gated: accept its licence
+    "ae.safetensors": ("black-forest-labs/FLUX.1-schnell", "vae"),  # the same FLUX autoencoder, not gated
+}
 FILE_FIELDS = ("dit_name", "vae_name", "t5_name", "clip_name", "unet_name", "clip_name1", "clip_name2")
 # A CPU-sized latent per Empty Latent Video version, for tiny_settings(): the 1.x presets, 2.0 at exact pixels.
 TINY_SIZE = 64
@@ -169,6 +186,42 @@ def tiny_settings(prompt: dict, steps: int = 4, image_steps: int = 2, **latent) 
 
 
 # -- UI format ----------------------------------------------------------------------------------------
+def model_files(prompt: dict) -> list[str]:
+    """The official files and folders an API workflow's loaders read, in node order, each once."""
+    found = [n["inputs"].get(f) for _, n in sorted(prompt.items(), key=lambda item: int(item[0])) for f in FILE_FIELDS]
+    return list(dict.fromkeys(name for name in found if name in SOURCES))
+
+
+def model_properties(node: dict) -> dict:
+    """The frontend's properties.models for a loader node: the single official files it loads."""
+    models = [
+        {
+            "name": name,
+            "url": f"https://huggingface.co/{SOURCES[name][0]}/resolve/main/{name}",
+            "directory": SOURCES[name][1],
+        }
+        for name in (node["inputs"].get(field) for field in FILE_FIELDS)
+        if name in SOURCES and not name.endswith("/")
+    ]
+    return {"models": models} if models else {}
+
+
+def models_note(prompt: dict) -> str:
+    """The text of the Note each UI workflow opens with: which files it loads, from where, into which folder."""
+    lines = ["Models this workflow loads (download each, put it in ComfyUI/models/<folder>, then press R):"]
+    for name in model_files(prompt):
+        repo, directory = SOURCES[name]
+        if name.endswith("/"):
+            lines.append(f"- {name} = the whole folder of https://huggingface.co/{repo} -> models/{directory}/{name}")
+        else:
+            lines.append(f"- {name} from https://huggingface.co/{repo} -> models/{directory}/")
+    images = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    if images:
+        lines.append(f"Load Image: pick your own picture in place of {' and '.join(images)}.")
+    lines.append("Smaller files (fp8, GGUF) and the other checkpoints: the Model files table of the pack's README.")
+    return "\n".join(lines)
+
+
 def _widget_names(spec: dict) -> list[str]:
     names = []
     for section in ("required", "optional"):
@@ -211,22 +264,40 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             {
                 "id": int(node_id),
                 "type": node["class_type"],
-                "pos": [40 + 330 * (position % columns), 60 + 400 * (position // columns)],
+                "pos": [40 + 330 * (position % columns), 60 + 460 * (position // columns)],
                 "size": [300, 200],
                 "flags": {},
                 "order": position,
                 "mode": 0,
                 "inputs": inputs,
                 "outputs": outputs,
-                "properties": {"Node name for S&R": node["class_type"]},
+                "properties": {"Node name for S&R": node["class_type"], **model_properties(node)},
                 "widgets_values": widget_values,
             }
         )
     by_id = {n["id"]: n for n in nodes}
     for link in links:
         by_id[link[1]]["outputs"][link[2]]["links"].append(link[0])
+    note_id = max(by_id) + 1  # a frontend-only Note (never queued), above the graph
+    nodes.append(
+        {
+            "id": note_id,
+            "type": "Note",
+            "pos": [40, -300],
+            "size": [900, 260],
+            "flags": {},
+            "order": len(nodes),
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {},
+            "widgets_values": [models_note(prompt)],
+            "color": "#432",
+            "bgcolor": "#653",
+        }
+    )
     return {
-        "last_node_id": max(by_id),
+        "last_node_id": note_id,
         "last_link_id": len(links),
         "nodes": nodes,
         "links": links,

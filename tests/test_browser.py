@@ -82,6 +82,17 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
     expected_workflows = [path.name for path in ui_workflows(REPO / "workflows")]
     assert [w["workflow"] for w in report["workflows"]] == expected_workflows
 
+    # The frontend's missing-models dialog (1.32.9; later frontends list them in a side panel instead) offers each
+    # single file a workflow loads, from its node properties.models; the server has none of the official files.
+    if tuple(int(p) for p in report["frontend"].split(".")[:2]) < (1, 40):
+        for workflow in report["workflows"]:
+            data = json.loads((REPO / "workflows" / workflow["workflow"]).read_text())
+            wanted = {
+                f"{m['directory']} / {m['name']}" for n in data["nodes"] for m in n["properties"].get("models", [])
+            }
+            shown = " ".join(workflow["dialogs"])
+            assert wanted and "Missing Models" in shown and all(entry in shown for entry in wanted), (workflow, wanted)
+
     # The displayed text follows num_frames, with Python's numbers: 49 -> 97 frames on 1.3 360p 9:16.
     steps = report["steps"]
     height, width = sizes.image_size("1.3", "360p", "9:16")

@@ -50,9 +50,45 @@ def test_workflows_ship_in_ui_and_api_format():
     for api in (root / "api").glob("*.json"):
         ui = json.loads((root / api.name).read_text())
         prompt = json.loads(api.read_text())
-        assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in prompt.values()}
+        assert {n["type"] for n in ui["nodes"]} - {"Note"} == {n["class_type"] for n in prompt.values()}
         assert any(n["class_type"] == "SaveVideo" for n in prompt.values())
         assert any(n["class_type"] == "CreateVideo" for n in prompt.values())
+
+
+def test_ui_workflows_say_which_model_files_they_need_and_where_from():
+    """Audit 24: a workflow opened without the official files said nothing about them. Each UI file opens with a
+    Note naming every file or folder its loaders read, its Hugging Face repo and its models/ folder; each loader
+    of a single file carries it in properties.models (name, url, directory) for the frontend's missing-models
+    dialog (the browser test checks the dialog)."""
+    from pathlib import Path
+
+    from shipped_workflows import SOURCES
+
+    root = Path(__file__).resolve().parent.parent / "workflows"
+    for api in sorted((root / "api").glob("*.json")):
+        ui = json.loads((root / api.name).read_text())
+        prompt = json.loads(api.read_text())
+        notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1, api.name
+        text = notes[0]["widgets_values"][0]
+        files = {v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str) and v in SOURCES}
+        assert files, api.name
+        for name in files:
+            repo, directory = SOURCES[name]
+            assert f"{name} " in text and f"https://huggingface.co/{repo}" in text and f"models/{directory}/" in text
+        offered = {}
+        for node in ui["nodes"]:
+            for model in node["properties"].get("models", []):
+                offered[model["name"]] = model
+                assert node["widgets_values"].count(model["name"]) == 1, (api.name, node["type"], model)
+        assert set(offered) == {name for name in files if not name.endswith("/")}, api.name
+        for name, model in offered.items():
+            repo, directory = SOURCES[name]
+            assert model == {
+                "name": name,
+                "url": f"https://huggingface.co/{repo}/resolve/main/{name}",
+                "directory": directory,
+            }
 
 
 def test_workflow_templates_are_served(comfy_server):
