@@ -589,6 +589,7 @@ FIT_GRAPH = """(() => {
   const scale = Math.min((canvas.width - 160) / (right - left), (canvas.height - 170) / (bottom - top), 1);
   app.canvas.ds.scale = scale;
   app.canvas.ds.offset = [110 / scale - left, 125 / scale - top];
+  app.canvas.min_font_size_for_lod = 0;  // the screenshot shows the text at any zoom (0: never low quality)
   app.canvas.setDirty(true, true);
   return scale;
 })()"""

@@ -1,7 +1,12 @@
-"""The main job: boot a real headless ComfyUI with the pack and the tiny default models, queue the shipped
-Open-Sora 1.3 text-to-video API workflow, show progress, and copy the mp4 to ./output/.
+"""The main job: boot a real headless ComfyUI with the pack and the tiny default models, queue a shipped API
+workflow (default: Open-Sora 1.3 text-to-video), show progress, and copy the mp4 to ./output/.
 
-Usage: scripts/demo.sh [--workflow workflows/<name>_api.json] [--keep-server]
+Usage: scripts/demo.sh [--workflow NAME_OR_PATH] [--full] [--resolution 240p] [--frames 33]
+
+NAME_OR_PATH: a shipped workflow's name (opensora20_t2v, opensora13_i2v, ... as in workflows/api/) or the path of
+an API-format file that uses the shipped workflows' model names. Its loaders are pointed at the tiny models of its
+version (the 2.0 ones are made when first needed) and its Load Image nodes get a stand-in picture. Without --full,
+1.x runs at --resolution / --frames and 2.0 at 64 x 64 pixels and 9 frames (8 for the DC-AE), its own steps.
 """
 
 from __future__ import annotations
@@ -18,33 +23,67 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_host import ComfyServer, output_files  # noqa: E402
-from demo_models import install_tiny_models  # noqa: E402
-from shipped_workflows import use_models  # noqa: E402
+from demo_models import install_tiny_models, write_reference_image  # noqa: E402
+from shipped_workflows import OFFICIAL, tiny_settings, use_models  # noqa: E402
+
+V2_ROLES = ("dit_2.0", "vae_2.0", "clip_l_2.0", "flux", "flux_ae", "dit_dcae", "vae_dcae")
+
+
+def workflow_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = REPO / "workflows" / "api" / f"{name_or_path}.json"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in shipped.parent.glob("*.json"))
+    raise SystemExit(f"[demo] no workflow {name_or_path!r}: give a file or one of {', '.join(names)}")
+
+
+def demo_prompt(prompt: dict, names: dict, args) -> dict:
+    """The workflow on the tiny models, shrunk unless --full (1.x: --resolution / --frames; 2.0: tiny_settings)."""
+    prompt = use_models(prompt, names)
+    if args.full:
+        return prompt
+    versions = {n["inputs"].get("version") for n in prompt.values() if n["class_type"] == "OpenSoraEmptyLatentVideo"}
+    if any(str(v).startswith("2.0") for v in versions):
+        steps = [n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "OpenSoraSampler"]
+        return tiny_settings(prompt, steps=steps[0] if steps else 4)
+    for node in prompt.values():  # the tiny VAE decodes 360p x 49 frames slowly on 2 cores; keep the demo short
+        if node["class_type"] == "OpenSoraEmptyLatentVideo":
+            node["inputs"].update(resolution=args.resolution, num_frames=args.frames)
+    return prompt
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "opensora13_t2v.json"))
+    parser.add_argument("--workflow", default="opensora13_t2v", help="a shipped workflow's name, or an API file")
     parser.add_argument("--output", default=str(REPO / "output"))
     parser.add_argument("--resolution", default="240p", help="the tiny model's demo size (the workflow ships 360p)")
     parser.add_argument("--frames", type=int, default=33, help="pixel frames (1.3: 16k+1)")
     parser.add_argument("--full", action="store_true", help="keep the workflow's own size and frame count")
     args = parser.parse_args()
 
+    workflow = json.loads(workflow_file(args.workflow).read_text())
     start = time.monotonic()
     base = REPO / ".cache" / "demo-base"
     server = ComfyServer(base_dir=base)
     server.prepare()
     print("[demo] creating the tiny default models (fixed seed, official key layout)")
     names = install_tiny_models(server.models)
+    used = {v for n in workflow.values() for v in n["inputs"].values() if isinstance(v, str)}
+    if used & {OFFICIAL[role] for role in V2_ROLES}:
+        from demo_models_v2 import install_tiny_models_v2
+
+        print("[demo] creating the tiny 2.0 models")
+        names = {**install_tiny_models_v2(server.models), **names}
+    for node in workflow.values():
+        if node["class_type"] == "LoadImage":
+            write_reference_image(server.base / "input" / node["inputs"]["image"])
     print(f"[demo] booting ComfyUI ({server.comfy}) on {server.url}")
     with server:
         print(f"[demo] host up after {time.monotonic() - start:.1f}s; pack loaded")
-        prompt = use_models(json.loads(Path(args.workflow).read_text()), names)
-        if not args.full:  # the tiny VAE decodes 360p x 49 frames slowly on 2 cores; keep the demo short
-            for node in prompt.values():
-                if node["class_type"] == "OpenSoraEmptyLatentVideo":
-                    node["inputs"].update(resolution=args.resolution, num_frames=args.frames)
+        prompt = demo_prompt(workflow, names, args)
 
         def show(message: dict) -> None:
             kind, data = message["type"], message.get("data", {})

@@ -166,6 +166,19 @@ def make_t5(folder: Path) -> None:
     write_folder(folder, config.to_dict(), state)
 
 
+def write_reference_image(path: Path, seed: int = 0) -> Path:
+    """A 320 x 200 horizontal gradient with seeded noise: the stand-in reference image of the demo and the tests."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    gradient = np.linspace(0, 255, 320, dtype=np.float32)[None, :, None]
+    pixels = (gradient + rng.normal(0, 20, (200, 320, 3))).clip(0, 255).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return Path(path)
+
+
 def install_tiny_models(models_dir: Path, versions: tuple[str, ...] = ("1.3", "1.2")) -> dict[str, str]:
     """Write the tiny models into a ComfyUI models/ folder (skips what is already there). Returns {role (as in
     shipped_workflows.OFFICIAL): name as the loaders list it}: dit_<version>, vae_<version>, t5."""

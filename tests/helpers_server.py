@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import av
+import demo_models
 import numpy as np
 from comfy_host import output_files
-from PIL import Image
 from shipped_workflows import tiny_settings, use_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,12 +25,7 @@ def tiny_workflow(server, name: str, steps: int = 3, **latent_overrides) -> dict
 
 
 def write_reference_image(server, name: str = "opensora_reference.png", seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    gradient = np.linspace(0, 255, 320, dtype=np.float32)[None, :, None]
-    pixels = (gradient + rng.normal(0, 20, (200, 320, 3))).clip(0, 255).astype(np.uint8)
-    path = server.base / "input" / name
-    Image.fromarray(pixels).save(path)
-    return path
+    return demo_models.write_reference_image(server.base / "input" / name, seed)
 
 
 def video_properties(path: Path) -> dict:

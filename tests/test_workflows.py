@@ -1,6 +1,7 @@
 """Every shipped 1.x API workflow runs on the real host with the tiny models and writes a correct mp4."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,9 +92,24 @@ def test_ui_workflows_say_which_model_files_they_need_and_where_from():
             }
 
 
-def test_workflow_templates_are_served(comfy_server):
+def test_workflow_templates_are_served_with_their_thumbnails(comfy_server):
+    """Core's template browser lists workflows/*.json and shows workflows/<name>.jpg for each (a placeholder and a
+    404 without it; audit 24)."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
     templates = comfy_server.get_json("/workflow_templates")
-    assert set(templates["ComfyUI-OpenSora"]) >= {"opensora13_t2v", "opensora13_i2v", "opensora12_t2v"}
+    names = set(templates["ComfyUI-OpenSora"])
+    shipped = {p.stem for p in (Path(__file__).resolve().parent.parent / "workflows" / "api").glob("*.json")}
+    assert names == shipped
+    for name in sorted(names):
+        url = f"{comfy_server.url}/api/workflow_templates/ComfyUI-OpenSora/{name}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg", name
+            with Image.open(io.BytesIO(response.read())) as image:
+                assert image.format == "JPEG" and image.width == 640, name
 
 
 def _latent(comfy_server, result) -> torch.Tensor:
