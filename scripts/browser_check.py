@@ -476,6 +476,43 @@ async def _check_widget_behaviour(browser: Chromium) -> dict:
     return steps
 
 
+async def _check_version_change(browser: Chromium) -> dict:
+    """A user switching Empty Latent Video's version: 1.3 360p 9:16 49 frames -> 2.0 (W:H: the aspect flips to keep
+    the landscape picture), then num_frames 53 (2.0's 4k+1) -> 1.3 (16k+1: 49). Each step's values, lists, arrow
+    steps and shown text."""
+    return await browser.evaluate(
+        f"""(async () => {{
+          const app = window.comfyAPI.app.app, check = window.__opensoraCheck;
+          const node = LiteGraph.createNode({json.dumps(NODE_TYPE)});
+          node.pos = [280, 800];
+          app.graph.add(node);
+          const widget = (name) => node.widgets.find((w) => w.name === name);
+          const state = async () => {{
+            await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 50)));
+            const values = {{}};
+            for (const name of ["version", "resolution", "aspect_ratio", "num_frames"]) values[name] = widget(name).value;
+            return {{ values, resolutions: [...widget("resolution").options.values],
+                      aspects: [...widget("aspect_ratio").options.values],
+                      framesStep: widget("num_frames").options.step / 10, shown: check.read(node) }};
+          }};
+          for (const [name, value] of [["version", "1.3"], ["resolution", "360p"], ["aspect_ratio", "9:16"],
+                                       ["num_frames", 49]]) check.set(node, name, value);
+          const steps = {{ start: await state() }};
+          check.set(node, "version", "2.0");
+          steps.to20 = await state();
+          check.set(node, "num_frames", 53);
+          steps.frames53 = await state();
+          check.set(node, "version", "1.3");
+          steps.to13 = await state();
+          // the right arrow, as a click on it runs it (LiteGraph's NumberWidget)
+          widget("num_frames").incrementValue?.({{ e: undefined, node, canvas: app.canvas }});
+          steps.arrow = await state();
+          app.graph.remove(node);
+          return steps;
+        }})()"""
+    )
+
+
 async def _check_reference_seed(browser: Chromium) -> dict:
     """A new Encode Reference: its seed's control after generate starts on "fixed" (the frontend's default for an
     INT named seed is "randomize"); a node configured from a saved workflow keeps the saved choice."""
@@ -610,6 +647,7 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
         report["steps"] = await _check_widget_behaviour(browser)
         report["serialized"] = await _check_serialization(browser)
         report["reference_seed"] = await _check_reference_seed(browser)
+        report["version_change"] = await _check_version_change(browser)
         cases = python_expectations()
         derived = await _compare_with_python(browser, [values for values, _ in cases])
         report["cases"] = [

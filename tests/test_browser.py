@@ -127,6 +127,24 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
     assert not other["invalid"] and not other["badge"] and "warning" not in other["rows"], other
     assert any("derived values need num_frames" in row for row in other["rows"]["status"]), other
 
+    # Switching the version: only that version's presets are listed, the arrows step on its grids, the picture keeps
+    # its orientation (1.x H:W -> 2.0 W:H flips "9:16") and a frame count it cannot take moves to the nearest it can,
+    # each change noted on the node (audit 24: the lists held every version's presets and "9:16" silently turned a
+    # landscape 1.3 video into a portrait 2.0 one).
+    change = report["version_change"]
+    start, to20, frames53, to13 = (change[k] for k in ("start", "to20", "frames53", "to13"))
+    assert start["resolutions"] == sizes.resolutions("1.3") and start["framesStep"] == 16, start
+    assert to20["values"] == {"version": "2.0", "resolution": "360p", "aspect_ratio": "16:9", "num_frames": 49}
+    assert to20["resolutions"] == sizes.resolutions("2.0") and to20["aspects"] == sizes.aspect_ratios("2.0")
+    assert to20["framesStep"] == 4 and any("aspect_ratio 9:16 → 16:9" in r for r in to20["shown"]["rows"]["note"])
+    for step in (start, to20):
+        height, width = sizes.image_size(step["values"]["version"], "360p", step["values"]["aspect_ratio"])
+        assert width > height and f"pixels {width}×{height}" in step["shown"]["text"], step
+    assert "note" not in frames53["shown"]["rows"] or not any("→" in r for r in frames53["shown"]["rows"]["note"])
+    assert to13["values"] == {"version": "1.3", "resolution": "360p", "aspect_ratio": "9:16", "num_frames": 49}
+    assert any("num_frames 53 → 49" in r for r in to13["shown"]["rows"]["note"]) and not to13["shown"]["invalid"]
+    assert change["arrow"]["values"]["num_frames"] == 65, change["arrow"]  # one click: the next 16k+1
+
     # The page evaluates the rules exactly as Python computes them, errors included.
     assert len(report["cases"]) == len(CASES)
     assert sum(case["python"]["valid"] for case in report["cases"]) >= 10

@@ -113,6 +113,7 @@ function describe(node) {
     rows.push(["duration", `duration ${derived.seconds.toFixed(2)} s (${values.num_frames} frames at ${values.fps} fps)`, COLORS.text]);
   }
   for (const error of derived.errors) rows.push(["warning", `⚠ ${error}`, COLORS.error]);
+  if (node.opensora?.adapted) rows.push(["note", `• ${node.opensora.adapted}`, COLORS.note]);
   for (const note of derived.notes) rows.push(["note", `• ${note}`, COLORS.note]);
   return { rows, derived, invalid: derived.errors.length > 0 };
 }
@@ -206,6 +207,7 @@ function refresh(node, force = false, configuring = false) {
   info.invalid = invalid;
   if (info.badge) info.badge.text = invalid ? BADGE_TEXT : "";
   applySizeStep(node);
+  applyVersionLists(node);
   const height = infoHeight(node, info.element);
   if (height !== info.height || force) fitHeight(node, !configuring);
   info.height = height;
@@ -213,14 +215,21 @@ function refresh(node, force = false, configuring = false) {
 }
 
 // The width / height arrows move on the chosen version's size grid (1.x: 8, 2.0: 16, 2.0 DC-AE: 32), so a click
-// from a valid size lands on the next valid one.
+// from a valid size lands on the next valid one (the frontend also snaps a typed INT to step2's grid from min).
+// The num_frames arrows move on the frame grid (1.3: 16, 2.0: 4) through `step` alone: with step2 the frontend would
+// snap typed counts to 1 + k x step, which the DC-AE's 4k is not, so a typed count stays as typed (and is checked).
 function applySizeStep(node) {
-  const version = node.widgets?.find((w) => w.name === "version")?.value;
-  const multiple = Math.max(8, state.rules?.[version]?.size_limits?.multiple_of ?? 8);
+  const rules = state.rules?.[widgetNamed(node, "version")?.value];
+  const multiple = Math.max(8, rules?.size_limits?.multiple_of ?? 8);
   for (const widget of node.widgets ?? []) {
-    if ((widget.name !== "width" && widget.name !== "height") || !widget.options) continue;
-    widget.options.step2 = multiple; // the increment on current frontends
-    widget.options.step = multiple * 10; // LiteGraph's older convention: ten times the increment
+    if (!widget.options) continue;
+    if (widget.name === "width" || widget.name === "height") {
+      widget.options.step2 = multiple; // the increment on current frontends
+      widget.options.step = multiple * 10; // LiteGraph's older convention: ten times the increment
+    } else if (widget.name === "num_frames") {
+      widget.options.step2 = 0; // no snapping; the arrows fall back to step / 10
+      widget.options.step = (rules?.frames?.step ?? 1) * 10;
+    }
   }
 }
 
@@ -252,7 +261,65 @@ function chain(object, name, after) {
 function watchWidgets(node) {
   for (const widget of node.widgets ?? []) {
     if (!INPUT_NAMES.includes(widget.name)) continue;
-    chain(widget, "callback", () => refresh(node));
+    chain(widget, "callback", () => {
+      if (widget.name === "version") {
+        const from = node.opensora.version;
+        node.opensora.version = widget.value;
+        if (from !== widget.value) adaptToVersion(node, from, widget.value);
+      } else {
+        node.opensora.adapted = null; // the user's own edit: the note about the version change is done
+      }
+      refresh(node);
+    });
+  }
+}
+
+function widgetNamed(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+/** The frame count nearest n that a version's rule (rules.frames) takes: 1 (an image), or min + k x step up to max. */
+export function nearestFrames(frames, n) {
+  if (n === 1 && frames.image) return 1;
+  const offset = frames.min % frames.step;
+  const snapped = Math.round((n - offset) / frames.step) * frames.step + offset;
+  return Math.min(frames.max, Math.max(frames.min, snapped));
+}
+
+// The user picked another version (a loaded workflow keeps its values): keep the picture's orientation (1.x writes
+// aspect ratios H:W, 2.0 W:H, so "9:16" flips) and move what the new version cannot take to what it can (its default
+// preset, the nearest frame count); the node notes each change.
+function adaptToVersion(node, from, to) {
+  const target = state.rules?.[to];
+  if (!target) return;
+  const changes = [];
+  const set = (name, value) => {
+    const widget = widgetNamed(node, name);
+    if (!widget || widget.value === value) return;
+    changes.push(`${name} ${widget.value} → ${value}`);
+    widget.value = value;
+  };
+  const aspect = widgetNamed(node, "aspect_ratio")?.value;
+  if (state.rules?.[from] && state.rules[from].aspect_ratio_order !== target.aspect_ratio_order) {
+    const flipped = String(aspect).split(":").reverse().join(":");
+    if (target.aspect_ratios.includes(flipped)) set("aspect_ratio", flipped);
+  }
+  if (!target.aspect_ratios.includes(widgetNamed(node, "aspect_ratio")?.value)) {
+    set("aspect_ratio", target.defaults.aspect_ratio);
+  }
+  if (!target.resolutions.includes(widgetNamed(node, "resolution")?.value)) set("resolution", target.defaults.resolution);
+  const frames = widgetNamed(node, "num_frames")?.value;
+  if (typeof frames === "number") set("num_frames", nearestFrames(target.frames, frames));
+  node.opensora.adapted = changes.length ? `for ${to}: ${changes.join(", ")}` : null;
+}
+
+/** Only the chosen version's presets in the resolution and aspect lists (the node definition holds every version's). */
+function applyVersionLists(node) {
+  const rules = state.rules?.[widgetNamed(node, "version")?.value];
+  if (!rules) return;
+  for (const [name, values] of [["resolution", rules.resolutions], ["aspect_ratio", rules.aspect_ratios]]) {
+    const widget = widgetNamed(node, name);
+    if (widget?.options && Array.isArray(widget.options.values)) widget.options.values = values;
   }
 }
 
@@ -271,6 +338,7 @@ function setUpNode(node) {
   if (node.opensora) return;
   const { element, widget } = addInfoWidget(node);
   node.opensora = { element, widget, signature: null, derived: null, invalid: false, height: 0, badge: null };
+  node.opensora.version = widgetNamed(node, "version")?.value; // the last version the user saw (adaptToVersion)
   watchWidgets(node);
   node.opensora.badge = makeBadge(node);
   liveNodes.add(node);
@@ -307,6 +375,7 @@ export const extension = {
       setUpNode(this);
     });
     chain(prototype, "onConfigure", function () {
+      if (this.opensora) this.opensora.version = widgetNamed(this, "version")?.value; // loaded, not picked
       refresh(this, true, true);
     });
     chain(prototype, "onAdded", function () {
