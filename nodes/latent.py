@@ -231,7 +231,7 @@ class OpenSoraEncodeReference:
                 "image": (
                     "IMAGE",
                     {
-                        "tooltip": "A reference image; for i2v_loop two images (start and end frame); several frames (a video) for v2v_head. Of a batch, i2v_head takes the first image and i2v_tail the last, except that one image per video of the latent's batch_size gives each video its own (i2v_loop: batch_size start images, with as many end_image or the end images after them). Resized to fill and center-cropped to the latent's size, as the official code does."
+                        "tooltip": "The reference: an image (i2v_head / i2v_tail), start and end images (i2v_loop, or use end_image), or video frames (v2v_*). One image per video of the latent's batch gives each video its own. Resized to fill and center-cropped to the latent's size, as the official code."
                     },
                 ),
                 "latent": ("LATENT", {"tooltip": "The latent to condition, from Open-Sora Empty Latent Video."}),

@@ -47,14 +47,14 @@ class OpenSoraLoadDiT:
                     [*WEIGHT_DTYPES, FP8_FAST],
                     {
                         "default": "default",
-                        "tooltip": "Storage dtype of the DiT weights. default: chosen as core's Load Diffusion Model does: an fp8 file stays fp8 on GPUs with fp8 compute or where bf16 weights would not fit, else bf16 on GPUs that support it, else fp32. A GGUF file under default keeps its Linear matrices in their GGUF blocks and a ComfyUI scaled-fp8 file its scaled matrices in fp8, as core does (about the file's size in memory; each layer is expanded at its forward; LoRA works), the rest in the compute dtype; any other choice dequantizes them on loading into that dtype. fp8 halves memory at a small quality cost. fp8_e4m3fn_fast: fp8 weights and fp8 matrix multiplication (faster on GPUs with fp8 support, e.g. RTX 40xx, H100; more quality cost), as core's Load Diffusion Model; elsewhere the same as fp8_e4m3fn.",
+                        "tooltip": "Storage dtype of the DiT weights. default: as core's Load Diffusion Model (fp8 files stay fp8 where that pays, else bf16 / fp32); GGUF and ComfyUI scaled-fp8 files keep their packed matrices (about the file's size; LoRA works). fp8 halves memory at a small quality cost; fp8_e4m3fn_fast also multiplies in fp8 on GPUs that can (RTX 40xx, H100). README: Model files.",
                     },
                 ),
                 "attention": (
                     list(attention_lib.BACKENDS),
                     {
                         "default": "sdpa",
-                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; math: plain float32 attention (slow; for checking numbers); cudnn: PyTorch SDPA with the cuDNN kernel first (NVIDIA bf16/fp16, else sdpa; reported faster for the long 2.0 sequences on Hopper GPUs); flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3 for Ampere / Hopper GPUs: the flash-attention hopper build or the inference-only fa3-fwd wheel, which has bf16 kernels only) and sageattention: always listed, but they run only where their package is installed, else loading stops with the import error (each takes bf16 / fp16 and head widths up to 256 on NVIDIA; other calls run sdpa).",
+                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; cudnn is often faster for 2.0 on Hopper GPUs; math is plain float32 (slow, for checking numbers). flash_attn, flash_attn_3 and sageattention run only where their package is installed (bf16 / fp16 on NVIDIA), else loading says why.",
                     },
                 ),
             }
@@ -123,7 +123,7 @@ class OpenSoraLoadTextEncoder:
                 "t5_name": (
                     model_choices("text_encoders"),
                     {
-                        "tooltip": "T5-v1.1-XXL encoder from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn file, a Hugging Face folder, or a GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf). Matrices stay as the file stores them when that is narrower than the precision (GGUF blocks, fp8, and fp16 under fp32), expanded at each use: an fp8 T5-XXL takes about 5 GB, not 9.5 (bf16) or 19 (fp32); the encodings are exactly those of the file loaded in that precision."
+                        "tooltip": "T5-v1.1-XXL from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn, a Hugging Face folder, or a GGUF. Matrices stay as narrow as the file stores them (an fp8 T5-XXL takes about 5 GB), with the same encodings as a full-precision load."
                     },
                 ),
                 "precision": (

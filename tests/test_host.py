@@ -47,6 +47,9 @@ def test_object_info_lists_every_pack_node_with_its_inputs(comfy_server):
             for input_name, spec in node["input"].get(section, {}).items():
                 if len(spec) > 1 and isinstance(spec[1], dict) and input_name != "seed":
                     assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+                # a tooltip longer than this covers a quarter of the canvas (audit 24); details go in the README
+                tooltip = spec[1].get("tooltip", "") if len(spec) > 1 and isinstance(spec[1], dict) else ""
+                assert len(tooltip) <= 420, f"{name}.{input_name}: tooltip of {len(tooltip)} characters"
     ours = {k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR_NAME}"}
     assert ours == set(declared)
 
