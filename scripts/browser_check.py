@@ -336,9 +336,12 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
           const nodes = app.graph.nodes ?? app.graph._nodes;
           const opensora = nodes.filter((n) => n.type === {json.dumps(NODE_TYPE)})
             .map((n) => window.__opensoraCheck.read(n));
+          app.canvas.draw(true, true);  // Encode Prompt greys its inputs while drawn
+          const greyed = nodes.filter((n) => n.type === "OpenSoraEncodePrompt")
+            .map((n) => n.widgets.filter((w) => w.disabled).map((w) => w.name));
           const prompt = (await app.graphToPrompt()).output;
           return {{ missing: window.__opensoraCheck.missing.map((m) => (typeof m === "string" ? m : m.type)),
-                    unregistered, dialogs, count: nodes.length, opensora, prompt }};
+                    unregistered, dialogs, count: nodes.length, opensora, prompt, greyed }};
         }})()"""
     )
     problems = prompt_mismatches(result["prompt"], path.parent / "api" / path.name)
@@ -361,6 +364,7 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
         "nodes": result["count"],
         "opensora_nodes": result["opensora"],
         "dialogs": result["dialogs"],
+        "greyed": result["greyed"],
     }
 
 

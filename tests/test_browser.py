@@ -82,6 +82,15 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
     expected_workflows = [path.name for path in ui_workflows(REPO / "workflows")]
     assert [w["workflow"] for w in report["workflows"]] == expected_workflows
 
+    # Encode Prompt greys out what its text encoder's version ignores (still saved and queued: the API twins match).
+    for workflow in report["workflows"]:
+        ignored = (
+            ["motion_score_v2", "fps"]
+            if "opensora1" in workflow["workflow"]
+            else ["aesthetic_score", "motion_score", "camera_motion"]
+        )
+        assert workflow["greyed"] == [ignored], workflow
+
     # The frontend's missing-models dialog (1.32.9; later frontends list them in a side panel instead) offers each
     # single file a workflow loads, from its node properties.models; the server has none of the official files.
     if tuple(int(p) for p in report["frontend"].split(".")[:2]) < (1, 40):

@@ -5,7 +5,8 @@
 // from the server's rules (GET /opensora/size_rules, one rule set per version choice, "2.0 DC-AE" included),
 // evaluated by opensora_rules.js.
 //
-// Also: a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The
+// Also: "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
+// motion score, camera motion; 2.0: motion_score_v2, fps), and a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The
 // frontend adds that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior
 // sample's, so randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
 
@@ -15,6 +16,10 @@ import { compileRule, derive } from "./opensora_rules.js";
 
 export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
 export const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
+export const PROMPT_NODE_TYPE = "OpenSoraEncodePrompt";
+// Encode Prompt's inputs that only one generation reads (the other ignores them): greyed out for the other one,
+// when the text encoder's version is known from a linked Load Open-Sora Text Encoder.
+const PROMPT_INPUTS_OF = { "1.x": ["aesthetic_score", "motion_score", "camera_motion"], "2.0": ["motion_score_v2", "fps"] };
 export const RULES_ROUTE = "/opensora/size_rules";
 const INFO_WIDGET = "opensora_info";
 const INPUT_NAMES = ["version", "resolution", "aspect_ratio", "num_frames", "batch_size", "width", "height", "fps"];
@@ -323,6 +328,27 @@ function applyVersionLists(node) {
   }
 }
 
+/** The version of the Load Open-Sora Text Encoder linked to an Encode Prompt (undefined when not known). */
+function encoderVersion(node) {
+  const index = node.inputs?.findIndex((input) => input.name === "text_encoder") ?? -1;
+  const source = index >= 0 && node.inputs[index].link != null ? node.getInputNode?.(index) : null;
+  return source?.type === "OpenSoraLoadTextEncoder" ? widgetNamed(source, "version")?.value : undefined;
+}
+
+function greyOutOtherVersion(node) {
+  const version = encoderVersion(node);
+  const ignored = version === undefined ? [] : PROMPT_INPUTS_OF[String(version).startsWith("2.0") ? "1.x" : "2.0"];
+  let changed = false;
+  for (const widget of node.widgets ?? []) {
+    const disabled = ignored.includes(widget.name);
+    if (Object.values(PROMPT_INPUTS_OF).flat().includes(widget.name) && !!widget.disabled !== disabled) {
+      widget.disabled = disabled; // drawn greyed; its value is still saved and queued (the node ignores it)
+      changed = true;
+    }
+  }
+  if (changed) node.setDirtyCanvas?.(true, true);
+}
+
 function drawInvalidOutline(node, ctx) {
   // Only for frontends without strokeStyles; newer ones get the outline from strokeStyles below.
   if (!node.opensora?.invalid || node.strokeStyles) return;
@@ -360,6 +386,12 @@ export const extension = {
     await loadRules();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name === PROMPT_NODE_TYPE) {
+      // on every draw: the encoder's version widget or the link can change without telling this node
+      chain(nodeType.prototype, "onDrawForeground", function () {
+        greyOutOtherVersion(this);
+      });
+    }
     if (nodeData?.name === REFERENCE_NODE_TYPE) {
       // A loaded workflow then restores its own saved choice (configure runs after creation).
       chain(nodeType.prototype, "onNodeCreated", function () {
