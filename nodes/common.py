@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import comfy.model_management
 import comfy.model_patcher
@@ -260,6 +261,9 @@ class Progress:
 # Latent-sized float32 tensors a sampler keeps in RAM at once besides the model's work: the input latent (ComfyUI
 # caches it), the noise drawn on the CPU, the output, and one transfer copy.
 SAMPLER_HOST_LATENTS = 4
+# The activation estimates are measured for the CUDA kernels; on the CPU the same work took more (a 1.3 VAE decode
+# peaked 1.31x over decode_memory, review 25), so RAM checks for work on the CPU count this much more.
+CPU_WORK_FACTOR = 1.5
 SMALLER_VIDEO = "Use fewer frames, a smaller size or a smaller batch_size on Open-Sora Empty Latent Video."
 
 
@@ -269,14 +273,17 @@ def check_host_memory(
     """Refuse work that cannot fit in free RAM before allocating any of it. Running short of GPU memory fails cleanly
     (torch.OutOfMemoryError); running short of RAM does not: the kernel's OOM killer ends the whole ComfyUI server.
     host_bytes stay in RAM wherever the model runs (latents, decoded frames); device_bytes (the model's activation
-    estimate) are RAM too when the device is the CPU (--cpu) or shares it (mps)."""
+    estimate, x CPU_WORK_FACTOR) are RAM too when the device is the CPU (--cpu) or shares it (mps)."""
     on_host = device is not None and torch.device(device).type in ("cpu", "mps")
-    needed = host_bytes + (device_bytes if on_host else 0)
-    free = comfy.model_management.get_free_memory(torch.device("cpu"))
-    free_pins = getattr(comfy.model_management, "free_pins", None)  # newer cores pin offloaded weights in RAM
-    if needed > free and free_pins is not None:
-        free_pins(needed - free)  # what core itself releases under RAM pressure (inactive pins first)
-        free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    needed = host_bytes + (int(device_bytes * CPU_WORK_FACTOR) if on_host else 0)
+    mm = comfy.model_management
+    free = mm.get_free_memory(torch.device("cpu"))
+    # Newer cores pin offloaded weights in RAM and release them under RAM pressure (free_pins): do the same, when the
+    # pins could cover the shortfall (else the refusal is certain and the pins would go for nothing).
+    if free < needed <= free + getattr(mm, "TOTAL_PINNED_MEMORY", 0) and hasattr(mm, "free_pins"):
+        mm.free_pins(needed - free)
+        time.sleep(0.05)  # as core waits after freeing: the OS's available figure lags the release
+        free = mm.get_free_memory(torch.device("cpu"))
     if needed > free:
         raise MemoryError(
             f"{what} needs about {needed / 2**30:.3g} GiB of RAM but {free / 2**30:.3g} GiB is free, so it was refused "
@@ -284,10 +291,13 @@ def check_host_memory(
         )
 
 
-def sampling_memory(model, noise_shape, passes: int = 1, text_tokens: int = 0) -> int:
+def sampling_memory(model, noise_shape, passes: int = 1, text_tokens: int = 0, window: int | None = None) -> int:
     """Bytes to keep free on the device for the largest forward a sampler runs on noise_shape [B, C, T, H, W]
-    (forward_memory of B x passes rows), once check_host_memory has found room for the run in RAM."""
+    (forward_memory of B x passes rows; of `window` latent frames when context windows cut the video), once
+    check_host_memory has found room for the run in RAM."""
     shape = (int(noise_shape[0]) * passes, *noise_shape[1:])
+    if window is not None:
+        shape = (*shape[:2], min(window, int(shape[2])), *shape[3:])
     required = forward_memory(model.model.diffusion_model, shape, text_tokens, compute_dtype(model.model))
     check_host_memory(
         SAMPLER_HOST_LATENTS * math.prod(int(d) for d in noise_shape) * 4,

@@ -45,6 +45,14 @@ def resize_reference_cond(cond_key: str, cond_value, window, x_in: torch.Tensor,
     return cond_value._copy_with(sliced)
 
 
+def window_length(model_options: dict) -> int | None:
+    """The latent frames one forward sees under the MODEL's context windows over the frames (None: no windows)."""
+    handler = model_options.get("context_handler")
+    if getattr(handler, "dim", None) != 2:
+        return None
+    return getattr(handler, "context_length", None)
+
+
 def check_context_windows(model_options: dict, latent: torch.Tensor, has_reference: bool) -> None:
     """Before sampling, what core's windows cannot run: a batch of videos (core slices the per-video timestep with
     the frame indices, 0.3.75 to 0.33.0), and a reference on a ComfyUI without the hook."""

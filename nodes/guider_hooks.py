@@ -17,7 +17,7 @@ import comfy.samplers
 import torch
 
 from .common import sampling_memory, warn_once
-from .context_windows import check_context_windows
+from .context_windows import check_context_windows, window_length
 
 
 def check_sampler_latent(guider_shape: tuple, latent_image: torch.Tensor) -> None:
@@ -40,7 +40,8 @@ class ScheduledGuider(comfy.samplers.CFGGuider):
 
     def start(self, latent_shape: tuple, latent_image: torch.Tensor, sigmas: torch.Tensor, has_reference: bool):
         check_sampler_latent(latent_shape, latent_image)
-        sampling_memory(self.model_patcher, latent_image.shape)  # refuses a run RAM cannot hold (one pass at a time)
+        # refuses a run RAM cannot hold (one pass at a time, one context window)
+        sampling_memory(self.model_patcher, latent_image.shape, window=window_length(self.model_options))
         check_context_windows(self.model_options, latent_image, has_reference)
         self.sigma_list = sigmas.detach().float().cpu()
 

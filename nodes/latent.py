@@ -410,7 +410,9 @@ class OpenSoraDecode:
             # The 1.3 decoder returns 8 x latent size and never crops (Q5), the DC-AE 4 x latent T frames: give
             # the size and length that were asked for (official 2.0: x[:, :, :num_frames]).
             frames = frames[:, :, : info["num_frames"], : info["height"], : info["width"]]
-        images = ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # [B,T,H,W,3]
+        # in place (frames is the decode's own float32 output): the IMAGE batch is the only other copy held, as
+        # OpenSoraVAE.decode counts it for the RAM check
+        images = frames.clamp_(-1, 1).add_(1).div_(2).permute(0, 2, 3, 4, 1)  # [B,T,H,W,3]
         return (images.reshape(-1, *images.shape[2:]).contiguous(),)
 
 

@@ -46,7 +46,7 @@ SOURCES = {
     "hunyuan_vae.safetensors": ("hpcai-tech/Open-Sora-v2", "vae"),
     "Open_Sora_v2_Video_DC_AE.safetensors": ("hpcai-tech/Open-Sora-v2-Video-DC-AE", "diffusion_models"),
     "F32T4C128_AE.safetensors": ("hpcai-tech/Open-Sora-v2-Video-DC-AE", "vae"),
-    "flux1-dev.safetensors": ("black-forest-labs/FLUX.1-dev", "diffusion_models"),  # gated: accept its licence
+    "flux1-dev.safetensors": ("hpcai-tech/Open-Sora-v2", "diffusion_models"),  # the official t2i2v's copy (BFL layout)
     "ae.safetensors": ("black-forest-labs/FLUX.1-schnell", "vae"),  # the same FLUX autoencoder, not gated
 }
 FILE_FIELDS = ("dit_name", "vae_name", "t5_name", "clip_name", "unet_name", "clip_name1", "clip_name2")

@@ -12,7 +12,12 @@ The server test in test_bad_input.py queues the audit's prompt itself.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the probe subprocess imports benchmarks/
 
 
 def probe(out_path: str, _models_dir: str) -> None:
@@ -71,7 +76,7 @@ def probe(out_path: str, _models_dir: str) -> None:
         free["bytes"] += 1000
         return 1000
 
-    mm.free_pins = free_pins
+    mm.free_pins, mm.TOTAL_PINNED_MEMORY = free_pins, 1001  # pins could cover a shortfall of up to 1001 bytes
     free["bytes"] = shape.numel() * 4 - 1000
     results["fits_after_freeing_pins"] = list(
         empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)[0]["samples"].shape
@@ -80,8 +85,12 @@ def probe(out_path: str, _models_dir: str) -> None:
     results["refused_after_freeing_pins"] = error_of(
         lambda: empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)
     )
+    free["bytes"] = shape.numel() * 4 - 1002  # beyond what the pins hold: refused without touching them
+    results["refused_beyond_pins"] = error_of(
+        lambda: empty.generate("1.3", "720p", "16:9", 113, width=1280, height=720)
+    )
     results["pins_freed"] = pins_freed
-    del mm.free_pins
+    del mm.free_pins, mm.TOTAL_PINNED_MEMORY
 
     # -- samplers: the audit's size on the released 1.3 DiT, 2 passes batched
     config = OpenSoraModelConfig({"config": stdit3_v13_config(), "version": "1.3"}, LATENT_FORMATS["1.3"])
@@ -91,13 +100,19 @@ def probe(out_path: str, _models_dir: str) -> None:
     shape = (1, 16, 250, 512, 512)
     forward = forward_memory(base.diffusion_model, (2, *shape[1:]), 0, torch.bfloat16)
     latents = common.SAMPLER_HOST_LATENTS * 16 * 250 * 512 * 512 * 4
-    free["bytes"] = latents + forward - 1
+    on_cpu = int(forward * common.CPU_WORK_FACTOR)  # the CUDA-measured estimate, with the CPU's margin
+    free["bytes"] = latents + on_cpu - 1
     cpu_model = SimpleNamespace(model=base, load_device=torch.device("cpu"))
     gpu_model = SimpleNamespace(model=base, load_device=torch.device("cuda"))
     results["sampling_cpu_refused"] = error_of(lambda: common.sampling_memory(cpu_model, shape, 2))
     results["sampling_gpu_fits"] = common.sampling_memory(gpu_model, shape, 2) == forward
-    free["bytes"] = latents + forward
+    free["bytes"] = latents + on_cpu
     results["sampling_cpu_fits"] = common.sampling_memory(cpu_model, shape, 2) == forward
+    # context windows of 9 latent frames: each forward sees 9 frames (the Guider passes window_length)
+    windowed = forward_memory(base.diffusion_model, (1, 16, 9, 512, 512), 0, torch.bfloat16)
+    free["bytes"] = latents + int(windowed * common.CPU_WORK_FACTOR)
+    results["window_fits"] = common.sampling_memory(cpu_model, shape, 1, window=9) == windowed
+    results["window_whole_refused"] = error_of(lambda: common.sampling_memory(cpu_model, shape, 1))
     free["bytes"] = latents - 1
     results["sampling_gpu_refused"] = error_of(lambda: common.sampling_memory(gpu_model, shape, 2))
     results["forward_gib"] = forward / gib
@@ -122,6 +137,17 @@ def probe(out_path: str, _models_dir: str) -> None:
         results[f"decode_{device}_with_frames_only"] = error_of(
             lambda vae=vae: decoder.decode(vae, {"samples": latent, "opensora": info})
         )
+    # what the node itself holds around the decode's output: the frames and the IMAGE batch, no third copy (review
+    # 25: the clamp / scale temporaries next to the frames made 3 copies, more than the check counted)
+    from benchmarks.bench_comfy_memory import peak_activation_bytes
+
+    class StandInVAE:  # returns the frames a 720p 113-frame decode gives, allocated inside the measured call
+        def decode(self, samples, num_frames, tile_size, tile_overlap):
+            return torch.empty(1, 3, 113, 720, 1280, device=meta)
+
+    results["node_peak_frames"] = peak_activation_bytes(lambda: decoder.decode(StandInVAE(), {"samples": latent})) / (
+        3 * 113 * 720 * 1280 * 4
+    )
     results["decode_image_latent"] = error_of(lambda: decoder.decode(vae, {"samples": torch.zeros(1, 4, 8, 8)}))
     with open(out_path, "w") as f:
         json.dump(results, f)
@@ -148,7 +174,8 @@ def test_empty_latent_larger_than_free_ram_is_refused(measured):
 def test_pinned_memory_is_freed_before_refusing(measured):
     assert measured["fits_after_freeing_pins"] == measured["empty_shape"]
     assert measured["refused_after_freeing_pins"].startswith("MemoryError"), measured["refused_after_freeing_pins"]
-    assert measured["pins_freed"] == [1000, 1001]  # the shortfall, each time
+    assert measured["refused_beyond_pins"].startswith("MemoryError"), measured["refused_beyond_pins"]
+    assert measured["pins_freed"] == [1000, 1001]  # the shortfall, each time, and not when the pins cannot cover it
 
 
 def test_sampling_counts_activations_as_ram_only_on_the_cpu(measured):
@@ -157,6 +184,8 @@ def test_sampling_counts_activations_as_ram_only_on_the_cpu(measured):
     assert error.startswith("MemoryError: Sampling a latent of 1 x 16 x 250 x 512 x 512 (2 guidance pass(es)"), error
     assert measured["sampling_cpu_fits"] and measured["sampling_gpu_fits"]
     assert measured["sampling_gpu_refused"].startswith("MemoryError: Sampling a latent")  # its latents alone
+    # under context windows one forward sees one window: the whole video's forward is not what RAM must hold
+    assert measured["window_fits"] and measured["window_whole_refused"].startswith("MemoryError"), measured
 
 
 def test_decode_counts_the_frames_always_and_its_work_on_the_cpu(measured):
@@ -167,6 +196,10 @@ def test_decode_counts_the_frames_always_and_its_work_on_the_cpu(measured):
         assert "The decoded frames alone take 2.33 GiB" in error and "tile_size" in error, error
     assert measured["decode_cpu_with_frames_only"].startswith("MemoryError: Decoding")  # + the decode's own work
     assert measured["decode_cuda_with_frames_only"] == "ValueError: loading"  # the work is on the GPU: it loads
+
+
+def test_decode_node_holds_two_copies_of_the_frames_as_counted(measured):
+    assert measured["node_peak_frames"] == 2.0, measured["node_peak_frames"]
 
 
 def test_decode_refuses_an_image_latent_by_name(measured):

@@ -232,7 +232,7 @@ function applySizeStep(node) {
       widget.options.step2 = multiple; // the increment on current frontends
       widget.options.step = multiple * 10; // LiteGraph's older convention: ten times the increment
     } else if (widget.name === "num_frames") {
-      widget.options.step2 = 0; // no snapping; the arrows fall back to step / 10
+      delete widget.options.step2; // no snapping; the arrows fall back to step / 10 (Vue widgets read 0 as a step)
       widget.options.step = (rules?.frames?.step ?? 1) * 10;
     }
   }
