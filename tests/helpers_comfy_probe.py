@@ -27,6 +27,15 @@ import {test_module}
 """
 
 
+def error_of(call, errors: tuple = (ValueError, RuntimeError, FileNotFoundError, MemoryError)) -> str:
+    """For probes that report messages: "<ExceptionType>: <message>" of what call() raises, or "no error"."""
+    try:
+        call()
+    except errors as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
 def run_probe(test_module: str, out: Path, models: Path, timeout: float = 600) -> dict:
     """Call `<test_module>.probe(out, models)` in a ComfyUI process; return the JSON it wrote to `out`."""
     sys.path.insert(0, str(REPO / "scripts"))

@@ -29,6 +29,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import folder_paths
     import torch
     from comfy.cli_args import LatentPreviewMethod, args
+    from helpers_comfy_probe import error_of
     from opensora_pack.nodes import guider, latent, loaders, previews, sampling, text
     from opensora_pack.nodes.sampling_v2 import sigmas_v2
     from opensora_pack.opensora_lib import detection, reference_image
@@ -49,13 +50,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
     def max_diff(a, b) -> float:
         return float((a.float() - b.float()).abs().max())
-
-    def error_of(call) -> str:
-        try:
-            call()
-        except (ValueError, RuntimeError) as e:
-            return f"{type(e).__name__}: {e}"
-        return "no error"
 
     # -- Load DiT: the DC-AE MMDiT gets the DC-AE latent format, the 2.0 MMDiT keeps HunyuanVideo's
     (model,) = loaders.OpenSoraLoadDiT().load(names["dit_dcae"], "fp32", "sdpa")

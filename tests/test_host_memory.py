@@ -26,6 +26,7 @@ def probe(out_path: str, _models_dir: str) -> None:
 
     import comfy.model_management as mm
     import torch
+    from helpers_comfy_probe import error_of
     from opensora_pack.nodes import common
     from opensora_pack.nodes.comfy_model import LATENT_FORMATS, OpenSoraModelConfig
     from opensora_pack.nodes.latent import OpenSoraDecode, OpenSoraEmptyLatentVideo
@@ -50,13 +51,6 @@ def probe(out_path: str, _models_dir: str) -> None:
 
     mm.load_models_gpu = load_models_gpu
     results: dict = {}
-
-    def error_of(call) -> str:
-        try:
-            call()
-        except (MemoryError, ValueError) as error:
-            return f"{type(error).__name__}: {error}"
-        return "no error"
 
     # -- Empty Latent Video: 1.3, 720 x 1280, 113 frames
     empty = OpenSoraEmptyLatentVideo()

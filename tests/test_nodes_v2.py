@@ -40,6 +40,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import comfy.samplers
     import folder_paths
     import torch
+    from helpers_comfy_probe import error_of
     from opensora_pack.nodes import guider, latent, loaders, sampling, text
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT, OpenSoraV2Model
     from opensora_pack.nodes.sampling import model_version
@@ -59,13 +60,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
     def max_diff(a, b) -> float:
         return float((a.float() - b.float()).abs().max())
-
-    def error_of(call) -> str:
-        try:
-            call()
-        except (ValueError, RuntimeError) as e:
-            return f"{type(e).__name__}: {e}"
-        return "no error"
 
     # -- Load DiT: detection, MODEL type, strict weights
     (model,) = loaders.OpenSoraLoadDiT().load("opensora-tiny-v2.safetensors", "fp32", "sdpa")

@@ -66,6 +66,7 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     from pathlib import Path
 
     import folder_paths
+    from helpers_comfy_probe import error_of
     from opensora_pack.nodes import prompt_embeds as embeds
     from safetensors.torch import save_file
 
@@ -96,13 +97,6 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     embeds.save_conditioning(_conditionings()["2.0"], str(folder / "shared.safetensors"))
     results["is_changed_follows"] = load.IS_CHANGED("shared.safetensors") != before
     results["reloaded_new"] = _same(load.load("shared.safetensors")[0], _conditionings()["2.0"])
-
-    def error_of(call) -> str:
-        try:
-            call()
-        except (ValueError, FileNotFoundError) as error:
-            return f"{type(error).__name__}: {error}"
-        return "no error"
 
     save_file({"img_in.weight": torch.zeros(2, 2)}, str(folder / "a_dit.safetensors"))
     good = folder / "good.safetensors"
