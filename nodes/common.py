@@ -100,9 +100,10 @@ CORE_CONDITIONING_KEYS = {
 }
 
 
-def check_plain_conditioning(conditioning: list, what: str) -> None:
+def check_plain_conditioning(conditioning: list, what: str, hooks: bool = False) -> None:
     """Refuse, for the Open-Sora Sampler and Guiders, conditioning they would not apply: several entries
-    (ConditioningCombine) or core's area / mask / timestep-range / ControlNet keys. Core KSampler applies them."""
+    (ConditioningCombine) or core's area / mask / timestep-range / ControlNet keys, and hooks unless `hooks` (the
+    Guiders apply them: core's sampling runs each pass with its conditioning's hooks). Core KSampler applies them."""
     if len(conditioning) > 1:
         raise ValueError(
             f"The {what} conditioning has {len(conditioning)} entries (e.g. from ConditioningCombine); the Open-Sora "
@@ -110,15 +111,21 @@ def check_plain_conditioning(conditioning: list, what: str) -> None:
             "Encode Prompt."
         )
     meta = conditioning[0][1]
-    unused = [key for key in CORE_CONDITIONING_KEYS if meta.get(key) is not None]
+    unused = [key for key in CORE_CONDITIONING_KEYS if meta.get(key) is not None and not (hooks and key == "hooks")]
     if meta.get("start_percent", 0.0) == 0.0 and meta.get("end_percent", 1.0) == 1.0:  # the whole range: no change
         unused = [key for key in unused if key not in ("start_percent", "end_percent")]
     if unused:
         nodes = ", ".join(dict.fromkeys(CORE_CONDITIONING_KEYS[key] for key in unused))
         raise ValueError(
-            f"The {what} conditioning has {', '.join(unused)} (from {nodes}), which the Open-Sora Sampler and Guider "
-            "do not apply. Use core KSampler, or take that node out."
+            f"The {what} conditioning has {', '.join(unused)} (from {nodes}), which the Open-Sora Sampler does not "
+            "apply (the Guider applies hooks only). Use core KSampler, or take that node out."
         )
+
+
+def hooks_of(conditioning: list) -> dict:
+    """{"hooks": ...} of a CONDITIONING's entry (core's hook nodes), for a Guider's cond dict; {} without hooks."""
+    hooks = conditioning[0][1].get("hooks")
+    return {} if hooks is None else {"hooks": hooks}
 
 
 def check_v1_text(states: torch.Tensor, mask, what: str, channels: int | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..opensora_lib import rflow
-from .common import CATEGORY
+from .common import CATEGORY, hooks_of
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling import (
@@ -39,16 +39,17 @@ class OpenSoraV1Guider(ScheduledGuider):
         self.options = options
 
     def set_conds(self, positive, negative):
-        y, meta = text_of(positive, "positive", self.info["version"])
+        y, meta = text_of(positive, "positive", self.info["version"], hooks=True)
         fps = rflow.conditioning_fps(self.info.get("fps"), self.info.get("num_frames"))
         extras = {"height": self.info["height"], "width": self.info["width"], "fps": fps}
         y_null = self.model_patcher.model.diffusion_model.null_caption()
-        pos = {"attention_mask": meta["attention_mask"], **extras}
-        negative_y, negative_meta = text_of(negative, "negative", self.info["version"])
+        pos = {"attention_mask": meta["attention_mask"], **extras, **hooks_of(positive)}  # core applies the hooks
+        negative_y, negative_meta = text_of(negative, "negative", self.info["version"], hooks=True)
         if negative_y is None:  # learned null caption, masked by the positive prompt (Q1)
             negative_y, neg = y_null, {"attention_mask": meta["attention_mask"], **extras}
         else:
             neg = {"attention_mask": negative_meta["attention_mask"], **extras}
+        neg.update(hooks_of(negative))
         conds = {"positive": [[y, pos]], "negative": [[negative_y, neg]]}
         reference = v1_reference(self.latent, self.latent["samples"].float())
         if reference is not None and self.info["version"] == "1.2":

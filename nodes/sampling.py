@@ -61,12 +61,12 @@ def check_versions(model, latent: dict) -> dict:
     return info
 
 
-def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
+def text_of(conditioning: list, what: str, version: str, hooks: bool = False) -> tuple[torch.Tensor | None, dict]:
     """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker,
-    which only a negative may be."""
+    which only a negative may be. hooks: core's conditioning hooks are allowed (the Guider applies them)."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what)
+    check_plain_conditioning(conditioning, what, hooks)
     tensor, meta = conditioning[0]
     check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
     if meta.get("opensora_null_caption"):

@@ -46,7 +46,7 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, check_conditioning_version, check_plain_conditioning, load_for_sampling
+from .common import Progress, check_conditioning_version, check_plain_conditioning, hooks_of, load_for_sampling
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
@@ -60,11 +60,12 @@ GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "ne
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model."""
+def text_of_v2(conditioning: list, what: str, config, hooks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model
+    (hooks: core's conditioning hooks are allowed, as the Guider applies them)."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what)
+    check_plain_conditioning(conditioning, what, hooks)
     tensor, meta = conditioning[0]
     encoded = meta.get("opensora_version")
     if meta.get("opensora_null_caption") and encoded in (None, "2.0"):
@@ -327,13 +328,14 @@ class OpenSoraV2Guider(ScheduledGuider):
 
     def set_conds(self, positive, negative):
         config = self.model_patcher.model.diffusion_model.config
-        t5, pooled = text_of_v2(positive, "positive", config)
-        neg_t5, neg_pooled = text_of_v2(negative, "negative", config)
-        pos, neg = {"pooled_output": pooled}, {"pooled_output": neg_pooled}
+        t5, pooled = text_of_v2(positive, "positive", config, hooks=True)
+        neg_t5, neg_pooled = text_of_v2(negative, "negative", config, hooks=True)
+        pos = {"pooled_output": pooled, **hooks_of(positive)}  # core's sampling applies each pass's hooks
+        neg = {"pooled_output": neg_pooled, **hooks_of(negative)}
         conds = {"positive": [[t5, pos]], "negative": [[neg_t5, neg]]}
         if self.condition is not None:
             pos["opensora_cond"] = neg["opensora_cond"] = self.condition
-            blank = {"pooled_output": neg_pooled, "opensora_cond": torch.zeros_like(self.condition)}
+            blank = {**neg, "opensora_cond": torch.zeros_like(self.condition)}
             conds["negative_image"] = [[neg_t5, blank]]
         self.inner_set_conds(conds)
 

@@ -201,8 +201,38 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
         comfy.model_management.unload_all_models()
         return out["samples"]
 
+    def guided(model, group=None, lora_strength=None) -> torch.Tensor:
+        """Open-Sora Guider + Sigmas + euler through SamplerCustomAdvanced (the Guider applies conditioning hooks)."""
+        from comfy_extras.nodes_custom_sampler import KSamplerSelect, RandomNoise, SamplerCustomAdvanced
+        from opensora_pack.nodes import guider, sampling
+
+        def result_of(output):
+            return output.result[0] if hasattr(output, "result") else output[0]
+
+        if lora_strength is not None:
+            (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(
+                model, f"lora-{version}.safetensors", lora_strength
+            )
+        pos, neg = positive, negative
+        if group is not None:
+            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        (g,) = guider.OpenSoraGuider().get_guider(model, pos, neg, empty, 7.0)
+        (sigmas,) = sampling.OpenSoraSigmas().sigmas(empty, 3)
+        noise, euler = result_of(RandomNoise.execute(5)), result_of(KSamplerSelect.execute("euler"))
+        out = result_of(SamplerCustomAdvanced.execute(noise, g, euler, sigmas, empty))
+        comfy.model_management.unload_all_models()
+        return out["samples"]
+
+    hooked_guider = guided(kept, groups["lora"])
+    results = {
+        "guider": {  # the hook on both prompts is the MODEL's LoRA at the same strength
+            "changes_output": not torch.equal(hooked_guider, guided(kept)),
+            "max_diff_to_model_lora": float((hooked_guider - guided(kept, lora_strength=0.8)).abs().max()),
+            "max_diff_to_dequantized": float((hooked_guider - guided(plain, groups["lora"])).abs().max()),
+            "scale": float(hooked_guider.abs().max()),
+        }
+    }
     unhooked = ksample(kept)
-    results = {}
     for name, group in groups.items():
         on_kept, on_plain = ksample(kept, group), ksample(plain, group)
         results[name] = {
@@ -318,6 +348,9 @@ def test_lora_on_a_loaded_kept_layer_leaves_its_bytes_and_memory_alone(measured,
 def test_hook_lora_on_kept_blocks_matches_the_dequantized_file(measured, version):
     core = measured[f"{version} {QTYPES[0]}"]["core_nodes"]
     hooks = core["hooks"]
+    guided = hooks["guider"]  # the Open-Sora Guider applies conditioning hooks (through core's sampling)
+    assert guided["changes_output"] and guided["max_diff_to_dequantized"] == 0.0, guided
+    assert guided["max_diff_to_model_lora"] <= 1e-5 * max(1.0, guided["scale"]), guided
     for kind in ("lora", "model_as_lora"):
         result = hooks[kind]
         assert result["changes_output"], (kind, result)
