@@ -11,11 +11,12 @@ import torch
 
 from ..opensora_lib import attention as attention_lib
 from ..opensora_lib import checkpoint, detection, gguf_dequant, gguf_file
+from ..opensora_lib.configs import read_config_json
 from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
 from .common import CATEGORY, WEIGHT_DTYPES, check_choices, model_choices, model_path, wrap_module
-from .vae import DC_AE_SCALINGS, build_dcae, build_vae, read_folder_config
+from .vae import DC_AE_SCALINGS, build_dcae, build_vae
 
 FP8_FAST = "fp8_e4m3fn_fast"  # core's name: fp8 weights + fp8 matrix multiplication where the GPU has it
 
@@ -103,7 +104,7 @@ class OpenSoraLoadDiT:
             pack = (lambda stored, scaled: scaled or stored.itemsize == 1) if keep_scaled else None  # fp8 (scale 1)
             sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype, pack=pack)
         sd = checkpoint.strip_prefix(sd, info.prefix)
-        config_values = {**info.config, **read_folder_config(path)}
+        config_values = {**info.config, **(read_config_json(path) or {})}  # a folder's config.json wins
         if info.family == "mmdit":
             from .comfy_model_v2 import build_mmdit_patcher
 

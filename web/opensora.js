@@ -211,24 +211,29 @@ function refresh(node, force = false, configuring = false) {
   info.derived = derived;
   info.invalid = invalid;
   if (info.badge) info.badge.text = invalid ? BADGE_TEXT : "";
-  applySizeStep(node);
-  applyVersionLists(node);
+  applyVersionWidgets(node);
   const height = infoHeight(node, info.element);
   if (height !== info.height || force) fitHeight(node, !configuring);
   info.height = height;
   node.setDirtyCanvas?.(true, true);
 }
 
-// The width / height arrows move on the chosen version's size grid (1.x: 8, 2.0: 16, 2.0 DC-AE: 32), so a click
-// from a valid size lands on the next valid one (the frontend also snaps a typed INT to step2's grid from min).
-// The num_frames arrows move on the frame grid (1.3: 16, 2.0: 4) through `step` alone: with step2 the frontend would
-// snap typed counts to 1 + k x step, which the DC-AE's 4k is not, so a typed count stays as typed (and is checked).
-function applySizeStep(node) {
+// The widgets follow the chosen version's rules:
+// - the resolution and aspect lists hold only its presets (the node definition holds every version's);
+// - the width / height arrows move on its size grid (1.x: 8, 2.0: 16, 2.0 DC-AE: 32), so a click from a valid size
+//   lands on the next valid one (the frontend also snaps a typed INT to step2's grid from min);
+// - the num_frames arrows move on its frame grid (1.3: 16, 2.0: 4) through `step` alone: with step2 the frontend
+//   would snap typed counts to 1 + k x step, which the DC-AE's 4k is not, so a typed count stays as typed (and is
+//   checked).
+function applyVersionWidgets(node) {
   const rules = state.rules?.[widgetNamed(node, "version")?.value];
   const multiple = Math.max(8, rules?.size_limits?.multiple_of ?? 8);
+  const presets = { resolution: rules?.resolutions, aspect_ratio: rules?.aspect_ratios };
   for (const widget of node.widgets ?? []) {
     if (!widget.options) continue;
-    if (widget.name === "width" || widget.name === "height") {
+    if (presets[widget.name] && Array.isArray(widget.options.values)) {
+      widget.options.values = presets[widget.name];
+    } else if (widget.name === "width" || widget.name === "height") {
       widget.options.step2 = multiple; // the increment on current frontends
       widget.options.step = multiple * 10; // LiteGraph's older convention: ten times the increment
     } else if (widget.name === "num_frames") {
@@ -316,16 +321,6 @@ function adaptToVersion(node, from, to) {
   const frames = widgetNamed(node, "num_frames")?.value;
   if (typeof frames === "number") set("num_frames", nearestFrames(target.frames, frames));
   node.opensora.adapted = changes.length ? `for ${to}: ${changes.join(", ")}` : null;
-}
-
-/** Only the chosen version's presets in the resolution and aspect lists (the node definition holds every version's). */
-function applyVersionLists(node) {
-  const rules = state.rules?.[widgetNamed(node, "version")?.value];
-  if (!rules) return;
-  for (const [name, values] of [["resolution", rules.resolutions], ["aspect_ratio", rules.aspect_ratios]]) {
-    const widget = widgetNamed(node, name);
-    if (widget?.options && Array.isArray(widget.options.values)) widget.options.values = values;
-  }
 }
 
 /** The version of the Load Open-Sora Text Encoder linked to an Encode Prompt (undefined when not known). */
