@@ -32,18 +32,19 @@ from .common import (
     warn_once,
 )
 from .context_windows import resize_reference_cond
+from .previews import PrincipalComponentPreview
 
 PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-class OpenSoraLatent12(comfy.latent_formats.LatentFormat):
+class OpenSoraLatent12(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
     """1.2 VAE latents are already normalised by the VAE (shift/scale), so no further scaling here."""
 
     latent_channels = 4
     latent_dimensions = 3
 
 
-class OpenSoraLatent13(comfy.latent_formats.LatentFormat):
+class OpenSoraLatent13(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
     latent_channels = 16
     latent_dimensions = 3
 

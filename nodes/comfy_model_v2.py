@@ -31,6 +31,7 @@ from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
 from .comfy_model import build_patcher, run_diffusion_model_wrappers
 from .common import check_conditioning_version, compute_dtype, match_timestep_scale
 from .context_windows import resize_reference_cond
+from .previews import PrincipalComponentPreview
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 OFFICIAL_TEXT_TOKENS = 512  # the official T5 length (max_length 512, padded)
@@ -172,7 +173,7 @@ def _with_core_args(patch, block_options: dict):
     return call
 
 
-class OpenSoraDCAELatent(comfy.latent_formats.LatentFormat):
+class OpenSoraDCAELatent(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
     """Video DC-AE latents as Load Open-Sora VAE's DC-AE returns them (already scaled as chosen there)."""
 
     latent_channels = 128

@@ -1,67 +1,55 @@
-"""Latent previews during sampling, sent through ComfyUI's progress hook (canvas + websocket).
+"""Latent previews during sampling, the same on the pack's Sampler and on core's samplers.
 
 2.0 latents use the HunyuanVideo latent->RGB factors core ships. The 1.x VAEs and the 2.0 Video DC-AE (128
-channels, one latent pixel per 32 x 32 pixels) have no published factors, so their preview projects the latent
-channels of the first frame onto their three principal components: cheap, and it shows the layout of the
-video as it forms (small DC-AE frames are scaled up to about 256 px). Honours --preview-method none.
+channels, one latent pixel per 32 x 32 pixels) have no published factors, so their latent formats carry a
+principal-component preview instead: the first frame's latent channels projected onto their three principal
+components, a false-colour picture that shows the layout of the video as it forms. It rides on core's
+`latent_rgb_factors_reshape` hook (identity factors after the projection), so core KSampler /
+SamplerCustomAdvanced previews these latents too. The pack's samplers take core's previewer for the model's
+latent format, so --preview-method (none, latent2rgb, taesd with a models/vae_approx decoder) applies alike.
 """
 
 from __future__ import annotations
 
 import torch
-from PIL import Image
+
+PREVIEW_SIDE = 256  # small latents (a DC-AE frame is a few pixels) are scaled up to about this, nearest-neighbour
 
 
-def previews_enabled() -> bool:
-    try:
-        from comfy.cli_args import LatentPreviewMethod, args
-    except ImportError:
-        return False
-    return args.preview_method != LatentPreviewMethod.NoPreviews
+def principal_components(x0: torch.Tensor) -> torch.Tensor:
+    """[B, C, (T,) H, W] latent -> [1, 3, 1, h, w] in -1..1: the first frame of the first sample, its C channels
+    projected onto their 3 principal components, each stretched to the full range."""
+    frame = x0[0, :, 0] if x0.ndim == 5 else x0[0]
+    channels, height, width = frame.shape
+    flat = torch.nan_to_num(frame.detach().reshape(channels, -1).T.float())  # [HW, C]; a NaN would stop the SVD
+    centered = flat - flat.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+    rgb = centered @ vh[: min(3, channels)].T
+    if rgb.shape[1] < 3:
+        rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1])], dim=1)
+    low, high = rgb.min(0).values, rgb.max(0).values
+    rgb = (rgb - low) / (high - low).clamp_min(1e-6) * 2 - 1
+    picture = rgb.T.reshape(1, 3, 1, height, width)
+    scale = max(1, PREVIEW_SIDE // max(height, width))
+    if scale > 1:
+        picture = picture.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return picture
 
 
-def max_preview_size() -> int:
-    """--preview-size (default 512), the largest side the server sends, as core's samplers pass it."""
-    from comfy.cli_args import args
+class PrincipalComponentPreview:
+    """Mixed into a latent format: core's Latent2RGB previewer applies the reshape, then these identity factors."""
 
-    return args.preview_size
-
-
-def to_rgb(frame: torch.Tensor, factors=None, bias=None) -> torch.Tensor:
-    """[C, H, W] latent frame -> [H, W, 3] in 0..1."""
-    channels = frame.shape[0]
-    flat = torch.nan_to_num(frame.reshape(channels, -1).T.float())  # [HW, C]; a NaN would stop the SVD
-    if factors is not None and len(factors) == channels:
-        rgb = flat @ torch.tensor(factors, dtype=torch.float32)
-        if bias is not None:
-            rgb = rgb + torch.tensor(bias, dtype=torch.float32)
-        rgb = (rgb + 1) / 2
-    else:
-        centered = flat - flat.mean(0, keepdim=True)
-        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        rgb = centered @ vh[: min(3, channels)].T
-        if rgb.shape[1] < 3:
-            rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1])], dim=1)
-        low, high = rgb.min(0).values, rgb.max(0).values
-        rgb = (rgb - low) / (high - low).clamp_min(1e-6)
-    return rgb.clamp(0, 1).reshape(*frame.shape[1:], 3)
+    latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    latent_rgb_factors_bias = None
+    latent_rgb_factors_reshape = staticmethod(principal_components)
 
 
 def previewer_for(model):
-    """A callable latent [B,C,T,H,W] -> ("JPEG", PIL image, max size) for ProgressBar, or None."""
-    if not previews_enabled():
+    """A callable latent -> ("JPEG", PIL image, max size) for Progress, or None: core's previewer for the model's
+    latent format, on the model's device, as core's samplers build it (None under --preview-method none)."""
+    import latent_preview
+
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    if previewer is None:
         return None
-    latent_format = model.model.latent_format
-    factors = getattr(latent_format, "latent_rgb_factors", None)
-    bias = getattr(latent_format, "latent_rgb_factors_bias", None)
-
-    def preview(latent: torch.Tensor):
-        rgb = to_rgb(latent[0, :, 0].detach().float().cpu(), factors, bias)
-        image = Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
-        scale = max(1, 256 // max(image.size))
-        if scale > 1:
-            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-        return ("JPEG", image, size)
-
-    size = max_preview_size()
-    return preview
+    return lambda latent: previewer.decode_latent_to_preview_image("JPEG", latent)

@@ -222,6 +222,7 @@ class PromptResult:
     error: dict | None = None
     messages: list = field(default_factory=list)
     previews: int = 0
+    last_preview: bytes | None = None  # the last binary preview message: event type, image type, image bytes
 
     @property
     def ok(self) -> bool:
@@ -259,6 +260,7 @@ class ComfyClient:
                 msg = await ws.receive(timeout=remaining)
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     result.previews += 1
+                    result.last_preview = msg.data
                     continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     raise ConnectionError(f"websocket closed: {msg.type}")

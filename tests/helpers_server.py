@@ -41,6 +41,11 @@ def video_properties(path: Path) -> dict:
         }
 
 
+def node_of(prompt: dict, class_type: str) -> str:
+    """The id of the first node of class_type in an API prompt."""
+    return next(key for key, node in prompt.items() if node["class_type"] == class_type)
+
+
 def run_ok(server, prompt: dict, timeout: float = 900) -> list[Path]:
     result = server.client().run(prompt, timeout=timeout)
     assert result.ok, f"{result.status}: {json.dumps(result.error)[:3000]}"

@@ -12,13 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_server import run_ok, tiny_workflow, video_properties, write_reference_image
+from helpers_server import node_of, run_ok, tiny_workflow, video_properties, write_reference_image
 
 pytestmark = pytest.mark.server
-
-
-def node_of(prompt: dict, class_type: str) -> str:
-    return next(key for key, node in prompt.items() if node["class_type"] == class_type)
 
 
 def linked(prompt: dict, node: str, name: str, value: int, source: str = "95") -> None:

@@ -27,6 +27,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import comfy.sample
     import comfy.samplers
     import folder_paths
+    import latent_preview
     import torch
     from comfy.cli_args import LatentPreviewMethod, args
     from helpers_comfy_probe import error_of
@@ -262,14 +263,18 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     (ks,) = core_nodes.KSampler().sample(model, seed, 2, 5.0, "euler", "simple", positive, negative, small)
     results["ksampler"] = {"shape": list(ks["samples"].shape), "finite": bool(torch.isfinite(ks["samples"]).all())}
 
-    # -- previews: the PCA previewer on 128 channels
+    # -- previews: the principal-component preview on 128 channels, the pack's Sampler and core's samplers alike
     args.preview_method = LatentPreviewMethod.Latent2RGB
     kind, picture_out, max_size = previews.previewer_for(model)(sampled["samples"])
     pixels_out = torch.tensor(list(picture_out.getdata()), dtype=torch.float32)
+    core_previewer = latent_preview.get_previewer("cpu", model.model.latent_format)  # what KSampler's callback uses
+    core_picture = core_previewer.decode_latent_to_preview_image("JPEG", sampled["samples"])[1]
     results["preview"] = {"kind": kind, "size": list(picture_out.size), "max": max_size, "std": float(pixels_out.std())}
-    args.preview_size = 128  # --preview-size, as core's samplers pass it
-    results["preview"]["max_at_128"] = previews.previewer_for(model)(sampled["samples"])[2]
-    args.preview_size = 512
+    results["preview"]["core_max"] = latent_preview.MAX_PREVIEW_RESOLUTION
+    results["preview"]["same_as_core"] = picture_out.tobytes() == core_picture.tobytes()
+    args.preview_method = LatentPreviewMethod.NoPreviews
+    results["preview"]["none"] = previews.previewer_for(model) is None
+    args.preview_method = LatentPreviewMethod.Latent2RGB
 
     # -- mismatches and bad input: specific errors
     (vae13,) = loaders.OpenSoraLoadVAE().load("opensora-tiny-vae-v13/", "fp32")
@@ -439,9 +444,11 @@ def test_i2v_with_dc_ae_references(measured):
 def test_core_ksampler_and_previews(measured):
     assert measured["ksampler"] == {"shape": [1, 128, 3, 3, 2], "finite": True}
     preview = measured["preview"]
-    assert preview["kind"] == "JPEG" and preview["max"] == 512 and preview["max_at_128"] == 128
+    assert preview["kind"] == "JPEG" and preview["max"] == preview["core_max"] == 512  # --preview-size's default
     assert preview["size"] == [2 * 85, 3 * 85]  # 2 x 3 latent pixels scaled up to about 256
     assert preview["std"] > 1.0
+    assert preview["same_as_core"]  # core KSampler's previewer draws the same picture
+    assert preview["none"]  # --preview-method none: no previewer
 
 
 def test_mismatches_give_specific_errors(measured):

@@ -169,17 +169,13 @@ def test_bad_input_gets_specific_errors(measured):
         assert error.startswith("ValueError") and "is damaged: conditioning entry 0" in error, error
 
 
-def _node_id(prompt: dict, class_type: str) -> str:
-    return next(key for key, node in prompt.items() if node["class_type"] == class_type)
-
-
 def test_workflow_from_saved_prompts_gives_the_same_video(comfy_server):
     from comfy_host import output_files
-    from helpers_server import run_ok, tiny_workflow, video_properties
+    from helpers_server import node_of, run_ok, tiny_workflow, video_properties
 
     prompt = tiny_workflow(comfy_server, "opensora20_t2v", steps=3)
-    encode = _node_id(prompt, "OpenSoraEncodePrompt")
-    sampler = _node_id(prompt, "OpenSoraSampler")
+    encode = node_of(prompt, "OpenSoraEncodePrompt")
+    sampler = node_of(prompt, "OpenSoraSampler")
     saving = json.loads(json.dumps(prompt))
     for index, which in enumerate(("positive", "negative")):
         saving[f"save_{which}"] = {
@@ -200,7 +196,7 @@ def test_workflow_from_saved_prompts_gives_the_same_video(comfy_server):
     for which in ("positive", "negative"):
         loading[f"load_{which}"] = {"class_type": "OpenSoraLoadPromptEmbeds", "inputs": {"prompt_file": saved[which]}}
         loading[sampler]["inputs"][which] = [f"load_{which}", 0]
-    text_nodes = {encode, _node_id(prompt, "OpenSoraLoadTextEncoder")}
+    text_nodes = {encode, node_of(prompt, "OpenSoraLoadTextEncoder")}
     for node in text_nodes:  # no text encoder in the second graph
         del loading[node]
     (again,) = run_ok(comfy_server, loading)

@@ -1,12 +1,16 @@
 """Every shipped 1.x API workflow runs on the real host with the tiny models and writes a correct mp4."""
 
+import io
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from comfy_host import output_files
-from helpers_server import api_workflow, run_ok, tiny_workflow, video_properties, write_reference_image
+from helpers_server import api_workflow, node_of, run_ok, tiny_workflow, video_properties, write_reference_image
+from PIL import Image
 from safetensors.torch import load_file
 from shipped_workflows import use_models
 
@@ -179,6 +183,26 @@ def test_sampler_sends_latent_previews_over_the_websocket(comfy_server):
     progress = [m for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "5"]
     assert [m["data"]["value"] for m in progress][-1] == 3
     assert result.previews >= 3  # one binary preview frame per sampling step
+
+
+def test_core_ksampler_sends_previews_of_1x_latents(comfy_server):
+    """Core KSampler on a 1.3 MODEL previews like the Open-Sora Sampler: the latent format's principal-component
+    hook feeds core's Latent2RGB previewer (1.x latents have no published RGB factors)."""
+    prompt = tiny_workflow(comfy_server, "opensora13_t2v", steps=3)
+    sampler = node_of(prompt, "OpenSoraSampler")
+    inputs = prompt[sampler]["inputs"]
+    text = inputs["positive"][0]
+    ksampler = {"model": inputs["model"], "seed": 9191, "steps": 3, "cfg": 3.0, "sampler_name": "euler"}
+    ksampler.update(scheduler="simple", positive=[text, 0], negative=[text, 1], latent_image=inputs["latent"])
+    prompt[sampler] = {"class_type": "KSampler", "inputs": {**ksampler, "denoise": 1.0}}
+    result = comfy_server.client().run(prompt, timeout=600)
+    assert result.ok, result.error
+    assert result.previews >= 3  # one per step
+    event, image_type = struct.unpack(">II", result.last_preview[:8])
+    assert (event, image_type) == (1, 1)  # PREVIEW_IMAGE, JPEG
+    picture = Image.open(io.BytesIO(result.last_preview[8:]))
+    assert picture.size == (512, 288)  # 144p 16:9's 256 x 144 pixels, scaled to --preview-size 512
+    assert float(np.asarray(picture, dtype=np.float32).std()) > 5.0  # a picture, not one colour
 
 
 def _sampled_latent(comfy_server, prefix: str, steps: int = 2, **latent_inputs) -> torch.Tensor:
