@@ -541,6 +541,28 @@ async def _check_reference_seed(browser: Chromium) -> dict:
     )
 
 
+async def _check_saved_embeds(browser: Chromium) -> dict:
+    """Save Prompt Embeds shows the file its run saved (the frontend hands the node the server's ui output), and the
+    shown text stays out of the saved workflow."""
+    return await browser.evaluate(
+        """(() => {
+          const app = window.comfyAPI.app.app;
+          const node = LiteGraph.createNode("OpenSoraSavePromptEmbeds");
+          app.graph.add(node);
+          const before = node.widgets.length;
+          node.onExecuted({ text: ["saved opensora_prompts/opensora_prompt_00001_.safetensors"] });
+          node.onExecuted({ text: ["saved opensora_prompts/opensora_prompt_00002_.safetensors"] });
+          const result = {
+            shown: node.opensoraSaved?.element.textContent ?? null,
+            added: node.widgets.length - before,
+            widgets_values: node.serialize().widgets_values,
+          };
+          app.graph.remove(node);
+          return result;
+        })()"""
+    )
+
+
 async def _check_serialization(browser: Chromium) -> dict:
     """The display widget must stay out of the saved workflow and the API prompt."""
     return await browser.evaluate(
@@ -651,6 +673,7 @@ async def run_checks(url: str, workflows_dir: Path, screenshot: Path) -> dict:
         report["steps"] = await _check_widget_behaviour(browser)
         report["serialized"] = await _check_serialization(browser)
         report["reference_seed"] = await _check_reference_seed(browser)
+        report["saved_embeds"] = await _check_saved_embeds(browser)
         report["version_change"] = await _check_version_change(browser)
         cases = python_expectations()
         derived = await _compare_with_python(browser, [values for values, _ in cases])
@@ -726,6 +749,13 @@ def assess(report: dict) -> list[str]:
             "Encode Reference's seed control should start on 'fixed' and keep a saved choice: "
             f"{report['reference_seed']}"
         )
+    expected_saved = {
+        "shown": "saved opensora_prompts/opensora_prompt_00002_.safetensors",  # the latest run's file
+        "added": 1,  # one display widget, reused by later runs
+        "widgets_values": ["opensora_prompt"],
+    }
+    if report["saved_embeds"] != expected_saved:
+        problems.append(f"Save Prompt Embeds should show its latest file: {report['saved_embeds']} != {expected_saved}")
     saved = report["serialized"]
     expected_values = ["1.3", "360p", "9:16", 33, 1, 0, 0, 24]
     if saved["widgets_values"] != expected_values:

@@ -5,7 +5,7 @@
 // from the server's rules (GET /opensora/size_rules, one rule set per version choice, "2.0 DC-AE" included),
 // evaluated by opensora_rules.js.
 //
-// Also: "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
+// Also: "Open-Sora Save Prompt Embeds" shows the file it saved; "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
 // motion score, camera motion; 2.0: motion_score_v2, fps), and a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The
 // frontend adds that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior
 // sample's, so randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
@@ -17,6 +17,7 @@ import { compileRule, derive } from "./opensora_rules.js";
 export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
 export const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
 export const PROMPT_NODE_TYPE = "OpenSoraEncodePrompt";
+export const SAVE_EMBEDS_NODE_TYPE = "OpenSoraSavePromptEmbeds";
 // Encode Prompt's inputs that only one generation reads (the other ignores them): greyed out for the other one,
 // when the text encoder's version is known from a linked Load Open-Sora Text Encoder.
 const PROMPT_INPUTS_OF = { "1.x": ["aesthetic_score", "motion_score", "camera_motion"], "2.0": ["motion_score_v2", "fps"] };
@@ -385,6 +386,17 @@ export const extension = {
       // on every draw: the encoder's version widget or the link can change without telling this node
       chain(nodeType.prototype, "onDrawForeground", function () {
         greyOutOtherVersion(this);
+      });
+    }
+    if (nodeData?.name === SAVE_EMBEDS_NODE_TYPE) {
+      // The server's ui.text ("saved opensora_prompts/<file>"), which the frontend does not draw for a custom node.
+      chain(nodeType.prototype, "onExecuted", function (output) {
+        const text = output?.text?.join?.("\n");
+        if (!text) return;
+        this.opensoraSaved ??= addInfoWidget(this);
+        this.opensoraSaved.element.replaceChildren(line("saved", text, COLORS.text));
+        fitHeight(this, false);
+        this.setDirtyCanvas?.(true, true);
       });
     }
     if (nodeData?.name === REFERENCE_NODE_TYPE) {
