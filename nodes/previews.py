@@ -4,8 +4,9 @@
 channels, one latent pixel per 32 x 32 pixels) have no published factors, so their latent formats carry a
 principal-component preview instead: the first frame's latent channels projected onto their three principal
 components, a false-colour picture that shows the layout of the video as it forms. It rides on core's
-`latent_rgb_factors_reshape` hook (identity factors after the projection), so core KSampler /
-SamplerCustomAdvanced previews these latents too. The pack's samplers take core's previewer for the model's
+`latent_rgb_factors_reshape` hook, so core KSampler / SamplerCustomAdvanced preview these latents too: the reshape
+puts the picture in the first 3 of the C channels, and the factors pick those 3. Code that applies the factors without
+the reshape (VideoHelperSuite's animated previews) gets the first 3 latent channels as RGB instead of a shape error. The pack's samplers take core's previewer for the model's
 latent format, so --preview-method (none, latent2rgb, taesd with a models/vae_approx decoder) applies alike.
 """
 
@@ -17,8 +18,8 @@ PREVIEW_SIDE = 256  # small latents (a DC-AE frame is a few pixels) are scaled u
 
 
 def principal_components(x0: torch.Tensor) -> torch.Tensor:
-    """[B, C, (T,) H, W] latent -> [1, 3, 1, h, w] in -1..1: the first frame of the first sample, its C channels
-    projected onto their 3 principal components, each stretched to the full range."""
+    """[B, C, (T,) H, W] latent -> [1, C, 1, h, w]: the first frame of the first sample, its C channels projected
+    onto their 3 principal components, each stretched to -1..1, in channels 0-2 (the others zero)."""
     frame = x0[0, :, 0] if x0.ndim == 5 else x0[0]
     channels, height, width = frame.shape
     flat = torch.nan_to_num(frame.detach().reshape(channels, -1).T.float())  # [HW, C]; a NaN would stop the SVD
@@ -29,7 +30,8 @@ def principal_components(x0: torch.Tensor) -> torch.Tensor:
         rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1])], dim=1)
     low, high = rgb.min(0).values, rgb.max(0).values
     rgb = (rgb - low) / (high - low).clamp_min(1e-6) * 2 - 1
-    picture = rgb.T.reshape(1, 3, 1, height, width)
+    picture = torch.cat([rgb.T, rgb.new_zeros(channels - 3, rgb.shape[0])]) if channels > 3 else rgb.T
+    picture = picture.reshape(1, -1, 1, height, width)
     scale = max(1, PREVIEW_SIDE // max(height, width))
     if scale > 1:
         picture = picture.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
@@ -37,11 +39,15 @@ def principal_components(x0: torch.Tensor) -> torch.Tensor:
 
 
 class PrincipalComponentPreview:
-    """Mixed into a latent format: core's Latent2RGB previewer applies the reshape, then these identity factors."""
+    """Mixed into a latent format: core's Latent2RGB previewer applies the reshape, then factors that take channels
+    0-2 as RGB (a [latent_channels, 3] list, as core's factors are)."""
 
-    latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     latent_rgb_factors_bias = None
     latent_rgb_factors_reshape = staticmethod(principal_components)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.latent_rgb_factors = [[float(row == rgb) for rgb in range(3)] for row in range(cls.latent_channels)]
 
 
 def previewer_for(model):

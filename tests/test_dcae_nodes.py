@@ -272,6 +272,18 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     results["preview"] = {"kind": kind, "size": list(picture_out.size), "max": max_size, "std": float(pixels_out.std())}
     results["preview"]["core_max"] = latent_preview.MAX_PREVIEW_RESOLUTION
     results["preview"]["same_as_core"] = picture_out.tobytes() == core_picture.tobytes()
+    # every principal-component format: [C, 3] factors, so code that skips the reshape (VideoHelperSuite's animated
+    # previews) still gets an RGB picture from a raw latent
+    from opensora_pack.nodes.comfy_model import LATENT_FORMATS
+
+    results["preview"]["raw_factor_pictures"] = {
+        cls.__name__: list(
+            latent_preview.Latent2RGBPreviewer(cls().latent_rgb_factors)
+            .decode_latent_to_preview(torch.randn(1, cls.latent_channels, 2, 5, 7))
+            .size
+        )
+        for cls in (*LATENT_FORMATS.values(), type(fmt))
+    }
     args.preview_method = LatentPreviewMethod.NoPreviews
     results["preview"]["none"] = previews.previewer_for(model) is None
     args.preview_method = LatentPreviewMethod.Latent2RGB
@@ -449,6 +461,11 @@ def test_core_ksampler_and_previews(measured):
     assert preview["std"] > 1.0
     assert preview["same_as_core"]  # core KSampler's previewer draws the same picture
     assert preview["none"]  # --preview-method none: no previewer
+    assert preview["raw_factor_pictures"] == {
+        "OpenSoraLatent12": [7, 5],
+        "OpenSoraLatent13": [7, 5],
+        "OpenSoraDCAELatent": [7, 5],
+    }
 
 
 def test_mismatches_give_specific_errors(measured):
