@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 
 import comfy.model_management
 import torch
@@ -174,8 +175,9 @@ class OpenSoraLoadTextEncoder:
         from .text import TextEncoder
 
         check_choices(type(self), {"precision": precision, "version": version, "device": device})
-        on_cpu = device == "cpu"
         v2 = version == "2.0"
+        if v2 and clip_name == "none":
+            raise ValueError("Open-Sora 2.0 needs CLIP-L as well: choose clip_name (clip_l.safetensors)")
         settings = T5_V2 if v2 else T5_V1  # max_length, use_mask and the official dtype
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, settings["dtype"])
         path = model_path("text_encoders", t5_name)
@@ -186,26 +188,45 @@ class OpenSoraLoadTextEncoder:
             and not os.path.isfile(os.path.join(path, "spiece.model"))
         ):
             tokenizer = bundled_tokenizer("t5")
-        t5 = T5Embedder.from_files(path, tokenizer_path=tokenizer, **{**settings, "dtype": dtype}, device="cpu")
-        clip = None
-        if v2:
-            if clip_name == "none":
-                raise ValueError("Open-Sora 2.0 needs CLIP-L as well: choose clip_name (clip_l.safetensors)")
-            clip = CLIPPooledEmbedder.from_files(
-                model_path("text_encoders", clip_name),
-                tokenizer_path=bundled_tokenizer("clip"),
-                dtype=dtype,
-                device="cpu",
-            )
-        return (
-            TextEncoder(
-                version,
-                t5,
-                wrap_module(t5.model, "text_encoder", on_cpu),
-                clip,
-                wrap_module(clip.model, "text_encoder", on_cpu) if clip else None,
-            ),
+        clip_path = model_path("text_encoders", clip_name) if v2 else None
+        # The version input splits ComfyUI's cache between 1.2 and 1.3, which read the T5 alike: share one copy.
+        mm = comfy.model_management
+        devices = "cpu" if device == "cpu" else (str(mm.text_encoder_device()), str(mm.text_encoder_offload_device()))
+        key = (files_state(path), files_state(clip_path), tokenizer, dtype, devices, tuple(sorted(settings.items())))
+        encoders = SHARED_ENCODERS.get(key)
+        if encoders is None:
+            encoders = load_encoders(path, tokenizer, clip_path, {**settings, "dtype": dtype}, device == "cpu")
+            SHARED_ENCODERS[key] = encoders
+        return (TextEncoder(version, encoders),)
+
+
+# Encoders alive in some TextEncoder (a cached loader output), by the files and settings they were loaded with.
+SHARED_ENCODERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def files_state(path: str | None) -> tuple:
+    """What identifies a model file or folder's content on disk: each file's path, size and modification time."""
+    if path is None:
+        return ()
+    paths = [os.path.join(path, name) for name in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    return tuple((p, stat.st_size, stat.st_mtime_ns) for p in paths for stat in [os.stat(p)])
+
+
+def load_encoders(t5_path: str, tokenizer: str | None, clip_path: str | None, settings: dict, on_cpu: bool):
+    from .text import Encoders
+
+    t5 = T5Embedder.from_files(t5_path, tokenizer_path=tokenizer, **settings, device="cpu")
+    clip = None
+    if clip_path is not None:
+        clip = CLIPPooledEmbedder.from_files(
+            clip_path, tokenizer_path=bundled_tokenizer("clip"), dtype=settings["dtype"], device="cpu"
         )
+    return Encoders(
+        t5,
+        wrap_module(t5.model, "text_encoder", on_cpu),
+        clip,
+        wrap_module(clip.model, "text_encoder", on_cpu) if clip else None,
+    )
 
 
 class OpenSoraLoadVAE:

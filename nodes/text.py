@@ -17,14 +17,48 @@ CAMERA_MOTIONS = ["none", "pan right", "pan left", "tilt up", "tilt down", "zoom
 
 
 @dataclass
-class TextEncoder:
-    """What flows along an OPENSORA_TEXT_ENCODER link."""
+class Encoders:
+    """Loaded encoder weights and their ModelPatchers. One instance serves every TextEncoder loaded from the same
+    files with the same settings: 1.2 and 1.3 read the T5 alike, so their loaders share one copy."""
 
-    version: str
     t5: object
     t5_patcher: object
     clip: object = None
     clip_patcher: object = None
+
+
+@dataclass
+class TextEncoder:
+    """What flows along an OPENSORA_TEXT_ENCODER link: the prompts' Open-Sora version and the encoders."""
+
+    version: str
+    encoders: Encoders
+
+    @property
+    def t5(self):
+        return self.encoders.t5
+
+    @property
+    def t5_patcher(self):
+        return self.encoders.t5_patcher
+
+    @property
+    def clip(self):
+        return self.encoders.clip
+
+    @property
+    def clip_patcher(self):
+        return self.encoders.clip_patcher
+
+    @property
+    def patcher(self):
+        """The T5's (the large one), as core's CLIP has: 0.33's RAM-pressure cache frees an old output with a
+        ModelPatcher `patcher` first and takes anything else for a few bytes."""
+        return self.t5_patcher
+
+    def get_models(self) -> list:
+        """Every ModelPatcher this holds (core's prompt model tracker reads it)."""
+        return [p for p in (self.t5_patcher, self.clip_patcher) if p is not None]
 
     def encode_t5(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         comfy.model_management.load_models_gpu([self.t5_patcher])

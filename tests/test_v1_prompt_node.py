@@ -41,6 +41,7 @@ def probe(out_path: str, models_dir: str) -> None:
     except ValueError as e:
         url_error = str(e)
     results = {
+        "shared": shared_encoders(loaders, encoder, Path(models_dir) / "text_encoders" / T5),
         "plain_warnings": plain_warnings,
         "json_same": bool(torch.equal(plain, with_json)),
         "json_warnings": json_warnings,
@@ -49,6 +50,38 @@ def probe(out_path: str, models_dir: str) -> None:
         "url_error": url_error,
     }
     Path(out_path).write_text(json.dumps(results))
+
+
+def shared_encoders(loaders, encoder, folder: Path) -> dict:
+    """1.2 and 1.3 loaders of one file share the weights (ComfyUI caches them apart: version is an input); other
+    settings, a changed file, or no TextEncoder left alive load anew."""
+    import gc
+    import os
+
+    import comfy.model_patcher
+
+    load = loaders.OpenSoraLoadTextEncoder().load
+    (v12,) = load(T5, "default", "1.2")
+    (bf16,) = load(T5, "bf16", "1.3")
+    result = {
+        "versions": [encoder.version, v12.version],
+        "same_weights": v12.encoders is encoder.encoders,
+        "bf16_apart": bf16.encoders is not encoder.encoders,
+        "patcher_is_t5s": isinstance(encoder.patcher, comfy.model_patcher.ModelPatcher)
+        and encoder.patcher is encoder.t5_patcher,
+        "models": len(encoder.get_models()),
+    }
+    weights = next(folder.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed on disk
+    (changed,) = load(T5, "default", "1.3")
+    result["changed_file_reloads"] = changed.encoders is not encoder.encoders
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    alive = len(loaders.SHARED_ENCODERS)
+    del v12, bf16, changed
+    gc.collect()
+    result["released"] = alive - len(loaders.SHARED_ENCODERS)  # bf16's, and the changed file's
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +109,11 @@ def test_loop_segments_after_loop_0_are_named_as_unused(measured):
 
 def test_a_url_to_a_file_is_an_empty_prompt(measured):
     assert measured["url_error"] and "empty after caption cleaning" in measured["url_error"], measured
+
+
+def test_1_2_and_1_3_loaders_share_one_t5(measured):
+    shared = measured["shared"]
+    assert shared["versions"] == ["1.3", "1.2"] and shared["same_weights"], shared
+    assert shared["bf16_apart"] and shared["changed_file_reloads"], shared
+    assert shared["patcher_is_t5s"] and shared["models"] == 1, shared  # 0.33's RAM cache sees a model
+    assert shared["released"] == 2, shared  # weak: what no TextEncoder holds is freed
