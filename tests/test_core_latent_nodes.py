@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers_server import node_of, run_ok, tiny_workflow, video_properties, write_reference_image
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.server
 
@@ -86,6 +88,33 @@ def test_trimmed_latent_samples_and_decodes_its_own_length(comfy_server):
     prompt["90"]["inputs"]["trim_amount"] = 3  # 7 latent frames: no 1.3 length has them
     message = error_of(comfy_server, prompt)
     assert "no Open-Sora 1.3 frame count gives 7 latent frames" in message and "changed it" in message, message
+
+
+def test_rebatched_latents_sample_as_the_batch(comfy_server):
+    """Core RebatchLatents makes a list of LATENTs without the pack's info and with an all-ones noise mask: the
+    Sampler reads the size from the samples and the MODEL (a warning says so), and each item samples as its row of
+    the batch (batch_index keeps its noise)."""
+
+    def sampled(rebatch: bool) -> list:
+        prompt = tiny_workflow(comfy_server, "opensora13_t2v", steps=2, batch_size=2)
+        latent, sampler = node_of(prompt, "OpenSoraEmptyLatentVideo"), node_of(prompt, "OpenSoraSampler")
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("OpenSoraLoadVAE", "OpenSoraDecode")}
+        prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("CreateVideo", "SaveVideo")}
+        if rebatch:
+            prompt["90"] = {"class_type": "RebatchLatents", "inputs": {"latents": [latent, 0], "batch_size": 1}}
+            prompt[sampler]["inputs"]["latent"] = ["90", 0]
+        prefix = f"rebatch/{'list' if rebatch else 'batch'}"
+        prompt["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": prefix}}
+        result = comfy_server.client().run(prompt, timeout=900)
+        assert result.ok, result.error
+        items = result.outputs["91"]["latents"]
+        files = [comfy_server.base / "output" / item["subfolder"] / item["filename"] for item in items]
+        return [load_file(str(path))["latent_tensor"] for path in files]
+
+    (batch,), rows = sampled(False), sampled(True)
+    assert [tuple(row.shape) for row in rows] == [(1, 16, 5, 18, 32)] * 2  # one video per list item
+    for index, row in enumerate(rows):
+        assert torch.allclose(row[0], batch[index], atol=1e-4), (index, float((row[0] - batch[index]).abs().max()))
 
 
 def guider_graph(server) -> tuple[dict, str]:
