@@ -268,8 +268,12 @@ class Progress:
 # Latent-sized float32 tensors a sampler keeps in RAM at once besides the model's work: the input latent (ComfyUI
 # caches it), the noise drawn on the CPU, the output, and one transfer copy.
 SAMPLER_HOST_LATENTS = 4
-# The activation estimates are measured for the CUDA kernels; on the CPU the same work took more (a 1.3 VAE decode
-# peaked 1.31x over decode_memory, review 25), so RAM checks for work on the CPU count this much more.
+# The activation estimates are measured for the CUDA kernels; on the CPU the same work can take more, so RAM checks
+# for work on the CPU count this much more. Measured peak RSS over the estimate on the CPU (one fresh process per
+# case, real model widths): VAE decode / encode 1.17x - 1.38x of decode_memory / encode_memory (1.3, DC-AE; bf16 and
+# float32); DiT forwards at most 0.71x of forward_memory (1.2, 1.3, 2.0, DC-AE; 144 - 17656 tokens; no L x L
+# attention matrix on the CPU path), the small ones over activation_memory alone by glibc's retained heap, which
+# the 512 MiB workspace term covers.
 CPU_WORK_FACTOR = 1.5
 SMALLER_VIDEO = "Use fewer frames, a smaller size or a smaller batch_size on Open-Sora Empty Latent Video."
 
