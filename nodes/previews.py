@@ -5,9 +5,10 @@ channels, one latent pixel per 32 x 32 pixels) have no published factors, so the
 principal-component preview instead: the first frame's latent channels projected onto their three principal
 components, a false-colour picture that shows the layout of the video as it forms. It rides on core's
 `latent_rgb_factors_reshape` hook, so core KSampler / SamplerCustomAdvanced preview these latents too: the reshape
-puts the picture in the first 3 of the C channels, and the factors pick those 3. Code that applies the factors without
-the reshape (VideoHelperSuite's animated previews) gets the first 3 latent channels as RGB instead of a shape error. The pack's samplers take core's previewer for the model's
-latent format, so --preview-method (none, latent2rgb, taesd with a models/vae_approx decoder) applies alike.
+puts the picture in the first 3 of the C channels, and the factors pick those 3. Code that applies the factors
+without the reshape (VideoHelperSuite's animated previews) gets the first 3 latent channels as RGB instead of a shape
+error. The pack's samplers take core's previewer for the model's latent format, so --preview-method (none, latent2rgb,
+taesd with a models/vae_approx decoder) applies alike.
 """
 
 from __future__ import annotations
