@@ -26,40 +26,6 @@ class Encoders:
     clip: object = None
     clip_patcher: object = None
 
-
-@dataclass
-class TextEncoder:
-    """What flows along an OPENSORA_TEXT_ENCODER link: the prompts' Open-Sora version and the encoders."""
-
-    version: str
-    encoders: Encoders
-
-    @property
-    def t5(self):
-        return self.encoders.t5
-
-    @property
-    def t5_patcher(self):
-        return self.encoders.t5_patcher
-
-    @property
-    def clip(self):
-        return self.encoders.clip
-
-    @property
-    def clip_patcher(self):
-        return self.encoders.clip_patcher
-
-    @property
-    def patcher(self):
-        """The T5's (the large one), as core's CLIP has: 0.33's RAM-pressure cache frees an old output with a
-        ModelPatcher `patcher` first and takes anything else for a few bytes."""
-        return self.t5_patcher
-
-    def get_models(self) -> list:
-        """Every ModelPatcher this holds (core's prompt model tracker reads it)."""
-        return [p for p in (self.t5_patcher, self.clip_patcher) if p is not None]
-
     def encode_t5(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         comfy.model_management.load_models_gpu([self.t5_patcher])
         y, mask, truncated = self.t5.encode(texts)
@@ -85,13 +51,31 @@ class TextEncoder:
         return pooled.float().to(comfy.model_management.intermediate_device())
 
 
+@dataclass
+class TextEncoder:
+    """What flows along an OPENSORA_TEXT_ENCODER link: the prompts' Open-Sora version and the encoders."""
+
+    version: str
+    encoders: Encoders
+
+    @property
+    def patcher(self):
+        """The T5's (the large one), as core's CLIP has: 0.33's RAM-pressure cache frees an old output with a
+        ModelPatcher `patcher` first and takes anything else for a few bytes."""
+        return self.encoders.t5_patcher
+
+    def get_models(self) -> list:
+        """Every ModelPatcher this holds (core's prompt model tracker reads it)."""
+        return [p for p in (self.encoders.t5_patcher, self.encoders.clip_patcher) if p is not None]
+
+
 def text_conditioning(encoder: TextEncoder, text: str) -> list:
     """One prompt as native CONDITIONING in the layout the Open-Sora model wrappers read."""
     if encoder.version == "2.0":
-        t5, _ = encoder.encode_t5([text])
-        pooled = encoder.encode_clip([text])
+        t5, _ = encoder.encoders.encode_t5([text])
+        pooled = encoder.encoders.encode_clip([text])
         return [[t5[:, 0], {"pooled_output": pooled, "opensora_version": "2.0", "opensora_text": text}]]
-    y, mask = encoder.encode_t5([text])
+    y, mask = encoder.encoders.encode_t5([text])
     return [[y[:, 0], {"attention_mask": mask, "opensora_version": encoder.version, "opensora_text": text}]]
 
 

@@ -131,7 +131,11 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         mm.text_encoder_device = real_device
     cpu_positive, _ = text.OpenSoraEncodePrompt().encode(cpu_encoder, "a red fox in the snow", "")
     results["text_device"] = {
-        name: [str(d) for e in (enc.t5_patcher, enc.clip_patcher) for d in (e.load_device, e.offload_device)]
+        name: [
+            str(d)
+            for e in (enc.encoders.t5_patcher, enc.encoders.clip_patcher)
+            for d in (e.load_device, e.offload_device)
+        ]
         for name, enc in (("default", default_encoder), ("cpu", cpu_encoder))
     }
     results["text_device"]["cpu_conditioning_equal"] = torch.equal(cpu_positive[0][0], positive[0][0]) and torch.equal(

@@ -68,7 +68,7 @@ def shared_encoders(loaders, encoder, folder: Path) -> dict:
         "same_weights": v12.encoders is encoder.encoders,
         "bf16_apart": bf16.encoders is not encoder.encoders,
         "patcher_is_t5s": isinstance(encoder.patcher, comfy.model_patcher.ModelPatcher)
-        and encoder.patcher is encoder.t5_patcher,
+        and encoder.patcher is encoder.encoders.t5_patcher,
         "models": len(encoder.get_models()),
     }
     weights = next(folder.glob("*.safetensors"))
