@@ -96,14 +96,14 @@ CORE_CONDITIONING_KEYS = {
     "end_percent": "ConditioningSetTimestepRange",
     "control": "Apply ControlNet",
     "gligen": "GLIGENTextBoxApply",
-    "hooks": "the conditioning hook nodes",
 }
 
 
-def check_plain_conditioning(conditioning: list, what: str, hooks: bool = False) -> None:
+def check_plain_conditioning(conditioning: list, what: str) -> None:
     """Refuse, for the Open-Sora Sampler and Guiders, conditioning they would not apply: several entries
-    (ConditioningCombine) or core's area / mask / timestep-range / ControlNet keys, and hooks unless `hooks` (the
-    Guiders apply them: core's sampling runs each pass with its conditioning's hooks). Core KSampler applies them."""
+    (ConditioningCombine) or core's area / mask / timestep-range / ControlNet keys. Core KSampler applies them.
+    (Hooks are applied: core's sampling runs each Guider pass with its conditioning's hooks, and the Sampler runs
+    hooked conditioning through the Guider.)"""
     if len(conditioning) > 1:
         raise ValueError(
             f"The {what} conditioning has {len(conditioning)} entries (e.g. from ConditioningCombine); the Open-Sora "
@@ -111,14 +111,14 @@ def check_plain_conditioning(conditioning: list, what: str, hooks: bool = False)
             "Encode Prompt."
         )
     meta = conditioning[0][1]
-    unused = [key for key in CORE_CONDITIONING_KEYS if meta.get(key) is not None and not (hooks and key == "hooks")]
+    unused = [key for key in CORE_CONDITIONING_KEYS if meta.get(key) is not None]
     if meta.get("start_percent", 0.0) == 0.0 and meta.get("end_percent", 1.0) == 1.0:  # the whole range: no change
         unused = [key for key in unused if key not in ("start_percent", "end_percent")]
     if unused:
         nodes = ", ".join(dict.fromkeys(CORE_CONDITIONING_KEYS[key] for key in unused))
         raise ValueError(
-            f"The {what} conditioning has {', '.join(unused)} (from {nodes}), which the Open-Sora Sampler does not "
-            "apply (the Guider applies hooks only). Use core KSampler, or take that node out."
+            f"The {what} conditioning has {', '.join(unused)} (from {nodes}), which the Open-Sora Sampler and Guider "
+            "do not apply. Use core KSampler, or take that node out."
         )
 
 

@@ -9,6 +9,11 @@ reference update z += v * (t_i - t_{i+1}) / 1000, so the result matches the Open
 
 from __future__ import annotations
 
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
 import torch
 
 from ..opensora_lib import rflow
@@ -20,6 +25,7 @@ from .sampling import (
     FLAW_FIX_INPUT,
     GUIDANCE_INPUTS,
     GUIDANCE_OPTIONS,
+    OpenSoraSigmas,
     check_versions,
     text_of,
     v1_options,
@@ -39,12 +45,12 @@ class OpenSoraV1Guider(ScheduledGuider):
         self.options = options
 
     def set_conds(self, positive, negative):
-        y, meta = text_of(positive, "positive", self.info["version"], hooks=True)
+        y, meta = text_of(positive, "positive", self.info["version"])
         fps = rflow.conditioning_fps(self.info.get("fps"), self.info.get("num_frames"))
         extras = {"height": self.info["height"], "width": self.info["width"], "fps": fps}
         y_null = self.model_patcher.model.diffusion_model.null_caption()
         pos = {"attention_mask": meta["attention_mask"], **extras, **hooks_of(positive)}  # core applies the hooks
-        negative_y, negative_meta = text_of(negative, "negative", self.info["version"], hooks=True)
+        negative_y, negative_meta = text_of(negative, "negative", self.info["version"])
         if negative_y is None:  # learned null caption, masked by the positive prompt (Q1)
             negative_y, neg = y_null, {"attention_mask": meta["attention_mask"], **extras}
         else:
@@ -146,3 +152,50 @@ class OpenSoraGuider:
 
 NODE_CLASS_MAPPINGS = {"OpenSoraGuider": OpenSoraGuider}
 NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraGuider": "Open-Sora Guider"}
+
+
+def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, options: dict):
+    """The Open-Sora Sampler on conditioning with hooks (CreateHookLora & co.): core's sampling applies each pass's
+    hooks, so the run goes through the Open-Sora Guider, Open-Sora Sigmas and core's euler as SamplerCustomAdvanced
+    runs them (the same guidance and starting noise; float rounding apart from the Sampler's direct path). Returns the
+    LATENT."""
+    version, has_reference = check_versions(model, latent)["version"], latent.get("opensora_reference") is not None
+    unsupported = None
+    if has_reference and version == "1.2":
+        unsupported = "a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)"
+    elif has_reference and version == "1.3" and options["sdedit"]:
+        unsupported = "sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
+    if unsupported:
+        raise ValueError(
+            "The Open-Sora Sampler runs conditioning with hooks (CreateHookLora & co.) through core's sampling, which "
+            f"has no {unsupported}: "
+            + ("turn sdedit off, or " if "sdedit" in unsupported else "")
+            + "apply the LoRA to the MODEL (LoraLoaderModelOnly) instead of the conditioning."
+        )
+    (guider,) = OpenSoraGuider().get_guider(
+        model,
+        positive,
+        negative,
+        latent,
+        cfg,
+        options["image_cfg"],
+        options["oscillation"],
+        options["image_oscillation"],
+        options["scale_image_weight"],
+        options["flaw_fix"],
+    )
+    (sigmas,) = OpenSoraSigmas().sigmas(latent, steps, options["timestep_transform"])
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as SamplerCustomAdvanced draws it
+    out = guider.sample(
+        noise,
+        samples,
+        comfy.samplers.sampler_object("euler"),
+        sigmas,
+        callback=latent_preview.prepare_callback(model, sigmas.shape[-1] - 1),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
+    result = {k: v for k, v in latent.items() if k != "opensora_reference"}
+    result["samples"] = out.float().to(comfy.model_management.intermediate_device())
+    return result

@@ -29,6 +29,7 @@ from .common import (
     check_plain_conditioning,
     check_v1_text,
     compute_dtype,
+    hooks_of,
     load_for_sampling,
 )
 from .latent import latent_label, video_info, with_video_info
@@ -61,12 +62,12 @@ def check_versions(model, latent: dict) -> dict:
     return info
 
 
-def text_of(conditioning: list, what: str, version: str, hooks: bool = False) -> tuple[torch.Tensor | None, dict]:
+def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
     """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker,
-    which only a negative may be. hooks: core's conditioning hooks are allowed (the Guider applies them)."""
+    which only a negative may be."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what, hooks)
+    check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
     check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
     if meta.get("opensora_null_caption"):
@@ -398,6 +399,10 @@ class OpenSoraSampler:
                 "For masked sampling use core KSampler or the Open-Sora Guider with SamplerCustomAdvanced, which "
                 "honour it; for image / video conditioning use Open-Sora Encode Reference."
             )
+        if hooks_of(positive) or hooks_of(negative):
+            from .guider import sample_with_hooks
+
+            return (sample_with_hooks(model, positive, negative, latent, seed, steps, cfg, options),)
         if info["version"] == "2.0":
             from .sampling_v2 import sample_v2_node
 

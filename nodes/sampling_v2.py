@@ -60,12 +60,11 @@ GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "ne
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def text_of_v2(conditioning: list, what: str, config, hooks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model
-    (hooks: core's conditioning hooks are allowed, as the Guider applies them)."""
+def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model."""
     if not conditioning:
         raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what, hooks)
+    check_plain_conditioning(conditioning, what)
     tensor, meta = conditioning[0]
     encoded = meta.get("opensora_version")
     if meta.get("opensora_null_caption") and encoded in (None, "2.0"):
@@ -328,8 +327,8 @@ class OpenSoraV2Guider(ScheduledGuider):
 
     def set_conds(self, positive, negative):
         config = self.model_patcher.model.diffusion_model.config
-        t5, pooled = text_of_v2(positive, "positive", config, hooks=True)
-        neg_t5, neg_pooled = text_of_v2(negative, "negative", config, hooks=True)
+        t5, pooled = text_of_v2(positive, "positive", config)
+        neg_t5, neg_pooled = text_of_v2(negative, "negative", config)
         pos = {"pooled_output": pooled, **hooks_of(positive)}  # core's sampling applies each pass's hooks
         neg = {"pooled_output": neg_pooled, **hooks_of(negative)}
         conds = {"positive": [[t5, pos]], "negative": [[neg_t5, neg]]}

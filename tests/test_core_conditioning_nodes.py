@@ -85,6 +85,13 @@ def probe(out_path: str, models_dir: str) -> None:
         }
 
         if version == "1.3":
+            import comfy.hooks
+
+            # hooked conditioning runs through core's sampling, which has no SDEdit: a 1.3 reference with sdedit on
+            # (the Sampler's default) is named before anything runs (only the reference's presence is read first)
+            hooked = comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora({}, 1.0, 0.0))
+            referenced = {**empty, "opensora_reference": "from Encode Reference"}
+            results["1.3 sampler hooks sdedit"] = outcome(lambda: sampler(hooked, lat=referenced))
             (concat,) = core.ConditioningConcat().concat(positive, positive)
             results["1.3 sampler concat"] = outcome(lambda c=concat: sampler(c))
             results["1.3 ksampler concat"] = outcome(lambda c=concat: ksampler(c))
@@ -130,6 +137,12 @@ def test_whole_timestep_range_and_ksampler_still_run(measured, version):
     assert measured[f"{version} guider whole range"] is None
     assert measured[f"{version} ksampler combine"] is None
     assert measured[f"{version} ksampler timestep range"] is None
+
+
+def test_hooks_with_sdedit_on_a_1_3_reference_are_refused_by_name(measured):
+    message = measured["1.3 sampler hooks sdedit"]
+    assert message is not None and "no sdedit" in message and "turn sdedit off" in message, message
+    assert "LoraLoaderModelOnly" in message, message
 
 
 @pytest.mark.parametrize("version", ["1.3", "2.0"])

@@ -223,14 +223,35 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
         comfy.model_management.unload_all_models()
         return out["samples"]
 
+    def sampler_node(model, group=None, lora_strength=None) -> torch.Tensor:
+        """The Open-Sora Sampler node (hooked conditioning runs through the Guider path)."""
+        from opensora_pack.nodes import sampling
+
+        if lora_strength is not None:
+            (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(
+                model, f"lora-{version}.safetensors", lora_strength
+            )
+        pos, neg = positive, negative
+        if group is not None:
+            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        (out,) = sampling.OpenSoraSampler().sample(model, pos, neg, empty, 5, 3, 7.0)
+        comfy.model_management.unload_all_models()
+        return out["samples"]
+
     hooked_guider = guided(kept, groups["lora"])
+    hooked_sampler = sampler_node(kept, groups["lora"])
     results = {
         "guider": {  # the hook on both prompts is the MODEL's LoRA at the same strength
             "changes_output": not torch.equal(hooked_guider, guided(kept)),
             "max_diff_to_model_lora": float((hooked_guider - guided(kept, lora_strength=0.8)).abs().max()),
             "max_diff_to_dequantized": float((hooked_guider - guided(plain, groups["lora"])).abs().max()),
             "scale": float(hooked_guider.abs().max()),
-        }
+        },
+        "sampler_node": {  # the Sampler node runs a hook as the Guider does, near its own path with the MODEL's LoRA
+            "equal_to_guider": bool(torch.equal(hooked_sampler, hooked_guider)),
+            "max_diff_to_model_lora": float((hooked_sampler - sampler_node(kept, lora_strength=0.8)).abs().max()),
+            "scale": float(hooked_sampler.abs().max()),
+        },
     }
     unhooked = ksample(kept)
     for name, group in groups.items():
@@ -351,6 +372,9 @@ def test_hook_lora_on_kept_blocks_matches_the_dequantized_file(measured, version
     guided = hooks["guider"]  # the Open-Sora Guider applies conditioning hooks (through core's sampling)
     assert guided["changes_output"] and guided["max_diff_to_dequantized"] == 0.0, guided
     assert guided["max_diff_to_model_lora"] <= 1e-5 * max(1.0, guided["scale"]), guided
+    sampler = hooks["sampler_node"]  # the Sampler node applies hooks through the Guider path: the same result
+    assert sampler["equal_to_guider"], sampler
+    assert sampler["max_diff_to_model_lora"] <= 2e-3 * max(1.0, sampler["scale"]), sampler  # its direct path
     for kind in ("lora", "model_as_lora"):
         result = hooks[kind]
         assert result["changes_output"], (kind, result)
