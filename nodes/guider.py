@@ -19,7 +19,7 @@ import torch
 from ..opensora_lib import rflow
 from .common import CATEGORY, hooks_of
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
-from .latent import video_info, with_video_info
+from .latent import video_info
 from .sampling import (
     CFG_INPUT,
     FLAW_FIX_INPUT,
@@ -123,7 +123,6 @@ class OpenSoraGuider:
         scale_image_weight=True,
         flaw_fix=True,
     ):
-        latent = with_video_info(latent, model)
         info = check_versions(model, latent)
         if info["version"] == "2.0":
             from .sampling_v2 import guider_v2

@@ -31,51 +31,16 @@ def _union(getter) -> list[str]:
     return seen
 
 
-def video_info(latent: dict, model=None) -> dict:
-    """The Open-Sora info (version, size, frames, fps) of a LATENT; where a core node rebuilt the LATENT without it
-    (RebatchLatents keeps only samples, mask and batch index), from the samples and the MODEL when one is given."""
+def video_info(latent: dict) -> dict:
     info = latent.get("opensora")
     if info is None:
-        info = info_from_model(model, latent["samples"])
-    return info_for_samples(info, latent["samples"])
-
-
-def with_video_info(latent: dict, model) -> dict:
-    """The LATENT, with Open-Sora info rebuilt from its samples and the MODEL where a core node dropped it."""
-    if "opensora" in latent:
-        return latent
-    return {**latent, "opensora": info_from_model(model, latent["samples"])}
-
-
-def info_from_model(model, samples: torch.Tensor) -> dict:
-    """Open-Sora info for bare video samples [B, C, T, H, W] from the MODEL's version: the size and length those
-    latent dimensions stand for (as core KSampler reads them) and fps 24 (Empty Latent Video's default)."""
-    version = getattr(getattr(model, "model", None), "opensora_version", None)
-    if version is None or samples.ndim != 5:
         raise ValueError(
-            "This LATENT has no Open-Sora size information: make it with Open-Sora Empty Latent Video. If it was "
-            "made there, a core node in between rebuilt the LATENT without it (RebatchLatents does): connect the "
-            "latent directly, or sample with core KSampler, which reads the size from the samples."
+            "This LATENT has no Open-Sora size information: make it with Open-Sora Empty Latent Video (optionally "
+            "through Open-Sora Encode Reference). If it was made there, a core node in between rebuilt the LATENT "
+            "without it and without any reference (RebatchLatents keeps only the samples, mask and batch index): "
+            "connect the latent directly, or sample with core KSampler, which reads the size from the samples."
         )
-    autoencoder = getattr(model.model, "opensora_autoencoder", "hunyuan") if version == "2.0" else "hunyuan"
-    frames, latent_h, latent_w = samples.shape[2:]
-    try:
-        num_frames = sizes.frames_for_latent(version, frames, autoencoder=autoencoder)
-        height, width = sizes.size_for_latent(version, latent_h, latent_w, autoencoder=autoencoder)
-    except ValueError as e:
-        raise ValueError(
-            f"This LATENT has no Open-Sora size information (a core node rebuilt it) and its samples' latent (T, H, W) "
-            f"{tuple(samples.shape[2:])} is no Open-Sora {version} video ({e})."
-        ) from e
-    warn_once(
-        f"latent info from model {version} {tuple(samples.shape[2:])}",
-        f"OpenSora: this LATENT lost its Open-Sora info (a core node rebuilt it): sampling it as {num_frames} frames "
-        f"at {height} x {width}, fps 24, from its samples and the Open-Sora {version} MODEL.",
-    )
-    info = {"version": version, "height": height, "width": width, "num_frames": num_frames, "fps": 24}
-    if autoencoder == "dc_ae":
-        info["autoencoder"] = "dc_ae"
-    return info
+    return info_for_samples(info, latent["samples"])
 
 
 def info_for_samples(info: dict, samples: torch.Tensor) -> dict:

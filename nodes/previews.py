@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-PREVIEW_SIDE = 256  # small latents (a DC-AE frame is a few pixels) are scaled up to about this, nearest-neighbour
+PREVIEW_SIDE = 256  # small latents (a DC-AE frame is a few pixels) are scaled up to about this, nearest-neighbour,
+PREVIEW_ELEMENTS = 2**20  # within this many elements of the C-channel picture (4 MiB; DC-AE: 128 channels, 88 px)
 
 
 def principal_components(x0: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def principal_components(x0: torch.Tensor) -> torch.Tensor:
     rgb = (rgb - low) / (high - low).clamp_min(1e-6) * 2 - 1
     picture = torch.cat([rgb.T, rgb.new_zeros(channels - 3, rgb.shape[0])]) if channels > 3 else rgb.T
     picture = picture.reshape(1, -1, 1, height, width)
-    scale = max(1, PREVIEW_SIDE // max(height, width))
+    scale = max(1, min(PREVIEW_SIDE // max(height, width), int((PREVIEW_ELEMENTS / picture.numel()) ** 0.5)))
     if scale > 1:
         picture = picture.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     return picture

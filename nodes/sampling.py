@@ -32,7 +32,7 @@ from .common import (
     hooks_of,
     load_for_sampling,
 )
-from .latent import latent_label, video_info, with_video_info
+from .latent import latent_label, video_info
 from .previews import previewer_for
 
 # The key under which core's TorchCompileModel (comfy_api.torch_helpers.set_torch_compile_wrapper) registers its
@@ -390,10 +390,9 @@ class OpenSoraSampler:
         defaults = {name: spec[1]["default"] for name, spec in self.INPUT_TYPES()["optional"].items()}
         options = {**defaults, **options}
         check_choices(type(self), {"guidance_passes": options["guidance_passes"]})
-        latent = with_video_info(latent, model)
         info = check_versions(model, latent)
         mask = latent.get("noise_mask")
-        if mask is not None and not bool((mask == 1).all()):  # all ones (RebatchLatents adds one) masks nothing
+        if mask is not None and not bool((mask == 1).all()):  # an all-ones mask masks nothing
             raise ValueError(
                 "The latent has a noise mask (SetLatentNoiseMask): the Open-Sora Sampler regenerates the whole video. "
                 "For masked sampling use core KSampler or the Open-Sora Guider with SamplerCustomAdvanced, which "

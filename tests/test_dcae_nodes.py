@@ -355,7 +355,8 @@ def test_load_dit_gives_a_dc_ae_model(measured):
     assert (load["patch_size"], load["in_channels"]) == (1, 128)
     assert load["format"] == "OpenSoraDCAELatent" and load["format_is_comfy"]
     assert (load["channels"], load["dimensions"], load["scale"]) == (128, 3, 1.0)
-    assert load["rgb_factors"] is None  # no published factors: the PCA preview
+    # no published factors: the principal-component preview, whose reshape puts the picture in channels 0-2
+    assert load["rgb_factors"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] + [[0.0, 0.0, 0.0]] * 125
     assert load["weights_equal"]
     assert load["hunyuan_format"] == "HunyuanVideo" and load["hunyuan_autoencoder"] == "hunyuan"
     memory = load["memory"]  # one token per DC-AE latent pixel (patch 1) plus the T5 tokens, float32 compute
@@ -457,7 +458,7 @@ def test_core_ksampler_and_previews(measured):
     assert measured["ksampler"] == {"shape": [1, 128, 3, 3, 2], "finite": True}
     preview = measured["preview"]
     assert preview["kind"] == "JPEG" and preview["max"] == preview["core_max"] == 512  # --preview-size's default
-    assert preview["size"] == [2 * 85, 3 * 85]  # 2 x 3 latent pixels scaled up to about 256
+    assert preview["size"] == [2 * 36, 3 * 36]  # 2 x 3 latent pixels scaled up within 2**20 elements (128 channels)
     assert preview["std"] > 1.0
     assert preview["same_as_core"]  # core KSampler's previewer draws the same picture
     assert preview["none"]  # --preview-method none: no previewer
