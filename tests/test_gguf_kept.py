@@ -193,10 +193,18 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
     positive, negative = random_conditioning(version, kept.model.diffusion_model.config)
     (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
 
+    def inputs(model, group=None, lora_strength=None) -> tuple:
+        """(MODEL, positive, negative): the MODEL with the LoRA file at lora_strength, the prompts with the hook group."""
+        if lora_strength is not None:
+            (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(
+                model, f"lora-{version}.safetensors", lora_strength
+            )
+        if group is None:
+            return model, positive, negative
+        return model, *(comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+
     def ksample(model, group=None) -> torch.Tensor:
-        pos, neg = positive, negative
-        if group is not None:
-            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        model, pos, neg = inputs(model, group)
         (out,) = core_nodes.KSampler().sample(model, 5, 3, 4.0, "euler", "simple", pos, neg, empty)
         comfy.model_management.unload_all_models()
         return out["samples"]
@@ -209,13 +217,7 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
         def result_of(output):
             return output.result[0] if hasattr(output, "result") else output[0]
 
-        if lora_strength is not None:
-            (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(
-                model, f"lora-{version}.safetensors", lora_strength
-            )
-        pos, neg = positive, negative
-        if group is not None:
-            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        model, pos, neg = inputs(model, group, lora_strength)
         (g,) = guider.OpenSoraGuider().get_guider(model, pos, neg, empty, 7.0)
         (sigmas,) = sampling.OpenSoraSigmas().sigmas(empty, 3)
         noise, euler = result_of(RandomNoise.execute(5)), result_of(KSamplerSelect.execute("euler"))
@@ -227,13 +229,7 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
         """The Open-Sora Sampler node (hooked conditioning runs through the Guider path)."""
         from opensora_pack.nodes import sampling
 
-        if lora_strength is not None:
-            (model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(
-                model, f"lora-{version}.safetensors", lora_strength
-            )
-        pos, neg = positive, negative
-        if group is not None:
-            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative))
+        model, pos, neg = inputs(model, group, lora_strength)
         (out,) = sampling.OpenSoraSampler().sample(model, pos, neg, empty, 5, 3, 7.0)
         comfy.model_management.unload_all_models()
         return out["samples"]
