@@ -92,8 +92,8 @@ def check_choices(node_class, values: dict) -> None:
 CORE_CONDITIONING_KEYS = {
     "area": "ConditioningSetArea / ConditioningSetAreaPercentage",
     "mask": "ConditioningSetMask",
-    "start_percent": "ConditioningSetTimestepRange",
-    "end_percent": "ConditioningSetTimestepRange",
+    "start_percent": "ConditioningSetTimestepRange or a hook node's timestep range",
+    "end_percent": "ConditioningSetTimestepRange or a hook node's timestep range",
     "control": "Apply ControlNet",
     "gligen": "GLIGENTextBoxApply",
 }
@@ -124,7 +124,7 @@ def check_plain_conditioning(conditioning: list, what: str) -> None:
 
 def hooks_of(conditioning: list) -> dict:
     """{"hooks": ...} of a CONDITIONING's entry (core's hook nodes), for a Guider's cond dict; {} without hooks."""
-    hooks = conditioning[0][1].get("hooks")
+    hooks = conditioning[0][1].get("hooks") if conditioning else None
     return {} if hooks is None else {"hooks": hooks}
 
 

@@ -9,6 +9,8 @@ reference update z += v * (t_i - t_{i+1}) / 1000, so the result matches the Open
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -25,12 +27,15 @@ from .sampling import (
     FLAW_FIX_INPUT,
     GUIDANCE_INPUTS,
     GUIDANCE_OPTIONS,
+    SAMPLING_HOOKS,
     OpenSoraSigmas,
     check_versions,
     text_of,
     v1_options,
     v1_reference,
 )
+
+log = logging.getLogger("OpenSora")
 
 
 def _tensor(value: int | float) -> torch.Tensor:
@@ -161,15 +166,23 @@ def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps:
     version, has_reference = check_versions(model, latent)["version"], latent.get("opensora_reference") is not None
     unsupported = None
     if has_reference and version == "1.2":
-        unsupported = "a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)"
+        unsupported = "cannot take a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)"
     elif has_reference and version == "1.3" and options["sdedit"]:
-        unsupported = "sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
+        unsupported = "has no sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
     if unsupported:
         raise ValueError(
             "The Open-Sora Sampler runs conditioning with hooks (CreateHookLora & co.) through core's sampling, which "
-            f"has no {unsupported}: "
+            f"{unsupported}: "
             + ("turn sdedit off, or " if "sdedit" in unsupported else "")
             + "apply the LoRA to the MODEL (LoraLoaderModelOnly) instead of the conditioning."
+        )
+    applied = [name for name in SAMPLING_HOOKS if model.model_options.get(name)]
+    applied += ["model_sampling (e.g. ModelSamplingSD3)"] if "model_sampling" in model.object_patches else []
+    if applied:  # the Sampler's own path ignores these (and says so)
+        log.warning(
+            "OpenSora: the Open-Sora Sampler runs this hooked conditioning through core's sampling (the Open-Sora "
+            "Guider, Sigmas and euler), where this MODEL's sampling patches apply as in that graph: %s.",
+            ", ".join(applied),
         )
     (guider,) = OpenSoraGuider().get_guider(
         model,

@@ -38,7 +38,7 @@ def video_info(latent: dict) -> dict:
             "This LATENT has no Open-Sora size information: make it with Open-Sora Empty Latent Video (optionally "
             "through Open-Sora Encode Reference). If it was made there, a core node in between rebuilt the LATENT "
             "without it and without any reference (RebatchLatents keeps only the samples, mask and batch index): "
-            "connect the latent directly, or sample with core KSampler, which reads the size from the samples."
+            "connect the Open-Sora nodes to that latent directly (core KSampler samples the bare samples as they are)."
         )
     return info_for_samples(info, latent["samples"])
 

@@ -367,6 +367,7 @@ def guider_v2(
     model, positive, negative, latent, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight
 ) -> OpenSoraV2Guider:
     """The Open-Sora Guider node for 2.0 (use with Open-Sora Sigmas and core's euler sampler)."""
+    warn_fps_mismatch(positive, latent)
     patch = model.model.diffusion_model.config.patch_size
     options = options_v2(1, cfg, image_cfg, oscillation, image_oscillation, scale_image_weight, patch_size=patch)
     guider = OpenSoraV2Guider(model, latent, options)

@@ -69,6 +69,7 @@ def probe(out_path: str, models_dir: str) -> None:
         for name, conditioning in changed.items():
             results[f"{version} sampler {name}"] = outcome(lambda c=conditioning: sampler(c))
             results[f"{version} guider {name}"] = outcome(lambda c=conditioning: guided(c))
+        results[f"{version} sampler empty"] = outcome(lambda: sampler([]))  # e.g. from a custom node
         results[f"{version} ksampler combine"] = outcome(lambda: ksampler(changed["combine"]))
         results[f"{version} ksampler timestep range"] = outcome(lambda: ksampler(changed["timestep range"]))
 
@@ -117,7 +118,7 @@ def measured(tmp_path_factory) -> dict:
 
 REFUSED = {
     "combine": "has 2 entries (e.g. from ConditioningCombine)",
-    "timestep range": "start_percent, end_percent (from ConditioningSetTimestepRange)",
+    "timestep range": "start_percent, end_percent (from ConditioningSetTimestepRange or a hook node's timestep range)",
     "area": "area (from ConditioningSetArea / ConditioningSetAreaPercentage)",
     "mask": "mask (from ConditioningSetMask)",
 }
@@ -137,6 +138,11 @@ def test_whole_timestep_range_and_ksampler_still_run(measured, version):
     assert measured[f"{version} guider whole range"] is None
     assert measured[f"{version} ksampler combine"] is None
     assert measured[f"{version} ksampler timestep range"] is None
+
+
+@pytest.mark.parametrize("version", ["1.3", "2.0"])
+def test_empty_conditioning_is_named(measured, version):
+    assert measured[f"{version} sampler empty"] == "The positive conditioning is empty."
 
 
 def test_hooks_with_sdedit_on_a_1_3_reference_are_refused_by_name(measured):
