@@ -410,6 +410,11 @@ class OpenSoraDecode:
         if info:
             info = info_for_samples(info, latent["samples"])
             check_vae_fits(vae, info, "Decode")
+        else:
+            log.info(
+                "OpenSora: Open-Sora Decode got a LATENT without Open-Sora info (a core empty latent, or a node such "
+                "as RebatchLatents rebuilt it): decoding the latent's whole size and length, not a size asked for"
+            )
         frames = vae.decode(latent["samples"], info.get("num_frames"), tile_size, tile_overlap if tile_size else 0)
         if info:
             # The 1.3 decoder returns 8 x latent size and never crops (Q5), the DC-AE 4 x latent T frames: give
