@@ -548,16 +548,23 @@ async def _check_saved_embeds(browser: Chromium) -> dict:
         """(() => {
           const app = window.comfyAPI.app.app;
           const node = LiteGraph.createNode("OpenSoraSavePromptEmbeds");
+          const load = LiteGraph.createNode("OpenSoraLoadPromptEmbeds");
           app.graph.add(node);
+          app.graph.add(load);
+          const file = load.widgets.find((w) => w.name === "prompt_file");
+          file.value = undefined;  // as with an empty list
           const before = node.widgets.length;
-          node.onExecuted({ text: ["saved opensora_prompts/opensora_prompt_00001_.safetensors"] });
-          node.onExecuted({ text: ["saved opensora_prompts/opensora_prompt_00002_.safetensors"] });
+          node.onExecuted({ text: ["saved opensora_prompts/check/opensora_prompt_00001_.safetensors"] });
+          node.onExecuted({ text: ["saved opensora_prompts/check/opensora_prompt_00002_.safetensors"] });
           const result = {
             shown: node.opensoraSaved?.element.textContent ?? null,
             added: node.widgets.length - before,
             widgets_values: node.serialize().widgets_values,
+            listed: file.options.values.filter((name) => name.startsWith("check/")),
+            chosen: file.value,
           };
           app.graph.remove(node);
+          app.graph.remove(load);
           return result;
         })()"""
     )
@@ -750,9 +757,12 @@ def assess(report: dict) -> list[str]:
             f"{report['reference_seed']}"
         )
     expected_saved = {
-        "shown": "saved opensora_prompts/opensora_prompt_00002_.safetensors",  # the latest run's file
+        "shown": "saved opensora_prompts/check/opensora_prompt_00002_.safetensors",  # the latest run's file
         "added": 1,  # one display widget, reused by later runs
         "widgets_values": ["opensora_prompt"],
+        # listed on Load Prompt Embeds at once; a Load node with no file chosen takes the first
+        "listed": ["check/opensora_prompt_00001_.safetensors", "check/opensora_prompt_00002_.safetensors"],
+        "chosen": "check/opensora_prompt_00001_.safetensors",
     }
     if report["saved_embeds"] != expected_saved:
         problems.append(f"Save Prompt Embeds should show its latest file: {report['saved_embeds']} != {expected_saved}")

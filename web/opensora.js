@@ -18,6 +18,8 @@ export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
 export const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
 export const PROMPT_NODE_TYPE = "OpenSoraEncodePrompt";
 export const SAVE_EMBEDS_NODE_TYPE = "OpenSoraSavePromptEmbeds";
+const LOAD_EMBEDS_NODE_TYPE = "OpenSoraLoadPromptEmbeds";
+const SAVED_PREFIX = "saved opensora_prompts/"; // Save Prompt Embeds' ui.text, before the name Load lists
 // Encode Prompt's inputs that only one generation reads (the other ignores them): greyed out for the other one,
 // when the text encoder's version is known from a linked Load Open-Sora Text Encoder.
 const PROMPT_INPUTS_OF = { "1.x": ["aesthetic_score", "motion_score", "camera_motion"], "2.0": ["motion_score_v2", "fps"] };
@@ -198,6 +200,22 @@ function addInfoWidget(node) {
   }
   if (widget) widget.serialize = false;
   return { element, widget };
+}
+
+/** List a just-saved prompt file on the graph's Load Prompt Embeds nodes (no refresh needed); one with no file
+ * chosen yet (its list was empty) takes it. */
+function offerSavedPrompt(graph, name) {
+  for (const node of graph?.nodes ?? []) {
+    if (node.comfyClass !== LOAD_EMBEDS_NODE_TYPE && node.type !== LOAD_EMBEDS_NODE_TYPE) continue;
+    const widget = widgetNamed(node, "prompt_file");
+    const values = widget?.options?.values;
+    if (!Array.isArray(values)) continue;
+    if (!values.includes(name)) {
+      values.push(name);
+      values.sort();
+    }
+    if (!values.includes(widget.value)) widget.value = name;
+  }
 }
 
 function refresh(node, force = false, configuring = false) {
@@ -396,6 +414,7 @@ export const extension = {
         this.opensoraSaved ??= addInfoWidget(this);
         this.opensoraSaved.element.replaceChildren(line("saved", text, COLORS.text));
         fitHeight(this, false);
+        if (text.startsWith(SAVED_PREFIX)) offerSavedPrompt(this.graph ?? app.graph, text.slice(SAVED_PREFIX.length));
         this.setDirtyCanvas?.(true, true);
       });
     }
