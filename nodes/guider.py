@@ -164,17 +164,20 @@ def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps:
     runs them (the same guidance and starting noise; float rounding apart from the Sampler's direct path). Returns the
     LATENT."""
     version, has_reference = check_versions(model, latent)["version"], latent.get("opensora_reference") is not None
-    unsupported = None
+    unsupported = None  # (what core's sampling lacks, what else the user can do)
     if has_reference and version == "1.2":
-        unsupported = "cannot take a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)"
+        unsupported = (
+            "cannot take a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)",
+            "",
+        )
     elif has_reference and version == "1.3" and options["sdedit"]:
-        unsupported = "has no sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
+        lacks = "has no sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
+        unsupported = (lacks, "turn sdedit off, or ")
     if unsupported:
         raise ValueError(
             "The Open-Sora Sampler runs conditioning with hooks (CreateHookLora & co.) through core's sampling, which "
-            f"{unsupported}: "
-            + ("turn sdedit off, or " if "sdedit" in unsupported else "")
-            + "apply the LoRA to the MODEL (LoraLoaderModelOnly) instead of the conditioning."
+            f"{unsupported[0]}: {unsupported[1]}apply the LoRA to the MODEL (LoraLoaderModelOnly) instead of the "
+            "conditioning."
         )
     applied = [name for name in SAMPLING_HOOKS if model.model_options.get(name)]
     applied += ["model_sampling (e.g. ModelSamplingSD3)"] if "model_sampling" in model.object_patches else []

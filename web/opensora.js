@@ -5,10 +5,13 @@
 // from the server's rules (GET /opensora/size_rules, one rule set per version choice, "2.0 DC-AE" included),
 // evaluated by opensora_rules.js.
 //
-// Also: "Open-Sora Save Prompt Embeds" shows the file it saved; "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
-// motion score, camera motion; 2.0: motion_score_v2, fps), and a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The
-// frontend adds that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior
-// sample's, so randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
+// Also:
+// - "Open-Sora Save Prompt Embeds" shows the file it saved and lists it on the graph's Load Prompt Embeds nodes;
+// - "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
+//   motion score, camera motion; 2.0: motion_score_v2, fps);
+// - a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The frontend adds
+//   that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior sample's, so
+//   randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
