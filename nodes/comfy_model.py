@@ -20,10 +20,10 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..opensora_lib import attention, checkpoint, packed_linear, rflow, sizes
+from ..opensora_lib import checkpoint, packed_linear, rflow, sizes
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.stdit3 import STDiT3, STDiT3Config, read_step_values, reads_tensor_values
-from . import packed_layers
+from . import core_attention, packed_layers
 from .common import (
     check_conditioning_version,
     check_v1_text,
@@ -74,7 +74,6 @@ class ComfySTDiT3(STDiT3):
         The tensor values the forward needs as numbers (pixel height / width, caption lengths) are read here first,
         in one eager call: under core's TorchCompileModel this is the outermost frame, so the rest of the forward is
         one graph (a read deeper down would split every frame above it)."""
-        attention.use_backend(self.attention_backend)
         if (transformer_options or {}).get("patches_replace", {}).get("dit"):
             warn_block_patches_ignored()
         height, width, mask = kwargs.get("height"), kwargs.get("width"), kwargs.get("attention_mask")
@@ -104,13 +103,18 @@ def warn_block_patches_ignored() -> None:
 
 def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
     """module._forward(*args, **kwargs) inside the DIFFUSION_MODEL wrappers of transformer_options (args[-1]),
-    the way core's comfy/ldm models split forward -> WrapperExecutor -> _forward."""
+    the way core's comfy/ldm models split forward -> WrapperExecutor -> _forward, with the module's attention
+    (its loader's backend, or ComfyUI's where the MODEL asks for it: core_attention)."""
     transformer_options = args[-1] if args[-1] is not None else {}
     wrappers = comfy.patcher_extension.get_all_wrappers(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
     )
     executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(module._forward, module, wrappers)
-    return executor.execute(*args[:-1], transformer_options, **kwargs)
+    core_attention.select(module.attention_backend, transformer_options)
+    try:
+        return executor.execute(*args[:-1], transformer_options, **kwargs)
+    finally:
+        core_attention.select(module.attention_backend, None)  # lets go of the options
 
 
 class OpenSoraModelConfig(comfy.supported_models_base.BASE):

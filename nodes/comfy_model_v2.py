@@ -24,7 +24,6 @@ import comfy.ops
 import comfy.supported_models_base
 import torch
 
-from ..opensora_lib import attention
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
@@ -68,7 +67,6 @@ class ComfyMMDiT(MMDiT):
         """Runs the MODEL's DIFFUSION_MODEL wrappers (e.g. EasyCache) around _forward, as core's DiTs do; with
         none registered the executor calls _forward directly. transformer_options goes last positionally because
         core's wrappers read it from args[-1]."""
-        attention.use_backend(self.attention_backend)
         return run_diffusion_model_wrappers(
             self, x, timesteps, context, y_vec, cond, guidance, control, transformer_options, **kwargs
         )

@@ -53,10 +53,10 @@ class OpenSoraLoadDiT:
                     },
                 ),
                 "attention": (
-                    list(attention_lib.BACKENDS),
+                    list(attention_lib.backend_names()),
                     {
                         "default": "sdpa",
-                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; cudnn is often faster for 2.0 on Hopper GPUs; math is plain float32 (slow, for checking numbers). flash_attn, flash_attn_3 and sageattention run only where their package is installed (bf16 / fp16 on NVIDIA), else loading says why.",
+                        "tooltip": "Attention kernel. sdpa (PyTorch) works everywhere; cudnn is often faster for 2.0 on Hopper GPUs; math is plain float32 (slow, for checking numbers); comfy is ComfyUI's own, as its startup flags (--use-sage-attention, ...) pick it. flash_attn, flash_attn_3 and sageattention need their package (bf16 / fp16 on NVIDIA), else loading says why. An attention patch node on the MODEL applies whatever is chosen.",
                     },
                 ),
             }

@@ -10,6 +10,7 @@ Backends:
 - flash_attn (FlashAttention-2), flash_attn_3 (FlashAttention-3, Hopper: the flash-attention repo's hopper/ build,
   module flash_attn_interface, or the forward-only fa3-fwd wheel, module fa3_fwd_interface) and sageattention: the
   external packages, when installed.
+- backends a host registers (register_backend): the node layer's "comfy", ComfyUI's own attention.
 The CUDA kernels (cudnn and the packages) take bf16 / fp16 CUDA tensors without a mask and with a head width of
 at most 256 (a multiple of 8); any other call runs plain sdpa. FA3 builds without fp16 kernels (fa3-fwd) send fp16
 to sdpa too, and FA3 is offered on Ampere / Hopper GPUs only (its kernels are sm_80 / sm_90).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 
@@ -35,6 +37,9 @@ _PACKAGES = {
     "flash_attn_3": ("flash_attn_interface", "fa3_fwd_interface"),
     "sageattention": ("sageattention",),
 }
+# Backends the host computes (this library never imports ComfyUI): name -> fn(q, k, v, mask) -> out, in the layout
+# above. They take every call, masked or not, on any device.
+_hosted: dict[str, Callable] = {}
 _backend = "sdpa"
 _kernels: ModuleType | None = None  # the selected backend's package, found once by set_backend
 _import_errors: dict[str, str] = {}  # module -> why it did not import (missing, or a binary built for another torch)
@@ -93,17 +98,27 @@ def _half_dtypes(module: ModuleType | None) -> tuple[torch.dtype, ...]:
     return (torch.bfloat16,) if flags.get("FLASHATTENTION_DISABLE_FP16") else _KERNEL_DTYPES
 
 
+def register_backend(name: str, fn: Callable) -> None:
+    """Add a backend the host computes, selectable by name like the built-in ones."""
+    _hosted[name] = fn
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend name, built-in then hosted, whether or not it can run here."""
+    return (*BACKENDS, *_hosted)
+
+
 def available_backends() -> list[str]:
-    """Backends that can be selected here: sdpa and math always, cudnn with CUDA, the others when installed (and FA3
-    on a GPU it has kernels for)."""
-    return [name for name in BACKENDS if _unavailable(name) is None]
+    """Backends that can be selected here: sdpa, math and the hosted ones always, cudnn with CUDA, the others when
+    installed (and FA3 on a GPU it has kernels for)."""
+    return [name for name in backend_names() if _unavailable(name) is None]
 
 
 def check_backend(name: str) -> None:
     """Raise ValueError for an unknown or unavailable backend name. Only the requested package is imported (the
     others only to list what is available, in the error)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in backend_names():
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(backend_names())}")
     why = _unavailable(name)
     if why is not None:
         raise ValueError(f"attention backend {name!r} {why}; available: {', '.join(available_backends())}")
@@ -151,6 +166,8 @@ def _kernel_takes(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = _backend
+    if backend in _hosted:
+        return _hosted[backend](q, k, v, mask)
     if backend not in ("sdpa", "math") and not _kernel_takes(q, mask):
         backend = "sdpa"
     if backend in ("flash_attn", "flash_attn_3"):  # both take [batch, tokens, heads, head_dim]

@@ -287,3 +287,23 @@ def test_flash_attn_3_compiles_without_a_graph_break(monkeypatch):
     compiled = torch.compile(attention.attention, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-6)
     assert fake.calls  # traced through the stand-in kernel
+
+
+def test_a_hosted_backend_is_listed_selected_and_takes_every_call(monkeypatch):
+    """The node layer registers "comfy" (ComfyUI's attention); the library calls it for masked and CPU calls too."""
+    seen = []
+
+    def host(q, k, v, mask):
+        seen.append(mask is not None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) + 1
+
+    monkeypatch.setattr(attention, "_hosted", {"host": host})
+    assert attention.backend_names()[-1] == "host" and "host" in attention.available_backends()
+    attention.set_backend("host")
+    q, k, v = qkv()
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    torch.testing.assert_close(attention.attention(q, k, v, mask=keep), F.scaled_dot_product_attention(q, k, v) + 1)
+    attention.attention(q, k, v)
+    assert seen == [True, False]
+    with pytest.raises(ValueError, match="unknown attention backend 'comfy'.*sageattention, cudnn, host"):
+        attention.set_backend("comfy")

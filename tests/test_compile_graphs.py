@@ -11,6 +11,9 @@ compile C++ for minutes on a CPU), 3 steps of different timesteps and latents wi
   stdit3.read_step_values (torch.compiler.disable) at the top of the outermost forward: one graph break before any
   tensor work, so no extra graph. Given numbers (height / width floats, caption_lengths) there is no break at all.
 - 2.0 MMDiT (t2v, i2v, DC-AE patch 1): 1 graph, no break (before and now).
+- Load Open-Sora DiT's "comfy" attention (core's optimized_attention; attention_pytorch here, as a CUDA machine gets it
+  by default) compiles the same way. On --cpu core picks its sub-quadratic attention, whose own graph breaks split
+  the tiny 2.0 forward into 22 graphs.
 - No recompile between steps of the same shapes; the Sampler node's oscillation steps (fewer guidance rows) compile
   one more graph once (before: 6 more).
 
@@ -258,6 +261,7 @@ def probe(out_path: str, models_dir: str) -> None:
     """Runs inside ComfyUI (--cpu). Writes {check: value} to out_path."""
     import comfy.model_management as mm
     import folder_paths
+    from comfy.ldm.modules import attention as core_attention
     from comfy_extras.nodes_torch_compile import TorchCompileModel
     from helpers_conditioning import random_conditioning
     from opensora_pack.nodes import latent, loaders, sampling
@@ -271,6 +275,7 @@ def probe(out_path: str, models_dir: str) -> None:
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     results: dict = {}
+    core_default = core_attention.optimized_attention
 
     # -- the modules core compiles, called as the Sampler node calls them
     modules = {}
@@ -333,13 +338,16 @@ def probe(out_path: str, models_dir: str) -> None:
         return run
 
     node = {}
-    for version in ("1.3", "2.0"):
-        (model,) = loaders.OpenSoraLoadDiT().load(files[version], "fp32")
+    for version, attention in (("1.3", "sdpa"), ("2.0", "sdpa"), ("2.0", "comfy")):
+        (model,) = loaders.OpenSoraLoadDiT().load(files[version], "fp32", attention)
         positive, negative = random_conditioning(version, model.model.diffusion_model.config)
-        runs = {"sampler": sampler(version, positive, negative)}
+        runs = {"sampler" if attention == "sdpa" else f"sampler {attention}": sampler(version, positive, negative)}
         if version == "1.3":
             runs["ksampler"] = ksampler(positive)
         for name, run in runs.items():
+            # "comfy": core's attention as a CUDA machine picks it by default (on --cpu core picks sub-quadratic
+            # attention, whose own graph breaks are core's)
+            core_attention.optimized_attention = core_attention.attention_pytorch
             _, expected = per_call(model, run)
             torch.compile = eager_compile
             try:
@@ -350,6 +358,7 @@ def probe(out_path: str, models_dir: str) -> None:
                 counts, out = per_call(compiled, run)
             finally:
                 torch.compile = real_compile
+                core_attention.optimized_attention = core_default
                 torch._dynamo.reset()
             node[f"{version} {name}"] = {"graphs_per_call": counts, "equal": bool(torch.equal(out, expected))}
     results["node"] = node
@@ -384,6 +393,6 @@ def test_torch_compile_model_graphs_per_model_call(measured):
     node = measured["node"]
     # one graph at the first call; one more when the oscillation step (11) runs one guidance row instead of two
     expected = [1] + [0] * (SAMPLER_STEPS - 2) + [1]
-    for version in ("1.3", "2.0"):
-        assert node[f"{version} sampler"] == {"graphs_per_call": expected, "equal": True}, version
+    for key in ("1.3 sampler", "2.0 sampler", "2.0 sampler comfy"):  # comfy: Load Open-Sora DiT's core attention
+        assert node[key] == {"graphs_per_call": expected, "equal": True}, key
     assert node["1.3 ksampler"] == {"graphs_per_call": [1, 0, 0, 0], "equal": True}  # core's path (extra_conds)
