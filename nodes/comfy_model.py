@@ -157,8 +157,11 @@ class OpenSoraModel(comfy.model_base.BaseModel):
             channels = self.diffusion_model.config.caption_channels
             check_v1_text(cross, kwargs.get("attention_mask"), "A conditioning", channels)
             out["c_crossattn"] = comfy.conds.CONDRegular(cross)
+        bf16 = compute_dtype(self) == torch.bfloat16
         for name in ("attention_mask", "fps", "height", "width", "cond", "cond_mask", "y_null", "x_mask"):
             value = kwargs.get(name)
+            if value is not None and bf16 and name in ("fps", "height", "width"):
+                value = rflow.bf16_size(value)  # as the official bf16 inference hands them to the DiT (quirk Q2)
             if value is not None:
                 out[name] = (
                     comfy.conds.CONDRegular(value) if torch.is_tensor(value) else comfy.conds.CONDConstant(value)

@@ -199,7 +199,7 @@ def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps:
         options["scale_image_weight"],
         options["flaw_fix"],
     )
-    (sigmas,) = OpenSoraSigmas().sigmas(latent, steps, options["timestep_transform"])
+    (sigmas,) = OpenSoraSigmas().sigmas(latent, steps, options["timestep_transform"], model)
     samples = latent["samples"]
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as SamplerCustomAdvanced draws it
     out = guider.sample(

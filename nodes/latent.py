@@ -236,7 +236,7 @@ class OpenSoraEncodeReference:
                 "image": (
                     "IMAGE",
                     {
-                        "tooltip": "The reference: an image (i2v_head / i2v_tail), start and end images (i2v_loop, or use end_image), or video frames (v2v_*). One image per video of the latent's batch gives each video its own. Resized to fill and center-cropped to the latent's size, as the official code."
+                        "tooltip": "The reference: an image (i2v_head / i2v_tail), start and end images (i2v_loop, or use end_image), or video frames (v2v_*). One image per video of the latent's batch gives each video its own. Resized to fill and center-cropped to the latent's size as the official code reads an image file (v2v_*: a video file)."
                     },
                 ),
                 "latent": ("LATENT", {"tooltip": "The latent to condition, from Open-Sora Empty Latent Video."}),

@@ -71,7 +71,7 @@ def encode_reference_v1(
 ):
     """LATENT with opensora_reference = {latent (raw, [1 or B, C, N, h, w]), mask_index, cond_type} for a 1.x
     latent (B: one image per video of the batch)."""
-    pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [B,3,H,W] in [-1,1]
+    pixels = reference_image.resize_crop_reference(image, info["height"], info["width"], cond_type)  # in [-1, 1]
     generator = torch.Generator().manual_seed(seed)
 
     def noise(shape, dtype, device):

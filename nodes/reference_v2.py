@@ -1,7 +1,7 @@
 """Open-Sora 2.0 reference images / videos for Encode Reference: core's HunyuanVideo VAE, or the Video DC-AE.
 
-As the reference: resize-to-fill + center crop to the video size (reference_image.resize_crop, 8-bit like the
-official PIL path), then VAE-encode. One difference: core VAE.encode returns the posterior MEAN, while
+As the reference: resize-to-fill + center crop to the video size (reference_image.resize_crop_reference: images as
+the official PIL path, v2v_* videos as its video transform), then VAE-encode. One difference: core VAE.encode returns the posterior MEAN, while
 the official code samples the posterior (with its own seed); the `seed` input therefore has no effect
 for 2.0. The LATENT keeps raw VAE latents; the sampler scales them into model space.
 
@@ -59,7 +59,7 @@ def encode_reference_v2(core_vae, image: torch.Tensor, latent: dict, info: dict,
     samples = latent["samples"]
     latent_frames = samples.shape[2]
     frames = _conditioned_frames(cond_type, info, latent_frames)  # raises for a single latent frame / a short video
-    pixels = reference_image.resize_crop(image, info["height"], info["width"])  # [N, 3, H, W] in [-1, 1]
+    pixels = reference_image.resize_crop_reference(image, info["height"], info["width"], cond_type)  # [N, 3, H, W]
     images = ((pixels + 1) / 2).movedim(1, -1)  # back to the 0..1 IMAGE layout core's VAE takes
     if cond_type in IMAGE_PICKS:
         # one frame per conditioned end: head from the first image, tail from the last (official ref_path[0/-1])

@@ -412,7 +412,7 @@ class OpenSoraSampler:
         z = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index")).to(device)
         z, cond = v1_conditioning(info["version"], latent, z)
         options.pop("guidance_passes")  # 2.0 only
-        rflow_options = v1_options(info, cfg, **options, num_steps=steps)
+        rflow_options = v1_options(info, cfg, **options, num_steps=steps, bf16_inputs=dtype == torch.bfloat16)
         generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
 
         def noise(shape, noise_dtype, noise_device):
@@ -458,6 +458,14 @@ class OpenSoraSigmas:
                     "BOOLEAN",
                     {"default": True, "tooltip": "Apply Open-Sora's resolution- and length-dependent shift."},
                 ),
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "1.x: the MODEL the Guider samples with. When it computes in bf16 the shift is "
+                        "worked out from bf16 sizes, as the official bf16 inference does (the Open-Sora Sampler "
+                        "does the same); without it, from float32 sizes."
+                    },
+                ),
             },
         }
 
@@ -466,7 +474,7 @@ class OpenSoraSigmas:
     CATEGORY = f"{CATEGORY}/sampling"
     DESCRIPTION = "Open-Sora's timestep schedule as SIGMAS (sigma = t/1000, ending at 0) for core custom samplers."
 
-    def sigmas(self, latent, steps, timestep_transform=True):
+    def sigmas(self, latent, steps, timestep_transform=True, model=None):
         info = video_info(latent)
         if info["version"] == "2.0":
             from .sampling_v2 import sigmas_v2
@@ -479,6 +487,7 @@ class OpenSoraSigmas:
             info["num_frames"],
             info["version"],
             use_timestep_transform=timestep_transform,
+            bf16_inputs=model is not None and compute_dtype(model.model) == torch.bfloat16,
         )
         return (flow_sigmas(torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float()),)
 

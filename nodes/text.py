@@ -115,7 +115,7 @@ class OpenSoraEncodePrompt:
                         "min": -1.0,
                         "max": 10.0,
                         "step": 0.1,
-                        "tooltip": "1.x aesthetic score added to the prompt (1.2 as a number, 1.3 as words). -1: none. Official defaults: 6.5 (1.2), 7.0 (1.3 i2v).",
+                        "tooltip": "1.x aesthetic score added to the prompt (1.2 as a number, 1.3 as words). -1: none. Official configs: 6.5 (1.2), none (1.3 t2v), 7.0 (1.3 i2v).",
                     },
                 ),
                 "motion_score": (

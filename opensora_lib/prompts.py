@@ -277,9 +277,14 @@ def _is_empty(cleaned: str) -> bool:
 
 def unused_prompt_parts_v1(prompt: str) -> list[str]:
     """What a one-video encode of a 1.x prompt does not use: the trailing JSON object (the official script's
-    reference_path / mask_strategy) and the "|k|" loop segments after the first."""
+    reference_path / mask_strategy), the "|k|" loop segments after the first, and CJK ideographs (the cleaner
+    removes them, as the official one does: its --llm-refine translated prompts to English first)."""
     text, extra = split_prompt_json(prompt)
     unused = []
+    ideographs = "".join(_CJK.findall(text))
+    if ideographs:
+        shown = ideographs if len(ideographs) <= 24 else ideographs[:24] + "..."
+        unused.append(f"its CJK characters {shown!r}: the 1.x caption cleaner removes them, as the official one does")
     if extra:
         unused.append(f"the prompt's JSON object ({', '.join(extra)}): connect Open-Sora Encode Reference instead")
     loops = split_loop_segments(text)

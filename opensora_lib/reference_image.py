@@ -1,7 +1,10 @@
 """Reference images for image/video conditioning: resize-to-fill and center-crop to the video size.
 
-The official path: 8-bit RGB, PIL BICUBIC resize so the image covers the target, center crop with Python
-rounding, /255, then (x - 0.5) / 0.5.
+The official code reads an image file and a video file differently (datasets/utils.py read_from_path):
+- image: 8-bit RGB, PIL BICUBIC resize so the image covers the target, center crop with Python rounding, /255,
+  then (x - 0.5) / 0.5 (resize_crop);
+- video (the v2v_* references): 8-bit frames /255, bilinear F.interpolate without antialiasing, a crop offset of
+  int(round(diff) / 2), then (x - 0.5) / 0.5 (resize_crop_video).
 """
 
 from __future__ import annotations
@@ -41,13 +44,7 @@ def resize_crop(image: Any, height: int, width: int, *, method: str = "pil") -> 
         raise ValueError(f"unknown resize method {method!r}; choose 'pil' or 'torch'")
     if not isinstance(image, torch.Tensor):
         return _resize_crop_pil_image(image, height, width)
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[1] < 1 or image.shape[2] < 1:
-        raise ValueError(f"expected an IMAGE tensor [B, H, W, 3] with values 0..1, got shape {tuple(image.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError("the reference IMAGE batch is empty (0 images): give at least one image")
-    pixels = (image[..., :3].detach().float().clamp(0, 1) * 255).round()  # the 8-bit image PIL would see
+    pixels = _eight_bit(image)
     if method == "pil":
         frames = []
         for frame in pixels.to(torch.uint8).cpu().numpy():
@@ -64,6 +61,43 @@ def resize_crop(image: Any, height: int, width: int, *, method: str = "pil") -> 
         x = x.round().clamp(0, 255)
     x = x[:, :, top : top + height, left : left + width].div(255)
     return (x - 0.5) / 0.5
+
+
+def resize_crop_video(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize-to-fill and center-crop video frames (an IMAGE batch [T, H, W, 3], values 0..1) to (height, width) as
+    the official video transform (video_transforms.resize_crop_to_fill) reads a video file: [T, 3, H, W] in [-1, 1].
+    The frames are 8-bit as decoded from a file; the bilinear resize output is not rounded again."""
+    check_int("height", height)
+    check_int("width", width)
+    pixels = _eight_bit(image)
+    src_h, src_w = pixels.shape[1:3]
+    if height / src_h > width / src_w:
+        size = (height, round(src_w * height / src_h))
+        top, left = 0, (size[1] - width) // 2  # int(round(diff) / 2.0) of a whole diff >= 0
+    else:
+        size = (round(src_h * width / src_w), width)
+        top, left = (size[0] - height) // 2, 0
+    x = F.interpolate(pixels.permute(0, 3, 1, 2).div(255), size=size, mode="bilinear", align_corners=False)
+    return (x[:, :, top : top + height, left : left + width] - 0.5) / 0.5
+
+
+def resize_crop_reference(image: torch.Tensor, height: int, width: int, cond_type: str) -> torch.Tensor:
+    """A reference as the official code reads it for `cond_type`: the v2v_* ones from a video file, the others from
+    image files."""
+    if cond_type.startswith("v2v"):
+        return resize_crop_video(image, height, width)
+    return resize_crop(image, height, width)
+
+
+def _eight_bit(image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE tensor [B, H, W, 3] (or [H, W, 3]) with values 0..1 as the 8-bit pixels (0..255, float) of a file."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[-1] not in (3, 4) or image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"expected an IMAGE tensor [B, H, W, 3] with values 0..1, got shape {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the reference IMAGE batch is empty (0 images): give at least one image")
+    return (image[..., :3].detach().float().clamp(0, 1) * 255).round()
 
 
 def _pil():

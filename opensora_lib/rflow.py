@@ -210,6 +210,14 @@ def _normalize_mask_index(mask_index: list[int], frames: int) -> list[int]:
     return sorted(set(out))
 
 
+def bf16_size(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A size or fps input as the official bf16 inference holds it (quirk Q2: 854 -> 856), for the DiT's pos-emb /
+    RoPE scale; a Python number stays one."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.bfloat16).to(value.dtype)
+    return float(torch.tensor(float(value), dtype=torch.bfloat16))
+
+
 def conditioning_fps(fps: float | None, num_frames: int | None) -> float:
     """The fps the DiT is conditioned on: 120 for a single image whatever fps was asked for (the reference's
     `fps if num_frames > 1 else IMG_FPS`), else `fps` (default 24)."""
@@ -282,9 +290,8 @@ def sample_rflow(
         name: torch.full((batch,), float(value), dtype=torch.float32, device=device)
         for name, value in (("fps", fps), ("height", height), ("width", width))
     }
-    if options.bf16_inputs:
-        # The bf16 reference also hands the model bf16-rounded sizes (854 -> 856): pos-emb / RoPE scale.
-        size_args = {name: value.to(torch.bfloat16).float() for name, value in size_args.items()}
+    if options.bf16_inputs:  # the bf16 reference also hands the model bf16-rounded sizes
+        size_args = {name: bf16_size(value) for name, value in size_args.items()}
 
     cond_latent = cond_mask = None
     if reference is not None:

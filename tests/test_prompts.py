@@ -193,6 +193,12 @@ def test_unused_prompt_parts_name_the_json_object_and_the_other_loop_segments():
     (repeated,) = prompts.unused_prompt_parts_v1("|0| a fox |0| a cat")
     assert "|0| 'a fox':" in repeated and "uses |0| 'a cat'" in repeated
     assert prompts.prompt_text_v1("|0| a fox |0| a cat", "1.3") == "a cat"
+    # CJK ideographs are cleaned away, as officially: said, since the rest of the prompt still encodes
+    mixed = "一只猫在雪地里奔跑 a cat running in snow"
+    assert prompts.prompt_text_v1(mixed, "1.3") == "a cat running in snow"
+    (cjk,) = prompts.unused_prompt_parts_v1(mixed)
+    assert "'一只猫在雪地里奔跑'" in cjk and "removes them" in cjk
+    assert prompts.unused_prompt_parts_v1("ねこ a cat") == []  # kana stay in the text, as officially
 
 
 def test_empty_loop_segment_only_matters_when_used():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from opensora_lib.reference_image import resize_crop
@@ -53,3 +54,23 @@ def test_resize_crop_batch_and_errors():
         resize_crop(batch, 16, 16, method="nearest")
     with pytest.raises(ValueError, match="height"):
         resize_crop(batch, 0, 16)
+
+
+def test_video_references_follow_the_official_video_transform():
+    """v2v_* references are read as the official code reads a video file: bilinear F.interpolate (no antialias) on
+    the 8-bit frames /255, crop offset int(round(diff) / 2) (floor), no 8-bit rounding after the resize."""
+    from opensora_lib.reference_image import resize_crop_reference, resize_crop_video
+
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 20, 37, 3), dtype=torch.uint8)
+    image = frames.float() / 255
+    out = resize_crop_video(image, 8, 12)  # 8/20 > 12/37: the height fills, 8 x round(37 * 0.4) = 8 x 15
+    expected = F.interpolate(frames.permute(0, 3, 1, 2).float() / 255, size=(8, 15), mode="bilinear")
+    expected = (expected[:, :, :, 1:13] - 0.5) / 0.5  # diff 3: offset 1 (the image path rounds 1.5 to 2)
+    assert out.shape == (3, 3, 8, 12)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert not torch.equal(out, resize_crop(image, 8, 12))  # the image path: PIL bicubic, another offset
+    assert torch.equal(resize_crop_reference(image, 8, 12, "v2v_head"), out)
+    assert torch.equal(resize_crop_reference(image, 8, 12, "i2v_head"), resize_crop(image, 8, 12))
+    same = resize_crop_video(image, 20, 37)  # no resize, no crop: the frames themselves
+    torch.testing.assert_close(same, (image.permute(0, 3, 1, 2) - 0.5) / 0.5, rtol=0, atol=1e-6)
