@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
+from opensora_lib.detection import detect
 from opensora_lib.fixtures import load_case, run_path
 from opensora_lib.rope import interleaved_tables, rope_frequencies, window_angles
 from opensora_lib.stdit3 import (
     STDiT3,
     STDiT3Config,
-    load_stdit3_state_dict,
-    stdit3_config_from_state_dict,
     stdit3_v12_config,
     stdit3_v13_config,
 )
@@ -120,8 +119,8 @@ def test_full_size_state_dict_equals_official_keys(factory, keys_file, tensors):
     assert set(ours) - set(official) == set()
     assert set(official) - set(ours) == set()
     assert ours == official
-    # and the config can be recovered from the keys alone
-    assert stdit3_config_from_state_dict(model.state_dict()) == factory()
+    # and the loader's detection recovers the config from the keys alone
+    assert STDiT3Config.from_dict(detect(model.state_dict()).config) == factory()
 
 
 def test_rope_freqs_may_be_present_or_missing(fixtures_dir):
@@ -129,11 +128,11 @@ def test_rope_freqs_may_be_present_or_missing(fixtures_dir):
     config = STDiT3Config.from_dict(case.meta["model_config"])
     assert torch.equal(case.weights["rope.freqs"], rope_frequencies(config.rotation_dim))
     with_freqs = STDiT3(config)
-    load_stdit3_state_dict(with_freqs, case.weights, strict=True)
+    with_freqs.load_state_dict(case.weights, strict=True)
     without = {k: v for k, v in case.weights.items() if k != "rope.freqs"}
     model = STDiT3(config)
     model.rope.freqs.zero_()
-    load_stdit3_state_dict(model, without, strict=True)  # strict, and still no missing-key error
+    model.load_state_dict(without, strict=True)  # strict, and still no missing-key error
     assert torch.equal(model.rope.freqs, rope_frequencies(config.rotation_dim))
     with pytest.raises(RuntimeError, match="Missing key"):
         model.load_state_dict({k: v for k, v in without.items() if k != "t_block.1.bias"}, strict=True)
