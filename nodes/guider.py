@@ -38,10 +38,6 @@ from .sampling import (
 log = logging.getLogger("OpenSora")
 
 
-def _tensor(value: int | float) -> torch.Tensor:
-    return torch.tensor([float(value)])
-
-
 class OpenSoraV1Guider(ScheduledGuider):
     def __init__(self, model_patcher, latent: dict, options: rflow.RFlowOptions):
         super().__init__(model_patcher)

@@ -120,13 +120,6 @@ def aspect_ratios(version: str, resolution: str | None = None) -> list[str]:
     return [ratio for ratio, key in RATIO_KEYS_V1.items() if key in table]
 
 
-def raw_ratio_keys(version: str, resolution: str) -> list[str]:
-    """The decimal table keys 1.3 also accepts as aspect strings ("0.56", ...); 1.2 accepts none."""
-    if check_version(version) != "1.3":
-        return []
-    return list(_v1_table(version, resolution))
-
-
 def _v1_table(version: str, resolution: str) -> dict[str, tuple[int, int]]:
     tables = V1_TABLES[version]
     if resolution not in tables:
@@ -260,15 +253,6 @@ def validate_num_frames(version: str, num_frames: int, *, autoencoder: str = "hu
     raise ValueError(
         f"Open-Sora 2.0 takes 1 (an image) or 4k+1 frames from 5 to 129 (5, 9, 13, ..., 125, 129), got {num_frames}"
     )
-
-
-def num_frames_warning(version: str, num_frames: int) -> str | None:
-    """A warning for valid counts beyond what the model was trained on (1.3 above 113), else None."""
-    check_version(version)
-    trained = _FRAME_RULES[version][4]
-    if version == "1.3" and trained is not None and num_frames > trained:
-        return f"Open-Sora 1.3 was trained on at most {trained} frames; {num_frames} frames may lose quality"
-    return None
 
 
 def latent_frames(version: str, num_frames: int, *, autoencoder: str = "hunyuan") -> int:

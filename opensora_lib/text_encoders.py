@@ -307,12 +307,3 @@ class CLIPPooledEmbedder:
         batch, self.truncated = _tokenize(self.tokenizer, prompts, self.max_length)
         ids = batch["input_ids"].to(self.device)
         return self.model(input_ids=ids, attention_mask=None).pooler_output  # no mask, as the official code
-
-
-def encode_v2(t5: T5Embedder, clip: CLIPPooledEmbedder, prompts: list[str]) -> dict[str, Any]:
-    """Open-Sora 2.0 text conditioning: t5 [B, L, 4096] (no mask anywhere), pooled [B, 768], truncation counts."""
-    if t5.use_mask:
-        raise ValueError("Open-Sora 2.0 encodes T5 without an attention mask (OPENSORA.md Q18): use T5_V2 settings")
-    y, _mask, t5_truncated = t5.encode(prompts)
-    pooled = clip.encode(prompts)
-    return dict(t5=y[:, 0], pooled=pooled, t5_truncated=t5_truncated, clip_truncated=clip.truncated)

@@ -115,7 +115,6 @@ def test_listings():
     assert sizes.aspect_ratios("1.2", "256") == ["12:25"]
     assert len(sizes.aspect_ratios("2.0")) == 15 and "1:2.39" in sizes.aspect_ratios("2.0")
     assert "720p_16d" in sizes.resolutions("1.3") and "720p_16d" not in sizes.resolutions("1.2")
-    assert sizes.raw_ratio_keys("1.2", "720p") == [] and "0.56" in sizes.raw_ratio_keys("1.3", "720p")
     assert sizes.resolutions("2.0")[:2] == ["256px", "768px"]
 
 
@@ -182,12 +181,6 @@ def test_frame_errors_for_types_and_dc_ae():
         sizes.validate_num_frames("2.0", 129, autoencoder="dc_ae")
     with pytest.raises(ValueError, match="autoencoder"):
         sizes.validate_num_frames("2.0", 129, autoencoder="vae")
-
-
-def test_frame_warning_beyond_training():
-    assert sizes.num_frames_warning("1.3", 113) is None
-    assert "113" in sizes.num_frames_warning("1.3", 129)
-    assert sizes.num_frames_warning("2.0", 129) is None
 
 
 def test_named_frame_counts():

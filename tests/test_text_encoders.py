@@ -21,7 +21,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from opensora_lib import packed_linear
 from opensora_lib.checkpoint import load_state_dict
-from opensora_lib.text_encoders import T5_V2, CLIPPooledEmbedder, T5Embedder, encode_v2, load_t5
+from opensora_lib.text_encoders import T5_V2, CLIPPooledEmbedder, T5Embedder, load_t5
 
 PROMPTS = ["a cat sits on the mat", "the dog runs under the blue sky and the red sea wave in rain"]
 LONG = " ".join(["the red cat walks over the blue mat"] * 6)
@@ -257,17 +257,15 @@ def test_clip_truncation_and_dtype(files):
         CLIPPooledEmbedder.from_files(files["clip_folder"], max_length=100)
 
 
-def test_encode_v2(files):
+def test_v2_settings_encode_a_prompt_and_the_empty_negative(files):
     t5 = T5Embedder.from_files(files["t5_folder"], **{**T5_V2, "max_length": 16})
     clip = CLIPPooledEmbedder.from_files(files["clip_folder"])
-    out = encode_v2(t5, clip, ["a cat sits on the mat", ""])  # "" is the official 2.0 negative prompt
-    assert out["t5"].shape == (2, 16, 64) and out["pooled"].shape == (2, 128)
-    assert out["t5"].dtype == out["pooled"].dtype == torch.bfloat16
-    assert torch.equal(out["t5"], t5.encode(["a cat sits on the mat", ""])[0][:, 0])
-    assert out["t5_truncated"] == out["clip_truncated"] == 0
-    masked = T5Embedder.from_files(files["t5_folder"], max_length=16)
-    with pytest.raises(ValueError, match="without an attention mask"):
-        encode_v2(masked, clip, ["a cat"])
+    texts = ["a cat sits on the mat", ""]  # "" is the official 2.0 negative prompt
+    y, _mask, t5_truncated = t5.encode(texts)
+    pooled = clip.encode(texts)
+    assert y[:, 0].shape == (2, 16, 64) and pooled.shape == (2, 128)
+    assert y.dtype == pooled.dtype == torch.bfloat16
+    assert t5_truncated == clip.truncated == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
