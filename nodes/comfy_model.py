@@ -222,7 +222,7 @@ def build_patcher(
     model_config.optimizations["fp8"] = fp8_matmul
     model = model_config.get_model(device=offload_device)
     load_weights(model.diffusion_model, sd, weight_dtype, manual_cast or weight_dtype, what)
-    if packed_layers.kept_layers(model.diffusion_model):  # packed weights: their own patcher and saving
+    if packed_linear.packed_layers(model.diffusion_model):  # packed weights: their own patcher and saving
         packed_layers.save_expanded(model.model_config, model.diffusion_model)
         return packed_layers.PackedModelPatcher(model, load_device=load_device, offload_device=offload_device)
     return PatcherClass(model, load_device=load_device, offload_device=offload_device)

@@ -17,6 +17,9 @@ How they meet core's model machinery:
   per hook group (patch_hooks); a kept layer gets the group's combined patches as its `hook_patch` instead,
   applied at the forward on top of the MODEL's LoRA, as core's in-place patch sits on top of a merged one.
 - Not supported: LoRA training.
+
+The DiT's packed layers are all ComfyPackedLinear (the loader installs them as that class), so the library's
+`packed_layers` lists exactly the kept layers.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..opensora_lib.packed_linear import PackedLinear, QuantizedWeight, expansion_bytes
+from ..opensora_lib.packed_linear import PackedLinear, QuantizedWeight, expansion_bytes, packed_layers
 
 
 class ForwardPatch:
@@ -135,7 +138,7 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         """core's load() clears the patch lists of layers that stay loaded and does not patch them again (a float
         layer keeps its merged LoRA; a kept layer's was in that list): give them their ForwardPatch back."""
         result = super().load(*args, **kwargs)
-        for name, layer in kept_layers(self.model).items():
+        for name, layer in packed_layers(self.model).items():
             key = f"{name}.weight"
             if getattr(layer, "comfy_patched_weights", False) and key in self.patches:
                 layer.patch_at_forward(key, self.patches)
@@ -158,7 +161,7 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         with self._state_dict_keys_only():  # core reads its keys only here too
             super().patch_hooks(hooks)
         combined = self.get_combined_hook_patches(hooks=hooks) if hooks is not None else {}
-        for name, layer in kept_layers(self.model).items():
+        for name, layer in packed_layers(self.model).items():
             key = f"{name}.weight"
             layer.hook_patch = HookPatch(key, combined[key]) if combined.get(key) else None
 
@@ -169,7 +172,7 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         return None
 
     def unpatch_hooks(self, whitelist_keys_set=None):
-        for name, layer in kept_layers(self.model).items():  # core's rule: a non-empty set names the keys, else all
+        for name, layer in packed_layers(self.model).items():  # core's rule: a non-empty set names the keys, else all
             if not whitelist_keys_set or f"{name}.weight" in whitelist_keys_set:
                 layer.hook_patch = None
         return super().unpatch_hooks(whitelist_keys_set)
@@ -179,7 +182,7 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
         here); an unpatched one its bytes, as core shows its own quantized weights (get_key_weight's convert_weight)."""
         state_dict = super().model_state_dict(filter_prefix)
         if not self._keys_only:
-            for name, layer in kept_layers(self.model).items():
+            for name, layer in packed_layers(self.model).items():
                 if (layer.weight_function or layer.hook_patch) and f"{name}.weight" in state_dict:
                     state_dict[f"{name}.weight"] = layer.effective_weight()
         return state_dict
@@ -201,13 +204,9 @@ class PackedModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
-            for layer in kept_layers(self.model).values():
+            for layer in packed_layers(self.model).values():
                 layer.drop_forward_patches()
         return super().unpatch_model(device_to, unpatch_weights)
-
-
-def kept_layers(module: torch.nn.Module) -> dict[str, ComfyPackedLinear]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, ComfyPackedLinear)}
 
 
 def save_expanded(model_config, diffusion_model: torch.nn.Module) -> None:
@@ -216,7 +215,7 @@ def save_expanded(model_config, diffusion_model: torch.nn.Module) -> None:
     process = model_config.process_unet_state_dict_for_saving
 
     def expanded_then_processed(state_dict):
-        for name, layer in kept_layers(diffusion_model).items():
+        for name, layer in packed_layers(diffusion_model).items():
             if f"{name}.weight" in state_dict:
                 state_dict[f"{name}.weight"] = layer.effective_weight().to("cpu")
         return process(state_dict)

@@ -108,7 +108,7 @@ def manual_cast_results(files: dict, load, sample, version: str) -> dict:
     made to pick bf16 storage; on the CPU core then computes in fp32): a kept scaled-fp8 or GGUF DiT rounds each
     expansion to bf16 first, so it samples exactly as the same file loaded dense into bf16."""
     import comfy.model_management as mm
-    from opensora_pack.nodes.packed_layers import kept_layers
+    from opensora_pack.opensora_lib.packed_linear import packed_layers
 
     saved = mm.unet_dtype
     mm.unet_dtype = lambda *args, **kwargs: torch.bfloat16
@@ -116,7 +116,7 @@ def manual_cast_results(files: dict, load, sample, version: str) -> dict:
         out = {}
         for kind in ("scaled_old", "scaled_new", "q8_gguf"):
             kept = load(files[kind], "default")
-            layers = kept_layers(kept.model.diffusion_model)
+            layers = packed_layers(kept.model.diffusion_model)
             out[kind] = {
                 "kept": len(layers),
                 "weight_dtypes": sorted({str(m.weight_dtype) for m in layers.values()}),

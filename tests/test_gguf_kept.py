@@ -149,14 +149,14 @@ def requeue_after_partial_unload(model, version: str, expected) -> dict:
     import comfy.model_management as mm
     from helpers_conditioning import random_conditioning
     from opensora_pack.nodes import latent, sampling
-    from opensora_pack.nodes.packed_layers import kept_layers
+    from opensora_pack.opensora_lib.packed_linear import packed_layers
 
     def sample_left_loaded():
         positive, negative = random_conditioning(version, model.model.diffusion_model.config)
         (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
         return sampling.OpenSoraSampler().sample(model, positive, negative, empty, 5, 3, 7.5)[0]["samples"]
 
-    layers = kept_layers(model.model)
+    layers = packed_layers(model.model)
     for fraction in (0.01, 0.03, 0.1, 0.2, 0.3, 0.5):  # one that leaves some kept layers loaded, not all
         mm.unload_all_models()
         sample_left_loaded()
