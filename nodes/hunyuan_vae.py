@@ -191,7 +191,7 @@ class OpenSoraHunyuanVAE:
     RETURN_TYPES = ("VAE",)
     OUTPUT_TOOLTIPS = ("The same VAE (shared weights) with the official frame-causal mid-block attention.",)
     FUNCTION = "patch"
-    CATEGORY = "OpenSora/loaders"
+    CATEGORY = "OpenSora/loaders"  # common.CATEGORY, written out: this module imports no ComfyUI (see its tests)
     DESCRIPTION = (
         "Give core's HunyuanVideo VAE the official frame-causal mid-block attention so encode / decode match "
         "Open-Sora 2.0 for multi-frame latents (single images are unaffected). Weights are shared, not copied."

@@ -19,6 +19,8 @@ from .comfy_model import build_stdit3_patcher
 from .common import CATEGORY, WEIGHT_DTYPES, check_choices, model_choices, model_path, wrap_module
 from .vae import DC_AE_SCALINGS, build_dcae, build_vae
 
+log = logging.getLogger("OpenSora")
+
 FP8_FAST = "fp8_e4m3fn_fast"  # core's name: fp8 weights + fp8 matrix multiplication where the GPU has it
 
 
@@ -97,9 +99,13 @@ class OpenSoraLoadDiT:
             expanded = gguf_file.expanded_on_load(header)
             if expanded:
                 kinds = ", ".join(f"{count} {qtype}" for qtype, count in expanded.items())
-                logging.getLogger("OpenSora").warning(
-                    f"{dit_name}: {kinds} matrices are dequantized on loading (into {dtype}), so they take that dtype's "
-                    f"memory: the DiT keeps {' / '.join(gguf_dequant.BLOCKS)} blocks only."
+                log.warning(
+                    "OpenSora: %s: %s matrices are dequantized on loading (into %s), so they take that dtype's "
+                    "memory: the DiT keeps %s blocks only.",
+                    dit_name,
+                    kinds,
+                    dtype,
+                    " / ".join(gguf_dequant.BLOCKS),
                 )
         else:
             pack = (lambda stored, scaled: scaled or stored.itemsize == 1) if keep_scaled else None  # fp8 (scale 1)
