@@ -383,12 +383,18 @@ def step_timing(clock: StepClock, start: float, rows: list[int]) -> dict:
 def use_estimate(sampling_module, mode: str) -> dict:
     """Wrap the Sampler's load_for_sampling: record whether the node passes the activation estimate, and with
     mode "none" drop it (the old behaviour: weights fill the free VRAM; expected to fail a tight budget)."""
+    import comfy.model_management
+    from opensora_pack.nodes.common import compute_dtype
+
     original = sampling_module.load_for_sampling
     record = {"mode": mode, "node_passed_estimate": None}
 
     def load(model, *args, **kwargs):
         record["node_passed_estimate"] = bool(args) or "noise_shape" in kwargs
-        return original(model) if mode == "none" else original(model, *args, **kwargs)
+        if mode != "none":
+            return original(model, *args, **kwargs)
+        comfy.model_management.load_models_gpu([model])  # no memory_required
+        return model.load_device, compute_dtype(model.model)
 
     sampling_module.load_for_sampling = load
     return record

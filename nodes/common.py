@@ -320,19 +320,14 @@ def sampling_memory(model, noise_shape, passes: int = 1, text_tokens: int = 0, w
     return required
 
 
-def load_for_sampling(
-    model, noise_shape=None, passes: int = 1, text_tokens: int = 0
-) -> tuple[torch.device, torch.dtype]:
+def load_for_sampling(model, noise_shape, passes: int = 1, text_tokens: int = 0) -> tuple[torch.device, torch.dtype]:
     """Put the DiT on its device through the memory manager; return (device, compute dtype).
 
-    With noise_shape [B, C, T, H, W], ComfyUI is told the memory of the largest forward the sampler runs
+    ComfyUI is told the memory of the largest forward the sampler runs on noise_shape [B, C, T, H, W]
     (sampling_memory: the guidance passes are batched), as core's sampling does with BaseModel.memory_required, so
     partial loading leaves that much VRAM free instead of filling it with weights. It is also the minimum: unlike
     core's calc_cond_batch, the samplers cannot split a batch when memory is short.
     """
-    if noise_shape is None:
-        comfy.model_management.load_models_gpu([model])
-    else:
-        required = sampling_memory(model, noise_shape, passes, text_tokens)
-        comfy.model_management.load_models_gpu([model], memory_required=required, minimum_memory_required=required)
+    required = sampling_memory(model, noise_shape, passes, text_tokens)
+    comfy.model_management.load_models_gpu([model], memory_required=required, minimum_memory_required=required)
     return model.load_device, compute_dtype(model.model)

@@ -88,9 +88,9 @@ class OpenSoraVAE:
         return frames.float().to(comfy.model_management.intermediate_device())
 
 
-def build_vae(info, sd: dict, dtype: torch.dtype, path: str | None = None) -> OpenSoraVAE:
+def build_vae(info, sd: dict, dtype: torch.dtype, path: str) -> OpenSoraVAE:
     version, config_class, model_class = BUILDERS[info.family]
-    config = config_class.from_dict({**(info.config or {}), **((read_config_json(path) if path else None) or {})})
+    config = config_class.from_dict({**(info.config or {}), **(read_config_json(path) or {})})
     model = model_class(config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
     return _loaded(model, sd, f"the Open-Sora {version} VAE", version, dtype)
 

@@ -246,7 +246,10 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         for label, shape in (("without_estimate", None), ("with_estimate", latent["samples"].shape)):
             mm.unload_all_models()
             emulated.calls.clear()
-            load_for_sampling(model, shape, 2, text_tokens)
+            if shape is None:  # what the pack did before it passed the estimate: core's plain load
+                mm.load_models_gpu([model])
+            else:
+                load_for_sampling(model, shape, 2, text_tokens)
             case[label] = {**residency(model), "memory_required": emulated.calls[-1]["memory_required"]}
         case["required"] = required
         case["budget"] = emulated.budget
@@ -353,7 +356,10 @@ def plan_full_size_on_card(mm, card_bytes: int, context_bytes: int = 2**29) -> d
         for label, shape in (("with_estimate", (1, 16, 33, 24, 42)), ("without_estimate", None)):
             mm.unload_all_models()
             patcher = comfy.model_patcher.ModelPatcher(model, load_device=meta, offload_device=meta)
-            load_for_sampling(patcher, shape, 2, 512)
+            if shape is None:  # core's plain load, without the estimate
+                mm.load_models_gpu([patcher])
+            else:
+                load_for_sampling(patcher, shape, 2, 512)
             resident, buffer = patcher.loaded_size(), getattr(patcher.model, "model_offload_buffer_memory", 0)
             plans[label] = {
                 "model_gib": patcher.model_size() / 2**30,
