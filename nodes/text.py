@@ -40,12 +40,12 @@ class Encoders:
 
     def encode_clip(self, texts: list[str]) -> torch.Tensor:
         comfy.model_management.load_models_gpu([self.clip_patcher])
-        pooled = self.clip.encode(texts)
-        if self.clip.truncated:
+        pooled, truncated = self.clip.encode(texts)
+        if truncated:
             log.warning(
                 "OpenSora: %d prompt(s) longer than %d CLIP-L tokens were truncated for the pooled vector, as the "
                 "official code does (T5 reads up to 512)",
-                self.clip.truncated,
+                truncated,
                 self.clip.max_length,
             )
         return pooled.float().to(comfy.model_management.intermediate_device())

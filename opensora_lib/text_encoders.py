@@ -8,7 +8,8 @@ Official behaviour reproduced (OPENSORA.md A.4, B.3, D):
 - 2.0 T5: max_length 512, padding to max_length, truncation, attention_mask=None (Q18), bfloat16.
 - 2.0 CLIP-L: max_length 77, padding to max_length, attention_mask=None, pooler_output [B, 768], bfloat16.
 
-Empty strings are encoded by default (2.0 uses "" as its negative prompt); pass allow_empty=False to refuse them.
+Empty strings are encoded (2.0 uses "" as its negative prompt); the prompt node refuses an empty prompt itself.
+Both embedders' encode() return the number of prompts cut to max_length as the last value.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def load_t5(
 # Encoding
 
 
-def _check_prompts(prompts: list[str], allow_empty: bool) -> list[str]:
+def _check_prompts(prompts: list[str]) -> list[str]:
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not a single string")
     prompts = list(prompts)
@@ -173,8 +174,6 @@ def _check_prompts(prompts: list[str], allow_empty: bool) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} is a {type(prompt).__name__}; prompts must be strings")
-        if not allow_empty and not prompt.strip():
-            raise ValueError(f"prompt {i} is empty; write a prompt (empty prompts are refused here)")
     return prompts
 
 
@@ -254,12 +253,12 @@ class T5Embedder:
         return self.model.shared.weight.device
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], allow_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """y [B, 1, L, d_model], the tokenizer mask [B, L] (int64, 1 = token), number of prompts truncated.
 
         The mask is returned either way; use_mask decides whether the encoder itself sees it.
         """
-        prompts = _check_prompts(prompts, allow_empty)
+        prompts = _check_prompts(prompts)
         batch, truncated = _tokenize(self.tokenizer, prompts, self.max_length)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         y = self.model(input_ids=ids, attention_mask=mask if self.use_mask else None).last_hidden_state
@@ -274,7 +273,6 @@ class CLIPPooledEmbedder:
         self.dtype = dtype
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.truncated = 0  # prompts cut to max_length by the last encode()
         _check_vocab(tokenizer, self.model)
 
     @classmethod
@@ -301,9 +299,9 @@ class CLIPPooledEmbedder:
         return self.model.get_input_embeddings().weight.device
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], allow_empty: bool = True) -> torch.Tensor:
-        """pooled [B, hidden]. How many prompts were cut to max_length is left in self.truncated."""
-        prompts = _check_prompts(prompts, allow_empty)
-        batch, self.truncated = _tokenize(self.tokenizer, prompts, self.max_length)
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, int]:
+        """pooled [B, hidden], number of prompts truncated."""
+        prompts = _check_prompts(prompts)
+        batch, truncated = _tokenize(self.tokenizer, prompts, self.max_length)
         ids = batch["input_ids"].to(self.device)
-        return self.model(input_ids=ids, attention_mask=None).pooler_output  # no mask, as the official code
+        return self.model(input_ids=ids, attention_mask=None).pooler_output, truncated  # no mask, as the official code

@@ -237,9 +237,9 @@ def test_full_t5_file_and_embed_tokens_only_file(files, tmp_path):
 def test_clip_pooled_equals_transformers_and_layouts_agree(files):
     folder = CLIPPooledEmbedder.from_files(files["clip_folder"], dtype=torch.float32)
     single = CLIPPooledEmbedder.from_files(files["clip_single"], files["clip_tokenizer"], dtype=torch.float32)
-    pooled = folder.encode(PROMPTS)
-    assert pooled.shape == (2, 128) and folder.truncated == 0
-    assert torch.equal(pooled, single.encode(PROMPTS))
+    pooled, truncated = folder.encode(PROMPTS)
+    assert pooled.shape == (2, 128) and truncated == 0
+    assert torch.equal(pooled, single.encode(PROMPTS)[0])
     tokenizer = CLIPTokenizer.from_pretrained(str(files["clip_tokenizer"]))
     ids = tokenizer(PROMPTS, max_length=77, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
     output = tiny_clip_model(seed=2)(input_ids=ids)
@@ -251,8 +251,8 @@ def test_clip_pooled_equals_transformers_and_layouts_agree(files):
 
 def test_clip_truncation_and_dtype(files):
     clip = CLIPPooledEmbedder.from_files(files["clip_single"], files["clip_tokenizer"])
-    pooled = clip.encode([LONG * 2, "a cat"])  # character-level tokens: far past 77
-    assert clip.truncated == 1 and pooled.shape == (2, 128) and pooled.dtype == torch.bfloat16
+    pooled, truncated = clip.encode([LONG * 2, "a cat"])  # character-level tokens: far past 77
+    assert truncated == 1 and pooled.shape == (2, 128) and pooled.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"max_length must be 1\.\.77"):
         CLIPPooledEmbedder.from_files(files["clip_folder"], max_length=100)
 
@@ -262,10 +262,10 @@ def test_v2_settings_encode_a_prompt_and_the_empty_negative(files):
     clip = CLIPPooledEmbedder.from_files(files["clip_folder"])
     texts = ["a cat sits on the mat", ""]  # "" is the official 2.0 negative prompt
     y, _mask, t5_truncated = t5.encode(texts)
-    pooled = clip.encode(texts)
+    pooled, clip_truncated = clip.encode(texts)
     assert y[:, 0].shape == (2, 16, 64) and pooled.shape == (2, 128)
     assert y.dtype == pooled.dtype == torch.bfloat16
-    assert t5_truncated == clip.truncated == 0
+    assert t5_truncated == clip_truncated == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,10 +306,8 @@ def test_prompt_validation(files):
         embedder.encode("a cat")
     with pytest.raises(ValueError, match="prompt 1 is a int"):
         embedder.encode(["a cat", 3])
-    y, mask, _ = embedder.encode([""])  # allowed by default: encodes just </s>
+    y, mask, _ = embedder.encode([""])  # allowed: encodes just </s>
     assert y.shape == (1, 1, 8, 64) and mask.sum() == 1
-    with pytest.raises(ValueError, match="prompt 0 is empty"):
-        embedder.encode(["  "], allow_empty=False)
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
         T5Embedder(embedder.model, embedder.tokenizer, max_length=0)
 
