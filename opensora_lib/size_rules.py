@@ -1,6 +1,9 @@
 """Every size / frame / latent rule of a version as plain JSON data: the web page's single source of truth.
 
 Built from the official tables (aspect_tables.py) and the rules in sizes.py, so the page never holds its own.
+The page does not read `ratio_keys`, `named_frame_counts` (1.x) and `first_frame_sizes` (2.0): they are kept as
+documentation of the official tables for whoever reads the JSON (the fixture checks compare ratio_keys with the
+recorded official map), like the `decode` notes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from typing import Any
 from .aspect_tables import (
     PRESETS_V2,
     RATIO_KEYS_V1,
-    RATIOS_V2,
     SIZE_STEP_V2,
     TRAINED_V1,
     TRAINED_V2,
@@ -60,23 +62,12 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
             "aspect_ratio_order": "W:H",
             "resolutions": resolutions(version),
             "trained_resolutions": list(TRAINED_V2),
-            "resolution_pattern": {"px": "NNNpx = NNN*NNN pixels", "p": "NNNp = floor(NNN*NNN/9*16) pixels"},
             "aspect_ratios": aspect_ratios(version),
-            "size_algorithm": {
-                "ratios_w_to_h": list(RATIOS_V2),
-                "step": 16,
-                "width": "floor(sqrt(pixels * w/h) / step) * step",
-                "height": "floor(pixels / width / step) * step",
-                "transposed_ratios": "the H:W twin of each ratio gets (width, height) and overrides",
-            },
             "sizes": sizes,
             "first_frame_sizes": first_frame_sizes,
-            "round_up_to": 16,
             "size_limits": {"min": MIN_SIDE, "max": MAX_SIDE, "multiple_of": 16},
             "latent": {  # the HunyuanVideo VAE (causal: 4k + 1 frames)
                 "channels": 16,
-                "spatial_compression": 8,
-                "patch_size": 2,
                 "latent_frames": "1 if n == 1 else (n - 1) // 4 + 1",
                 "latent_hw": "2*ceil(H/16), 2*ceil(W/16)",
                 "tokens_per_frame": "ceil(H/16) * ceil(W/16)",
@@ -109,7 +100,6 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
             "channels": 16,
             "latent_frames": "1 if n == 1 else (n - 1) // 16 * 5",
             "latent_hw": "(H - 1) // 8 + 1, (W - 1) // 8 + 1",
-            "patch_size": [1, 2, 2],
             "tokens_per_frame": "ceil(latent_h / 2) * ceil(latent_w / 2)",
         }
         rules["decode"] = {
@@ -122,7 +112,6 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
             "channels": 4,
             "latent_frames": "n // 17 * 5 + ceil((n % 17) / 4)",
             "latent_hw": "H // 8, W // 8",
-            "patch_size": [1, 2, 2],
             "tokens_per_frame": "ceil(latent_h / 2) * ceil(latent_w / 2)",
         }
         rules["decode"] = {"pixel_frames": "num_frames"}
@@ -142,8 +131,6 @@ def _dc_ae_rules() -> dict:
         first_frame_sizes[resolution] = {r: list(first_frame[r]) if r in first_frame else None for r in table}
     latent = {  # the Video DC-AE (not causal: 4k frames), one latent pixel per 32 x 32, patch 1
         "channels": 128,
-        "spatial_compression": 32,
-        "patch_size": 1,
         "latent_frames": "1 if n == 1 else n // 4",
         "latent_hw": "ceil(H/32), ceil(W/32)",
         "tokens_per_frame": "ceil(H/32) * ceil(W/32)",
@@ -154,7 +141,6 @@ def _dc_ae_rules() -> dict:
         trained_resolutions=["768px"],  # configs/diffusion/train/high_compression.py buckets
         sizes=sizes,
         first_frame_sizes=first_frame_sizes,
-        size_algorithm={**rules["size_algorithm"], "step": step},
         size_limits={**rules["size_limits"], "multiple_of": step},
         frames=_frames_json("2.0", "dc_ae"),
         latent=latent,
