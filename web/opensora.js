@@ -15,18 +15,18 @@
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { compileRule, derive } from "./opensora_rules.js";
+import { derive } from "./opensora_rules.js";
 
-export const NODE_TYPE = "OpenSoraEmptyLatentVideo";
-export const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
-export const PROMPT_NODE_TYPE = "OpenSoraEncodePrompt";
-export const SAVE_EMBEDS_NODE_TYPE = "OpenSoraSavePromptEmbeds";
+const NODE_TYPE = "OpenSoraEmptyLatentVideo";
+const REFERENCE_NODE_TYPE = "OpenSoraEncodeReference";
+const PROMPT_NODE_TYPE = "OpenSoraEncodePrompt";
+const SAVE_EMBEDS_NODE_TYPE = "OpenSoraSavePromptEmbeds";
 const LOAD_EMBEDS_NODE_TYPE = "OpenSoraLoadPromptEmbeds";
 const SAVED_PREFIX = "saved opensora_prompts/"; // Save Prompt Embeds' ui.text, before the name Load lists
 // Encode Prompt's inputs that only one generation reads (the other ignores them): greyed out for the other one,
 // when the text encoder's version is known from a linked Load Open-Sora Text Encoder.
 const PROMPT_INPUTS_OF = { "1.x": ["aesthetic_score", "motion_score", "camera_motion"], "2.0": ["motion_score_v2", "fps"] };
-export const RULES_ROUTE = "/opensora/size_rules";
+const RULES_ROUTE = "/opensora/size_rules";
 const INFO_WIDGET = "opensora_info";
 const INPUT_NAMES = ["version", "resolution", "aspect_ratio", "num_frames", "batch_size", "width", "height", "fps"];
 const COLORS = { text: "#c8d0c8", label: "#8a948a", error: "#ff5a5a", note: "#f0b43c" };
@@ -38,7 +38,7 @@ const COLORS = { text: "#c8d0c8", label: "#8a948a", error: "#ff5a5a", note: "#f0
 let rulesPromise = null;
 const state = { rules: null, failure: null };
 
-export function loadRules() {
+function loadRules() {
   if (!rulesPromise) {
     rulesPromise = (async () => {
       try {
@@ -67,7 +67,7 @@ function formatNumber(value) {
 
 /** The value a widget stands for, following a link to a primitive node when the input is connected. */
 function inputValue(node, name) {
-  const widget = node.widgets?.find((w) => w.name === name);
+  const widget = widgetNamed(node, name);
   const index = node.inputs?.findIndex((input) => input.name === name || input.widget?.name === name) ?? -1;
   const linked = index >= 0 && node.inputs[index].link != null;
   if (linked) {
@@ -106,10 +106,10 @@ function line(role, text, color) {
 function describe(node) {
   const values = readValues(node);
   const missing = INPUT_NAMES.filter((name) => values[name] === undefined);
-  if (state.failure) return { rows: [["warning", `⚠ ${state.failure}`, COLORS.error]], derived: null, invalid: false };
-  if (!state.rules) return { rows: [["status", "loading Open-Sora size rules...", COLORS.label]], derived: null, invalid: false };
+  if (state.failure) return { rows: [["warning", `⚠ ${state.failure}`, COLORS.error]], invalid: false };
+  if (!state.rules) return { rows: [["status", "loading Open-Sora size rules...", COLORS.label]], invalid: false };
   if (missing.length) {
-    return { rows: [["status", `derived values need ${missing.join(", ")} (connected to a non-primitive input)`, COLORS.label]], derived: null, invalid: false };
+    return { rows: [["status", `derived values need ${missing.join(", ")} (connected to a non-primitive input)`, COLORS.label]], invalid: false };
   }
   const derived = derive(state.rules, values);
   const rows = [];
@@ -126,7 +126,7 @@ function describe(node) {
   for (const error of derived.errors) rows.push(["warning", `⚠ ${error}`, COLORS.error]);
   if (node.opensora?.adapted) rows.push(["note", `• ${node.opensora.adapted}`, COLORS.note]);
   for (const note of derived.notes) rows.push(["note", `• ${note}`, COLORS.note]);
-  return { rows, derived, invalid: derived.errors.length > 0 };
+  return { rows, invalid: derived.errors.length > 0 };
 }
 
 function signature(node) {
@@ -227,10 +227,9 @@ function refresh(node, force = false, configuring = false) {
   const current = signature(node);
   if (!force && current === info.signature) return;
   info.signature = current;
-  const { rows, derived, invalid } = describe(node);
+  const { rows, invalid } = describe(node);
   info.element.replaceChildren(...rows.map(([role, text, color]) => line(role, text, color)));
   info.element.dataset.invalid = String(invalid);
-  info.derived = derived;
   info.invalid = invalid;
   if (info.badge) info.badge.text = invalid ? BADGE_TEXT : "";
   applyVersionWidgets(node);
@@ -311,7 +310,7 @@ function widgetNamed(node, name) {
 }
 
 /** The frame count nearest n that a version's rule (rules.frames) takes: 1 (an image), or min + k x step up to max. */
-export function nearestFrames(frames, n) {
+function nearestFrames(frames, n) {
   if (n === 1 && frames.image) return 1;
   const offset = frames.min % frames.step;
   const snapped = Math.round((n - offset) / frames.step) * frames.step + offset;
@@ -379,8 +378,8 @@ function drawInvalidOutline(node, ctx) {
 
 function setUpNode(node) {
   if (node.opensora) return;
-  const { element, widget } = addInfoWidget(node);
-  node.opensora = { element, widget, signature: null, derived: null, invalid: false, height: 0, badge: null };
+  const { element } = addInfoWidget(node);
+  node.opensora = { element, signature: null, invalid: false, height: 0, badge: null };
   node.opensora.version = widgetNamed(node, "version")?.value; // the last version the user saw (adaptToVersion)
   watchWidgets(node);
   node.opensora.badge = makeBadge(node);
@@ -398,7 +397,6 @@ export const extension = {
   // The evaluator, for scripts and the browser test: app.extensions.find(e => e.name === ...).derive(...)
   derive,
   loadRules,
-  compileRule,
   async setup() {
     await loadRules();
   },
@@ -424,7 +422,7 @@ export const extension = {
     if (nodeData?.name === REFERENCE_NODE_TYPE) {
       // A loaded workflow then restores its own saved choice (configure runs after creation).
       chain(nodeType.prototype, "onNodeCreated", function () {
-        const seed = this.widgets?.find((widget) => widget.name === "seed");
+        const seed = widgetNamed(this, "seed");
         const control = seed?.linkedWidgets?.find((widget) => widget.name === "control_after_generate");
         if (control) control.value = "fixed";
       });
