@@ -117,12 +117,33 @@ def run_diffusion_model_wrappers(module: torch.nn.Module, *args, **kwargs) -> to
         core_attention.select(module.attention_backend, None)  # lets go of the options
 
 
-class OpenSoraModelConfig(comfy.supported_models_base.BASE):
+class OpenSoraBaseModelConfig(comfy.supported_models_base.BASE):
+    """What the 1.x and 2.0 model configs share."""
+
     unet_extra_config = {}
-    sampling_settings = {"multiplier": TIMESTEP_MULTIPLIER, "shift": 1.0}
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
     # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
-    # OpenSoraModel replaces (core's area x factor 2.0 was ~5x too high for STDiT3).
+    # OpenSoraBaseModel's subclasses replace with opensora_lib/memory.forward_memory (core's area x factor 2.0
+    # was ~5x too high for STDiT3).
+
+
+class OpenSoraBaseModel(comfy.model_base.BaseModel):
+    """What the 1.x and 2.0 BaseModels share: the checks that open extra_conds, and the reference conds cut to
+    a context window. Subclasses set opensora_version."""
+
+    opensora_version: str
+
+    def check_conds(self, kwargs: dict, multiplier: float) -> None:
+        """A conditioning of this model's version, and core's sampling multiplier left as the model's config set it."""
+        check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
+        match_timestep_scale(self.model_sampling, multiplier, self.opensora_version)
+
+    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006 (core's signature)
+        return resize_reference_cond(cond_key, cond_value, window, x_in, device, retain_index_list)
+
+
+class OpenSoraModelConfig(OpenSoraBaseModelConfig):
+    sampling_settings = {"multiplier": TIMESTEP_MULTIPLIER, "shift": 1.0}
 
     def __init__(self, unet_config: dict, latent_format):
         self.latent_format = latent_format
@@ -132,7 +153,7 @@ class OpenSoraModelConfig(comfy.supported_models_base.BASE):
         return OpenSoraModel(self, device=device)
 
 
-class OpenSoraModel(comfy.model_base.BaseModel):
+class OpenSoraModel(OpenSoraBaseModel):
     """BaseModel around STDiT3; extra_conds forwards Open-Sora's conditioning as DiT kwargs."""
 
     def __init__(self, model_config, device=None):
@@ -148,8 +169,7 @@ class OpenSoraModel(comfy.model_base.BaseModel):
     def extra_conds(self, **kwargs):
         import comfy.conds
 
-        check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
-        match_timestep_scale(self.model_sampling, TIMESTEP_MULTIPLIER, self.opensora_version)
+        self.check_conds(kwargs, TIMESTEP_MULTIPLIER)
         kwargs = {**kwargs, **self.core_sampler_defaults(kwargs)}
         out = {}
         cross = kwargs.get("cross_attn")
@@ -170,9 +190,6 @@ class OpenSoraModel(comfy.model_base.BaseModel):
         if mask_index is not None:
             out["mask_index"] = comfy.conds.CONDConstant(tuple(mask_index))
         return out
-
-    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006 (core's signature)
-        return resize_reference_cond(cond_key, cond_value, window, x_in, device, retain_index_list)
 
     def core_sampler_defaults(self, kwargs: dict) -> dict:
         """What core's samplers (KSampler, CFGGuider) do not give, for Encode Prompt's conditioning: fps 24 (120
@@ -229,10 +246,11 @@ def build_patcher(
 
 
 def build_stdit3_patcher(
-    sd: dict, version: str, config: STDiT3Config, weight_dtype: torch.dtype | None, fp8_matmul: bool = False
+    sd: dict, info, config_values: dict, weight_dtype: torch.dtype | None, fp8_matmul: bool = False
 ) -> comfy.model_patcher.ModelPatcher:
-    """The ComfyUI MODEL for an STDiT3 state dict (already verified to be STDiT3)."""
-    unet_config = {"config": config, "version": version}
+    """The ComfyUI MODEL for an STDiT3 state dict (already detected as "stdit3")."""
+    version = info.version
+    unet_config = {"config": STDiT3Config.from_dict(config_values), "version": version}
     what = f"the {version} STDiT3"
     return build_patcher(
         OpenSoraModelConfig, unet_config, sd, weight_dtype, what, LATENT_FORMATS[version], fp8_matmul=fp8_matmul

@@ -27,9 +27,8 @@ import torch
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
-from .comfy_model import build_patcher, run_diffusion_model_wrappers
-from .common import check_conditioning_version, compute_dtype, match_timestep_scale
-from .context_windows import resize_reference_cond
+from .comfy_model import OpenSoraBaseModel, OpenSoraBaseModelConfig, build_patcher, run_diffusion_model_wrappers
+from .common import compute_dtype
 from .previews import PrincipalComponentPreview
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
@@ -184,13 +183,9 @@ def autoencoder_of(config: MMDiTConfig) -> str:
     return "dc_ae" if config.patch_size == 1 else "hunyuan"
 
 
-class OpenSoraV2ModelConfig(comfy.supported_models_base.BASE):
-    unet_extra_config = {}
+class OpenSoraV2ModelConfig(OpenSoraBaseModelConfig):
     sampling_settings = {"multiplier": 1.0, "shift": 1.0}  # MMDiT embeds 1000 * t itself
     latent_format = comfy.latent_formats.HunyuanVideo
-    supported_inference_dtypes = [torch.bfloat16, torch.float32]
-    # No memory_usage_factor: core reads it only in BaseModel.memory_required (0.3.75 and 0.33.0), which
-    # OpenSoraV2Model replaces with the per-token estimate (opensora_lib/memory.forward_memory).
 
     def get_model(self, state_dict=None, prefix="", device=None):
         return OpenSoraV2Model(self, device=device)
@@ -200,7 +195,7 @@ class OpenSoraV2DCAEModelConfig(OpenSoraV2ModelConfig):
     latent_format = OpenSoraDCAELatent
 
 
-class OpenSoraV2Model(comfy.model_base.BaseModel):
+class OpenSoraV2Model(OpenSoraBaseModel):
     """BaseModel around the MMDiT; extra_conds routes the CLIP pooled vector and the reference condition."""
 
     def __init__(self, model_config, device=None):
@@ -213,17 +208,13 @@ class OpenSoraV2Model(comfy.model_base.BaseModel):
         tokens (patch 2, or 1 for the DC-AE variant) plus the T5 tokens of the conditioning."""
         return forward_memory(self.diffusion_model, input_shape, text_tokens(cond_shapes), compute_dtype(self))
 
-    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006 (core's signature)
-        return resize_reference_cond(cond_key, cond_value, window, x_in, device, retain_index_list)
-
     def extra_conds_shapes(self, **kwargs):
         """The T5 states' shape for core's estimate_memory (prepare_sampling), which passes these as cond_shapes."""
         cross = kwargs.get("cross_attn")
         return {} if cross is None else {"c_crossattn": list(cross.shape)}
 
     def extra_conds(self, **kwargs):
-        check_conditioning_version(kwargs.get("opensora_version"), self.opensora_version, "A conditioning")
-        match_timestep_scale(self.model_sampling, 1.0, self.opensora_version)  # sampling_settings' multiplier
+        self.check_conds(kwargs, 1.0)  # sampling_settings' multiplier
         out = {}
         cross = kwargs.get("cross_attn")
         if cross is not None:

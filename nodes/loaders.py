@@ -13,9 +13,9 @@ import torch
 from ..opensora_lib import attention as attention_lib
 from ..opensora_lib import checkpoint, detection, gguf_dequant, gguf_file
 from ..opensora_lib.configs import read_config_json
-from ..opensora_lib.stdit3 import STDiT3Config
 from ..opensora_lib.text_encoders import T5_V1, T5_V2, CLIPPooledEmbedder, T5Embedder
 from .comfy_model import build_stdit3_patcher
+from .comfy_model_v2 import build_mmdit_patcher
 from .common import CATEGORY, WEIGHT_DTYPES, check_choices, model_choices, model_path, wrap_module
 from .vae import DC_AE_SCALINGS, build_dcae, build_vae
 
@@ -112,13 +112,8 @@ class OpenSoraLoadDiT:
             sd = checkpoint.load_state_dict(path, dtype=read_dtype, matrix_dtype=matrix_dtype, pack=pack)
         sd = checkpoint.strip_prefix(sd, info.prefix)
         config_values = {**info.config, **(read_config_json(path) or {})}  # a folder's config.json wins
-        if info.family == "mmdit":
-            from .comfy_model_v2 import build_mmdit_patcher
-
-            patcher = build_mmdit_patcher(sd, info, config_values, dtype, fp8_matmul=fast)
-        else:
-            config = STDiT3Config.from_dict(config_values)
-            patcher = build_stdit3_patcher(sd, info.version, config, dtype, fp8_matmul=fast)
+        build = build_mmdit_patcher if info.family == "mmdit" else build_stdit3_patcher
+        patcher = build(sd, info, config_values, dtype, fp8_matmul=fast)
         patcher.model.diffusion_model.attention_backend = attention
         return (patcher,)
 
