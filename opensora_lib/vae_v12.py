@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 import torch
 from torch import nn
@@ -97,8 +98,16 @@ def _noise_temporal(shape, dtype, device) -> torch.Tensor:
     return torch.randn(shape).to(device=device, dtype=dtype)  # the reference draws float32 on the CPU
 
 
+def _check_tiles(tile_size: int, overlap: int, factor: int) -> None:
+    """Tile size and overlap in pixels."""
+    if tile_size % factor or overlap % factor or tile_size < 2 * factor:
+        raise ValueError(f"tile_size and overlap must be multiples of {factor}, tile_size >= {2 * factor}")
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap must be in [0, tile_size), got overlap={overlap}, tile_size={tile_size}")
+
+
 class SpatialVAE(nn.Module):
-    """`VideoAutoencoderKL`: the 2-D VAE run on frames in micro-batches, with optional spatial tiling."""
+    """`VideoAutoencoderKL`: the 2-D VAE run on frames in micro-batches; decode optionally on spatial tiles."""
 
     def __init__(self, config: VAEv12Config, dtype=None, device=None, operations=None):
         super().__init__()
@@ -106,24 +115,9 @@ class SpatialVAE(nn.Module):
         self.micro_batch_size = config.micro_batch_size
         self.scaling_factor = config.spatial_scaling_factor
         self.factor = config.vae_2d.downsample_factor
-        self.tile_size: int | None = None  # pixels; None = untiled (the parity path)
-        self.tile_overlap = 0
 
     def _micro_batches(self, count: int) -> range:
         return range(0, count, self.micro_batch_size or count)
-
-    def _moments(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.tile_size is None:
-            return self.module.encode_moments(frames)
-        return tiled_apply(
-            self.module.encode_moments, frames, self.tile_size, self.tile_overlap, 1 / self.factor, align=self.factor
-        )
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.tile_size is None:
-            return self.module.decode(latents)
-        tile, overlap = self.tile_size // self.factor, self.tile_overlap // self.factor
-        return tiled_apply(self.module.decode, latents, tile, overlap, self.factor)
 
     def encode(self, x: torch.Tensor, sample_posterior: bool = True, noise: Noise | None = None) -> torch.Tensor:
         """Video [B, 3, T, H, W] -> scaled 2-D latents [B, 4, T, H//8, W//8]; one posterior draw per micro-batch."""
@@ -132,7 +126,8 @@ class SpatialVAE(nn.Module):
         noise = noise or _noise_2d
         out = None
         for start in self._micro_batches(pixels.shape[0]):
-            mean, std = split_moments(self._moments(pixels[start : start + (self.micro_batch_size or len(pixels))]))
+            chunk = pixels[start : start + (self.micro_batch_size or len(pixels))]
+            mean, std = split_moments(self.module.encode_moments(chunk))
             if sample_posterior:
                 mean = mean + std * _check_noise(noise(mean.shape, mean.dtype, mean.device), mean.shape)
             if out is None:
@@ -140,13 +135,19 @@ class SpatialVAE(nn.Module):
             out[start : start + mean.shape[0]] = mean * self.scaling_factor
         return out.unflatten(0, (batch, frames)).transpose(1, 2)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled 2-D latents [B, 4, T, h, w] -> frames [B, 3, T, 8h, 8w] (a transposed view)."""
+    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int = 0) -> torch.Tensor:
+        """Scaled 2-D latents [B, 4, T, h, w] -> frames [B, 3, T, 8h, 8w] (a transposed view). tile / overlap (latent
+        pixels, checked by OpenSoraVAEv12.decode): decode on overlapping tiles blended linearly (approximate, saves
+        memory); None: whole frames, the parity path."""
         batch, frames = z.shape[0], z.shape[2]
         latents = z.transpose(1, 2).flatten(0, 1)
+        if tile:
+            decode = partial(tiled_apply, self.module.decode, tile=tile, overlap=overlap, scale=self.factor)
+        else:
+            decode = self.module.decode
         out = None
         for start in self._micro_batches(latents.shape[0]):
-            chunk = self._decode(latents[start : start + (self.micro_batch_size or len(latents))] / self.scaling_factor)
+            chunk = decode(latents[start : start + (self.micro_batch_size or len(latents))] / self.scaling_factor)
             if out is None:
                 out = chunk.new_empty(latents.shape[0], *chunk.shape[1:])
             out[start : start + chunk.shape[0]] = chunk
@@ -192,18 +193,6 @@ class OpenSoraVAEv12(nn.Module):
             raise ValueError(f"no frame count gives {latent_frames} latent frames")
         return frames[-1]
 
-    def enable_tiling(self, tile_size: int = 256, overlap: int = 64) -> None:
-        """Run the per-frame 2-D VAE on overlapping tiles (pixels) blended linearly; approximate, saves memory."""
-        factor = self.spatial_vae.factor
-        if tile_size % factor or overlap % factor or tile_size < 2 * factor:
-            raise ValueError(f"tile_size and overlap must be multiples of {factor}, tile_size >= {2 * factor}")
-        if not 0 <= overlap < tile_size:
-            raise ValueError(f"overlap must be in [0, tile_size), got overlap={overlap}, tile_size={tile_size}")
-        self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = tile_size, overlap
-
-    def disable_tiling(self) -> None:
-        self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = None, 0
-
     def _chunks(self, length: int, size: int | None) -> range:
         return range(0, length, size or length)
 
@@ -248,19 +237,12 @@ class OpenSoraVAEv12(nn.Module):
     ) -> torch.Tensor:
         """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] in about [-1, 1]; num_frames None:
         the longest video with that many latent frames. spatial_tile_size / _overlap (latent pixels, as the 1.3 VAE's
-        decode): the 2-D VAE decodes this call on blended tiles (enable_tiling)."""
+        decode): the 2-D VAE decodes on blended tiles (SpatialVAE.decode)."""
+        if spatial_tile_size:
+            factor = self.spatial_vae.factor
+            _check_tiles(spatial_tile_size * factor, (spatial_tile_overlap or 0) * factor, factor)
         if num_frames is None:
             num_frames = self.longest_video(z.shape[2])
-        if not spatial_tile_size:
-            return self._decode(z, num_frames)
-        factor, saved = self.spatial_vae.factor, (self.spatial_vae.tile_size, self.spatial_vae.tile_overlap)
-        self.enable_tiling(spatial_tile_size * factor, (spatial_tile_overlap or 0) * factor)
-        try:
-            return self._decode(z, num_frames)
-        finally:
-            self.spatial_vae.tile_size, self.spatial_vae.tile_overlap = saved
-
-    def _decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         self._check_latent(z, num_frames)
         z = z * self.scale.to(z) + self.shift.to(z)
         size, step, parts = self.micro_frame_size, self.micro_latent_frames, []
@@ -270,7 +252,7 @@ class OpenSoraVAEv12(nn.Module):
             parts.append(self.temporal_vae.decode(z[:, :, i : i + (step or z.shape[2])], num_frames=frames))
             remaining -= frames
         x_z = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        return self.spatial_vae.decode(x_z)
+        return self.spatial_vae.decode(x_z, spatial_tile_size, spatial_tile_overlap or 0)
 
     def _check_video(self, x: torch.Tensor) -> None:
         channels, factor = self.config.vae_2d.in_channels, self.spatial_vae.factor

@@ -163,18 +163,18 @@ def test_tiled_apply_places_and_blends_exactly():
     torch.testing.assert_close(up, F.interpolate(z, scale_factor=8.0))
 
 
-def test_tiling_is_off_by_default_and_changes_nothing_until_enabled():
+def test_spatial_vae_runs_whole_frames_unless_decode_is_given_tiles():
     model = _small_model()
-    assert model.spatial_vae.tile_size is None
     torch.manual_seed(1)
     x = torch.rand(1, 3, 1, 64, 96) * 2 - 1
     frames = x[:, :, 0]
     direct = model.spatial_vae.module.encode_moments(frames)[:, :4] * 0.18215  # one whole-frame pass
-    torch.testing.assert_close(model.spatial_vae.encode(x, sample_posterior=False)[:, :, 0], direct)
-    model.enable_tiling(64, 32)
-    assert not torch.allclose(model.spatial_vae.encode(x, sample_posterior=False)[:, :, 0], direct, atol=1e-3)
-    model.disable_tiling()
-    torch.testing.assert_close(model.spatial_vae.encode(x, sample_posterior=False)[:, :, 0], direct)
+    latent = model.spatial_vae.encode(x, sample_posterior=False)
+    torch.testing.assert_close(latent[:, :, 0], direct)
+    whole = model.spatial_vae.module.decode(latent[:, :, 0] / 0.18215)  # one whole-frame pass
+    torch.testing.assert_close(model.spatial_vae.decode(latent)[:, :, 0], whole)
+    assert not torch.allclose(model.spatial_vae.decode(latent, 8, 4)[:, :, 0], whole, atol=1e-3)
+    torch.testing.assert_close(model.spatial_vae.decode(latent)[:, :, 0], whole)  # the tiles left nothing behind
 
 
 def test_tiled_matches_untiled_when_layers_are_local():
@@ -190,9 +190,7 @@ def test_tiled_matches_untiled_when_layers_are_local():
     x = torch.rand(1, 3, 1, 128, 192) * 2 - 1
     latent = model.spatial_vae.encode(x, sample_posterior=False)
     frames = model.spatial_vae.decode(latent)
-    model.enable_tiling(96, 48)
-    assert _relative(model.spatial_vae.encode(x, sample_posterior=False), latent) < 0.04
-    assert _relative(model.spatial_vae.decode(latent), frames) < 0.04
+    assert _relative(model.spatial_vae.decode(latent, 12, 6), frames) < 0.04  # 96 / 48 pixels
 
 
 def test_tiled_close_to_untiled_with_real_group_norm():
@@ -202,25 +200,9 @@ def test_tiled_close_to_untiled_with_real_group_norm():
     x = torch.rand(1, 3, 1, 192, 256) * 2 - 1
     latent = model.spatial_vae.encode(x, sample_posterior=False)
     frames = model.spatial_vae.decode(latent)
-    model.enable_tiling(192, 96)
-    tiled_latent = model.spatial_vae.encode(x, sample_posterior=False)
-    tiled_frames = model.spatial_vae.decode(latent)
-    assert tiled_latent.shape == latent.shape and tiled_frames.shape == frames.shape
-    assert _relative(tiled_latent, latent) < 0.1
+    tiled_frames = model.spatial_vae.decode(latent, 24, 12)  # 192 / 96 pixels
+    assert tiled_frames.shape == frames.shape
     assert _relative(tiled_frames, frames) < 0.3
-
-
-def test_tiled_sampling_draws_the_same_noise_shapes():
-    model = _small_model()
-    x = torch.rand(2, 3, 5, 32, 48) * 2 - 1
-    shapes = {}
-    for tile in (None, 32):
-        if tile:
-            model.enable_tiling(tile, 16)
-        seen = []
-        model.encode(x, noise=lambda shape, dtype, device, seen=seen: seen.append(tuple(shape)) or torch.zeros(shape))
-        shapes[tile] = seen
-    assert shapes[None] == shapes[32] == [(4, 4, 4, 6)] * 2 + [(2, 4, 4, 6), (2, 4, 2, 4, 6)]
 
 
 # ---------------------------------------------------------------- errors
@@ -261,17 +243,17 @@ def test_noise_callable_with_wrong_shape_is_reported(fixture_model):
 
 
 def test_bad_tiling_and_config_values_are_rejected(fixture_model):
-    with pytest.raises(ValueError, match="multiples of 8"):
-        fixture_model.enable_tiling(100, 16)
+    z = torch.zeros(1, 4, 5, 4, 6)
+    with pytest.raises(ValueError, match="multiples of 8, tile_size >= 16"):
+        fixture_model.decode(z, 17, spatial_tile_size=1)
     with pytest.raises(ValueError, match="overlap"):
-        fixture_model.enable_tiling(64, 64)
+        fixture_model.decode(z, 17, spatial_tile_size=8, spatial_tile_overlap=8)
     with pytest.raises(ValueError, match="unknown"):
         VAEv12Config.from_dict({"vae_2d": {"block_out_channel": [8]}})
     with pytest.raises(ValueError, match="temporal_downsample"):
         VAETemporalConfig(temporal_downsample=(True,))
     with pytest.raises(ValueError, match="DownEncoderBlock2D"):
         AutoencoderKLConfig(down_block_types=("CrossAttnDownBlock2D",) * 4)
-    assert fixture_model.spatial_vae.tile_size is None  # failed calls left tiling off
 
 
 def test_longest_video_for_a_latent_without_its_frame_count(fixture_model):
@@ -283,17 +265,22 @@ def test_longest_video_for_a_latent_without_its_frame_count(fixture_model):
     assert fixture_model.longest_video(1) == 1  # an image: 1.2 makes no 2..16-frame videos
 
 
-def test_decode_tiles_for_one_call_as_the_1_3_vae_and_restores_the_setting():
-    """decode(spatial_tile_size=, spatial_tile_overlap=) in latent pixels (the 1.3 VAE's signature) equals
-    enable_tiling in pixels around a plain decode, and leaves the model as it was."""
+def test_decode_tiles_for_one_call_as_the_1_3_vae():
+    """decode(spatial_tile_size=, spatial_tile_overlap=) in latent pixels (the 1.3 VAE's signature) runs the 2-D
+    VAE's decode on those tiles (tiled_apply) for that call only."""
     model = _small_model()
     torch.manual_seed(5)
     z = torch.randn(1, 4, 5, 16, 24)
     plain = model.decode(z, num_frames=17)
     tiled = model.decode(z, num_frames=17, spatial_tile_size=8, spatial_tile_overlap=2)
-    assert model.spatial_vae.tile_size is None and model.spatial_vae.tile_overlap == 0  # restored
-    model.enable_tiling(64, 16)
-    assert torch.equal(tiled, model.decode(z, num_frames=17))
-    model.disable_tiling()
+    calls = []
+    decode_2d = model.spatial_vae.module.decode
+    model.spatial_vae.module.decode = lambda x: calls.append(tuple(x.shape[-2:])) or decode_2d(x)
+    assert torch.equal(tiled, model.decode(z, num_frames=17, spatial_tile_size=8, spatial_tile_overlap=2))
+    assert calls and all(h <= 8 and w <= 8 for h, w in calls)  # tiles of 8 x 8 latent pixels at most
+    calls.clear()
+    assert torch.equal(plain, model.decode(z, num_frames=17))  # the next call is untiled again
+    assert calls and all((h, w) == (16, 24) for h, w in calls)
+    del model.spatial_vae.module.decode
     assert not torch.equal(tiled, plain)  # the tiles did run
     assert torch.equal(model.decode(z), model.decode(z, num_frames=model.longest_video(5)))  # None: longest
