@@ -31,6 +31,12 @@ def _core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -torch.finfo(q.dtype).max)
     # Flux's form (skip_reshape, output [B, tokens, heads * head_dim]): the one every override is written for
     out = core.optimized_attention(q, k, v, heads, mask=mask, skip_reshape=True, transformer_options=_options)
+    if tuple(out.shape) != (batch, tokens, heads * head_dim):  # e.g. an override that skipped the output reshape
+        source = "The MODEL's attention override" if _options.get(OVERRIDE) is not None else "Core's attention"
+        raise ValueError(
+            f"{source} returned shape {tuple(out.shape)} for the Open-Sora DiT; expected "
+            f"{(batch, tokens, heads * head_dim)} ([batch, tokens, heads x head_dim], as core's Flux gets it)"
+        )
     return out.view(batch, tokens, heads, head_dim).transpose(1, 2)
 
 

@@ -190,6 +190,8 @@ class OpenSoraEncodePrompt:
         positive = text_conditioning(text_encoder, text)
         if negative_prompt.strip():
             negative = text_conditioning(text_encoder, prompts.negative_prompt_text_v1(negative_prompt))
+            if note := prompts.dropped_cjk(negative_prompt):
+                log.warning("OpenSora: Encode Prompt's negative prompt loses %s", note)
         else:
             negative = null_conditioning(version)
         return (positive, negative)

@@ -275,16 +275,22 @@ def _is_empty(cleaned: str) -> bool:
     return not any(char.isalnum() for char in cleaned)
 
 
+def dropped_cjk(text: str) -> str | None:
+    """What the 1.x cleaner removes as CJK ideographs from `text`, said for a warning; None when nothing."""
+    runs = _CJK.findall(text)
+    if not runs:
+        return None
+    shown = ", ".join(runs)
+    shown = shown if len(shown) <= 40 else shown[:40] + "..."
+    return f"its CJK characters ({shown}): the 1.x caption cleaner removes them, as the official one does"
+
+
 def unused_prompt_parts_v1(prompt: str) -> list[str]:
     """What a one-video encode of a 1.x prompt does not use: the trailing JSON object (the official script's
     reference_path / mask_strategy), the "|k|" loop segments after the first, and CJK ideographs (the cleaner
     removes them, as the official one does: its --llm-refine translated prompts to English first)."""
     text, extra = split_prompt_json(prompt)
-    unused = []
-    ideographs = "".join(_CJK.findall(text))
-    if ideographs:
-        shown = ideographs if len(ideographs) <= 24 else ideographs[:24] + "..."
-        unused.append(f"its CJK characters {shown!r}: the 1.x caption cleaner removes them, as the official one does")
+    unused = [note] if (note := dropped_cjk(text)) else []
     if extra:
         unused.append(f"the prompt's JSON object ({', '.join(extra)}): connect Open-Sora Encode Reference instead")
     loops = split_loop_segments(text)

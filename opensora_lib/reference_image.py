@@ -71,12 +71,8 @@ def resize_crop_video(image: torch.Tensor, height: int, width: int) -> torch.Ten
     check_int("width", width)
     pixels = _eight_bit(image)
     src_h, src_w = pixels.shape[1:3]
-    if height / src_h > width / src_w:
-        size = (height, round(src_w * height / src_h))
-        top, left = 0, (size[1] - width) // 2  # int(round(diff) / 2.0) of a whole diff >= 0
-    else:
-        size = (round(src_h * width / src_w), width)
-        top, left = (size[0] - height) // 2, 0
+    size = _fill_geometry(src_h, src_w, height, width)[:2]  # the scale's rounding as the official w * (th / h)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2  # int(round(diff) / 2.0) of a whole diff >= 0
     x = F.interpolate(pixels.permute(0, 3, 1, 2).div(255), size=size, mode="bilinear", align_corners=False)
     return (x[:, :, top : top + height, left : left + width] - 0.5) / 0.5
 

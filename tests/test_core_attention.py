@@ -27,7 +27,7 @@ def probe(out_path: str, models_dir: str) -> None:
     import comfy.model_management as mm
     import folder_paths
     from comfy.ldm.modules import attention as core
-    from helpers_comfy_probe import pack_warnings
+    from helpers_comfy_probe import error_of, pack_warnings
     from helpers_conditioning import random_conditioning, sampler_node_samples
     from opensora_pack.nodes import core_attention, latent, loaders
 
@@ -104,6 +104,27 @@ def probe(out_path: str, models_dir: str) -> None:
             "warnings": [m for m in messages if "attention override" in m],
             "released": core_attention._options is None,
         }
+    # an override that hands back core's [B, heads, tokens, head_dim] instead of Flux's [B, tokens, heads x head_dim]
+    sdpa = loaders.OpenSoraLoadDiT().load(DITS["2.0"], "fp32", "sdpa")[0]
+
+    def unreshaped(func, *args, **kwargs):
+        return func(*args, **{**kwargs, "skip_output_reshape": True})
+
+    results["wrong_shape"] = error_of(
+        lambda: sampler_node_samples(with_override(sdpa, unreshaped), "2.0", LATENTS["2.0"], SEED, STEPS, CFG)
+    )
+    results["released_after_error"] = core_attention._options is None
+    # ComfyUI 0.33's own Model Attention Backend node sets the same override (absent from 0.3.75)
+    import comfyui_version
+    from comfy_extras import nodes_model_advanced
+
+    node = getattr(nodes_model_advanced, "ModelAttentionBackend", None)
+    results["host"] = comfyui_version.__version__
+    if node is not None:
+        patched = node().patch(sdpa, "pytorch attention")[0]
+        with_node = sampler_node_samples(patched, "2.0", LATENTS["2.0"], SEED, STEPS, CFG)
+        plain = sampler_node_samples(sdpa, "2.0", LATENTS["2.0"], SEED, STEPS, CFG)
+        results["core_node_vs_sdpa"] = float((with_node - plain).abs().max())
     Path(out_path).write_text(json.dumps(results))
 
 
@@ -143,3 +164,18 @@ def test_an_override_on_the_model_runs_whatever_the_backend(measured, version):
 def test_the_log_says_an_override_replaced_the_loaders_backend(measured):
     (message,) = measured["2.0"]["warnings"]  # once per process
     assert "runs in place of Load Open-Sora DiT's attention 'sdpa'" in message, message
+
+
+def test_an_override_that_returns_another_layout_is_named(measured):
+    message = measured["wrong_shape"]
+    assert message.startswith("ValueError: The MODEL's attention override returned shape"), message
+    assert "[batch, tokens, heads x head_dim]" in message and measured["released_after_error"], measured
+
+
+def test_core_model_attention_backend_node_applies_where_the_host_has_it(measured):
+    """ComfyUI 0.33.0 has the node (0.3.75 does not): its "pytorch attention" override samples as sdpa."""
+    if "core_node_vs_sdpa" in measured:
+        assert measured["core_node_vs_sdpa"] < 1e-6, measured
+    else:
+        major, minor = (int(part) for part in measured["host"].split(".")[:2])
+        assert (major, minor) < (0, 33), f"ComfyUI {measured['host']} should have ModelAttentionBackend"

@@ -197,7 +197,9 @@ def test_unused_prompt_parts_name_the_json_object_and_the_other_loop_segments():
     mixed = "一只猫在雪地里奔跑 a cat running in snow"
     assert prompts.prompt_text_v1(mixed, "1.3") == "a cat running in snow"
     (cjk,) = prompts.unused_prompt_parts_v1(mixed)
-    assert "'一只猫在雪地里奔跑'" in cjk and "removes them" in cjk
+    assert "(一只猫在雪地里奔跑)" in cjk and "removes them" in cjk
+    assert "(模糊, 低质量)" in prompts.dropped_cjk("模糊, 低质量 blurry")  # runs joined as they stood apart
+    assert prompts.negative_prompt_text_v1("模糊, 低质量 blurry") == "blurry"
     assert prompts.unused_prompt_parts_v1("ねこ a cat") == []  # kana stay in the text, as officially
 
 

@@ -72,5 +72,12 @@ def test_video_references_follow_the_official_video_transform():
     assert not torch.equal(out, resize_crop(image, 8, 12))  # the image path: PIL bicubic, another offset
     assert torch.equal(resize_crop_reference(image, 8, 12, "v2v_head"), out)
     assert torch.equal(resize_crop_reference(image, 8, 12, "i2v_head"), resize_crop(image, 8, 12))
+    # the covering size rounds src * (target / src) as the official code: 720 x 1280 into 452 x 904 is 509 high
+    # (720 * 904 / 1280 would round to 508)
+    tall = resize_crop_video(torch.zeros(1, 720, 1280, 3), 452, 904)
+    assert tall.shape == (1, 3, 452, 904)
+    from opensora_lib.reference_image import _fill_geometry
+
+    assert _fill_geometry(720, 1280, 452, 904)[:2] == (509, 904) and round(720 * 904 / 1280) == 508
     same = resize_crop_video(image, 20, 37)  # no resize, no crop: the frames themselves
     torch.testing.assert_close(same, (image.permute(0, 3, 1, 2) - 0.5) / 0.5, rtol=0, atol=1e-6)

@@ -27,14 +27,15 @@ def probe(out_path: str, models_dir: str) -> None:
     folder_paths.add_model_folder_path("text_encoders", str(Path(models_dir) / "text_encoders"), True)
     (encoder,) = loaders.OpenSoraLoadTextEncoder().load(T5, "default", "1.3")
 
-    def encode(prompt):
+    def encode(prompt, negative=""):
         with pack_warnings() as messages:
-            positive, _negative = text.OpenSoraEncodePrompt().encode(encoder, prompt, "")
+            positive, _negative = text.OpenSoraEncodePrompt().encode(encoder, prompt, negative)
         return positive[0][0], messages
 
     plain, plain_warnings = encode("a fox in snow")
     with_json, json_warnings = encode('a fox in snow{"reference_path": "fox.png", "mask_strategy": "0"}')
     looped, loop_warnings = encode("|0| a fox in snow |1| a cat on a roof")
+    cjk, cjk_warnings = encode("雪 a fox in snow", negative="模糊 blurry")
     try:
         encode("https://example.com/fox.mp4")
         url_error = None
@@ -47,6 +48,8 @@ def probe(out_path: str, models_dir: str) -> None:
         "json_warnings": json_warnings,
         "loop_same": bool(torch.equal(plain, looped)),
         "loop_warnings": loop_warnings,
+        "cjk_same": bool(torch.equal(plain, cjk)),
+        "cjk_warnings": cjk_warnings,
         "url_error": url_error,
     }
     Path(out_path).write_text(json.dumps(results))
@@ -105,6 +108,13 @@ def test_the_prompt_json_is_named_as_unused_and_the_text_encodes_as_without_it(m
 def test_loop_segments_after_loop_0_are_named_as_unused(measured):
     assert measured["loop_same"], "one video is the official loop 0: its segment's text"
     assert any("|1| 'a cat on a roof'" in m for m in measured["loop_warnings"]), measured
+
+
+def test_cjk_characters_the_cleaner_drops_are_named_in_the_prompt_and_the_negative(measured):
+    assert measured["cjk_same"], "the 1.x cleaner removes CJK ideographs, as the official one"
+    prompt, negative = measured["cjk_warnings"]
+    assert "does not use its CJK characters (雪)" in prompt, measured
+    assert "negative prompt loses its CJK characters (模糊)" in negative, measured
 
 
 def test_a_url_to_a_file_is_an_empty_prompt(measured):
