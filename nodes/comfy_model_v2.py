@@ -27,6 +27,7 @@ import torch
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
+from . import core_attention
 from .comfy_model import OpenSoraBaseModel, OpenSoraBaseModelConfig, build_patcher, run_diffusion_model_wrappers
 from .common import compute_dtype
 from .previews import PrincipalComponentPreview
@@ -106,7 +107,12 @@ class ComfyMMDiT(MMDiT):
         padded_h, padded_w = x.shape[-2:]
         img = pack(x, patch)
         block_replace = dit_block_patches(
-            transformer_options, len(self.double_blocks), len(self.single_blocks), context.shape[1], img.shape[1]
+            transformer_options,
+            len(self.double_blocks),
+            len(self.single_blocks),
+            context.shape[1],
+            img.shape[1],
+            self.attention_backend,
         )
         out = MMDiT.forward(
             self,
@@ -127,13 +133,19 @@ BLOCK_TYPES = {"double_block": "double", "single_block": "single"}
 
 
 def dit_block_patches(
-    transformer_options: dict | None, double_blocks: int, single_blocks: int, text_tokens: int, image_tokens: int
+    transformer_options: dict | None,
+    double_blocks: int,
+    single_blocks: int,
+    text_tokens: int,
+    image_tokens: int,
+    attention_backend: str = "sdpa",
 ) -> dict:
     """Core's "dit" block replacements (transformer_options["patches_replace"]["dit"][("double_block", i)] or
     ("single_block", i), as set by set_model_patch_replace / SkipLayerGuidanceDiT) for MMDiT.forward. Each patch gets
     the args core's Flux gives it: also "attn_mask" (None: the MMDiT attends to every token) and its own copy of
     transformer_options with block_type / block_index / total_blocks (and img_slice, where the image tokens sit in a
-    single block's joint sequence). Other keys are for other models: ignored."""
+    single block's joint sequence); the original block it calls attends with those options, so an attention override
+    the patch puts there applies to that block (core_attention). Other keys are for other models: ignored."""
     options = transformer_options or {}
     patches = options.get("patches_replace", {}).get("dit", {})
     totals = {"double_block": double_blocks, "single_block": single_blocks}
@@ -148,11 +160,11 @@ def dit_block_patches(
             }
             if key[0] == "single_block":
                 block_options["img_slice"] = [text_tokens, text_tokens + image_tokens]
-            replace[key] = _with_core_args(patch, block_options)
+            replace[key] = _with_core_args(patch, block_options, options, attention_backend)
     return replace
 
 
-def _with_core_args(patch, block_options: dict):
+def _with_core_args(patch, block_options: dict, forward_options: dict, attention_backend: str):
     def call(args: dict, extra: dict) -> dict:
         original_block = extra["original_block"]
 
@@ -162,7 +174,11 @@ def _with_core_args(patch, block_options: dict):
                     "A block patch passed an attention mask to the Open-Sora 2.0 MMDiT block, which attends to every "
                     "token and takes no mask (the official model has none); this patch is not supported here."
                 )
-            return original_block(block_args)
+            core_attention.select(attention_backend, block_args.get("transformer_options", block_options))
+            try:
+                return original_block(block_args)
+            finally:
+                core_attention.select(attention_backend, forward_options)
 
         core_args = {**args, "attn_mask": None, "transformer_options": block_options}
         return patch(core_args, {**extra, "original_block": checked_original})

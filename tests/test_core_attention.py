@@ -114,6 +114,27 @@ def probe(out_path: str, models_dir: str) -> None:
         lambda: sampler_node_samples(with_override(sdpa, unreshaped), "2.0", LATENTS["2.0"], SEED, STEPS, CFG)
     )
     results["released_after_error"] = core_attention._options is None
+    # a block patch that sets an override for its own block (as EliGen-style patches do on core's DiTs)
+    block_calls: list[int] = []
+
+    def block_override(func, *args, **kwargs):
+        block_calls.append(kwargs["transformer_options"]["block_index"])
+        return func(*args, **kwargs)
+
+    def block_patch(args, extra):
+        args["transformer_options"][core_attention.OVERRIDE] = block_override
+        return extra["original_block"](args)
+
+    patched = sdpa.clone()
+    patched.set_model_patch_replace(block_patch, "dit", "double_block", 0)
+    with_block = sampler_node_samples(patched, "2.0", LATENTS["2.0"], SEED, STEPS, CFG)
+    results["block_override"] = {
+        "blocks": sorted(set(block_calls)),
+        "calls": len(block_calls),
+        "vs_plain": float(
+            (with_block - sampler_node_samples(sdpa, "2.0", LATENTS["2.0"], SEED, STEPS, CFG)).abs().max()
+        ),
+    }
     # ComfyUI 0.33's own Model Attention Backend node sets the same override (absent from 0.3.75)
     import comfyui_version
     from comfy_extras import nodes_model_advanced
@@ -179,3 +200,9 @@ def test_core_model_attention_backend_node_applies_where_the_host_has_it(measure
     else:
         major, minor = (int(part) for part in measured["host"].split(".")[:2])
         assert (major, minor) < (0, 33), f"ComfyUI {measured['host']} should have ModelAttentionBackend"
+
+
+def test_an_override_a_block_patch_sets_applies_to_that_block(measured):
+    values = measured["block_override"]
+    assert values["blocks"] == [0] and values["calls"] > 0, values  # with its block's options (block_index)
+    assert values["vs_plain"] < 1e-4, values  # core's attention in that block, sdpa elsewhere
