@@ -160,6 +160,21 @@ def check_conditioning_version(encoded: str | None, version: str, what: str) -> 
         )
 
 
+def conditioning_entry(conditioning: list, what: str, version: str) -> tuple[torch.Tensor, dict]:
+    """(tensor, meta) of a CONDITIONING's one entry, for a `version` model: refused when empty, combined, carrying
+    core keys the Sampler and Guiders would not apply, or encoded for another version. For 2.0, the null caption is
+    a 1.x DiT's learned one, however it is tagged: refused too."""
+    if not conditioning:
+        raise ValueError(f"The {what} conditioning is empty.")
+    check_plain_conditioning(conditioning, what)
+    tensor, meta = conditioning[0]
+    encoded = meta.get("opensora_version")
+    if version == "2.0" and meta.get("opensora_null_caption") and encoded in (None, "2.0"):
+        encoded = "1.x"
+    check_conditioning_version(encoded, version, f"The {what} conditioning")
+    return tensor, meta
+
+
 WEIGHT_DTYPES = {
     "default": None,
     "bf16": torch.bfloat16,

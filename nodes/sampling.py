@@ -25,10 +25,9 @@ from .common import (
     CATEGORY,
     Progress,
     check_choices,
-    check_conditioning_version,
-    check_plain_conditioning,
     check_v1_text,
     compute_dtype,
+    conditioning_entry,
     hooks_of,
     load_for_sampling,
 )
@@ -65,11 +64,7 @@ def check_versions(model, latent: dict) -> dict:
 def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
     """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker,
     which only a negative may be."""
-    if not conditioning:
-        raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what)
-    tensor, meta = conditioning[0]
-    check_conditioning_version(meta.get("opensora_version"), version, f"The {what} conditioning")
+    tensor, meta = conditioning_entry(conditioning, what, version)
     if meta.get("opensora_null_caption"):
         if what == "positive":
             raise ValueError("The positive conditioning is the null caption; connect the positive output.")

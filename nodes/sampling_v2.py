@@ -46,7 +46,7 @@ from ..opensora_lib.sampling_v2 import (
     unpack,
 )
 from ..opensora_lib.schedules import v2_timesteps
-from .common import Progress, check_conditioning_version, check_plain_conditioning, hooks_of, load_for_sampling
+from .common import Progress, conditioning_entry, hooks_of, load_for_sampling
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
@@ -62,14 +62,7 @@ GUIDER_CONDS = {"cond": "positive", "uncond_text": "negative", "uncond_all": "ne
 
 def text_of_v2(conditioning: list, what: str, config) -> tuple[torch.Tensor, torch.Tensor]:
     """(T5 states [B, L, context_in_dim], CLIP pooled [B, vec_in_dim]) of a CONDITIONING, checked against the model."""
-    if not conditioning:
-        raise ValueError(f"The {what} conditioning is empty.")
-    check_plain_conditioning(conditioning, what)
-    tensor, meta = conditioning[0]
-    encoded = meta.get("opensora_version")
-    if meta.get("opensora_null_caption") and encoded in (None, "2.0"):
-        encoded = "1.x"  # the null caption is a 1.x DiT's learned one, however it is tagged: refused too
-    check_conditioning_version(encoded, "2.0", f"The {what} conditioning")
+    tensor, meta = conditioning_entry(conditioning, what, "2.0")
     if tensor.ndim == 4 and tensor.shape[1] == 1:
         tensor = tensor[:, 0]
     if tensor.ndim != 3 or tensor.shape[-1] != config.context_in_dim:
