@@ -402,7 +402,7 @@ class OpenSoraSampler:
 
             return sample_v2_node(model, positive, negative, latent, seed, steps, cfg, **options)
         # cond, uncond (, image uncond for a 1.3 reference) batched
-        passes = 3 if latent.get("opensora_reference") is not None and info["version"] == "1.3" else 2
+        passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
         device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
         z = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index")).to(device)
         z, cond = v1_conditioning(info["version"], latent, z)

@@ -91,6 +91,11 @@ def default_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.randn(shape, dtype=dtype, device=device)
 
 
+def max_passes(has_reference: bool) -> int:
+    """The passes a step runs at most: cond and uncond, plus image uncond with a 1.3 reference."""
+    return 3 if has_reference else 2
+
+
 def needed_passes(has_reference: bool, text_scale: float, image_scale: float | torch.Tensor) -> int:
     """How many of the passes (cond, uncond, image uncond) a step's guided velocity depends on: the image term
     needs all three unless its scale is 1.0 (it folds into uncond); without it, uncond only when text_scale != 1."""
@@ -226,6 +231,17 @@ def conditioning_fps(fps: float | None, num_frames: int | None) -> float:
     return VIDEO_FPS if fps is None else fps
 
 
+def _pass_inputs(
+    num_passes: int, rows: dict[str, list[torch.Tensor]], step_mask: torch.Tensor | None, fixed: dict
+) -> dict:
+    """The model's keyword inputs for a step's first num_passes passes batched: each of `rows` cut to num_passes and
+    concatenated, the step's x_mask repeated per pass, and the inputs every pass shares (`fixed`)."""
+    kwargs = {name: torch.cat(values[:num_passes]) for name, values in rows.items()}
+    if step_mask is not None:
+        kwargs["x_mask"] = step_mask.repeat(num_passes, 1)
+    return {**kwargs, **fixed}
+
+
 def sample_rflow(
     model: Callable[..., torch.Tensor],
     z: torch.Tensor,
@@ -293,11 +309,19 @@ def sample_rflow(
     if options.bf16_inputs:  # the bf16 reference also hands the model bf16-rounded sizes
         size_args = {name: bf16_size(value) for name, value in size_args.items()}
 
+    # Each model input's rows for the passes (cond, uncond, image uncond); a step takes its first num_passes.
+    rows = {"y": [text.y, uncond_y, uncond_y], "mask": [text.mask, uncond_mask, uncond_mask]}
+    fixed = dict(size_args)
     cond_latent = cond_mask = None
     if reference is not None:
         cond_mask = torch.zeros_like(z)
         cond_mask[:, :, mask_index] = 1.0
         cond_latent = reference * cond_mask
+        rows["cond"] = [cond_latent, cond_latent, torch.zeros_like(cond_latent)]
+        rows["cond_mask"] = [cond_mask] * 3
+        # One null caption per row (the reference repeats it batch x batch times and crashes for B > 1).
+        rows["y_null"] = [text.y_null] * 3
+        fixed["mask_index"] = mask_index
 
     noise_added = frame_mask == 1 if frame_mask is not None else None
     for i in range(num_steps):
@@ -325,23 +349,10 @@ def sample_rflow(
         if options.skip_redundant_passes:
             num_passes = needed_passes(reference is not None, text_scale, image_scale)
         else:
-            num_passes = 3 if reference is not None else 2
-
-        ys = [text.y, uncond_y, uncond_y][:num_passes]
-        masks = [text.mask, uncond_mask, uncond_mask][:num_passes]
-        kwargs = dict(y=torch.cat(ys), mask=torch.cat(masks), **size_args)
-        if step_mask is not None:
-            kwargs["x_mask"] = step_mask.repeat(num_passes, 1)
-        if reference is not None:
-            zeros = torch.zeros_like(cond_latent)
-            kwargs["cond"] = torch.cat([cond_latent, cond_latent, zeros][:num_passes])
-            kwargs["cond_mask"] = torch.cat([cond_mask] * num_passes)
-            kwargs["mask_index"] = mask_index
-            # One null caption per row (the reference repeats it batch x batch times and crashes for B > 1).
-            kwargs["y_null"] = torch.cat([text.y_null] * num_passes)
+            num_passes = max_passes(reference is not None)
 
         x_in = torch.cat([z] * num_passes)
-        out = model(x_in, t_now.repeat(batch * num_passes), **kwargs)
+        out = model(x_in, t_now.repeat(batch * num_passes), **_pass_inputs(num_passes, rows, step_mask, fixed))
         velocities = out[:, :channels].float().contiguous().chunk(num_passes, dim=0)
 
         v = guided_velocity(velocities, text_scale, image_scale, options.use_flaw_fix and reference is None)
