@@ -87,10 +87,10 @@ def encode_reference_v1(
                 kept,
                 frames.shape[2],
             )
-        reference = vae.encode(frames[:, :, :kept], sample_posterior=True, noise=noise)
+        reference = vae.encode(frames[:, :, :kept], noise=noise)
     else:
         reference = encode_image_condition(
-            lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2), sample_posterior=True, noise=noise),
+            lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2), noise=noise),
             pixels.shape[0],
             cond_type,
             info["version"],

@@ -156,7 +156,6 @@ def options_v2(
     timestep_transform: bool = True,
     patch_size: int = 2,
     model_dtype: torch.dtype | None = None,
-    is_causal_vae: bool = True,
 ) -> V2SamplingOptions:
     options = V2SamplingOptions(
         num_steps=steps,
@@ -168,7 +167,7 @@ def options_v2(
         shift=timestep_transform,
         patch_size=patch_size,
         model_dtype=model_dtype,
-        is_causal_vae=is_causal_vae,  # True for the DC-AE as well: the official inference config (Q12)
+        is_causal_vae=True,  # for the DC-AE as well: the official inference config (Q12)
     )
     options.validate()
     return options

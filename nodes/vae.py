@@ -50,14 +50,14 @@ class OpenSoraVAE:
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required)
         return self.model, self.patcher.load_device
 
-    def encode(self, pixels: torch.Tensor, sample_posterior: bool = True, noise=None) -> torch.Tensor:
-        """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device). The DC-AE encoder is
-        deterministic, so sample_posterior / noise only matter for 1.x."""
+    def encode(self, pixels: torch.Tensor, noise=None) -> torch.Tensor:
+        """[B,3,T,H,W] in [-1,1] -> normalised latent (float32, intermediate device). The 1.x posterior is sampled
+        (with `noise`), as the official code does; the DC-AE encoder is deterministic."""
         model, device = self._ready(encode_memory(self.model, pixels.shape, self.dtype), "Encoding the reference")
         if self.autoencoder == "dc_ae":
             z = model.encode(pixels.to(device, self.dtype))
         else:
-            z = model.encode(pixels.to(device, self.dtype), sample_posterior=sample_posterior, noise=noise)
+            z = model.encode(pixels.to(device, self.dtype), sample_posterior=True, noise=noise)
         return z.float().to(comfy.model_management.intermediate_device())
 
     def decode(
