@@ -400,6 +400,11 @@ class OpenSoraDecode:
         error = tile_error(self, tile_size, tile_overlap)
         if error:
             raise ValueError(f"Open-Sora Decode: {error}")
+        if tile_size and vae.autoencoder == "dc_ae":
+            raise ValueError(
+                f"Open-Sora Decode: tile_size {tile_size} is for the 1.x VAEs; the Video DC-AE always decodes with its "
+                "official tiles (256 px, 32 frames, overlap 1/4). Set tile_size to 0."
+            )
         if latent["samples"].ndim != 5:
             raise ValueError(
                 f"Open-Sora Decode takes a video LATENT [B, C, T, H, W] (from Open-Sora Empty Latent Video, the Sampler "

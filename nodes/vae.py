@@ -63,12 +63,8 @@ class OpenSoraVAE:
     def decode(
         self, latent: torch.Tensor, num_frames: int | None, tile_size: int = 0, tile_overlap: int = 0
     ) -> torch.Tensor:
-        """Normalised latent -> [B,3,T,H,W] in [-1,1]. tile_size / tile_overlap are pixels (0: untiled, exact)."""
-        if self.autoencoder == "dc_ae" and tile_size:
-            raise ValueError(
-                f"Open-Sora Decode: tile_size {tile_size} is for the 1.x VAEs; the Video DC-AE always decodes with its "
-                "official tiles (256 px, 32 frames, overlap 1/4). Set tile_size to 0."
-            )
+        """Normalised latent -> [B,3,T,H,W] in [-1,1]. tile_size / tile_overlap are pixels (0: untiled, exact); the
+        DC-AE always decodes with its official tiles and ignores them."""
         frames_bytes = 2 * FLOAT32 * decoded_elements(self.model, latent.shape, num_frames)  # frames, then IMAGE
         model, device = self._ready(
             decode_memory(self.model, latent.shape, self.dtype, tile_size, num_frames),
