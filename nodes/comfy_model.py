@@ -40,12 +40,12 @@ PatcherClass = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patc
 class OpenSoraLatent12(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
     """1.2 VAE latents are already normalised by the VAE (shift/scale), so no further scaling here."""
 
-    latent_channels = 4
+    latent_channels = sizes.LATENT_CHANNELS["1.2"]
     latent_dimensions = 3
 
 
 class OpenSoraLatent13(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
-    latent_channels = 16
+    latent_channels = sizes.LATENT_CHANNELS["1.3"]
     latent_dimensions = 3
 
 

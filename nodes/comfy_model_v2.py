@@ -24,6 +24,7 @@ import comfy.ops
 import comfy.supported_models_base
 import torch
 
+from ..opensora_lib import sizes
 from ..opensora_lib.memory import forward_memory
 from ..opensora_lib.mmdit import MMDiT, MMDiTConfig
 from ..opensora_lib.sampling_v2 import image_ids, pack, text_ids, unpack
@@ -189,7 +190,7 @@ def _with_core_args(patch, block_options: dict, forward_options: dict, attention
 class OpenSoraDCAELatent(PrincipalComponentPreview, comfy.latent_formats.LatentFormat):
     """Video DC-AE latents as Load Open-Sora VAE's DC-AE returns them (already scaled as chosen there)."""
 
-    latent_channels = 128
+    latent_channels = sizes.LATENT_CHANNELS["2.0 DC-AE"]
     latent_dimensions = 3
     scale_factor = 1.0
 

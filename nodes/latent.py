@@ -7,19 +7,18 @@ import math
 
 import torch
 
-from ..opensora_lib import reference_image, sizes
+from ..opensora_lib import conditioning_v1, reference_image, sizes
 from .common import CATEGORY, SMALLER_VIDEO, check_host_memory, input_range_error, warn_once
 from .reference import encode_reference_v1
-from .reference_v2 import encode_reference_dcae, encode_reference_v2
+from .reference_v2 import COND_TYPES_V2, encode_reference_dcae, encode_reference_v2
 
 log = logging.getLogger("OpenSora")
 
 # Version choices of Empty Latent Video; "2.0 DC-AE" makes a Video DC-AE latent (its LATENT info keeps version
 # "2.0" and adds "autoencoder": "dc_ae"; a 2.0 latent without that key is a HunyuanVideo one).
 VERSIONS = list(sizes.LATENT_CHOICES)
-LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
-V1_COND_TYPES = ["i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "frame_index"]
-COND_TYPES = [*V1_COND_TYPES, "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]  # the last three: 2.0 only
+V1_COND_TYPES = [*conditioning_v1.COND_TYPES, "frame_index"]
+COND_TYPES = [*V1_COND_TYPES, *(t for t in COND_TYPES_V2 if t not in V1_COND_TYPES)]  # 2.0 only after frame_index
 
 
 def _union(getter) -> list[str]:
@@ -85,7 +84,7 @@ def latent_autoencoder(info: dict) -> str | None:
 
 def latent_label(info: dict) -> str:
     """How errors name a LATENT: its Empty Latent Video version choice."""
-    return "2.0 DC-AE" if latent_autoencoder(info) == "dc_ae" else str(info.get("version"))
+    return sizes.latent_choice(info.get("version"), latent_autoencoder(info))
 
 
 def check_vae_fits(vae, info: dict, what: str) -> None:
@@ -96,7 +95,7 @@ def check_vae_fits(vae, info: dict, what: str) -> None:
             f"{what}: this is an Open-Sora 2.0 (HunyuanVideo) latent, which Load Open-Sora VAE does not handle: "
             "use core Load VAE with hunyuan_vae.safetensors (through Open-Sora HunyuanVideo VAE (causal fix))."
         )
-    vae_label = "2.0 DC-AE" if vae.autoencoder == "dc_ae" else vae.version
+    vae_label = sizes.latent_choice(vae.version, vae.autoencoder)
     if vae_label != label:
         hint = (
             "Load Open-Sora VAE with F32T4C128_AE.safetensors"
@@ -219,7 +218,7 @@ class OpenSoraEmptyLatentVideo:
                 width,
                 height,
             )
-        shape = (batch_size, LATENT_CHANNELS[version], frames, latent_h, latent_w)
+        shape = (batch_size, sizes.LATENT_CHANNELS[version], frames, latent_h, latent_w)
         check_host_memory(math.prod(shape) * 4, f"Open-Sora Empty Latent Video's latent of {shape}", SMALLER_VIDEO)
         samples = torch.zeros(shape)
         info = {"version": lib_version, "height": height, "width": width, "num_frames": num_frames, "fps": fps}

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from ..opensora_lib import reference_image, sizes
+from ..opensora_lib import reference_image, sampling_v2, sizes
 from ..opensora_lib.sampling_v2 import conditioned_frames
 from .reference import IMAGE_PICKS, encode_image_condition
 
-COND_TYPES_V2 = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
-COND_TYPES_DC_AE = ("i2v_head", "i2v_tail", "i2v_loop")
+COND_TYPES_V2 = tuple(t for t in sampling_v2.COND_TYPES if t != "t2v")
+COND_TYPES_DC_AE = tuple(t for t in COND_TYPES_V2 if t.startswith("i2v"))
 
 
 def _encode(core_vae, images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def encode_reference_dcae(vae, image: torch.Tensor, latent: dict, info: dict, co
         lambda i: vae.encode(pixels[i : i + 1].unsqueeze(2)).float().cpu(),
         len(pixels),
         cond_type,
-        "2.0 DC-AE",
+        sizes.latent_choice("2.0", "dc_ae"),
         samples.shape[0],
     )
     if reference.shape[1] != samples.shape[1] or reference.shape[-2:] != samples.shape[-2:]:

@@ -115,7 +115,6 @@ def reference_v2(model, latent: dict) -> tuple[str, torch.Tensor | None, torch.T
 
 
 AUTOENCODER_LABELS = {"hunyuan": "HunyuanVideo VAE", "dc_ae": "Video DC-AE"}
-LATENT_CHOICES = {"hunyuan": "2.0", "dc_ae": "2.0 DC-AE"}  # Empty Latent Video's version for each
 DIT_FILES = {"hunyuan": "Open_Sora_v2.safetensors", "dc_ae": "Open_Sora_v2_Video_DC_AE.safetensors"}
 DIT_LABELS = {
     "hunyuan": "the Open-Sora 2.0 DiT for the HunyuanVideo VAE (patch 2, 16 channels)",
@@ -135,8 +134,8 @@ def check_latent(model, latent: dict) -> torch.Tensor:
     if given != wanted:
         raise ValueError(
             f"The model is {DIT_LABELS[wanted]} but the latent was made for the {AUTOENCODER_LABELS[given]} "
-            f"(Empty Latent Video version {LATENT_CHOICES[given]!r}): set the version to {LATENT_CHOICES[wanted]!r} "
-            f"for this model, or load {DIT_FILES[given]} for this latent."
+            f"(Empty Latent Video version {sizes.latent_choice('2.0', given)!r}): set the version to "
+            f"{sizes.latent_choice('2.0', wanted)!r} for this model, or load {DIT_FILES[given]} for this latent."
         )
     channels = config.in_channels // config.patch_size**2
     if samples.ndim != 5 or samples.shape[1] != channels:

@@ -22,6 +22,7 @@ from .aspect_tables import (
 from .sizes import (
     DEFAULTS,
     DEFAULTS_DC_AE,
+    LATENT_CHANNELS,
     MAX_SIDE,
     MIN_SIDE,
     NAMED_FRAME_COUNTS_V1,
@@ -67,7 +68,7 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
             "first_frame_sizes": first_frame_sizes,
             "size_limits": {"min": MIN_SIDE, "max": MAX_SIDE, "multiple_of": 16},
             "latent": {  # the HunyuanVideo VAE (causal: 4k + 1 frames)
-                "channels": 16,
+                "channels": LATENT_CHANNELS["2.0"],
                 "latent_frames": "1 if n == 1 else (n - 1) // 4 + 1",
                 "latent_hw": "2*ceil(H/16), 2*ceil(W/16)",
                 "tokens_per_frame": "ceil(H/16) * ceil(W/16)",
@@ -97,7 +98,7 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
     if version == "1.3":
         rules["raw_sizes"] = {name: {k: list(v) for k, v in table.items()} for name, (_pixels, table) in tables.items()}
         rules["latent"] = {
-            "channels": 16,
+            "channels": LATENT_CHANNELS["1.3"],
             "latent_frames": "1 if n == 1 else (n - 1) // 16 * 5",
             "latent_hw": "(H - 1) // 8 + 1, (W - 1) // 8 + 1",
             "tokens_per_frame": "ceil(latent_h / 2) * ceil(latent_w / 2)",
@@ -109,7 +110,7 @@ def size_rules(version: str, autoencoder: str = "hunyuan") -> dict:
         }
     else:
         rules["latent"] = {
-            "channels": 4,
+            "channels": LATENT_CHANNELS["1.2"],
             "latent_frames": "n // 17 * 5 + ceil((n % 17) / 4)",
             "latent_hw": "H // 8, W // 8",
             "tokens_per_frame": "ceil(latent_h / 2) * ceil(latent_w / 2)",
@@ -130,7 +131,7 @@ def _dc_ae_rules() -> dict:
         first_frame = v2_table(resolution, True, step)  # official: AE_SPATIAL_COMPRESSION=32 reaches this too
         first_frame_sizes[resolution] = {r: list(first_frame[r]) if r in first_frame else None for r in table}
     latent = {  # the Video DC-AE (not causal: 4k frames), one latent pixel per 32 x 32, patch 1
-        "channels": 128,
+        "channels": LATENT_CHANNELS["2.0 DC-AE"],
         "latent_frames": "1 if n == 1 else n // 4",
         "latent_hw": "ceil(H/32), ceil(W/32)",
         "tokens_per_frame": "ceil(H/32) * ceil(W/32)",

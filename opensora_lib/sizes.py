@@ -48,6 +48,8 @@ LATENT_CHOICES = {
     "2.0": ("2.0", "hunyuan"),
     "2.0 DC-AE": ("2.0", "dc_ae"),
 }
+# Latent channels of each choice's VAE (1.2 VAE, 1.3 VAE, HunyuanVideo VAE, Video DC-AE).
+LATENT_CHANNELS = {"1.2": 4, "1.3": 16, "2.0": 16, "2.0 DC-AE": 128}
 
 # Frame limits: (image allowed, step, first count, largest count, trained maximum or None).
 # 1.2: 816 is the longest official named count; 1.3: 801 is the largest 16k+1 within it.
@@ -78,6 +80,16 @@ def parse_latent_choice(choice: str) -> tuple[str, str]:
     if choice not in LATENT_CHOICES:
         raise ValueError(f"unknown Open-Sora latent version {choice!r}; choose one of {', '.join(LATENT_CHOICES)}")
     return LATENT_CHOICES[choice]
+
+
+def latent_choice(version: str, autoencoder: str | None = None) -> str:
+    """The Empty Latent Video version choice of a (version, 2.0 autoencoder) pair, the inverse of LATENT_CHOICES
+    (autoencoder None: a 1.x latent, or a 2.0 one that names none, the HunyuanVideo VAE); an unknown version is
+    returned as it is."""
+    for choice, pair in LATENT_CHOICES.items():
+        if pair == (version, autoencoder or "hunyuan"):
+            return choice
+    return str(version)
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:

@@ -246,6 +246,14 @@ def test_size_and_length_for_latent():
             assert longest >= frames and sizes.latent_frames(version, longest, autoencoder=autoencoder) == latent
 
 
+def test_latent_choice_is_the_inverse_of_latent_choices():
+    for choice, (version, autoencoder) in sizes.LATENT_CHOICES.items():
+        assert sizes.latent_choice(version, autoencoder) == choice
+    assert sizes.latent_choice("1.3") == "1.3" and sizes.latent_choice("2.0") == "2.0"  # no autoencoder: HunyuanVideo
+    assert sizes.latent_choice("2.0", "dc_ae") == "2.0 DC-AE"
+    assert sorted(sizes.LATENT_CHANNELS) == sorted(sizes.LATENT_CHOICES)
+
+
 def test_v13_decode_rule():
     assert sizes.decode_latent_frames("1.3", 113) == 35
     assert sizes.decoded_frames("1.3", 113) == 119  # official 1.3 returns 17 frames per 5 latents
