@@ -380,11 +380,34 @@ class OpenSoraSampler:
         "Open-Sora's reference rectified-flow sampler with every official option, progress, previews and interruption."
     )
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, **options):
-        # the optional inputs' widget defaults for what an API prompt omits (one definition: INPUT_TYPES)
-        defaults = {name: spec[1]["default"] for name, spec in self.INPUT_TYPES()["optional"].items()}
-        options = {**defaults, **options}
-        check_choices(type(self), {"guidance_passes": options["guidance_passes"]})
+    def sample(
+        self,
+        model,
+        positive,
+        negative,
+        latent,
+        seed,
+        steps,
+        cfg,
+        image_cfg=5.0,
+        oscillation=True,
+        image_oscillation=True,
+        scale_image_weight=True,
+        sdedit=True,
+        flaw_fix=True,
+        timestep_transform=True,
+        guidance_passes="batched",
+    ):
+        check_choices(type(self), {"guidance_passes": guidance_passes})
+        options = {
+            "image_cfg": image_cfg,
+            "oscillation": oscillation,
+            "image_oscillation": image_oscillation,
+            "scale_image_weight": scale_image_weight,
+            "sdedit": sdedit,
+            "flaw_fix": flaw_fix,
+            "timestep_transform": timestep_transform,
+        }
         info = check_versions(model, latent)
         mask = latent.get("noise_mask")
         if mask is not None and not bool((mask == 1).all()):  # an all-ones mask masks nothing
@@ -400,13 +423,14 @@ class OpenSoraSampler:
         if info["version"] == "2.0":
             from .sampling_v2 import sample_v2_node
 
-            return sample_v2_node(model, positive, negative, latent, seed, steps, cfg, **options)
+            return sample_v2_node(
+                model, positive, negative, latent, seed, steps, cfg, **options, guidance_passes=guidance_passes
+            )
         # cond, uncond (, image uncond for a 1.3 reference) batched
         passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
         device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
         z = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index")).to(device)
         z, cond = v1_conditioning(info["version"], latent, z)
-        options.pop("guidance_passes")  # 2.0 only
         rflow_options = v1_options(info, cfg, **options, num_steps=steps, bf16_inputs=dtype == torch.bfloat16)
         generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
 

@@ -19,10 +19,17 @@ def declared_nodes() -> dict:
         "module = importlib.util.module_from_spec(spec)\n"
         "sys.modules['opensora_pack'] = module\n"
         "spec.loader.exec_module(module)\n"
+        "import inspect\n"
         "out = {}\n"
         "for name, cls in module.NODE_CLASS_MAPPINGS.items():\n"
         "    types = cls.INPUT_TYPES()\n"
         "    out[name] = {k: sorted(types.get(k, {})) for k in ('required', 'optional')}\n"
+        "    parameters = inspect.signature(getattr(cls, cls.FUNCTION)).parameters\n"
+        "    out[name]['defaults'] = {\n"
+        "        k: [spec[1].get('default') if len(spec) > 1 else None,\n"
+        "            parameters[k].default if k in parameters else 'not in the signature']\n"
+        "        for k, spec in types.get('optional', {}).items()\n"
+        "    }\n"
         "print('JSON' + json.dumps(out))\n"
     )
     result = subprocess.run(
@@ -52,6 +59,14 @@ def test_object_info_lists_every_pack_node_with_its_inputs(comfy_server):
                 assert len(tooltip) <= 420, f"{name}.{input_name}: tooltip of {len(tooltip)} characters"
     ours = {k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR_NAME}"}
     assert ours == set(declared)
+
+
+def test_optional_inputs_default_in_the_signature_as_their_widgets():
+    """One convention for optional inputs: each node function names them with the widget's default (None for a
+    link input), so a prompt or a Python caller that omits one gets what the widget shows."""
+    for name, inputs in declared_nodes().items():
+        for input_name, (widget, signature) in inputs["defaults"].items():
+            assert signature == widget, (name, input_name, widget, signature)
 
 
 def test_pack_import_failure_is_detected(tmp_path):
