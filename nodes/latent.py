@@ -292,7 +292,13 @@ class OpenSoraEncodeReference:
             )
         info = video_info(latent)
         if end_image is not None:
-            image = with_end_image(image, end_image, cond_type, info, latent["samples"].shape[0])
+            if cond_type != "i2v_loop":
+                raise ValueError(
+                    f"end_image is the last frame of cond_type i2v_loop (a first-last-frame video); with {cond_type!r} "
+                    "disconnect it, or set cond_type to i2v_loop."
+                )
+            rows = latent["samples"].shape[0]
+            image = reference_image.with_end_image(image, end_image, info["height"], info["width"], rows)
         if latent_autoencoder(info) == "dc_ae":
             if vae is None:
                 raise ValueError(
@@ -318,24 +324,6 @@ class OpenSoraEncodeReference:
             )
         check_vae_fits(vae, info, "Encode Reference")
         return (encode_reference_v1(vae, image, latent, info, cond_type, frame_index, seed),)
-
-
-def with_end_image(
-    image: torch.Tensor, end_image: torch.Tensor, cond_type: str, info: dict, rows: int = 1
-) -> torch.Tensor:
-    """image's frames then end_image's last, each fitted to the latent's size (so they batch whatever their sizes),
-    back in the IMAGE layout: i2v_loop takes the first and the last. With one start and one end image per video of
-    the latent's `rows` (> 1), all the end images: each video gets its own pair (reference.encode_image_condition).
-    The fit is 8-bit, so fitting again is exact."""
-    if cond_type != "i2v_loop":
-        raise ValueError(
-            f"end_image is the last frame of cond_type i2v_loop (a first-last-frame video); with {cond_type!r} "
-            "disconnect it, or set cond_type to i2v_loop."
-        )
-    height, width = info["height"], info["width"]
-    ends = end_image if rows > 1 and image.shape[0] == end_image.shape[0] == rows else end_image[-1:]
-    pixels = torch.cat([reference_image.resize_crop(x, height, width) for x in (image, ends)])
-    return ((pixels + 1) / 2).movedim(1, -1)
 
 
 def tile_error(node, tile_size: int | None, tile_overlap: int | None) -> str | None:

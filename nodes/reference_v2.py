@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..opensora_lib import reference_image, sampling_v2, sizes
+from ..opensora_lib.reference_image import IMAGE_PICKS, encode_image_condition
 from ..opensora_lib.sampling_v2 import conditioned_frames
-from .reference import IMAGE_PICKS, encode_image_condition
 
 COND_TYPES_V2 = tuple(t for t in sampling_v2.COND_TYPES if t != "t2v")
 COND_TYPES_DC_AE = tuple(t for t in COND_TYPES_V2 if t.startswith("i2v"))

@@ -5,16 +5,25 @@ The official code reads an image file and a video file differently (datasets/uti
   then (x - 0.5) / 0.5 (resize_crop);
 - video (the v2v_* references): 8-bit frames /255, bilinear F.interpolate without antialiasing, a crop offset of
   int(round(diff) / 2), then (x - 0.5) / 0.5 (resize_crop_video).
+
+It also holds which images of a batch an image condition uses (IMAGE_PICKS, encode_image_condition: every version),
+the start + end images of a first-last-frame video (with_end_image) and the latent frames a 1.x reference conditions
+(mask_index_for).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .conditioning_v1 import cond_type_placements
 from .sizes import check_int
+
+log = logging.getLogger("OpenSora")
 
 
 def _fill_geometry(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -83,6 +92,66 @@ def resize_crop_reference(image: torch.Tensor, height: int, width: int, cond_typ
     if cond_type.startswith("v2v"):
         return resize_crop_video(image, height, width)
     return resize_crop(image, height, width)
+
+
+# Which images of an IMAGE batch an image condition encodes: head = the first, tail = the last, loop = both ends
+# (official "a.png;b.png" references: the second is the loop's last frame). frame_index takes the first.
+IMAGE_PICKS = {"i2v_head": (0,), "i2v_tail": (-1,), "i2v_loop": (0, -1), "frame_index": (0,)}
+
+
+def encode_image_condition(
+    encode_one: Callable[[int], torch.Tensor], count: int, cond_type: str, version: str, rows: int = 1
+) -> torch.Tensor:
+    """The reference latent of an image condition: encode_one(i) ([1, C, 1, h, w]) for the images it picks from a
+    batch of `count`, concatenated in latent-frame order (i2v_loop: [start, end]; one image is encoded once and
+    used at both ends), shared by the latent's `rows` videos. Given one image per video (count == rows > 1; i2v_loop:
+    the rows' start images, then their end images, count == 2 rows) each video gets its own: [rows, C, 1 or 2, h, w].
+    Says which images were used when the batch holds more than the condition takes."""
+    ends = len(IMAGE_PICKS[cond_type])
+    if rows > 1 and count == rows * ends:
+        return torch.cat([torch.cat([encode_one(i + k * rows) for k in range(ends)], dim=2) for i in range(rows)])
+    order = [i % count for i in IMAGE_PICKS[cond_type]]
+    picks = list(dict.fromkeys(order))
+    if count > len(picks):
+        which = "the last" if picks == [count - 1] else "the first and the last" if len(picks) == 2 else "the first"
+        per_row = (
+            f"; give {rows * ends} images (the latent's batch_size{' x 2' if ends == 2 else ''}) for one per video"
+        )
+        log.warning(
+            "OpenSora: Encode Reference %s uses %s of the %d images it was given (Open-Sora %s conditions on %s%s)",
+            cond_type,
+            which,
+            count,
+            version,
+            "a start and an end image" if cond_type == "i2v_loop" else "one image here",
+            per_row if rows > 1 else "",
+        )
+    encoded = {i: encode_one(i) for i in picks}  # in pick order: the 1.x posterior noise is drawn first, then last
+    return torch.cat([encoded[i] for i in order], dim=2)
+
+
+def mask_index_for(cond_type: str, latent_frames: int, reference_frames: int, frame_index: int) -> list[int]:
+    """Latent frames a 1.x reference conditions: the official cond types' targets, or the one frame_index."""
+    if cond_type != "frame_index":
+        placements = cond_type_placements(cond_type, latent_frames, [reference_frames])
+        return sorted({target % latent_frames for _ref, _frame, target in placements})
+    if not 0 <= frame_index < latent_frames:
+        raise ValueError(
+            f"frame_index {frame_index} is outside the latent's {latent_frames} frames (0..{latent_frames - 1})"
+        )
+    return [frame_index]
+
+
+def with_end_image(
+    image: torch.Tensor, end_image: torch.Tensor, height: int, width: int, rows: int = 1
+) -> torch.Tensor:
+    """image's frames then end_image's last, each fitted to (height, width) (so they batch whatever their sizes),
+    back in the IMAGE layout: i2v_loop takes the first and the last. With one start and one end image per video of
+    the latent's `rows` (> 1), all the end images: each video gets its own pair (encode_image_condition).
+    The fit is 8-bit, so fitting again is exact."""
+    ends = end_image if rows > 1 and image.shape[0] == end_image.shape[0] == rows else end_image[-1:]
+    pixels = torch.cat([resize_crop(x, height, width) for x in (image, ends)])
+    return ((pixels + 1) / 2).movedim(1, -1)
 
 
 def _eight_bit(image: torch.Tensor) -> torch.Tensor:
