@@ -9,33 +9,15 @@ reference update z += v * (t_i - t_{i+1}) / 1000, so the result matches the Open
 
 from __future__ import annotations
 
-import logging
-
-import comfy.model_management
-import comfy.sample
-import comfy.samplers
-import comfy.utils
-import latent_preview
 import torch
 
 from ..opensora_lib import rflow
 from .common import CATEGORY, hooks_of
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import video_info
-from .sampling import (
-    CFG_INPUT,
-    FLAW_FIX_INPUT,
-    GUIDANCE_INPUTS,
-    GUIDANCE_OPTIONS,
-    SAMPLING_HOOKS,
-    OpenSoraSigmas,
-    check_versions,
-    text_of,
-    v1_options,
-    v1_reference,
-)
-
-log = logging.getLogger("OpenSora")
+from .sampling_common import CFG_INPUT, FLAW_FIX_INPUT, GUIDANCE_INPUTS, GUIDANCE_OPTIONS, check_versions
+from .sampling_v1 import text_of, v1_options, v1_reference
+from .sampling_v2 import guider_v2
 
 
 class OpenSoraV1Guider(ScheduledGuider):
@@ -126,8 +108,6 @@ class OpenSoraGuider:
     ):
         info = check_versions(model, latent)
         if info["version"] == "2.0":
-            from .sampling_v2 import guider_v2
-
             return (
                 guider_v2(
                     model,
@@ -152,61 +132,3 @@ class OpenSoraGuider:
 
 NODE_CLASS_MAPPINGS = {"OpenSoraGuider": OpenSoraGuider}
 NODE_DISPLAY_NAME_MAPPINGS = {"OpenSoraGuider": "Open-Sora Guider"}
-
-
-def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, options: dict):
-    """The Open-Sora Sampler on conditioning with hooks (CreateHookLora & co.): core's sampling applies each pass's
-    hooks, so the run goes through the Open-Sora Guider, Open-Sora Sigmas and core's euler as SamplerCustomAdvanced
-    runs them (the same guidance and starting noise; float rounding apart from the Sampler's direct path). Returns the
-    LATENT."""
-    version, has_reference = check_versions(model, latent)["version"], latent.get("opensora_reference") is not None
-    unsupported = None  # (what core's sampling lacks, what else the user can do)
-    if has_reference and version == "1.2":
-        unsupported = (
-            "cannot take a 1.2 reference (the official mask strategy runs in the Sampler's own loop only)",
-            "",
-        )
-    elif has_reference and version == "1.3" and options["sdedit"]:
-        lacks = "has no sdedit (the Sampler's own loop re-noises the reference frames; core's sampling does not)"
-        unsupported = (lacks, "turn sdedit off, or ")
-    if unsupported:
-        raise ValueError(
-            "The Open-Sora Sampler runs conditioning with hooks (CreateHookLora & co.) through core's sampling, which "
-            f"{unsupported[0]}: {unsupported[1]}apply the LoRA to the MODEL (LoraLoaderModelOnly) instead of the "
-            "conditioning."
-        )
-    applied = [name for name in SAMPLING_HOOKS if model.model_options.get(name)]
-    applied += ["model_sampling (e.g. ModelSamplingSD3)"] if "model_sampling" in model.object_patches else []
-    if applied:  # the Sampler's own path ignores these (and says so)
-        log.warning(
-            "OpenSora: the Open-Sora Sampler runs this hooked conditioning through core's sampling (the Open-Sora "
-            "Guider, Sigmas and euler), where this MODEL's sampling patches apply as in that graph: %s.",
-            ", ".join(applied),
-        )
-    (guider,) = OpenSoraGuider().get_guider(
-        model,
-        positive,
-        negative,
-        latent,
-        cfg,
-        options["image_cfg"],
-        options["oscillation"],
-        options["image_oscillation"],
-        options["scale_image_weight"],
-        options["flaw_fix"],
-    )
-    (sigmas,) = OpenSoraSigmas().sigmas(latent, steps, options["timestep_transform"], model)
-    samples = latent["samples"]
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))  # as SamplerCustomAdvanced draws it
-    out = guider.sample(
-        noise,
-        samples,
-        comfy.samplers.sampler_object("euler"),
-        sigmas,
-        callback=latent_preview.prepare_callback(model, sigmas.shape[-1] - 1),
-        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-        seed=seed,
-    )
-    result = {k: v for k, v in latent.items() if k != "opensora_reference"}
-    result["samples"] = out.float().to(comfy.model_management.intermediate_device())
-    return result

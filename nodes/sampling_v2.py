@@ -50,7 +50,7 @@ from .common import Progress, conditioning_entry, hooks_of, load_for_sampling
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import latent_autoencoder, video_info
 from .previews import previewer_for
-from .sampling import check_reference_rows, diffusion_model_runner, flow_sigmas
+from .sampling_common import check_reference_rows, diffusion_model_runner, flow_sigmas
 
 log = logging.getLogger("OpenSora")
 

@@ -31,7 +31,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import torch
     from comfy.cli_args import LatentPreviewMethod, args
     from helpers_comfy_probe import error_of
-    from opensora_pack.nodes import guider, latent, loaders, previews, sampling, text
+    from opensora_pack.nodes import guider, latent, loaders, previews, sampling, sampling_common, text
     from opensora_pack.nodes.sampling_v2 import sigmas_v2
     from opensora_pack.opensora_lib import detection, reference_image
     from opensora_pack.opensora_lib import sampling_v2 as lib
@@ -59,7 +59,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     file_sd = load_file(str(Path(models_dir) / "diffusion_models" / names["dit_dcae"]))
     fmt = model.model.latent_format
     results["load_dit"] = {
-        "version": sampling.model_version(model),
+        "version": sampling_common.model_version(model),
         "autoencoder": model.model.opensora_autoencoder,
         "format": type(fmt).__name__,
         "format_is_comfy": isinstance(fmt, comfy.latent_formats.LatentFormat),
@@ -303,7 +303,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         "guider_mismatch": error_of(
             lambda: guider.OpenSoraGuider().get_guider(hunyuan_model, positive, negative, small, 7.5)
         ),
-        "dcae_latent_on_1_3_dit": error_of(lambda: sampling.check_versions(fake_v13, small)),
+        "dcae_latent_on_1_3_dit": error_of(lambda: sampling_common.check_versions(fake_v13, small)),
         "decode_hunyuan_latent": error_of(lambda: latent.OpenSoraDecode().decode(vae, hunyuan_small)),
         "decode_with_1_3_vae": error_of(lambda: latent.OpenSoraDecode().decode(vae13, small)),
         "decode_tiled": error_of(lambda: latent.OpenSoraDecode().decode(vae, small, 256, 64)),

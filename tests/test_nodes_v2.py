@@ -43,7 +43,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     from helpers_comfy_probe import error_of
     from opensora_pack.nodes import guider, latent, loaders, sampling, text
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT, OpenSoraV2Model
-    from opensora_pack.nodes.sampling import model_version
+    from opensora_pack.nodes.sampling_common import model_version
     from opensora_pack.nodes.sampling_v2 import sigmas_v2
     from opensora_pack.opensora_lib import sampling_v2 as lib
     from opensora_pack.opensora_lib.mmdit import MMDiT

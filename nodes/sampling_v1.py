@@ -1,0 +1,162 @@
+"""Open-Sora 1.2 / 1.3 sampling for the Sampler node and the Guider: the text and reference conditioning of a 1.x
+LATENT, the STDiT3 caller and the node switches as RFlowOptions (the 2.0 counterpart is sampling_v2.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ..opensora_lib import rflow
+from ..opensora_lib.conditioning_v1 import (
+    V12_ALIGN,
+    apply_mask_strategy,
+    cond_type_placements,
+    image_strategies,
+    mask_strategies_for,
+    place_references,
+)
+from .common import check_v1_text, compute_dtype, conditioning_entry
+from .sampling_common import check_reference_rows, diffusion_model_runner, model_version
+
+log = logging.getLogger("OpenSora")
+
+
+def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor | None, dict]:
+    """(T5 states, meta) of a 1.x CONDITIONING for a `version` model; (None, meta) for the null-caption marker,
+    which only a negative may be."""
+    tensor, meta = conditioning_entry(conditioning, what, version)
+    if meta.get("opensora_null_caption"):
+        if what == "positive":
+            raise ValueError("The positive conditioning is the null caption; connect the positive output.")
+        return None, meta
+    if "attention_mask" not in meta:
+        raise ValueError(f"The {what} conditioning has no T5 attention mask: encode it with Open-Sora Encode Prompt.")
+    check_v1_text(tensor, meta["attention_mask"], f"The {what} conditioning")
+    return tensor, meta
+
+
+def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlowText:
+    """Positive T5 states + mask; negative prompt, or the learned null caption (masked by the positive, Q1)."""
+    version = model_version(model)
+    y, meta = text_of(positive, "positive", version)
+    y_null = model.model.diffusion_model.null_caption().to(device, dtype)[None]
+    text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
+    negative_y, negative_meta = text_of(negative, "negative", version)
+    if negative_y is not None:
+        text.negative_y = negative_y.to(device, dtype)[:, None]
+        text.negative_mask = negative_meta["attention_mask"].to(device)
+    return text
+
+
+def check_reference_fits(reference: dict, z: torch.Tensor) -> None:
+    """Encode Reference made its entry for the latent as it was then: a core latent node after it (LatentUpscaleBy,
+    TrimVideoLatent) changes the samples but not the entry."""
+    ref, index = reference["latent"], list(reference["mask_index"])
+    check_reference_rows(ref, z)
+    if tuple(ref.shape[3:]) != tuple(z.shape[3:]) or not all(0 <= frame < z.shape[2] for frame in index):
+        raise ValueError(
+            f"The Open-Sora Encode Reference (reference latent {list(ref.shape)} for latent frames {index}) does not "
+            f"fit this latent {list(z.shape)}: a node after Encode Reference (e.g. LatentUpscaleBy, TrimVideoLatent) "
+            "changed the latent. Run Encode Reference after that node."
+        )
+
+
+def v1_references(reference: dict, z: torch.Tensor) -> list[torch.Tensor]:
+    """The reference latents of an Encode Reference entry: one video (v2v_head), else one per image (the official
+    "a.png;b.png" references; i2v_loop: start, end)."""
+    ref = reference["latent"].to(z.device, z.dtype)
+    if reference["cond_type"] == "v2v_head":
+        return [ref]
+    return [ref[:, :, k : k + 1] for k in range(ref.shape[2])]
+
+
+def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
+    """1.3: the DiT's reference input, placed as the official cond types (conditioning_v1.cond_type_placements)."""
+    reference = latent.get("opensora_reference")
+    if reference is None:
+        return None
+    check_reference_fits(reference, z)
+    references = v1_references(reference, z)
+    if reference["cond_type"] == "frame_index":
+        placements = [(0, 0, reference["mask_index"][0])]
+    else:
+        lengths = [r.shape[2] for r in references]
+        placements = cond_type_placements(reference["cond_type"], z.shape[2], lengths)
+    return place_references(z.shape, references, placements)
+
+
+def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
+    """(z, sampler conditioning) for a 1.x latent. 1.3 conditions the DiT on the reference (cond channels); 1.2
+    has no such input and, as its official inference, writes the reference frames into z with a mask strategy
+    (edit ratio 0: those latent frames are kept) aligned to multiples of 5 latent frames (official align = 5:
+    i2v_tail on 15 latent frames lands on frame 10)."""
+    if version != "1.2":
+        return z, v1_reference(latent, z)
+    reference = latent.get("opensora_reference")
+    if reference is None:
+        return z, None
+    check_reference_fits(reference, z)
+    references = v1_references(reference, z)  # no z-sized placed copy: the strategies place them
+    if reference["cond_type"] == "v2v_head":  # one video: consecutive frames in one group
+        strategies = mask_strategies_for(reference["mask_index"], references[0].shape[2])
+    else:  # each image its own reference id, so aligning moves only its target
+        strategies = image_strategies(reference["mask_index"], len(references))
+    z, mask = apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
+    asked = sorted(index % z.shape[2] for index in reference["mask_index"])
+    kept = [] if mask is None else (mask.frame_mask[0] == 0).nonzero().flatten().tolist()
+    if kept != asked:
+        log.info("OpenSora: 1.2 reference at latent frame(s) %s, aligned from %s (official align = 5)", kept, asked)
+    return z, mask
+
+
+def dit_caller(model) -> Callable[..., torch.Tensor]:
+    """sample_rflow's model: the official STDiT3 signature in, the official prediction out, fed in the model's compute
+    dtype. It calls ComfySTDiT3's latent interface (what core calls, and what object patches and torch.compile wrap)
+    through diffusion_model_runner; the renames (y -> context, mask -> attention_mask) and the sign are exact."""
+    dtype = compute_dtype(model.model)
+    run = diffusion_model_runner(model)
+
+    def call(x, timestep, **kwargs):
+        cast = {
+            k: (
+                v.to(dtype)
+                if torch.is_tensor(v) and v.is_floating_point() and k not in ("height", "width", "fps")
+                else v
+            )
+            for k, v in kwargs.items()
+        }
+        context, mask = cast.pop("y"), cast.pop("mask", None)
+        # ComfySTDiT3 returns -prediction[:, :C] (core's CONST sign); negating it back is exact
+        return -run(x.to(dtype), timestep, context=context, attention_mask=mask, **cast)
+
+    return call
+
+
+def v1_options(
+    info: dict,
+    cfg: float,
+    image_cfg: float,
+    oscillation: bool,
+    image_oscillation: bool,
+    scale_image_weight: bool,
+    flaw_fix: bool,
+    sdedit: bool,
+    timestep_transform: bool = True,
+    **extra,
+) -> rflow.RFlowOptions:
+    """The node switches as RFlowOptions; 1.3-only features stay off for 1.2, as the official configs."""
+    v13 = info["version"] == "1.3"
+    return rflow.RFlowOptions(
+        cfg_scale=cfg,
+        version=info["version"],
+        use_timestep_transform=timestep_transform,
+        use_oscillation_guidance=oscillation and v13,
+        use_flaw_fix=flaw_fix and v13,
+        image_cfg_scale=image_cfg,
+        use_oscillation_guidance_for_image=image_oscillation and v13,
+        scale_image_weight=scale_image_weight and v13,
+        use_sdedit=sdedit and v13,
+        **extra,
+    )
