@@ -36,6 +36,16 @@ def error_of(call, errors: tuple = (ValueError, RuntimeError, FileNotFoundError,
     return "no error"
 
 
+def result_of(output):
+    """The first output of a core node's execute: a NodeOutput (v3 nodes) or a plain tuple (older cores)."""
+    return output.result[0] if hasattr(output, "result") else output[0]
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference of two tensors, as a float (for the probes' JSON)."""
+    return float((a.float() - b.float()).abs().max())
+
+
 def run_probe(test_module: str, out: Path, models: Path, timeout: float = 600) -> dict:
     """Call `<test_module>.probe(out, models)` in a ComfyUI process; return the JSON it wrote to `out`."""
     sys.path.insert(0, str(REPO / "scripts"))

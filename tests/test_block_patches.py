@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import pack_warnings, run_probe
+from helpers_comfy_probe import pack_warnings, result_of, run_probe
 
 REPO = Path(__file__).resolve().parent.parent
 DIT_FILE = "opensora-tiny-v2-4blocks.safetensors"
@@ -116,9 +116,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     torch.set_num_threads(1)
     folder_paths.add_model_folder_path("diffusion_models", str(Path(models_dir) / "diffusion_models"), True)
     results: dict = {}
-
-    def result_of(output):
-        return output.result[0] if hasattr(output, "result") else output[0]
 
     (model,) = loaders.OpenSoraLoadDiT().load(DIT_FILE, "fp32")
     dm = model.model.diffusion_model

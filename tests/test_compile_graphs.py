@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import result_of, run_probe
 from helpers_torch import no_grad  # noqa: F401 (autouse fixtures)
 
 V1_CONFIGS = {
@@ -352,7 +352,7 @@ def probe(out_path: str, models_dir: str) -> None:
             torch.compile = eager_compile
             try:
                 output = TorchCompileModel.execute(model, "inductor")
-                compiled = output.result[0] if hasattr(output, "result") else output[0]
+                compiled = result_of(output)
                 torch._dynamo.reset()
                 graphs.clear()
                 counts, out = per_call(compiled, run)

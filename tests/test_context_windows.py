@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import probe_with_tiny_dits
+from helpers_comfy_probe import probe_with_tiny_dits, result_of
 
 DIT = {"2.0": "opensora-tiny-v2.safetensors", "1.3": "opensora-tiny-v13/"}
 LATENT = {"2.0": ("2.0", "256px", "16:9", 17, 1, 64, 48), "1.3": ("1.3", "144p", "9:16", 33)}  # 5 / 10 latent frames
@@ -45,9 +45,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("OpenSora").addHandler(handler)
     results: dict = {}
-
-    def result_of(output):
-        return output.result[0] if hasattr(output, "result") else output[0]
 
     def windowed(model, length, retain=""):
         options = dict(context_length=length, context_overlap=1, context_schedule="standard_static")

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_comfy_probe import pack_warnings, run_probe
+from helpers_comfy_probe import pack_warnings, result_of, run_probe
 from helpers_conditioning import random_conditioning
 
 DIT_FILES = {
@@ -211,7 +211,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
         for version in ("1.3", "2.0"):
             original = models[version].model.diffusion_model
             output = TorchCompileModel.execute(models[version], "inductor")
-            compiled_model = output.result[0] if hasattr(output, "result") else output[0]
+            compiled_model = result_of(output)
             compile_log["graphs"] = 0
             with direct_path():
                 before = sample(compiled_model, version)
@@ -286,9 +286,6 @@ def easycache_probe(models, inputs, latent_for, sample, reference) -> dict:  # n
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT
 
     import nodes as core_nodes
-
-    def result_of(output):
-        return output.result[0] if hasattr(output, "result") else output[0]
 
     family = {"1.3": ComfySTDiT3, "2.0": ComfyMMDiT}
 

@@ -30,7 +30,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import latent_preview
     import torch
     from comfy.cli_args import LatentPreviewMethod, args
-    from helpers_comfy_probe import error_of
+    from helpers_comfy_probe import error_of, max_diff
     from opensora_pack.nodes import guider, latent, loaders, previews, sampling, sampling_common, text
     from opensora_pack.nodes.sampling_v2 import sigmas_v2
     from opensora_pack.opensora_lib import detection, reference_image
@@ -48,9 +48,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     names = json.loads((Path(models_dir) / "names.json").read_text())  # demo_models_v2.NAMES
     for folder in ("diffusion_models", "text_encoders", "vae"):
         folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder), is_default=True)
-
-    def max_diff(a, b) -> float:
-        return float((a.float() - b.float()).abs().max())
 
     # -- Load DiT: the DC-AE MMDiT gets the DC-AE latent format, the 2.0 MMDiT keeps HunyuanVideo's
     (model,) = loaders.OpenSoraLoadDiT().load(names["dit_dcae"], "fp32", "sdpa")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_comfy_probe import run_probe
+from helpers_comfy_probe import result_of, run_probe
 from helpers_gguf import write_gguf, write_scaled_fp8
 from safetensors.torch import load_file, save_file
 
@@ -213,9 +213,6 @@ def hook_lora_results(root: Path, version: str, kept, plain) -> dict:
         """Open-Sora Guider + Sigmas + euler through SamplerCustomAdvanced (the Guider applies conditioning hooks)."""
         from comfy_extras.nodes_custom_sampler import KSamplerSelect, RandomNoise, SamplerCustomAdvanced
         from opensora_pack.nodes import guider, sampling
-
-        def result_of(output):
-            return output.result[0] if hasattr(output, "result") else output[0]
 
         model, pos, neg = inputs(model, group, lora_strength)
         (g,) = guider.OpenSoraGuider().get_guider(model, pos, neg, empty, 7.0)

@@ -40,7 +40,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     import comfy.samplers
     import folder_paths
     import torch
-    from helpers_comfy_probe import error_of
+    from helpers_comfy_probe import error_of, max_diff
     from opensora_pack.nodes import guider, latent, loaders, sampling, text
     from opensora_pack.nodes.comfy_model_v2 import ComfyMMDiT, OpenSoraV2Model
     from opensora_pack.nodes.sampling_common import model_version
@@ -57,9 +57,6 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     results: dict = {}
     for folder in ("diffusion_models", "text_encoders"):
         folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder), is_default=True)
-
-    def max_diff(a, b) -> float:
-        return float((a.float() - b.float()).abs().max())
 
     # -- Load DiT: detection, MODEL type, strict weights
     (model,) = loaders.OpenSoraLoadDiT().load("opensora-tiny-v2.safetensors", "fp32", "sdpa")
