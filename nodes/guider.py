@@ -16,7 +16,7 @@ from .common import CATEGORY, hooks_of
 from .guider_hooks import ScheduledGuider, post_cfg, run_passes, with_negative
 from .latent import video_info
 from .sampling_common import CFG_INPUT, FLAW_FIX_INPUT, GUIDANCE_INPUTS, GUIDANCE_OPTIONS, check_versions
-from .sampling_v1 import text_of, v1_options, v1_reference
+from .sampling_v1 import text_of, v1_options, v1_reference, warn_float32_schedule
 from .sampling_v2 import guider_v2
 
 
@@ -57,6 +57,7 @@ class OpenSoraV1Guider(ScheduledGuider):
         self.inner_set_conds(conds)
 
     def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        warn_float32_schedule(self.model_patcher, self.info, sigmas)
         self.start(self.latent["samples"].shape, latent_image, sigmas, self.has_reference)
         return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 

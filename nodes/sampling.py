@@ -13,7 +13,6 @@ import latent_preview
 import torch
 
 from ..opensora_lib import rflow
-from ..opensora_lib.schedules import rflow_timesteps
 from .common import CATEGORY, Progress, check_choices, compute_dtype, hooks_of, load_for_sampling
 from .guider import OpenSoraGuider
 from .latent import video_info
@@ -26,9 +25,8 @@ from .sampling_common import (
     SAMPLING_HOOKS,
     bool_input,
     check_versions,
-    flow_sigmas,
 )
-from .sampling_v1 import dit_caller, v1_conditioning, v1_options, v1_text
+from .sampling_v1 import dit_caller, sigmas_v1, v1_conditioning, v1_options, v1_sample_sigmas, v1_text
 from .sampling_v2 import sample_v2_node, sigmas_v2
 
 log = logging.getLogger("OpenSora")
@@ -141,7 +139,7 @@ class OpenSoraSampler:
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)
 
         out = rflow.sample_rflow(
-            dit_caller(model),
+            dit_caller(model, v1_sample_sigmas(info, rflow_options).to(device)),
             z,
             v1_text(model, positive, negative, device, dtype),
             rflow_options,
@@ -194,16 +192,8 @@ class OpenSoraSigmas:
         info = video_info(latent)
         if info["version"] == "2.0":
             return (sigmas_v2(info, steps, timestep_transform),)
-        t = rflow_timesteps(
-            steps,
-            info["height"],
-            info["width"],
-            info["num_frames"],
-            info["version"],
-            use_timestep_transform=timestep_transform,
-            bf16_inputs=model is not None and compute_dtype(model.model) == torch.bfloat16,
-        )
-        return (flow_sigmas(torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float()),)
+        bf16 = model is not None and compute_dtype(model.model) == torch.bfloat16
+        return (sigmas_v1(info, steps, timestep_transform, bf16),)
 
 
 def sample_with_hooks(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, options: dict):

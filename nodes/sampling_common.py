@@ -122,7 +122,9 @@ def warn_sampling_hooks(model_options: dict) -> list[str]:
     return names
 
 
-def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
+def diffusion_model_runner(
+    model, sample_sigmas: torch.Tensor | None = None, multiplier: float = 1.0
+) -> Callable[..., torch.Tensor]:
     """A function calling `model.model.diffusion_model(*args, **kwargs)` as core's BaseModel.apply_model reaches it,
     so that core's MODEL patches apply to the Sampler node:
 
@@ -131,7 +133,9 @@ def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     - TorchCompileModel's APPLY_MODEL wrapper (key "torch.compile") runs around every call and swaps the compiled
       module in, as it does around apply_model;
     - the forward gets the MODEL's transformer_options with its wrappers merged in, as core's prepare_model_patcher
-      builds them.
+      builds them, and each call's "sigmas" (timestep / multiplier) and the run's "sample_sigmas" (the schedule,
+      ending at 0), as core's samplers give them: patches and attention overrides read them (not "cond_or_uncond":
+      the reference samplers batch their passes in their own way).
 
     Other APPLY_MODEL wrappers are not run: they are written for apply_model's contract (sigma in, denoised out,
     core's argument order), which the reference samplers do not use (their exact timesteps and velocities are not
@@ -156,8 +160,12 @@ def diffusion_model_runner(model) -> Callable[..., torch.Tensor]:
     wrappers = comfy.patcher_extension.get_wrappers_with_key(apply_model, COMPILE_KEY, transformer_options)
     base = model.model
 
-    def forward(*args, **kwargs):
-        return base.diffusion_model(*args, transformer_options=transformer_options, **kwargs)
+    if sample_sigmas is not None:
+        transformer_options["sample_sigmas"] = sample_sigmas
+
+    def forward(x, timestep, *args, **kwargs):
+        options = {**transformer_options, "sigmas": timestep.float() / multiplier}
+        return base.diffusion_model(x, timestep, *args, transformer_options=options, **kwargs)
 
     def run(*args, **kwargs):
         executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(forward, base, wrappers)

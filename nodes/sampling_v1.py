@@ -17,8 +17,10 @@ from ..opensora_lib.conditioning_v1 import (
     mask_strategies_for,
     place_references,
 )
-from .common import check_v1_text, compute_dtype, conditioning_entry
-from .sampling_common import check_reference_rows, diffusion_model_runner, model_version
+from ..opensora_lib.schedules import rflow_timesteps
+from .comfy_model import TIMESTEP_MULTIPLIER
+from .common import check_v1_text, compute_dtype, conditioning_entry, warn_once
+from .sampling_common import check_reference_rows, diffusion_model_runner, flow_sigmas, model_version
 
 log = logging.getLogger("OpenSora")
 
@@ -111,12 +113,59 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     return z, mask
 
 
-def dit_caller(model) -> Callable[..., torch.Tensor]:
+def sigmas_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: bool) -> torch.Tensor:
+    """The 1.x schedule as SIGMAS (Open-Sora Sigmas): t / 1000, ending at 0."""
+    t = rflow_timesteps(
+        steps,
+        info["height"],
+        info["width"],
+        info["num_frames"],
+        info["version"],
+        use_timestep_transform=timestep_transform,
+        bf16_inputs=bf16_inputs,
+    )
+    return flow_sigmas(torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float())
+
+
+def warn_float32_schedule(model, info: dict, sigmas: torch.Tensor) -> None:
+    """A 1.x DiT that computes in bf16 sees bf16 sizes (quirk Q2), so its schedule is the bf16 one: say so when the
+    sigmas are Open-Sora Sigmas' float32 schedule (made without the MODEL)."""
+    if compute_dtype(model.model) != torch.bfloat16 or sigmas.ndim != 1 or len(sigmas) < 2:
+        return
+    steps, given = len(sigmas) - 1, sigmas.detach().float().cpu()
+    for transform in (True, False):
+        float32 = sigmas_v1(info, steps, transform, bf16_inputs=False)
+        if torch.equal(given, float32) and not torch.equal(float32, sigmas_v1(info, steps, transform, True)):
+            warn_once(
+                "float32 schedule",
+                "OpenSora: the DiT computes in bf16, which the official code feeds bf16 sizes (quirk Q2), but these "
+                "sigmas are Open-Sora Sigmas' float32 schedule: connect the MODEL to Open-Sora Sigmas",
+            )
+
+
+def v1_sample_sigmas(info: dict, options: rflow.RFlowOptions) -> torch.Tensor:
+    """The times sample_rflow steps through as the DiT's sigmas (t / 1000 in float32, as the forward divides them),
+    ending at 0."""
+    t = rflow_timesteps(
+        options.num_steps,
+        info["height"],
+        info["width"],
+        info["num_frames"],
+        options.version,
+        use_timestep_transform=options.use_timestep_transform,
+        bf16_inputs=options.bf16_inputs,
+        use_discrete_timesteps=options.use_discrete_timesteps,
+    )
+    return torch.cat([t, t.new_zeros(1)]) / TIMESTEP_MULTIPLIER
+
+
+def dit_caller(model, sample_sigmas: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """sample_rflow's model: the official STDiT3 signature in, the official prediction out, fed in the model's compute
     dtype. It calls ComfySTDiT3's latent interface (what core calls, and what object patches and torch.compile wrap)
-    through diffusion_model_runner; the renames (y -> context, mask -> attention_mask) and the sign are exact."""
+    through diffusion_model_runner; the renames (y -> context, mask -> attention_mask) and the sign are exact.
+    sample_sigmas: the run's schedule as SIGMAS, for the forward's transformer_options."""
     dtype = compute_dtype(model.model)
-    run = diffusion_model_runner(model)
+    run = diffusion_model_runner(model, sample_sigmas, TIMESTEP_MULTIPLIER)
 
     def call(x, timestep, **kwargs):
         cast = {

@@ -175,14 +175,17 @@ def options_v2(
 # ---------------------------------------------------------------------------------------------- Sampler node
 
 
-def mmdit_caller(model, latent_shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+def mmdit_caller(
+    model, latent_shape: tuple[int, ...], sample_sigmas: torch.Tensor | None = None
+) -> Callable[..., torch.Tensor]:
     """sample_v2's model: MMDiT.forward's keyword signature (packed tokens) in and out, for latents of latent_shape
     [B, C, T, H, W]. It calls ComfyMMDiT's latent interface (what core calls, and what object patches and
     torch.compile wrap) through diffusion_model_runner: the tokens are unpacked to the latent it packs again (pure
-    rearranges, exact), and it builds the same img_ids / txt_ids from the shapes as sample_v2 does."""
+    rearranges, exact), and it builds the same img_ids / txt_ids from the shapes as sample_v2 does.
+    sample_sigmas: the run's schedule as SIGMAS (the timesteps are sigmas), for the forward's transformer_options."""
     frames, height, width = (int(size) for size in latent_shape[2:])
     patch = model.model.diffusion_model.config.patch_size
-    run = diffusion_model_runner(model)
+    run = diffusion_model_runner(model, sample_sigmas)
 
     def call(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None, guidance=None):
         x = unpack(img, frames, height, width, patch)
@@ -249,7 +252,7 @@ def sample_v2_node(
     options.batch_passes = batched
     try:
         out = sample_v2(
-            mmdit_caller(model, samples.shape),
+            mmdit_caller(model, samples.shape, schedule_v2(video_info(latent), steps, timestep_transform).to(device)),
             noise.to(device, torch.float32),
             {k: v.to(device) for k, v in text.items()},
             options,
@@ -286,13 +289,18 @@ def out_of_memory_advice(model, latent_shape, passes: int, text_tokens: int, dty
 # ---------------------------------------------------------------------------------------------- SIGMAS
 
 
-def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
-    """The 2.0 schedule as SIGMAS: N + 1 values from 1 to 0 (sigma = t; the model takes t in [0, 1]).
+def schedule_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
+    """The 2.0 times sample_v2 steps through, float32: N + 1 values from 1 (or a rounding above it) to 0.
     A DC-AE latent counts (H/32)(W/32) tokens per frame and n // 4 latent frames."""
     autoencoder = latent_autoencoder(info)
     frames, _, _ = sizes.latent_shape("2.0", info["num_frames"], info["height"], info["width"], autoencoder=autoencoder)
     tokens = sizes.tokens_per_frame("2.0", info["height"], info["width"], autoencoder=autoencoder)
-    return flow_sigmas(v2_timesteps(steps, tokens, frames, shift=bool(shift)).float())
+    return v2_timesteps(steps, tokens, frames, shift=bool(shift)).float()
+
+
+def sigmas_v2(info: dict, steps: int, shift: bool) -> torch.Tensor:
+    """The 2.0 schedule as SIGMAS: sigma = t (the model takes t in [0, 1])."""
+    return flow_sigmas(schedule_v2(info, steps, shift))
 
 
 # ---------------------------------------------------------------------------------------------- GUIDER

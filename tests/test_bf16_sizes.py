@@ -5,6 +5,7 @@ bf16-rounded ones (480 x 854 -> 480 x 856). Every official config runs in bf16.
 - The Open-Sora Sampler, and the Guider with Open-Sora Sigmas given the MODEL, hand the DiT the bf16 schedule; in
   float32 (the golden fixtures' precision) or Sigmas without the MODEL the float32 one.
 - The MODEL's conditioning (the Guider's and core KSampler's path) rounds the sizes to bf16 when it computes in bf16.
+- A bf16 Guider given Open-Sora Sigmas made without the MODEL (the float32 schedule) says so.
 
 A bf16 DiT computes in float32 on a CPU (core's manual cast); the probe turns the cast off, as a GPU with bf16 runs it.
 """
@@ -28,6 +29,7 @@ def probe(out_path: str, models_dir: str) -> None:
     import comfy.model_management as mm
     import folder_paths
     from comfy_extras.nodes_custom_sampler import KSamplerSelect, RandomNoise, SamplerCustomAdvanced
+    from helpers_comfy_probe import pack_warnings, result_of
     from helpers_conditioning import random_conditioning
     from opensora_pack.nodes import guider, latent, loaders, sampling
     from opensora_pack.opensora_lib.schedules import rflow_timesteps
@@ -35,9 +37,6 @@ def probe(out_path: str, models_dir: str) -> None:
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     folder_paths.add_model_folder_path("diffusion_models", str(Path(models_dir) / "diffusion_models"), True)
-
-    def result_of(output):
-        return output.result[0] if hasattr(output, "result") else output[0]
 
     def load(weight_dtype):
         (model,) = loaders.OpenSoraLoadDiT().load(DITS["1.3"], weight_dtype)
@@ -72,9 +71,9 @@ def probe(out_path: str, models_dir: str) -> None:
         def sampler_node(model=model, positive=positive, negative=negative):
             sampling.OpenSoraSampler().sample(model, positive, negative, small, 5, STEPS, 7.5)
 
-        def guided(model=model, positive=positive, negative=negative):
+        def guided(model=model, positive=positive, negative=negative, sigmas_model=model):
             (g,) = guider.OpenSoraGuider().get_guider(model, positive, negative, small, 7.5)
-            (sigmas,) = sampling.OpenSoraSigmas().sigmas(small, STEPS, True, model)
+            (sigmas,) = sampling.OpenSoraSigmas().sigmas(small, STEPS, True, sigmas_model)
             noise, euler = result_of(RandomNoise.execute(5)), result_of(KSamplerSelect.execute("euler"))
             result_of(SamplerCustomAdvanced.execute(noise, g, euler, sigmas, small))
 
@@ -84,6 +83,9 @@ def probe(out_path: str, models_dir: str) -> None:
             "sampler": seen_timesteps(model, sampler_node),
             "guider": seen_timesteps(model, guided),
         }
+        with pack_warnings() as messages:
+            seen_timesteps(model, lambda guided=guided: guided(sigmas_model=None))
+        results[weight_dtype]["without_model_warnings"] = [m for m in messages if "Open-Sora Sigmas" in m]
     results["sigmas_without_model"] = sampling.OpenSoraSigmas().sigmas(official, 30)[0].tolist()
     for bf16 in (True, False):
         results[f"schedule_bf16_{bf16}"] = {
@@ -121,3 +123,9 @@ def test_the_dit_sees_the_schedule_of_its_compute_dtype(measured, weight_dtype, 
     other = measured[f"schedule_bf16_{weight_dtype != 'bf16'}"]["small"]
     assert seen == pytest.approx(expected, abs=1e-3), seen
     assert seen != pytest.approx(other, abs=1e-3), (seen, other)  # the two schedules are told apart here
+
+
+def test_a_bf16_guider_on_sigmas_made_without_the_model_says_so(measured):
+    (message,) = measured["bf16"]["without_model_warnings"]
+    assert "connect the MODEL to Open-Sora Sigmas" in message, message
+    assert measured["fp32"]["without_model_warnings"] == []  # float32: that schedule is the right one

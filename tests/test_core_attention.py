@@ -5,7 +5,8 @@ KJNodes' Patch Sage Attention set).
 - "comfy" sends every DiT attention call to core's optimized_attention (looked up at each call, so startup flags and
   patches that replace it apply), the 1.x caption mask included, and samples as sdpa does within float32 rounding.
 - An override on the MODEL runs whatever the loader's backend, gets the running forward's transformer_options
-  (sigmas) as core's DiTs hand them, under the Sampler node and core KSampler, and the log says it replaced sdpa.
+  (sigmas, sample_sigmas) as core's DiTs hand them, under the Sampler node and core KSampler, and the log says it
+  replaced sdpa; one a 2.0 block patch sets applies to that block.
 - After a forward the backend lets go of the options.
 """
 
@@ -70,7 +71,12 @@ def probe(out_path: str, models_dir: str) -> None:
         zeroed = sampler_node_samples(
             with_override(sdpa, lambda func, *a, **kw: func(*a, **kw) * 0), version, LATENTS[version], SEED, STEPS, CFG
         )
-        sampler_overrides, overridden[:] = len(overridden), []
+        sampler_overrides = len(overridden)
+        sampler_sigmas = all(
+            "sigmas" in options and bool(torch.isin(options["sigmas"], options["sample_sigmas"]).all())
+            for options in overridden
+        )
+        overridden[:] = []
         positive, negative = random_conditioning(version, comfy.model.diffusion_model.config)
         (empty,) = latent.OpenSoraEmptyLatentVideo().generate(*LATENTS[version])
         core_nodes.KSampler().sample(
@@ -99,6 +105,7 @@ def probe(out_path: str, models_dir: str) -> None:
             "override_vs_comfy": float((hooked - via_core).abs().max()),
             "zeroed_vs_plain": float((zeroed - plain).abs().max()),
             "sampler_overrides": sampler_overrides,
+            "sampler_sigmas": sampler_sigmas,
             "ksampler_overrides": len(overridden),
             "ksampler_sigmas": all("sigmas" in options for options in overridden),
             "warnings": [m for m in messages if "attention override" in m],
@@ -176,7 +183,8 @@ def test_a_caption_mask_reaches_core(measured):
 def test_an_override_on_the_model_runs_whatever_the_backend(measured, version):
     values = measured[version]
     assert values["sampler_overrides"] > 0 and values["ksampler_overrides"] > 0, values
-    assert values["ksampler_sigmas"], values  # core's transformer_options, as core's DiTs hand them
+    # the forward's sigmas and the schedule, as core's samplers put them in transformer_options (the Sampler node too)
+    assert values["ksampler_sigmas"] and values["sampler_sigmas"], values
     assert values["override_vs_comfy"] == 0.0, values  # an override that delegates is core's attention exactly
     assert values["zeroed_vs_plain"] > 1e-3, values  # and what it returns is used
     assert values["released"], values

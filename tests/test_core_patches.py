@@ -74,7 +74,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
     results: dict = {}
 
     # -- the old direct path (the Sampler node before this change), to compare with
-    def direct_dit_caller(model):
+    def direct_dit_caller(model, _sample_sigmas=None):
         dm = model.model.diffusion_model
         dtype = model.model.manual_cast_dtype or model.model.get_dtype()
 
@@ -88,7 +88,7 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
 
         return call
 
-    def direct_mmdit_caller(model, _latent_shape):
+    def direct_mmdit_caller(model, _latent_shape, _sample_sigmas=None):
         dm = model.model.diffusion_model
 
         def call(**kwargs):
