@@ -37,7 +37,7 @@ def _core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
             f"{source} returned shape {tuple(out.shape)} for the Open-Sora DiT; expected "
             f"{(batch, tokens, heads * head_dim)} ([batch, tokens, heads x head_dim], as core's Flux gets it)"
         )
-    return out.view(batch, tokens, heads, head_dim).transpose(1, 2)
+    return out.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # an override may hand back a strided view
 
 
 attention.register_backend(NAME, _core_attention)
