@@ -113,9 +113,9 @@ def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
     return z, mask
 
 
-def sigmas_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: bool) -> torch.Tensor:
-    """The 1.x schedule as SIGMAS (Open-Sora Sigmas): t / 1000, ending at 0."""
-    t = rflow_timesteps(
+def schedule_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: bool) -> torch.Tensor:
+    """The times (0..1000, float32) the 1.x reference sampler steps through for a latent's info."""
+    return rflow_timesteps(
         steps,
         info["height"],
         info["width"],
@@ -124,6 +124,11 @@ def sigmas_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: boo
         use_timestep_transform=timestep_transform,
         bf16_inputs=bf16_inputs,
     )
+
+
+def sigmas_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: bool) -> torch.Tensor:
+    """The 1.x schedule as SIGMAS (Open-Sora Sigmas): t / 1000, ending at 0."""
+    t = schedule_v1(info, steps, timestep_transform, bf16_inputs)
     return flow_sigmas(torch.cat([t.double() / 1000.0, t.new_zeros(1, dtype=torch.float64)]).float())
 
 
@@ -146,16 +151,7 @@ def warn_float32_schedule(model, info: dict, sigmas: torch.Tensor) -> None:
 def v1_sample_sigmas(info: dict, options: rflow.RFlowOptions) -> torch.Tensor:
     """The times sample_rflow steps through as the DiT's sigmas (t / 1000 in float32, as the forward divides them),
     ending at 0."""
-    t = rflow_timesteps(
-        options.num_steps,
-        info["height"],
-        info["width"],
-        info["num_frames"],
-        options.version,
-        use_timestep_transform=options.use_timestep_transform,
-        bf16_inputs=options.bf16_inputs,
-        use_discrete_timesteps=options.use_discrete_timesteps,
-    )
+    t = schedule_v1(info, options.num_steps, options.use_timestep_transform, options.bf16_inputs)
     return torch.cat([t, t.new_zeros(1)]) / TIMESTEP_MULTIPLIER
 
 
