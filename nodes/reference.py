@@ -4,7 +4,7 @@
 As the official collect_references_batch: resize-to-fill + center crop to the video size, each image encoded on its
 own (one latent frame), a video as one clip (1.3: cut to 16k + 1 frames); the posterior is sampled with the node's
 seed. The LATENT keeps the raw reference latent and the latent frames it conditions; the Sampler places it
-(nodes/sampling_v1.v1_conditioning).
+(nodes/sampling_v1.v1_chaining).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..opensora_lib import rflow
+from ..opensora_lib import rflow, sizes
+from ..opensora_lib.conditioning_v1 import check_condition_frame_length, sample_long_video
 from .common import CATEGORY, Progress, check_choices, compute_dtype, hooks_of, load_for_sampling
 from .guider import OpenSoraGuider
 from .latent import video_info
@@ -26,7 +27,7 @@ from .sampling_common import (
     bool_input,
     check_versions,
 )
-from .sampling_v1 import dit_caller, sigmas_v1, v1_conditioning, v1_options, v1_sample_sigmas, v1_text
+from .sampling_v1 import dit_caller, sigmas_v1, v1_chaining, v1_options, v1_sample_sigmas, v1_text
 from .sampling_v2 import sample_v2_node, sigmas_v2
 
 log = logging.getLogger("OpenSora")
@@ -75,6 +76,38 @@ class OpenSoraSampler:
                         "bf16); results differ from batched by float rounding only. 1.x always batches.",
                     },
                 ),
+                "loops": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 32,
+                        "tooltip": "1.x long video (official --loop): generate this many chunks of the latent's "
+                        "length, each starting from the last condition_frame_length latent frames of the one before, "
+                        "joined without the repeats. Loop k takes Encode Prompt's |k| prompt segment.",
+                    },
+                ),
+                "condition_frame_length": (
+                    "INT",
+                    {
+                        "default": 5,
+                        "min": 1,
+                        "max": 64,
+                        "tooltip": "1.x: latent frames each later loop continues from (official 5); a 1.3 v2v_head "
+                        "reference also conditions this many of its latent frames.",
+                    },
+                ),
+                "condition_frame_edit": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "1.x loops without a 1.3 reference: how far later loops may change the frames they "
+                        "continue from (0 = kept, 1 = regenerated; official 0). 1.3 references keep them.",
+                    },
+                ),
             },
         }
 
@@ -102,6 +135,9 @@ class OpenSoraSampler:
         flaw_fix=True,
         timestep_transform=True,
         guidance_passes="batched",
+        loops=1,
+        condition_frame_length=5,
+        condition_frame_edit=0.0,
     ):
         check_choices(type(self), {"guidance_passes": guidance_passes})
         options = {
@@ -121,39 +157,98 @@ class OpenSoraSampler:
                 "For masked sampling use core KSampler or the Open-Sora Guider with SamplerCustomAdvanced, which "
                 "honour it; for image / video conditioning use Open-Sora Encode Reference."
             )
+        if loops > 1 and info["version"] == "2.0":
+            raise ValueError(
+                "loops (official 1.x --loop) are for Open-Sora 1.2 / 1.3; 2.0 has no official loop: continue a 2.0 "
+                "video with Encode Reference v2v_head on its last frames, or use core's context windows. Set loops to 1."
+            )
         if hooks_of(positive) or hooks_of(negative):
+            if loops > 1:
+                raise ValueError(
+                    "loops run in the Open-Sora Sampler's own loop, which does not apply conditioning hooks "
+                    "(CreateHookLora & co.): apply the LoRA to the MODEL (LoraLoaderModelOnly), or set loops to 1."
+                )
             return (sample_with_hooks(model, positive, negative, latent, seed, steps, cfg, options),)
         if info["version"] == "2.0":
             return sample_v2_node(
                 model, positive, negative, latent, seed, steps, cfg, **options, guidance_passes=guidance_passes
             )
-        # cond, uncond (, image uncond for a 1.3 reference) batched
-        passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
-        device, dtype = load_for_sampling(model, latent["samples"].shape, passes)
-        z = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index")).to(device)
-        z, cond = v1_conditioning(info["version"], latent, z)
-        rflow_options = v1_options(info, cfg, **options, num_steps=steps, bf16_inputs=dtype == torch.bfloat16)
-        generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
+        loop = {"loops": loops, "condition_frame_length": condition_frame_length, "edit": condition_frame_edit}
+        return (sample_v1_node(model, positive, negative, latent, info, seed, steps, cfg, options, **loop),)
 
-        def noise(shape, noise_dtype, noise_device):
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)
 
-        out = rflow.sample_rflow(
-            dit_caller(model, v1_sample_sigmas(info, rflow_options).to(device)),
-            z,
-            v1_text(model, positive, negative, device, dtype),
-            rflow_options,
-            height=info["height"],
-            width=info["width"],
-            num_frames=info["num_frames"],
-            fps=info.get("fps"),
-            cond=cond,
-            noise=noise,
-            callback=Progress(steps, previewer_for(model)),
+def sample_v1_node(
+    model, positive, negative, latent: dict, info: dict, seed: int, steps: int, cfg: float, options: dict, *,
+    loops: int, condition_frame_length: int, edit: float
+) -> dict:  # fmt: skip
+    """The Open-Sora Sampler on a 1.x latent: `loops` chained chunks (official --loop; one is a plain run) joined into
+    one LATENT. Chunk k starts from the next draw of ComfyUI's seeded noise (chunk 0's is core samplers' draw)."""
+    samples = latent["samples"]
+    if loops > 1:  # a chained length no video has is refused before sampling
+        kept, num_frames = joined_length(info, samples.shape[2], loops, condition_frame_length)
+    # cond, uncond (, image uncond for a 1.3 reference) batched
+    passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
+    device, dtype = load_for_sampling(model, samples.shape, passes)
+    start = torch.Generator().manual_seed(seed)  # the stream comfy.sample.prepare_noise draws from
+
+    def draw() -> torch.Tensor:  # the next chunk's starting noise
+        return comfy.sample.prepare_noise_inner(samples, start, latent.get("batch_index")).to(device)
+
+    first = draw()
+    chaining = v1_chaining(info["version"], latent, first, loops, condition_frame_length, edit)
+    rflow_options = v1_options(info, cfg, **options, num_steps=steps, bf16_inputs=dtype == torch.bfloat16)
+    generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # the widget allows seed 2**64 - 1
+
+    def noise(shape, noise_dtype, noise_device):
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(noise_device, noise_dtype)
+
+    progress = Progress(steps * loops, previewer_for(model))
+    out = sample_long_video(
+        dit_caller(model, v1_sample_sigmas(info, rflow_options).to(device)),
+        [v1_text(model, positive, negative, device, dtype, loop) for loop in range(loops)],
+        rflow_options,
+        latent_shape=samples.shape,
+        num_loops=loops,
+        height=info["height"],
+        width=info["width"],
+        num_frames=info["num_frames"],
+        fps=info.get("fps"),
+        noise=noise,
+        start_noise=lambda loop: first if loop == 0 else draw(),
+        callback=lambda step: progress({**step, "i": step["loop"] * steps + step["i"]}),
+        **chaining,
+    )
+    result = {k: v for k, v in latent.items() if k != "opensora_reference"}
+    if loops > 1:
+        out, result["opensora"] = out[:, :, :kept], {**info, "num_frames": num_frames}
+    result["samples"] = out.float().to(comfy.model_management.intermediate_device())
+    return result
+
+
+def joined_length(info: dict, frames: int, loops: int, condition_frame_length: int) -> tuple[int, int]:
+    """(latent frames, video frames) of `loops` chained chunks of `frames` latent frames: the longest video those
+    latent frames hold; 1.3 keeps a multiple of 5 latent frames, as the official decode cuts it. Refused before
+    sampling when no Open-Sora video is that long."""
+    check_condition_frame_length(condition_frame_length, frames)
+    joined = frames + (loops - 1) * (frames - condition_frame_length)
+    kept = joined - joined % 5 if info["version"] == "1.3" else joined
+    try:
+        num_frames = sizes.frames_for_latent(info["version"], kept)
+    except ValueError:
+        longest = sizes.allowed_num_frames(info["version"])[-1]
+        raise ValueError(
+            f"{loops} loops of {frames} latent frames chained on {condition_frame_length} make {joined} latent frames, "
+            f"longer than any Open-Sora {info['version']} video (at most {longest} frames): use fewer loops or a "
+            "shorter latent."
+        ) from None
+    if kept < joined:
+        log.warning(
+            "OpenSora: the looped 1.3 latent has %d latent frames; the 1.3 VAE decodes multiples of 5, so the last %d "
+            "are dropped, as the official script does (a condition_frame_length of 5 or 10 loses none)",
+            joined,
+            joined - kept,
         )
-        result = {k: v for k, v in latent.items() if k != "opensora_reference"}
-        result["samples"] = out.float().to(comfy.model_management.intermediate_device())
-        return (result,)
+    return kept, num_frames
 
 
 class OpenSoraSigmas:

@@ -10,12 +10,13 @@ import torch
 
 from ..opensora_lib import rflow
 from ..opensora_lib.conditioning_v1 import (
+    CONDITION_FRAME_LENGTH,
     V12_ALIGN,
-    apply_mask_strategy,
-    cond_type_placements,
+    chunk_conditioning,
     image_strategies,
+    loop_placements,
     mask_strategies_for,
-    place_references,
+    snap_to_alignment,
 )
 from ..opensora_lib.schedules import rflow_timesteps
 from .comfy_model import TIMESTEP_MULTIPLIER
@@ -39,10 +40,16 @@ def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor |
     return tensor, meta
 
 
-def v1_text(model, positive: list, negative: list, device, dtype) -> rflow.RFlowText:
-    """Positive T5 states + mask; negative prompt, or the learned null caption (masked by the positive, Q1)."""
+def v1_text(model, positive: list, negative: list, device, dtype, loop: int = 0) -> rflow.RFlowText:
+    """Positive T5 states + mask (of generation loop `loop`: Encode Prompt's "|k|" segments); negative prompt, or the
+    learned null caption (masked by the positive, Q1)."""
     version = model_version(model)
     y, meta = text_of(positive, "positive", version)
+    loop_texts = meta.get("opensora_loop_texts", [])
+    if loop > 0 and loop_texts:
+        entry = loop_texts[min(loop, len(loop_texts)) - 1]
+        y, meta = entry["cond"], entry
+        check_v1_text(y, meta["attention_mask"], f"The positive conditioning's loop {loop} text")
     y_null = model.model.diffusion_model.null_caption().to(device, dtype)[None]
     text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
     negative_y, negative_meta = text_of(negative, "negative", version)
@@ -74,43 +81,60 @@ def v1_references(reference: dict, z: torch.Tensor) -> list[torch.Tensor]:
     return [ref[:, :, k : k + 1] for k in range(ref.shape[2])]
 
 
-def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
-    """1.3: the DiT's reference input, placed as the official cond types (conditioning_v1.cond_type_placements)."""
+def v1_chaining(
+    version: str,
+    latent: dict,
+    z: torch.Tensor,
+    loops: int = 1,
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+    condition_frame_edit: float = 0.0,
+) -> dict:
+    """chunk_conditioning's keyword arguments for a 1.x latent over `loops` chunks. 1.3 conditions the DiT on an
+    Encode Reference entry (cond channels, placed as the official cond types); 1.2 has no such input and, as its
+    official inference, writes the reference frames into z with a mask strategy (edit ratio 0: those latent frames
+    are kept) aligned to multiples of 5 latent frames (official align = 5: i2v_tail on 15 latent frames lands on frame
+    10). Without a reference both chain later chunks by mask strategy."""
+    chaining = {
+        "align": V12_ALIGN if version == "1.2" else None,
+        "condition_frame_length": condition_frame_length,
+        "condition_frame_edit": condition_frame_edit,
+    }
     reference = latent.get("opensora_reference")
     if reference is None:
-        return None
+        return chaining
     check_reference_fits(reference, z)
     references = v1_references(reference, z)
-    if reference["cond_type"] == "frame_index":
-        placements = [(0, 0, reference["mask_index"][0])]
+    chaining["references"] = references
+    index, cond_type = reference["mask_index"], reference["cond_type"]
+    if version == "1.2":
+        if cond_type == "v2v_head":  # one video: consecutive frames in one group
+            chaining["mask_strategy"] = mask_strategies_for(index, references[0].shape[2])
+        else:  # each image its own reference id, so aligning moves only its target
+            chaining["mask_strategy"] = image_strategies(index, len(references))
+        log_v12_alignment(chaining["mask_strategy"], index, z.shape[2])
+    elif cond_type == "frame_index":  # one frame of the first chunk
+        chaining["placements"] = [(0, 0, index[0])]
     else:
         lengths = [r.shape[2] for r in references]
-        placements = cond_type_placements(reference["cond_type"], z.shape[2], lengths)
-    return place_references(z.shape, references, placements)
+        chaining["placements"], chaining["end_placements"] = loop_placements(
+            cond_type, z.shape[2], lengths, loops, condition_frame_length
+        )
+    return chaining
 
 
-def v1_conditioning(version: str, latent: dict, z: torch.Tensor):
-    """(z, sampler conditioning) for a 1.x latent. 1.3 conditions the DiT on the reference (cond channels); 1.2
-    has no such input and, as its official inference, writes the reference frames into z with a mask strategy
-    (edit ratio 0: those latent frames are kept) aligned to multiples of 5 latent frames (official align = 5:
-    i2v_tail on 15 latent frames lands on frame 10)."""
-    if version != "1.2":
-        return z, v1_reference(latent, z)
-    reference = latent.get("opensora_reference")
-    if reference is None:
-        return z, None
-    check_reference_fits(reference, z)
-    references = v1_references(reference, z)  # no z-sized placed copy: the strategies place them
-    if reference["cond_type"] == "v2v_head":  # one video: consecutive frames in one group
-        strategies = mask_strategies_for(reference["mask_index"], references[0].shape[2])
-    else:  # each image its own reference id, so aligning moves only its target
-        strategies = image_strategies(reference["mask_index"], len(references))
-    z, mask = apply_mask_strategy(z, references, strategies, align=V12_ALIGN)
-    asked = sorted(index % z.shape[2] for index in reference["mask_index"])
-    kept = [] if mask is None else (mask.frame_mask[0] == 0).nonzero().flatten().tolist()
+def log_v12_alignment(strategies: list, asked: list[int], frames: int) -> None:
+    """Say where official align = 5 moved a 1.2 reference."""
+    kept = sorted(
+        {snap_to_alignment(s.target_start % frames, V12_ALIGN, frames) + k for s in strategies for k in range(s.length)}
+    )
+    asked = sorted(index % frames for index in asked)
     if kept != asked:
         log.info("OpenSora: 1.2 reference at latent frame(s) %s, aligned from %s (official align = 5)", kept, asked)
-    return z, mask
+
+
+def v1_reference(latent: dict, z: torch.Tensor) -> rflow.ReferenceConditioning | None:
+    """1.3: the DiT's reference input for one generation (the Guider)."""
+    return chunk_conditioning(z, 0, 1, **v1_chaining("1.3", latent, z))[1]
 
 
 def schedule_v1(info: dict, steps: int, timestep_transform: bool, bf16_inputs: bool) -> torch.Tensor:

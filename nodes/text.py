@@ -79,6 +79,16 @@ def text_conditioning(encoder: TextEncoder, text: str) -> list:
     return [[y[:, 0], {"attention_mask": mask, "opensora_version": encoder.version, "opensora_text": text}]]
 
 
+def loop_texts(encoder: TextEncoder, texts: list[str]) -> list[dict]:
+    """The T5 states of 1.x loops 1, 2, ... (the official "|k|" prompt segments), each text encoded once."""
+    encoded: dict[str, dict] = {}
+    for text in texts:
+        if text not in encoded:
+            y, mask = encoder.encoders.encode_t5([text])
+            encoded[text] = {"cond": y[:, 0], "attention_mask": mask, "opensora_text": text}
+    return [encoded[text] for text in texts]
+
+
 def null_conditioning(version: str) -> list:
     """1.x without a negative prompt: the DiT's learned null caption, masked by the positive prompt (Q1)."""
     return [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": version}]]
@@ -178,16 +188,25 @@ class OpenSoraEncodePrompt:
                 text_encoder, prompts.prompt_text_v2(prompt, fps=fps, motion_score=motion_score_v2)
             )
             return (positive, text_conditioning(text_encoder, negative_prompt))
-        text = prompts.prompt_text_v1(
+        texts = prompts.prompt_loops_v1(
             prompt,
             version,
             aes=None if aesthetic_score < 0 else aesthetic_score,
             flow=None if motion_score < 0 else motion_score,
             camera_motion=None if camera_motion == "none" else camera_motion,
+            loops=prompts.loop_count_v1(prompt),
         )
         for unused in prompts.unused_prompt_parts_v1(prompt):
             log.warning("OpenSora: Encode Prompt does not use %s", unused)
-        positive = text_conditioning(text_encoder, text)
+        positive = text_conditioning(text_encoder, texts[0])
+        if len(texts) > 1:
+            positive[0][1]["opensora_loop_texts"] = loop_texts(text_encoder, texts[1:])
+            log.info(
+                "OpenSora: Encode Prompt encoded the prompt's |k| loop segments for the Open-Sora Sampler's loops "
+                "(loop %d on uses the last); one video, the Guider and KSampler use loop 0's text %r",
+                len(texts) - 1,
+                texts[0],
+            )
         if negative_prompt.strip():
             negative = text_conditioning(text_encoder, prompts.negative_prompt_text_v1(negative_prompt))
             if note := prompts.dropped_cjk(negative_prompt):

@@ -12,7 +12,7 @@ Reference latents are tensors [C, T, H, W] (shared by the batch) or [B, C, T, H,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -254,6 +254,88 @@ def reference_conditioning(
     return place_references(latent_shape, references, placements)
 
 
+def loop_placements(
+    cond_type: str,
+    latent_frames: int,
+    reference_lengths: Sequence[int],
+    num_loops: int,
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(first chunk's placements, last chunk's end placements) of a 1.3 cond type over `num_loops` chunks: one chunk
+    has both ends; with more, the i2v_tail / i2v_loop end frame moves to the last chunk (official
+    prep_ref_and_mask: i2v_tail leaves the first chunk unconditioned)."""
+    if num_loops == 1:
+        return cond_type_placements(cond_type, latent_frames, reference_lengths, condition_frame_length), []
+    head = cond_type_placements(cond_type, latent_frames, reference_lengths, condition_frame_length, tail=False)
+    end = cond_type_placements(cond_type, latent_frames, reference_lengths, condition_frame_length, head=False)
+    return head, end
+
+
+def _item_strategies(mask_strategy: str | Sequence, batch: int) -> list[list[MaskStrategy]]:
+    """One parsed list of groups per batch item, from one string / group list for all or one per item."""
+    if isinstance(mask_strategy, str) or not mask_strategy or isinstance(mask_strategy[0], MaskStrategy):
+        mask_strategy = [mask_strategy] * batch
+    if len(mask_strategy) != batch:
+        raise ValueError(f"got {len(mask_strategy)} mask strategies for a batch of {batch}")
+    return [parse_mask_strategy(s) if isinstance(s, str) else list(s) for s in mask_strategy]
+
+
+def chunk_conditioning(
+    z: torch.Tensor,
+    loop: int,
+    num_loops: int,
+    previous: torch.Tensor | None = None,
+    *,
+    references: Sequence[torch.Tensor] = (),
+    mask_strategy: str | Sequence = "",
+    align: int | None = None,
+    placements: Sequence[tuple[int, int, int]] | None = None,
+    end_placements: Sequence[tuple[int, int, int]] = (),
+    condition_frame_length: int = CONDITION_FRAME_LENGTH,
+    condition_frame_edit: float = 0.0,
+) -> tuple[torch.Tensor, FrameMaskConditioning | ReferenceConditioning | None]:
+    """(z, sampler conditioning) of chunk `loop` of a chained long video; `previous` is chunk loop - 1's sample.
+
+    `placements` None is the mask-strategy way (1.2, and 1.3 without a reference): `mask_strategy` groups of loop
+    index `loop` apply, and a later chunk also keeps the previous chunk's last `condition_frame_length` latent frames
+    as its first ones with edit ratio `condition_frame_edit` (the official append_generated; the official 1.3 script
+    tags that group with the finished loop's index, so its later chunks are not conditioned at all: quirk, not
+    copied). Otherwise the reference way (1.3 mask_index): chunk 0 takes `placements`, a later chunk the previous
+    chunk's last frames at 0.. plus, on the last chunk, `end_placements` (official prep_ref_and_update_mask_in_loop)."""
+    cfl = condition_frame_length
+    if loop > 0:
+        check_condition_frame_length(cfl, z.shape[2])
+        if previous is None:
+            raise ValueError(f"chunk {loop} continues the previous chunk's sample: pass it as `previous`")
+    if placements is None:
+        references, strategies = list(references), _item_strategies(mask_strategy, z.shape[0])
+        if loop > 0:
+            references.append(previous)
+            added = MaskStrategy(loop, len(references) - 1, -cfl, 0, cfl, condition_frame_edit)
+            strategies = [[*groups, added] for groups in strategies]
+        return apply_mask_strategy(z, references, strategies, loop_index=loop, align=align)
+    if loop == 0:
+        return z, (place_references(z.shape, references, placements) if placements else None)
+    chained = [(0, k, k) for k in range(cfl)]
+    if loop == num_loops - 1:
+        chained += [(ref_id + 1, ref_frame, target) for ref_id, ref_frame, target in end_placements]
+    return z, place_references(z.shape, [previous[:, :, -cfl:], *references], chained)
+
+
+def check_condition_frame_length(condition_frame_length: int, frames: int) -> None:
+    """A chained chunk continues from fewer latent frames than it has."""
+    if not 1 <= condition_frame_length < frames:
+        raise ValueError(
+            f"condition_frame_length must be between 1 and {frames - 1} (the chunk has {frames} latent frames), "
+            f"got {condition_frame_length}"
+        )
+
+
+def join_chunks(chunks: Sequence[torch.Tensor], condition_frame_length: int) -> torch.Tensor:
+    """The long video's latent: the chunks along time, each later one without its repeated first frames."""
+    return torch.cat([chunks[0], *(chunk[:, :, condition_frame_length:] for chunk in chunks[1:])], dim=2)
+
+
 def sample_long_video(
     model,
     texts: RFlowText | Sequence[RFlowText],
@@ -266,25 +348,27 @@ def sample_long_video(
     num_frames: int,
     fps: float | None = None,
     references: Sequence[torch.Tensor] = (),
-    mask_strategy: str | Sequence[str] = "",
+    mask_strategy: str | Sequence = "",
     align: int | None = None,
     cond_type: str | None = None,
+    placements: Sequence[tuple[int, int, int]] | None = None,
+    end_placements: Sequence[tuple[int, int, int]] = (),
     condition_frame_length: int = CONDITION_FRAME_LENGTH,
     condition_frame_edit: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     noise: NoiseFn | None = None,
+    start_noise: Callable[[int], torch.Tensor] | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Generate `num_loops` chunks, each conditioned on the last `condition_frame_length` latent frames of the
     previous one, and join them along time (dropping the repeated frames): T + (num_loops - 1)(T - cfl) frames.
 
-    Without `cond_type` the chaining is the 1.x mask-strategy way (the previous chunk becomes a new reference
-    with edit ratio `condition_frame_edit`; `mask_strategy` groups with loop index k apply to chunk k). With a
-    1.3 `cond_type` it is the mask_index way: chunk k > 0 conditions on frames 0..cfl-1, and the i2v_tail /
-    i2v_loop end frame is applied to the last chunk only. `texts` is one prompt or one per chunk. Each chunk
-    starts from a fresh `noise(latent_shape, dtype, device)` draw. The reference works on decoded-then-re-encoded
-    video for 1.2; this chains latents directly, as 1.3 does.
+    The chaining is chunk_conditioning's: the mask-strategy way by default, the 1.3 reference way with a 1.3
+    `cond_type` (placements from loop_placements) or explicit `placements` / `end_placements`. `texts` is one prompt
+    or one per chunk. Chunk k starts from `start_noise(k)` (default: a fresh `noise(latent_shape, dtype, device)`
+    draw); `noise` is also the sampler's in-loop noise. The 1.2 reference works on decoded-then-re-encoded video;
+    this chains latents directly, as 1.3 does. The callback's info also has "loop" and "loops".
     """
     if num_loops < 1:
         raise ValueError(f"num_loops must be >= 1, got {num_loops}")
@@ -292,66 +376,50 @@ def sample_long_video(
     if len(latent_shape) != 5:
         raise ValueError(f"latent_shape must be (B, C, T, H, W), got {latent_shape}")
     frames = latent_shape[2]
-    if num_loops > 1 and not 1 <= condition_frame_length < frames:
-        raise ValueError(
-            f"condition_frame_length must be between 1 and {frames - 1} (the chunk has {frames} latent frames), "
-            f"got {condition_frame_length}"
-        )
-    if cond_type is not None and any(
-        parse_mask_strategy(s) for s in ([mask_strategy] if isinstance(mask_strategy, str) else mask_strategy)
-    ):
-        raise ValueError("use either cond_type (1.3 mask_index conditioning) or mask_strategy, not both")
+    if num_loops > 1:
+        check_condition_frame_length(condition_frame_length, frames)
+    if cond_type is not None:
+        if placements is not None or any(_item_strategies(mask_strategy, latent_shape[0])):
+            raise ValueError("use either cond_type (1.3 mask_index conditioning) or mask_strategy, not both")
+        lengths = [(r.shape[1] if r.dim() == 4 else r.shape[2]) for r in references]
+        placements, end_placements = loop_placements(cond_type, frames, lengths, num_loops, condition_frame_length)
     if isinstance(texts, RFlowText):
         texts = [texts]
     if len(texts) not in (1, num_loops):
         raise ValueError(f"got {len(texts)} texts for {num_loops} loops; give one, or one per loop")
     noise = noise or default_noise
     device = torch.device(device) if device is not None else texts[0].y.device
-    batch = latent_shape[0]
-    strategies = [mask_strategy] * batch if isinstance(mask_strategy, str) else list(mask_strategy)
-    lengths = [(r.shape[1] if r.dim() == 4 else r.shape[2]) for r in references]
-    all_references = list(references)
-
+    start_noise = start_noise or (lambda _loop: noise(latent_shape, dtype, device))
+    chaining = dict(
+        references=references,
+        mask_strategy=mask_strategy,
+        align=align,
+        placements=placements,
+        end_placements=end_placements,
+        condition_frame_length=condition_frame_length,
+        condition_frame_edit=condition_frame_edit,
+    )
     chunks: list[torch.Tensor] = []
     for loop in range(num_loops):
-        text = texts[loop] if len(texts) > 1 else texts[0]
-        z = noise(latent_shape, dtype, device)
-        last_loop = loop == num_loops - 1
-        if cond_type is None:
-            if loop > 0:
-                all_references.append(chunks[-1])
-                added = f"{loop},{len(all_references) - 1},-{condition_frame_length},0,{condition_frame_length},{condition_frame_edit}"
-                strategies = [f"{s};{added}" if s else added for s in strategies]
-            z, cond = apply_mask_strategy(z, all_references, strategies, loop_index=loop, align=align)
-        elif loop == 0:
-            placements = cond_type_placements(cond_type, frames, lengths, condition_frame_length, tail=last_loop)
-            cond = place_references(latent_shape, references, placements) if placements else None
-        else:
-            previous = chunks[-1][:, :, frames - condition_frame_length :]
-            placements = [(0, k, k) for k in range(condition_frame_length)]
-            if cond_type in ("i2v_tail", "i2v_loop") and last_loop:
-                # The reference applies i2v_loop's end frame to every later chunk (operator precedence);
-                # only the last chunk should end on it.
-                ends = cond_type_placements(cond_type, frames, lengths, condition_frame_length, head=False)
-                placements += [(ref_id + 1, ref_frame, target) for ref_id, ref_frame, target in ends]
-            cond = place_references(latent_shape, [previous, *references], placements)
+        previous = chunks[-1] if chunks else None
+        z, cond = chunk_conditioning(start_noise(loop), loop, num_loops, previous, **chaining)
 
         def chunk_callback(info: dict, loop: int = loop) -> None:
             callback({**info, "loop": loop, "loops": num_loops})
 
-        sample = sample_rflow(
-            model,
-            z,
-            text,
-            options,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            fps=fps,
-            cond=cond,
-            noise=noise,
-            callback=chunk_callback if callback is not None else None,
+        chunks.append(
+            sample_rflow(
+                model,
+                z,
+                texts[loop] if len(texts) > 1 else texts[0],
+                options,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                fps=fps,
+                cond=cond,
+                noise=noise,
+                callback=chunk_callback if callback is not None else None,
+            )
         )
-        chunks.append(sample)
-    joined = [chunks[0]] + [chunk[:, :, condition_frame_length:] for chunk in chunks[1:]]
-    return torch.cat(joined, dim=2)
+    return join_chunks(chunks, condition_frame_length)

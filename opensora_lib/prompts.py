@@ -286,21 +286,21 @@ def dropped_cjk(text: str) -> str | None:
 
 
 def unused_prompt_parts_v1(prompt: str) -> list[str]:
-    """What a one-video encode of a 1.x prompt does not use: the trailing JSON object (the official script's
-    reference_path / mask_strategy), the "|k|" loop segments after the first, and CJK ideographs (the cleaner
-    removes them, as the official one does: its --llm-refine translated prompts to English first)."""
+    """What an encode of a 1.x prompt does not use: the trailing JSON object (the official script's
+    reference_path / mask_strategy), "|k|" loop segments no loop reaches (a repeated or lower marker after a higher
+    one), and CJK ideographs (the cleaner removes them, as the official one does: its --llm-refine translated
+    prompts to English first)."""
     text, extra = split_prompt_json(prompt)
     unused = [note] if (note := dropped_cjk(text)) else []
     if extra:
         unused.append(f"the prompt's JSON object ({', '.join(extra)}): connect Open-Sora Encode Reference instead")
     loops = split_loop_segments(text)
     if loops and len(loops) > 1:
-        used = _loop_segment_index([start for start, _segment in loops], 0)
-        others = [f"|{start}| {segment!r}" for k, (start, segment) in enumerate(loops) if k != used]
-        unused.append(
-            f"the loop segment(s) {', '.join(others)}: one video is the official loop 0, which uses "
-            f"|{loops[used][0]}| {loops[used][1]!r}"
-        )
+        starts = [start for start, _segment in loops]
+        used = {_loop_segment_index(starts, loop) for loop in range(loop_count_v1(prompt))}
+        others = [f"|{start}| {segment!r}" for k, (start, segment) in enumerate(loops) if k not in used]
+        if others:
+            unused.append(f"the loop segment(s) {', '.join(others)}: no loop uses them (a later marker takes over)")
     return unused
 
 
@@ -310,6 +310,18 @@ def merged_prompt_v1(prompt: str, version: str, aes=None, flow=None, camera_moti
     if segments[0][0] is None:
         return segments[0][1]
     return "".join(f"|{start}|{text}" for start, text, _empty in segments)
+
+
+def loop_count_v1(prompt: str) -> int:
+    """How many generation loops of a 1.x prompt can differ in text: loop n >= count - 1 uses the text of loop
+    count - 1 (1 without "|k|" segments; official extract_prompts_loop, including unordered markers)."""
+    _check_str(prompt)
+    text, _extra = split_prompt_json(prompt)
+    loops = split_loop_segments(text)
+    if not loops:
+        return 1
+    starts = [start for start, _segment in loops]
+    return sum(max(end - start, 0) for start, end in zip(starts, starts[1:])) + 1
 
 
 def prompt_loops_v1(prompt: str, version: str, aes=None, flow=None, camera_motion=None, loops: int = 1) -> list[str]:

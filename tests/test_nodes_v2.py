@@ -257,6 +257,9 @@ def probe(out_path: str, models_dir: str) -> None:  # noqa: C901 (one subprocess
             lambda: sampling.OpenSoraSampler().sample(model, positive, null_caption, empty, 1, 2, 7.5)
         ),
         "v1_positive": error_of(lambda: sampling.OpenSoraSampler().sample(model, v1_cond, negative, empty, 1, 2, 7.5)),
+        "loops": error_of(
+            lambda: sampling.OpenSoraSampler().sample(model, positive, negative, empty, 1, 2, 7.5, loops=2)
+        ),
         "v1_latent": error_of(
             lambda: sampling.OpenSoraSampler().sample(
                 model,
@@ -370,6 +373,7 @@ def test_conditioning_from_core_text_encoders(measured):
     assert cond["ksampler_shape"] == [1, 16, 3, 6, 8] and cond["ksampler_finite"]
     assert "pooled_output" in cond["no_pooled"]
     assert "[batch, tokens, 64]" in cond["wrong_width"]
+    assert "loops (official 1.x --loop) are for Open-Sora 1.2 / 1.3" in cond["loops"], cond["loops"]
     for refused in (cond["v1_negative"], cond["v1_positive"]):  # the common version check, with the 2.0 hint
         assert "encoded for Open-Sora 1.3 but the model is Open-Sora 2.0" in refused, refused
         assert "DualCLIPLoader(type=flux) + CLIPTextEncode" in refused, refused

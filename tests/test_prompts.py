@@ -187,12 +187,22 @@ def test_unused_prompt_parts_name_the_json_object_and_the_other_loop_segments():
     assert prompts.unused_prompt_parts_v1("a fox in snow") == []
     (json_part,) = prompts.unused_prompt_parts_v1('a fox{"reference_path": "fox.png", "mask_strategy": "0"}')
     assert "reference_path, mask_strategy" in json_part and "Encode Reference" in json_part
-    (loop_part,) = prompts.unused_prompt_parts_v1("|0| a fox |1| a cat |4| a dog")
-    assert "|1| 'a cat', |4| 'a dog'" in loop_part and "uses |0| 'a fox'" in loop_part
-    # repeated markers: official loop 0 takes the later segment, so the earlier one is the unused one
+    assert prompts.unused_prompt_parts_v1("|0| a fox |1| a cat |4| a dog") == []  # the Sampler's loops use them
+    # repeated markers: official loop 0 takes the later segment, so the earlier one is never used
     (repeated,) = prompts.unused_prompt_parts_v1("|0| a fox |0| a cat")
-    assert "|0| 'a fox':" in repeated and "uses |0| 'a cat'" in repeated
+    assert "|0| 'a fox': no loop uses them" in repeated
     assert prompts.prompt_text_v1("|0| a fox |0| a cat", "1.3") == "a cat"
+    (lower,) = prompts.unused_prompt_parts_v1("|0| a fox |3| a cat |1| a dog |2| a cow")  # |3| owns no loop
+    assert "|3| 'a cat'" in lower and "'a dog'" not in lower
+
+
+def test_loop_count_is_where_the_text_stops_changing():
+    for prompt, count in [("a fox", 1), ("|0| a fox |2| a cat", 3), ("|0| a |3| b |1| c", 4), ("|0| a |0| b", 1)]:
+        assert prompts.loop_count_v1(prompt) == count, prompt
+        texts = prompts.prompt_loops_v1(prompt, "1.3", loops=count + 3)
+        assert texts[count - 1 :] == [texts[count - 1]] * 4, (prompt, texts)  # no change after count - 1
+        if count > 1:
+            assert texts[count - 2] != texts[count - 1], (prompt, texts)  # and a change at count - 1
     # CJK ideographs are cleaned away, as officially: said, since the rest of the prompt still encodes
     mixed = "一只猫在雪地里奔跑 a cat running in snow"
     assert prompts.prompt_text_v1(mixed, "1.3") == "a cat running in snow"

@@ -27,6 +27,7 @@ def probe(out_path: str, models_dir: str) -> None:
     import folder_paths
     from helpers_comfy_probe import pack_warnings
     from opensora_pack.nodes import latent, loaders, sampling_v1
+    from opensora_pack.opensora_lib.conditioning_v1 import chunk_conditioning
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
@@ -60,8 +61,8 @@ def probe(out_path: str, models_dir: str) -> None:
     except ValueError as e:
         end_error = str(e)
     z = torch.zeros_like(empty["samples"])
-    placed_two = sampling_v1.v1_conditioning("1.3", loop_two, z)[1].latent
-    placed_one = sampling_v1.v1_conditioning("1.3", loop_one, z)[1].latent
+    placed_two = sampling_v1.v1_reference(loop_two, z).latent
+    placed_one = sampling_v1.v1_reference(loop_one, z).latent
     # 1.2: 51 frames -> 15 latent frames; the loop's end lands on frame 10 (official align 5)
     (vae12,) = loaders.OpenSoraLoadVAE().load(VAE12, "fp32")
     (empty12,) = latent.OpenSoraEmptyLatentVideo().generate("1.2", "144p", "9:16", 51)
@@ -74,7 +75,7 @@ def probe(out_path: str, models_dir: str) -> None:
     handler.emit = lambda record: infos.append(record.getMessage())
     logging.getLogger("OpenSora").addHandler(handler)
     logging.getLogger("OpenSora").setLevel(logging.INFO)
-    written12 = {n: sampling_v1.v1_conditioning("1.2", loop12[n], z12)[0] for n in (1, 2)}
+    written12 = {n: chunk_conditioning(z12, 0, 1, **sampling_v1.v1_chaining("1.2", loop12[n], z12))[0] for n in (1, 2)}
     logging.getLogger("OpenSora").removeHandler(handler)
     with pack_warnings() as size_messages:
         floored = latent.OpenSoraEmptyLatentVideo().generate("1.2", "144p", "9:16", 17, 1, 100, 60)[0]["samples"]

@@ -1,7 +1,8 @@
 """Open-Sora Encode Prompt (1.3) on official-style prompts, inside ComfyUI (--cpu).
 
-- A trailing JSON object (the official script's reference_path / mask_strategy) and "|k|" loop segments other than
-  loop 0's are not used by one video: the node says so by name, and encodes what the official loop 0 encodes.
+- A trailing JSON object (the official script's reference_path / mask_strategy) is not used: the node says so by
+  name. "|k|" loop segments: the CONDITIONING is loop 0's text (one video, the official loop 0) and carries the later
+  loops' texts for the Sampler's loops, each encoded as that text alone.
 - A prompt the caption cleaner turns into a bare "." (a URL to a file) is refused as empty.
 """
 
@@ -27,14 +28,16 @@ def probe(out_path: str, models_dir: str) -> None:
     folder_paths.add_model_folder_path("text_encoders", str(Path(models_dir) / "text_encoders"), True)
     (encoder,) = loaders.OpenSoraLoadTextEncoder().load(T5, "default", "1.3")
 
-    def encode(prompt, negative=""):
+    def encode(prompt, negative="", entry=False):
         with pack_warnings() as messages:
             positive, _negative = text.OpenSoraEncodePrompt().encode(encoder, prompt, negative)
-        return positive[0][0], messages
+        return (positive[0] if entry else positive[0][0]), messages
 
     plain, plain_warnings = encode("a fox in snow")
     with_json, json_warnings = encode('a fox in snow{"reference_path": "fox.png", "mask_strategy": "0"}')
-    looped, loop_warnings = encode("|0| a fox in snow |1| a cat on a roof")
+    (looped, loop_meta), loop_warnings = encode("|0| a fox in snow |1| a cat on a roof |3| a fox in snow", entry=True)
+    cat, _ = encode("a cat on a roof")
+    loop_texts = loop_meta["opensora_loop_texts"]
     cjk, cjk_warnings = encode("雪 a fox in snow", negative="模糊 blurry")
     try:
         encode("https://example.com/fox.mp4")
@@ -48,6 +51,9 @@ def probe(out_path: str, models_dir: str) -> None:
         "json_warnings": json_warnings,
         "loop_same": bool(torch.equal(plain, looped)),
         "loop_warnings": loop_warnings,
+        "loop_texts": [entry["opensora_text"] for entry in loop_texts],
+        "loop_1_alone": bool(torch.equal(loop_texts[0]["cond"], cat)),
+        "loop_3_is_loop_0": bool(torch.equal(loop_texts[2]["cond"], plain)),
         "cjk_same": bool(torch.equal(plain, cjk)),
         "cjk_warnings": cjk_warnings,
         "url_error": url_error,
@@ -105,9 +111,12 @@ def test_the_prompt_json_is_named_as_unused_and_the_text_encodes_as_without_it(m
     assert any("JSON object (reference_path, mask_strategy)" in m for m in measured["json_warnings"]), measured
 
 
-def test_loop_segments_after_loop_0_are_named_as_unused(measured):
+def test_loop_segments_are_encoded_for_the_samplers_loops(measured):
     assert measured["loop_same"], "one video is the official loop 0: its segment's text"
-    assert any("|1| 'a cat on a roof'" in m for m in measured["loop_warnings"]), measured
+    score = " the aesthetic score is excellent."  # the node's default score words, on every loop's text
+    assert measured["loop_texts"] == [t + score for t in ("a cat on a roof", "a cat on a roof", "a fox in snow")]
+    assert measured["loop_1_alone"] and measured["loop_3_is_loop_0"], measured
+    assert measured["loop_warnings"] == [], measured  # every segment is used by some loop
 
 
 def test_cjk_characters_the_cleaner_drops_are_named_in_the_prompt_and_the_negative(measured):
