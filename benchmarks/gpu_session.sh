@@ -8,7 +8,8 @@
 # mmdit_cudnn.json, official_mmdit.json, mmdit_fa3.json, mmdit_cudnn_torch_forms.json, comfy_memory.json,
 # mmdit_compiled.json, summary.json; the summary table is printed at the end. Every step runs under `timeout`, capped
 # by what is left of --budget (default 540 s, under the device tool's 600 s per command); a failing or timed-out step
-# is recorded and the rest run.
+# is recorded and the rest run; the exit status is 1 only when no step succeeded. Python: $PYTHON, else .venv/bin/python,
+# else python3.
 #
 # Steps, in priority order, with the estimate on one H200 (the 2026-11-28 runs: official forward 256px b3 1.18 s,
 # b1 0.40 s, 768px b1 14.1 s with SDPA's flash kernel, 50-step t2v 59 s; ours eager 1.10 s / 0.36 s / 8.95 s before
@@ -189,7 +190,10 @@ else
 fi
 
 "$PY" -m benchmarks.session_summary "$DIR" --steps "$STEPS" --mode "$MODE"
-echo "== gpu_session done in $(($(date +%s) - START))s"
+OK=$(awk -F'\t' '$2 == "ok"' "$STEPS" | wc -l)
+RAN=$(awk -F'\t' '$2 != "skipped"' "$STEPS" | wc -l)
+echo "== gpu_session done in $(($(date +%s) - START))s: $OK of $RAN steps run ok"
 rm -f "$STEPS"
 exec >&- 2>&-
 wait "$TEE" 2>/dev/null  # session.log complete before the command returns
+((OK > 0))  # exit status 1 when no step succeeded (the files still come back)

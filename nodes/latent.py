@@ -123,7 +123,7 @@ class OpenSoraEmptyLatentVideo:
                     _union(sizes.resolutions),
                     {
                         "default": "360p",
-                        "tooltip": "Resolution preset of the chosen version (1.x: 360p, 720p, ...; 2.0: 256px, 768px; 2.0 DC-AE: 768px, snapped to 32).",
+                        "tooltip": "Resolution preset of the chosen version (1.x: the official tables, 144p to 4k; 1.3 '<name>_16d': the same sizes rounded down to multiples of 16; 2.0: 256px and 768px as trained, plus the official code's other tables; 2.0 DC-AE: 768px, snapped to 32).",
                     },
                 ),
                 "aspect_ratio": (
@@ -139,7 +139,7 @@ class OpenSoraEmptyLatentVideo:
                         "default": 49,
                         "min": 1,
                         "max": 1024,
-                        "tooltip": "Pixel frames. 1.3: 16k+1 (17..113 trained); 2.0: 4k+1 up to 129; 2.0 DC-AE: 1 or 4k from 8 to 128 (official 128); 1.2: 1 or 17 and more.",
+                        "tooltip": "Pixel frames. 1.3: 1 or 16k+1 up to 801 (17..113 trained); 2.0: 4k+1 up to 129; 2.0 DC-AE: 1 or 4k from 8 to 128 (official 128); 1.2: 1 or 17 to 816. Longer 1.x videos: the Sampler's loops.",
                     },
                 ),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos generated at once."}),

@@ -126,14 +126,14 @@ class OpenSoraLoadTextEncoder:
                 "t5_name": (
                     model_choices("text_encoders"),
                     {
-                        "tooltip": "T5-v1.1-XXL from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn, a Hugging Face folder, or a GGUF. Matrices stay as narrow as the file stores them (an fp8 T5-XXL takes about 5 GB), with the same encodings as a full-precision load."
+                        "tooltip": "T5-v1.1-XXL from models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn, a Hugging Face folder, or a GGUF. Matrices stay as narrow as the file stores them (an fp8 T5-XXL takes about 5 GB), with the same encodings as that file expanded to full precision on load."
                     },
                 ),
                 "precision": (
                     ["default", "fp32", "bf16"],
                     {
                         "default": "default",
-                        "tooltip": "Compute dtype. default = what the official code uses: fp32 for 1.x (T5 must be fp32 there), bf16 for 2.0.",
+                        "tooltip": "Compute dtype. default = what the official code uses: fp32 for 1.x, bf16 for 2.0. bf16 for 1.x halves the T5's memory with a tiny deviation from the official numbers.",
                     },
                 ),
                 "version": (

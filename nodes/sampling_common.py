@@ -42,12 +42,17 @@ CFG_INPUT = _scale(7.5, "Text guidance scale (official: 7.0 for 1.2, 7.5 for 1.3
 GUIDANCE_OPTIONS = {
     "image_cfg": _scale(5.0, "Image guidance scale for i2v / v2v (official: 5.0 for 1.3, 3.0 for 2.0)."),
     "oscillation": bool_input(
-        "Oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps."
+        "Oscillation guidance for text: full scale for the first 10 steps and on even steps, 1.0 (one pass) on odd steps. "
+        "1.3 and 2.0; 1.2 has none (ignored, as the official 1.2)."
     ),
-    "image_oscillation": bool_input("Oscillation guidance for the image scale."),
-    "scale_image_weight": bool_input("i2v: image guidance ramps up along the video and down over the steps."),
+    "image_oscillation": bool_input("Oscillation guidance for the image scale (1.3 and 2.0; 1.2 ignores it)."),
+    "scale_image_weight": bool_input(
+        "i2v: image guidance ramps up along the video and down over the steps (1.3 and 2.0; 1.2 ignores it)."
+    ),
 }
-FLAW_FIX_INPUT = bool_input("1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on).")
+FLAW_FIX_INPUT = bool_input(
+    "1.3 t2v: rescale the guided velocity toward the conditional one's spread (official on; 1.2 and 2.0 ignore it)."
+)
 
 
 def model_version(model) -> str:

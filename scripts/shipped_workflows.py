@@ -58,6 +58,7 @@ TINY_LATENTS = {
     "2.0": {"width": TINY_SIZE, "height": TINY_SIZE, "num_frames": 9},  # 4k + 1 (causal VAE)
     "2.0 DC-AE": {"width": TINY_SIZE, "height": TINY_SIZE, "num_frames": 8},  # 4k
 }
+TINY_LOOPED_FRAMES = 33  # 1.3: 10 latent frames, 1.2: 9
 
 
 def t2v(version: str, resolution: str, aspect: str, frames: int, cfg: float, aes: float) -> dict:
@@ -123,10 +124,28 @@ def i2v13() -> dict:
     return prompt
 
 
+def long13() -> dict:
+    """1.3 long video (official --loop): three 49-frame chunks, each continuing the last 5 latent frames of the one
+    before, one prompt segment per loop: 15 + 10 + 10 latent frames, 113 frames."""
+    prompt = t2v("1.3", "360p", "9:16", 49, 7.5, -1.0)
+    prompt["3"]["inputs"]["prompt"] = LOOP_PROMPT
+    prompt["5"]["inputs"].update(loops=3, condition_frame_length=5, condition_frame_edit=0.0)
+    prompt["9"]["inputs"]["filename_prefix"] = "opensora/v13_long"
+    return prompt
+
+
+LOOP_PROMPT = (
+    "|0| a red fox walking through fresh snow in a pine forest at sunrise, cinematic "
+    "|1| the red fox stops and looks around in the snowy pine forest, cinematic "
+    "|2| the red fox runs away between the snowy pine trees, cinematic"
+)
+
+
 def definitions() -> dict[str, dict]:
     out = {
-        "opensora13_t2v": t2v("1.3", "360p", "9:16", 49, 7.5, 6.5),
+        "opensora13_t2v": t2v("1.3", "360p", "9:16", 49, 7.5, -1.0),
         "opensora13_i2v": i2v13(),
+        "opensora13_long": long13(),
         "opensora12_t2v": t2v("1.2", "360p", "9:16", 51, 7.0, 6.5),
     }
     from workflows_v2 import definitions_v2
@@ -169,9 +188,12 @@ def use_models(prompt: dict, names: dict[str, str]) -> dict:
 
 
 def tiny_settings(prompt: dict, steps: int = 4, image_steps: int = 2, **latent) -> dict:
-    """A copy at a CPU-friendly size: TINY_LATENTS for the video (`latent` overrides it), steps for the Sampler,
-    and a TINY_SIZE FLUX first frame with image_steps."""
+    """A copy at a CPU-friendly size: TINY_LATENTS for the video (`latent` overrides it; a looping Sampler's latent
+    gets TINY_LOOPED_FRAMES), steps for the Sampler, and a TINY_SIZE FLUX first frame with image_steps."""
     out = json.loads(json.dumps(prompt))
+    samplers = [node["inputs"] for node in out.values() if node["class_type"] == "OpenSoraSampler"]
+    if any(inputs.get("loops", 1) > 1 for inputs in samplers):  # chunks need more than the 5 frames they continue
+        latent = {"num_frames": TINY_LOOPED_FRAMES, **latent}
     for node in out.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "OpenSoraEmptyLatentVideo":

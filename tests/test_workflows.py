@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from shipped_workflows import use_models
 
 pytestmark = pytest.mark.server
+API_DIR = Path(__file__).resolve().parent.parent / "workflows" / "api"
 
 
 @pytest.mark.parametrize("name", ["opensora13_t2v", "opensora13_i2v", "opensora12_t2v"])
@@ -58,6 +59,25 @@ def test_workflows_ship_in_ui_and_api_format():
         assert {n["type"] for n in ui["nodes"]} - {"Note"} == {n["class_type"] for n in prompt.values()}
         assert any(n["class_type"] == "SaveVideo" for n in prompt.values())
         assert any(n["class_type"] == "CreateVideo" for n in prompt.values())
+
+
+def test_api_workflows_are_what_the_generator_writes():
+    """workflows/api/*.json are scripts/shipped_workflows.py's definitions (an edit made in one place only is lost
+    at the next `python scripts/shipped_workflows.py`)."""
+    from shipped_workflows import definitions
+
+    shipped = {path.stem: json.loads(path.read_text()) for path in (API_DIR).glob("*.json")}
+    assert shipped == definitions()
+
+
+def test_long_video_workflow_joins_its_loops(comfy_server):
+    """opensora13_long: three chunks of 33 tiny frames (10 latent frames), each continuing the last 5 latent frames
+    of the one before: 10 + 5 + 5 latent frames, 65 frames."""
+    prompt = tiny_workflow(comfy_server, "opensora13_long", steps=2)
+    (video,) = run_ok(comfy_server, prompt)
+    props = video_properties(video)
+    assert props["frames"] == 65 and (props["width"], props["height"]) == (256, 144), props
+    assert props["pixels"].std() > 1.0
 
 
 def test_ui_workflows_say_which_model_files_they_need_and_where_from():
