@@ -9,6 +9,7 @@ that are neither (e.g. a ControlNet object attached by a later node) are refused
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -55,21 +56,38 @@ def embed_path(name: str) -> str:
     raise FileNotFoundError(f"saved prompt {name!r} not found in {' or '.join(embed_dirs())}")
 
 
-def _plain(value, key: str):
-    """A JSON-safe copy of a non-tensor conditioning value (tuples become lists), or a ValueError naming it."""
+TENSOR_REF = "__tensor__"  # a tensor inside a list / dict value (Encode Prompt's loop texts): {TENSOR_REF: name}
+
+
+def _plain(value, key: str, store):
+    """A JSON-safe copy of a non-tensor conditioning value (tuples become lists; a tensor inside it goes to
+    `store(tensor) -> name` and is written as {TENSOR_REF: name}), or a ValueError naming it."""
+    if torch.is_tensor(value):
+        return {TENSOR_REF: store(value)}
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(item, key) for item in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v, key) for k, v in value.items()}
+        return [_plain(item, key, store) for item in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value) and TENSOR_REF not in value:
+        return {k: _plain(v, key, store) for k, v in value.items()}
     raise ValueError(
         f"The conditioning entry {key!r} ({type(value).__name__}) cannot be saved: only tensors, numbers, text, "
         "booleans and lists / dicts of them can. Save the prompt right after its encoder, before nodes that attach "
         "objects such as ControlNets or hooks."
     )
+
+
+def _restored(value, read):
+    """_plain's value with each {TENSOR_REF: name} read back by `read(name)`."""
+    if isinstance(value, list):
+        return [_restored(item, read) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_REF}:
+            return read(value[TENSOR_REF])
+        return {k: _restored(v, read) for k, v in value.items()}
+    return value
 
 
 def save_conditioning(conditioning: list, path: str) -> None:
@@ -90,12 +108,20 @@ def save_conditioning(conditioning: list, path: str) -> None:
     for index, (cond, extras) in enumerate(conditioning):
         tensors[f"{index}.cond"] = own(cond)
         entry = {"tensors": [], "values": {}}
+
+        numbers = itertools.count()
+
+        def store(tensor: torch.Tensor, index: int = index, numbers=numbers) -> str:
+            name = f"{index}.nested.{next(numbers)}"
+            tensors[name] = own(tensor)
+            return name
+
         for key, value in extras.items():
             if torch.is_tensor(value):
                 tensors[f"{index}.extra.{key}"] = own(value)
                 entry["tensors"].append(key)
             else:
-                entry["values"][key] = _plain(value, key)
+                entry["values"][key] = _plain(value, key, store)
         entries.append(entry)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "entries": json.dumps(entries)}
     save_file(tensors, path, metadata=metadata)
@@ -148,7 +174,13 @@ def load_conditioning(path: str) -> list:
             missing = [name for name in names if name not in available]
             if missing:
                 raise ValueError(f"{path} is damaged: tensor(s) {missing} listed in its metadata are missing")
-            extras = dict(entry["values"])
+
+            def read(name: str, index: int = index) -> torch.Tensor:
+                if not isinstance(name, str) or not name.startswith(f"{index}.nested.") or name not in available:
+                    raise ValueError(f"{path} is damaged: tensor {name!r} listed in its metadata is missing")
+                return f.get_tensor(name)
+
+            extras = _restored(dict(entry["values"]), read)
             extras.update({key: f.get_tensor(f"{index}.extra.{key}") for key in entry["tensors"]})
             conditioning.append([f.get_tensor(f"{index}.cond"), extras])
     return conditioning

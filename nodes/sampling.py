@@ -13,7 +13,12 @@ import latent_preview
 import torch
 
 from ..opensora_lib import rflow, sizes
-from ..opensora_lib.conditioning_v1 import check_condition_frame_length, sample_long_video
+from ..opensora_lib.conditioning_v1 import (
+    MAX_LOOPS,
+    check_condition_frame_length,
+    check_latent_windows,
+    sample_long_video,
+)
 from .common import CATEGORY, Progress, check_choices, compute_dtype, hooks_of, load_for_sampling
 from .guider import OpenSoraGuider
 from .latent import video_info
@@ -81,7 +86,7 @@ class OpenSoraSampler:
                     {
                         "default": 1,
                         "min": 1,
-                        "max": 32,
+                        "max": MAX_LOOPS,
                         "tooltip": "1.x long video (official --loop): generate this many chunks of the latent's "
                         "length, each starting from the last condition_frame_length latent frames of the one before, "
                         "joined without the repeats. Loop k takes Encode Prompt's |k| prompt segment.",
@@ -93,8 +98,9 @@ class OpenSoraSampler:
                         "default": 5,
                         "min": 1,
                         "max": 64,
-                        "tooltip": "1.x: latent frames each later loop continues from (official 5); a 1.3 v2v_head "
-                        "reference also conditions this many of its latent frames.",
+                        "tooltip": "1.x: latent frames each later loop continues from (official 5; with loops a "
+                        "multiple of 5, one VAE window each); a 1.3 v2v_head reference also conditions this many of "
+                        "its latent frames.",
                     },
                 ),
                 "condition_frame_edit": (
@@ -184,8 +190,11 @@ def sample_v1_node(
     """The Open-Sora Sampler on a 1.x latent: `loops` chained chunks (official --loop; one is a plain run) joined into
     one LATENT. Chunk k starts from the next draw of ComfyUI's seeded noise (chunk 0's is core samplers' draw)."""
     samples = latent["samples"]
-    if loops > 1:  # a chained length no video has is refused before sampling
-        kept, num_frames = joined_length(info, samples.shape[2], loops, condition_frame_length)
+    if loops > 1:  # chunks that would not decode right, or a length no video has, are refused before sampling
+        num_frames = looped_num_frames(info, samples.shape[2], loops, condition_frame_length)
+    segments = len(positive[0][1].get("opensora_loop_texts") or []) if positive else 0
+    if segments > loops:
+        log.info("OpenSora: the prompt has texts for %d loops; the Sampler runs %d (the rest unused)", segments, loops)
     # cond, uncond (, image uncond for a 1.3 reference) batched
     passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
     device, dtype = load_for_sampling(model, samples.shape, passes)
@@ -220,20 +229,20 @@ def sample_v1_node(
     )
     result = {k: v for k, v in latent.items() if k != "opensora_reference"}
     if loops > 1:
-        out, result["opensora"] = out[:, :, :kept], {**info, "num_frames": num_frames}
+        result["opensora"] = {**info, "num_frames": num_frames}
     result["samples"] = out.float().to(comfy.model_management.intermediate_device())
     return result
 
 
-def joined_length(info: dict, frames: int, loops: int, condition_frame_length: int) -> tuple[int, int]:
-    """(latent frames, video frames) of `loops` chained chunks of `frames` latent frames: the longest video those
-    latent frames hold; 1.3 keeps a multiple of 5 latent frames, as the official decode cuts it. Refused before
-    sampling when no Open-Sora video is that long."""
+def looped_num_frames(info: dict, frames: int, loops: int, condition_frame_length: int) -> int:
+    """The video length of `loops` chained chunks of `frames` latent frames (the longest video their joined latent
+    frames hold); refused before sampling when the chunks would not decode right or no Open-Sora video is that
+    long."""
     check_condition_frame_length(condition_frame_length, frames)
+    check_latent_windows(frames, condition_frame_length)
     joined = frames + (loops - 1) * (frames - condition_frame_length)
-    kept = joined - joined % 5 if info["version"] == "1.3" else joined
     try:
-        num_frames = sizes.frames_for_latent(info["version"], kept)
+        return sizes.frames_for_latent(info["version"], joined)
     except ValueError:
         longest = sizes.allowed_num_frames(info["version"])[-1]
         raise ValueError(
@@ -241,14 +250,6 @@ def joined_length(info: dict, frames: int, loops: int, condition_frame_length: i
             f"longer than any Open-Sora {info['version']} video (at most {longest} frames): use fewer loops or a "
             "shorter latent."
         ) from None
-    if kept < joined:
-        log.warning(
-            "OpenSora: the looped 1.3 latent has %d latent frames; the 1.3 VAE decodes multiples of 5, so the last %d "
-            "are dropped, as the official script does (a condition_frame_length of 5 or 10 loses none)",
-            joined,
-            joined - kept,
-        )
-    return kept, num_frames
 
 
 class OpenSoraSigmas:

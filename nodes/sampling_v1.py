@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -45,9 +46,9 @@ def v1_text(model, positive: list, negative: list, device, dtype, loop: int = 0)
     learned null caption (masked by the positive, Q1)."""
     version = model_version(model)
     y, meta = text_of(positive, "positive", version)
-    loop_texts = meta.get("opensora_loop_texts", [])
+    loop_texts = current_loop_texts(y, meta)
     if loop > 0 and loop_texts:
-        entry = loop_texts[min(loop, len(loop_texts)) - 1]
+        entry = loop_texts[min(loop, len(loop_texts) - 1)]
         y, meta = entry["cond"], entry
         check_v1_text(y, meta["attention_mask"], f"The positive conditioning's loop {loop} text")
     y_null = model.model.diffusion_model.null_caption().to(device, dtype)[None]
@@ -57,6 +58,20 @@ def v1_text(model, positive: list, negative: list, device, dtype, loop: int = 0)
         text.negative_y = negative_y.to(device, dtype)[:, None]
         text.negative_mask = negative_meta["attention_mask"].to(device)
     return text
+
+
+def current_loop_texts(y: torch.Tensor, meta: dict) -> list[dict]:
+    """Encode Prompt's per-loop texts ("|k|" segments), unless a core node changed the conditioning since (its loop 0
+    is no longer Encode Prompt's: ConditioningZeroOut, ConditioningAverage, ...): then every loop uses it as given."""
+    loop_texts = meta.get("opensora_loop_texts") or []
+    if loop_texts and not torch.equal(y.cpu(), loop_texts[0]["cond"].cpu()):
+        warn_once(
+            "stale loop texts",
+            "OpenSora: the positive conditioning was changed after Encode Prompt, so its |k| loop segments no longer "
+            "apply: every loop uses the conditioning as given",
+        )
+        return []
+    return loop_texts
 
 
 def check_reference_fits(reference: dict, z: torch.Tensor) -> None:
@@ -112,6 +127,11 @@ def v1_chaining(
         else:  # each image its own reference id, so aligning moves only its target
             chaining["mask_strategy"] = image_strategies(index, len(references))
         log_v12_alignment(chaining["mask_strategy"], index, z.shape[2])
+        if loops > 1:  # an end frame (i2v_tail, i2v_loop) belongs to the last chunk, as the 1.3 way places it
+            chaining["mask_strategy"] = [
+                replace(s, loop=loops - 1) if s.target_start % z.shape[2] == z.shape[2] - 1 else s
+                for s in chaining["mask_strategy"]
+            ]
     elif cond_type == "frame_index":  # one frame of the first chunk
         chaining["placements"] = [(0, 0, index[0])]
     else:

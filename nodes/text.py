@@ -9,6 +9,7 @@ import comfy.model_management
 import torch
 
 from ..opensora_lib import prompts
+from ..opensora_lib.conditioning_v1 import MAX_LOOPS
 from .common import CATEGORY
 
 log = logging.getLogger("OpenSora")
@@ -79,9 +80,11 @@ def text_conditioning(encoder: TextEncoder, text: str) -> list:
     return [[y[:, 0], {"attention_mask": mask, "opensora_version": encoder.version, "opensora_text": text}]]
 
 
-def loop_texts(encoder: TextEncoder, texts: list[str]) -> list[dict]:
-    """The T5 states of 1.x loops 1, 2, ... (the official "|k|" prompt segments), each text encoded once."""
-    encoded: dict[str, dict] = {}
+def loop_texts(encoder: TextEncoder, texts: list[str], first: list) -> list[dict]:
+    """The T5 states of 1.x loops 0, 1, ... (the official "|k|" prompt segments), each text encoded once; loop 0 is
+    the CONDITIONING entry `first` itself (the Sampler checks that nothing changed it since)."""
+    cond, meta = first
+    encoded = {texts[0]: {"cond": cond, "attention_mask": meta["attention_mask"], "opensora_text": texts[0]}}
     for text in texts:
         if text not in encoded:
             y, mask = encoder.encoders.encode_t5([text])
@@ -194,13 +197,17 @@ class OpenSoraEncodePrompt:
             aes=None if aesthetic_score < 0 else aesthetic_score,
             flow=None if motion_score < 0 else motion_score,
             camera_motion=None if camera_motion == "none" else camera_motion,
-            loops=prompts.loop_count_v1(prompt),
+            loops=min(prompts.loop_count_v1(prompt), MAX_LOOPS),
         )
         for unused in prompts.unused_prompt_parts_v1(prompt):
             log.warning("OpenSora: Encode Prompt does not use %s", unused)
         positive = text_conditioning(text_encoder, texts[0])
         if len(texts) > 1:
-            positive[0][1]["opensora_loop_texts"] = loop_texts(text_encoder, texts[1:])
+            positive[0][1]["opensora_loop_texts"] = loop_texts(text_encoder, texts, positive[0])
+            if prompts.loop_count_v1(prompt) > MAX_LOOPS:
+                log.warning(
+                    "OpenSora: Encode Prompt encodes loop segments up to loop %d (the Sampler's most)", MAX_LOOPS - 1
+                )
             log.info(
                 "OpenSora: Encode Prompt encoded the prompt's |k| loop segments for the Open-Sora Sampler's loops "
                 "(loop %d on uses the last); one video, the Guider and KSampler use loop 0's text %r",

@@ -32,6 +32,8 @@ MASK_STRATEGY_FORMAT = "loop,ref_id,ref_start,target_start,length,edit_ratio"
 MASK_STRATEGY_FIELDS = ("loop", "ref_id", "ref_start", "target_start", "length", "edit_ratio")
 COND_TYPES = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head")
 CONDITION_FRAME_LENGTH = 5
+MAX_LOOPS = 32  # chunks of one long video the nodes offer
+LATENT_WINDOW = 5  # the 1.x VAEs code each 17-frame window as 5 latent frames
 V12_ALIGN = 5  # configs/opensora-v1-2/inference/sample.py `align = 5`: reference targets snap to multiples of 5
 
 
@@ -327,7 +329,23 @@ def check_condition_frame_length(condition_frame_length: int, frames: int) -> No
     if not 1 <= condition_frame_length < frames:
         raise ValueError(
             f"condition_frame_length must be between 1 and {frames - 1} (the chunk has {frames} latent frames), "
-            f"got {condition_frame_length}"
+            f"got {condition_frame_length}: a longer video continues from fewer frames than it has"
+            if frames > 1
+            else "loops continue a video: this latent is one latent frame (an image); make a video latent"
+        )
+
+
+def check_latent_windows(frames: int, condition_frame_length: int) -> None:
+    """Chunks joined in latent space decode right only when every chunk starts on a VAE window (LATENT_WINDOW latent
+    frames per 17-frame window, whose first latent frame is coded differently): so the chunk length and the frames
+    it continues from are multiples of it. (The official 1.3 script accepts any length and misplaces the windows;
+    the official 1.2 joins decoded frames and asserts a multiple of 5.)"""
+    if frames % LATENT_WINDOW or condition_frame_length % LATENT_WINDOW:
+        raise ValueError(
+            f"loops join chunks in latent space, where the 1.x VAE codes each 17-frame window as {LATENT_WINDOW} latent "
+            f"frames: condition_frame_length must be a multiple of {LATENT_WINDOW} (official 5), got "
+            f"{condition_frame_length}, and the latent's length too, got {frames} latent frames (1.2: num_frames a "
+            "multiple of 17, e.g. 51 or 102; 1.3 always is)"
         )
 
 

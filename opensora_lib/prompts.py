@@ -185,13 +185,19 @@ def split_loop_segments(text: str) -> list[tuple[int, str]] | None:
     return segments
 
 
+def _segment_spans(starts: list[int]) -> list[int]:
+    """How many consecutive loops each segment but the last owns, in order (official extract_prompts_loop: segment i
+    covers starts[i] .. starts[i + 1] - 1, nothing when the next marker is not higher); the last owns the rest."""
+    return [max(end - start, 0) for start, end in zip(starts, starts[1:])]
+
+
 def _loop_segment_index(starts: list[int], loop: int) -> int:
     """Which segment loop `loop` uses (official extract_prompts_loop, including unordered markers)."""
-    owners: list[int] = []
-    for index, start in enumerate(starts):
-        end = starts[index + 1] if index + 1 < len(starts) else loop + 1
-        owners.extend([index] * max(end - start, 0))
-    return owners[loop]
+    for index, span in enumerate(_segment_spans(starts)):
+        if loop < span:
+            return index
+        loop -= span
+    return len(starts) - 1
 
 
 def _score_word(value: Any, words: tuple[str, ...], limits: tuple[float, ...], what: str) -> str:
@@ -296,8 +302,8 @@ def unused_prompt_parts_v1(prompt: str) -> list[str]:
         unused.append(f"the prompt's JSON object ({', '.join(extra)}): connect Open-Sora Encode Reference instead")
     loops = split_loop_segments(text)
     if loops and len(loops) > 1:
-        starts = [start for start, _segment in loops]
-        used = {_loop_segment_index(starts, loop) for loop in range(loop_count_v1(prompt))}
+        spans = _segment_spans([start for start, _segment in loops])
+        used = {index for index, span in enumerate(spans) if span} | {len(loops) - 1}
         others = [f"|{start}| {segment!r}" for k, (start, segment) in enumerate(loops) if k not in used]
         if others:
             unused.append(f"the loop segment(s) {', '.join(others)}: no loop uses them (a later marker takes over)")
@@ -320,8 +326,7 @@ def loop_count_v1(prompt: str) -> int:
     loops = split_loop_segments(text)
     if not loops:
         return 1
-    starts = [start for start, _segment in loops]
-    return sum(max(end - start, 0) for start, end in zip(starts, starts[1:])) + 1
+    return sum(_segment_spans([start for start, _segment in loops])) + 1
 
 
 def prompt_loops_v1(prompt: str, version: str, aes=None, flow=None, camera_motion=None, loops: int = 1) -> list[str]:

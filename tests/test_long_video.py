@@ -38,6 +38,8 @@ def probe(out_path: str, models_dir: str) -> None:
     from helpers_conditioning import random_conditioning
     from opensora_pack.nodes import latent, loaders, sampling
 
+    import nodes as core_nodes
+
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     for kind in ("diffusion_models", "vae"):
@@ -74,7 +76,11 @@ def probe(out_path: str, models_dir: str) -> None:
     config = model.model.diffusion_model.config
     positive, negative = random_conditioning("1.3", config)
     loop_text = torch.randn(positive[0][0].shape, generator=torch.Generator().manual_seed(11))
-    positive[0][1]["opensora_loop_texts"] = [{"cond": loop_text, "attention_mask": positive[0][1]["attention_mask"]}]
+    mask = positive[0][1]["attention_mask"]  # Encode Prompt's layout: loop 0 is the entry's own tensor
+    positive[0][1]["opensora_loop_texts"] = [
+        {"cond": positive[0][0], "attention_mask": mask},
+        {"cond": loop_text, "attention_mask": mask},
+    ]
     (empty,) = latent.OpenSoraEmptyLatentVideo().generate("1.3", "144p", "9:16", 33)
     calls = recorded(model)
     single = run(model, positive, negative, empty)["samples"]
@@ -91,10 +97,22 @@ def probe(out_path: str, models_dir: str) -> None:
         too_long = str(e)
     hooked = [[positive[0][0], {**positive[0][1], "hooks": comfy.hooks.HookGroup()}]]
     hooks_refused = error_of(lambda: run(model, hooked, negative, empty, loops=2))
-    too_many = error_of(lambda: sampling.joined_length({"version": "1.3"}, 35, 40, 5))
-    with pack_warnings() as cut_warnings:
-        cut = sampling.joined_length({"version": "1.3"}, 10, 2, 3)  # 17 latent frames: 15 decode
-    results["lengths"] = {"too_many": too_many, "cut": list(cut), "cut_warnings": cut_warnings}
+    results["lengths"] = {
+        "too_many": error_of(lambda: sampling.looped_num_frames({"version": "1.3"}, 35, 40, 5)),
+        "off_window": error_of(lambda: run(model, positive, negative, empty, loops=2, condition_frame_length=3)),
+        "image": error_of(lambda: sampling.looped_num_frames({"version": "1.3"}, 1, 2, 5)),
+        "v12_off_window": error_of(lambda: sampling.looped_num_frames({"version": "1.2"}, 9, 2, 5)),  # 33 frames
+        "v12_frames": sampling.looped_num_frames({"version": "1.2"}, 15, 3, 5),  # 51 frames, 3 loops
+    }
+    # a core node changed the conditioning after Encode Prompt: its loop texts no longer apply
+    (zeroed,) = core_nodes.ConditioningZeroOut().zero_out(positive)
+    calls.clear()
+    with pack_warnings() as stale_warnings:
+        run(model, zeroed, negative, empty, loops=2)
+    results["stale"] = {
+        "chunk1_zero": float(calls[len(calls) // 2]["context"][0].abs().max()),
+        "warnings": stale_warnings,
+    }
     results["t2v"] = {
         "latent_frames": [single.shape[2], looped["samples"].shape[2]],
         "chunk0_is_single": bool(torch.equal(looped["samples"][:, :, :10], single)),
@@ -138,7 +156,12 @@ def probe(out_path: str, models_dir: str) -> None:
     out = run(model, positive, negative, lat, loops=2)
     first, second = calls[: len(calls) // 2], calls[len(calls) // 2 :]
     (frames,) = latent.OpenSoraDecode().decode(vae, out)
+    (tail,) = latent.OpenSoraEncodeReference().encode(images[:1], empty, "i2v_tail", vae=vae, seed=3)
+    calls.clear()
+    run(model, positive, negative, tail, loops=2)
+    tail_chunks = calls[: len(calls) // 2], calls[len(calls) // 2 :]
     results["v12"] = {
+        "tail_kept": [false_frames(chunk[0]["x_mask"]) for chunk in tail_chunks],
         "latent_frames": out["samples"].shape[2],
         "kept": [false_frames(first[0]["x_mask"]), false_frames(second[0]["x_mask"])],
         "reference_kept": bool(torch.equal(out["samples"][:, :, 0], lat["opensora_reference"]["latent"][:, :, 0])),
@@ -212,8 +235,20 @@ def test_1_2_loops_keep_the_reference_and_the_chained_frames(measured):
     assert values["reference_kept"] and values["chunk1_starts_from_chunk0"], values
 
 
-def test_joined_lengths_no_video_has_are_refused_and_1_3_keeps_multiples_of_5(measured):
+def test_lengths_that_would_not_decode_right_or_no_video_has_are_refused(measured):
     lengths = measured["lengths"]
     assert "make 1205 latent frames, longer than any Open-Sora 1.3 video (at most 801 frames)" in lengths["too_many"]
-    assert lengths["cut"] == [15, 49], lengths
-    assert any("the last 2 are dropped" in m for m in lengths["cut_warnings"]), lengths
+    assert "condition_frame_length must be a multiple of 5 (official 5), got 3" in lengths["off_window"], lengths
+    assert "got 9 latent frames (1.2: num_frames a multiple of 17" in lengths["v12_off_window"], lengths
+    assert "this latent is one latent frame (an image)" in lengths["image"], lengths
+    assert lengths["v12_frames"] == 119, lengths  # 15 + 10 + 10 latent frames: 7 windows of 17 frames
+
+
+def test_loop_texts_a_core_node_made_stale_are_not_used(measured):
+    stale = measured["stale"]
+    assert stale["chunk1_zero"] == 0.0, stale  # chunk 1 reads the zeroed conditioning, not its old loop text
+    assert any("changed after Encode Prompt" in m for m in stale["warnings"]), stale
+
+
+def test_1_2_end_frames_go_to_the_last_chunk(measured):
+    assert measured["v12"]["tail_kept"] == [[], [0, 1, 2, 3, 4, 10]], measured["v12"]  # official align 5: 14 -> 10

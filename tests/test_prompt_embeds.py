@@ -34,6 +34,19 @@ def _conditionings() -> dict:
             [torch.randn(1, 300, 48, generator=gen), {"attention_mask": mask, "opensora_version": "1.3", "fps": 24}]
         ],
         "1.3 null": [[torch.zeros(1, 1, 1), {"opensora_null_caption": True, "opensora_version": "1.3"}]],
+        "1.3 loop texts": [  # Encode Prompt's "|k|" segments: loop 0 is the entry's own tensor
+            [
+                first := torch.randn(1, 300, 48, generator=gen),
+                {
+                    "attention_mask": mask,
+                    "opensora_version": "1.3",
+                    "opensora_loop_texts": [
+                        {"cond": first, "attention_mask": mask, "opensora_text": "a fox"},
+                        {"cond": torch.randn(1, 300, 48, generator=gen), "attention_mask": mask, "opensora_text": "b"},
+                    ],
+                },
+            ]
+        ],
         "shared tensors": [  # core's ConditioningSetTimestepRange + Combine keep one tensor in both entries
             [shared := torch.randn(1, 4, 8, generator=gen), {"start_percent": 0.0, "end_percent": 0.5}],
             [shared, {"start_percent": 0.5, "end_percent": 1.0, "cond": shared[:, :2]}],
@@ -45,20 +58,15 @@ def _conditionings() -> dict:
     }
 
 
-def _same(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    for (cond_a, extras_a), (cond_b, extras_b) in zip(a, b):
-        if cond_a.dtype != cond_b.dtype or not torch.equal(cond_a, cond_b) or sorted(extras_a) != sorted(extras_b):
-            return False
-        for key, value in extras_a.items():
-            other = extras_b[key]
-            if torch.is_tensor(value):
-                if value.dtype != other.dtype or not torch.equal(value, other):
-                    return False
-            elif json.dumps(value) != json.dumps(other):  # tuples come back as lists
-                return False
-    return True
+def _same(a, b) -> bool:
+    """Equal conditioning (or value): tensors with their dtype, tuples as the lists they come back as."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and sorted(a) == sorted(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b and type(a) is type(b)
 
 
 def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, many checks)
@@ -111,7 +119,12 @@ def probe(out_path: str, work_dir: str) -> None:  # noqa: C901 (one subprocess, 
     save_file({"0.cond": torch.zeros(1)}, str(folder / "no_entries.safetensors"), metadata=no_entries)
     metadata = {"format": embeds.FORMAT, "format_version": "1", "entries": "[]"}
     save_file({"0.cond": torch.zeros(1)}, str(folder / "empty_entries.safetensors"), metadata=metadata)
-    damaged_entries = {"key": [{"x": 1}], "int": [1], "values": [{"tensors": [], "values": [1]}]}
+    damaged_entries = {
+        "key": [{"x": 1}],
+        "int": [1],
+        "values": [{"tensors": [], "values": [1]}],
+        "nested": [{"tensors": [], "values": {"loops": [{"__tensor__": "0.nested.0"}]}}],
+    }
     for name, entries in damaged_entries.items():
         metadata = {"format": embeds.FORMAT, "format_version": "1", "entries": json.dumps(entries)}
         save_file({"0.cond": torch.zeros(1)}, str(folder / f"entries_{name}.safetensors"), metadata=metadata)
@@ -167,6 +180,7 @@ def test_bad_input_gets_specific_errors(measured):
     for name in ("key", "int", "values"):  # before: a bare KeyError / TypeError (audit 23)
         error = errors[f"entries_{name}"]
         assert error.startswith("ValueError") and "is damaged: conditioning entry 0" in error, error
+    assert "is damaged: tensor '0.nested.0' listed in its metadata is missing" in errors["entries_nested"]
 
 
 def test_workflow_from_saved_prompts_gives_the_same_video(comfy_server):

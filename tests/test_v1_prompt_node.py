@@ -52,8 +52,9 @@ def probe(out_path: str, models_dir: str) -> None:
         "loop_same": bool(torch.equal(plain, looped)),
         "loop_warnings": loop_warnings,
         "loop_texts": [entry["opensora_text"] for entry in loop_texts],
-        "loop_1_alone": bool(torch.equal(loop_texts[0]["cond"], cat)),
-        "loop_3_is_loop_0": bool(torch.equal(loop_texts[2]["cond"], plain)),
+        "loop_0_is_the_entry": loop_texts[0]["cond"] is looped,
+        "loop_1_alone": bool(torch.equal(loop_texts[1]["cond"], cat)),
+        "loop_3_is_loop_0": bool(torch.equal(loop_texts[3]["cond"], plain)),
         "cjk_same": bool(torch.equal(plain, cjk)),
         "cjk_warnings": cjk_warnings,
         "url_error": url_error,
@@ -114,8 +115,9 @@ def test_the_prompt_json_is_named_as_unused_and_the_text_encodes_as_without_it(m
 def test_loop_segments_are_encoded_for_the_samplers_loops(measured):
     assert measured["loop_same"], "one video is the official loop 0: its segment's text"
     score = " the aesthetic score is excellent."  # the node's default score words, on every loop's text
-    assert measured["loop_texts"] == [t + score for t in ("a cat on a roof", "a cat on a roof", "a fox in snow")]
-    assert measured["loop_1_alone"] and measured["loop_3_is_loop_0"], measured
+    loops = ("a fox in snow", "a cat on a roof", "a cat on a roof", "a fox in snow")
+    assert measured["loop_texts"] == [t + score for t in loops]
+    assert measured["loop_0_is_the_entry"] and measured["loop_1_alone"] and measured["loop_3_is_loop_0"], measured
     assert measured["loop_warnings"] == [], measured  # every segment is used by some loop
 
 
