@@ -336,12 +336,13 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
           const nodes = app.graph.nodes ?? app.graph._nodes;
           const opensora = nodes.filter((n) => n.type === {json.dumps(NODE_TYPE)})
             .map((n) => window.__opensoraCheck.read(n));
-          app.canvas.draw(true, true);  // Encode Prompt greys its inputs while drawn
-          const greyed = nodes.filter((n) => n.type === "OpenSoraEncodePrompt")
+          app.canvas.draw(true, true);  // Encode Prompt and the Sampler grey their inputs while drawn
+          const greyedOf = (type) => nodes.filter((n) => n.type === type)
             .map((n) => n.widgets.filter((w) => w.disabled).map((w) => w.name));
+          const greyed = greyedOf("OpenSoraEncodePrompt"), samplerGreyed = greyedOf("OpenSoraSampler");
           const prompt = (await app.graphToPrompt()).output;
           return {{ missing: window.__opensoraCheck.missing.map((m) => (typeof m === "string" ? m : m.type)),
-                    unregistered, dialogs, count: nodes.length, opensora, prompt, greyed }};
+                    unregistered, dialogs, count: nodes.length, opensora, prompt, greyed, samplerGreyed }};
         }})()"""
     )
     problems = prompt_mismatches(result["prompt"], path.parent / "api" / path.name)
@@ -365,6 +366,7 @@ async def _check_workflow(browser: Chromium, path: Path) -> dict:
         "opensora_nodes": result["opensora"],
         "dialogs": result["dialogs"],
         "greyed": result["greyed"],
+        "sampler_greyed": result["samplerGreyed"],
     }
 
 

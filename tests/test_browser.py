@@ -90,6 +90,16 @@ def test_frontend_shows_live_derived_values_and_warnings(comfy_server):
             else ["aesthetic_score", "motion_score", "camera_motion"]
         )
         assert workflow["greyed"] == [ignored], workflow
+    # The Sampler greys out what its latent's version ignores (through Encode Reference too).
+    sampler_ignores = {
+        "opensora12": {"image_cfg", "oscillation", "image_oscillation", "scale_image_weight", "sdedit", "flaw_fix",
+                       "guidance_passes"},
+        "opensora13": {"guidance_passes"},
+        "opensora20": {"sdedit", "flaw_fix", "loops", "condition_frame_length", "condition_frame_edit"},
+    }  # fmt: skip
+    for workflow in report["workflows"]:
+        (greyed,) = workflow["sampler_greyed"]
+        assert set(greyed) == sampler_ignores[workflow["workflow"][:10]], workflow
 
     # The frontend's missing-models dialog (1.32.9; later frontends list them in a side panel instead) offers each
     # single file a workflow loads, from its node properties.models; the server has none of the official files.

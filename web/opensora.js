@@ -8,7 +8,8 @@
 // Also:
 // - "Open-Sora Save Prompt Embeds" shows the file it saved and lists it on the graph's Load Prompt Embeds nodes;
 // - "Open-Sora Encode Prompt" greys out the inputs the linked text encoder's version ignores (1.x: aesthetic /
-//   motion score, camera motion; 2.0: motion_score_v2, fps);
+//   motion score, camera motion; 2.0: motion_score_v2, fps), and "Open-Sora Sampler" the inputs its latent's version
+//   ignores (SAMPLER_IGNORES);
 // - a new "Open-Sora Encode Reference" starts with its seed's "control after generate" on "fixed". The frontend adds
 //   that control to every INT named seed, on "randomize"; here the seed is the 1.x VAE posterior sample's, so
 //   randomizing it changed an image-to-video result on every Run with the Sampler's seed fixed.
@@ -26,6 +27,15 @@ const SAVED_PREFIX = "saved opensora_prompts/"; // Save Prompt Embeds' ui.text, 
 // Encode Prompt's inputs that only one generation reads (the other ignores them): greyed out for the other one,
 // when the text encoder's version is known from a linked Load Open-Sora Text Encoder.
 const PROMPT_INPUTS_OF = { "1.x": ["aesthetic_score", "motion_score", "camera_motion"], "2.0": ["motion_score_v2", "fps"] };
+// The Open-Sora Sampler's inputs each version ignores, greyed out when the linked latent's version is known (from its
+// Empty Latent Video, also through Encode Reference).
+const SAMPLER_NODE_TYPE = "OpenSoraSampler";
+const LOOP_INPUTS = ["loops", "condition_frame_length", "condition_frame_edit"];
+const SAMPLER_IGNORES = {
+  "1.2": ["image_cfg", "oscillation", "image_oscillation", "scale_image_weight", "sdedit", "flaw_fix", "guidance_passes"],
+  "1.3": ["guidance_passes"],
+  "2.0": ["sdedit", "flaw_fix", ...LOOP_INPUTS],
+};
 const RULES_ROUTE = "/opensora/size_rules";
 const INFO_WIDGET = "opensora_info";
 const INPUT_NAMES = ["version", "resolution", "aspect_ratio", "num_frames", "batch_size", "width", "height", "fps"];
@@ -351,18 +361,37 @@ function encoderVersion(node) {
   return source?.type === "OpenSoraLoadTextEncoder" ? widgetNamed(source, "version")?.value : undefined;
 }
 
-function greyOutOtherVersion(node) {
-  const version = encoderVersion(node);
-  const ignored = version === undefined ? [] : PROMPT_INPUTS_OF[String(version).startsWith("2.0") ? "1.x" : "2.0"];
+/** The version of the Empty Latent Video behind a node's latent input, also through Encode Reference. */
+function latentVersion(node, depth = 0) {
+  const index = node.inputs?.findIndex((input) => input.name === "latent") ?? -1;
+  const source = index >= 0 && node.inputs[index].link != null ? node.getInputNode?.(index) : null;
+  if (source?.type === NODE_TYPE) return widgetNamed(source, "version")?.value;
+  return source?.type === REFERENCE_NODE_TYPE && depth < 8 ? latentVersion(source, depth + 1) : undefined;
+}
+
+/** Grey out the widgets among `managed` that `ignored` names (drawn greyed; still saved and queued). */
+function greyOut(node, managed, ignored) {
   let changed = false;
   for (const widget of node.widgets ?? []) {
     const disabled = ignored.includes(widget.name);
-    if (Object.values(PROMPT_INPUTS_OF).flat().includes(widget.name) && !!widget.disabled !== disabled) {
-      widget.disabled = disabled; // drawn greyed; its value is still saved and queued (the node ignores it)
+    if (managed.includes(widget.name) && !!widget.disabled !== disabled) {
+      widget.disabled = disabled;
       changed = true;
     }
   }
   if (changed) node.setDirtyCanvas?.(true, true);
+}
+
+function greyOutOtherVersion(node) {
+  const version = encoderVersion(node);
+  const ignored = version === undefined ? [] : PROMPT_INPUTS_OF[String(version).startsWith("2.0") ? "1.x" : "2.0"];
+  greyOut(node, Object.values(PROMPT_INPUTS_OF).flat(), ignored);
+}
+
+function greyOutSamplerInputs(node) {
+  const version = latentVersion(node);
+  const key = version === undefined ? null : String(version).startsWith("2.0") ? "2.0" : String(version);
+  greyOut(node, Object.values(SAMPLER_IGNORES).flat(), SAMPLER_IGNORES[key] ?? []);
 }
 
 function drawInvalidOutline(node, ctx) {
@@ -405,6 +434,11 @@ export const extension = {
       // on every draw: the encoder's version widget or the link can change without telling this node
       chain(nodeType.prototype, "onDrawForeground", function () {
         greyOutOtherVersion(this);
+      });
+    }
+    if (nodeData?.name === SAMPLER_NODE_TYPE) {
+      chain(nodeType.prototype, "onDrawForeground", function () {
+        greyOutSamplerInputs(this);
       });
     }
     if (nodeData?.name === SAVE_EMBEDS_NODE_TYPE) {
