@@ -286,7 +286,7 @@ def to_ui(prompt: dict, object_info: dict) -> dict:
             {
                 "id": int(node_id),
                 "type": node["class_type"],
-                "pos": [40 + 330 * (position % columns), 60 + 460 * (position // columns)],
+                "pos": [40 + 330 * (position % columns), 60 + 520 * (position // columns)],
                 "size": [300, 200],
                 "flags": {},
                 "order": position,
