@@ -32,7 +32,7 @@ from .sampling_common import (
     bool_input,
     check_versions,
 )
-from .sampling_v1 import dit_caller, sigmas_v1, v1_chaining, v1_options, v1_sample_sigmas, v1_text
+from .sampling_v1 import dit_caller, sigmas_v1, v1_chaining, v1_options, v1_sample_sigmas, v1_texts
 from .sampling_v2 import sample_v2_node, sigmas_v2
 
 log = logging.getLogger("OpenSora")
@@ -192,9 +192,6 @@ def sample_v1_node(
     samples = latent["samples"]
     if loops > 1:  # chunks that would not decode right, or a length no video has, are refused before sampling
         num_frames = looped_num_frames(info, samples.shape[2], loops, condition_frame_length)
-    segments = len(positive[0][1].get("opensora_loop_texts") or []) if positive else 0
-    if segments > loops:
-        log.info("OpenSora: the prompt has texts for %d loops; the Sampler runs %d (the rest unused)", segments, loops)
     # cond, uncond (, image uncond for a 1.3 reference) batched
     passes = rflow.max_passes(latent.get("opensora_reference") is not None and info["version"] == "1.3")
     device, dtype = load_for_sampling(model, samples.shape, passes)
@@ -214,7 +211,7 @@ def sample_v1_node(
     progress = Progress(steps * loops, previewer_for(model))
     out = sample_long_video(
         dit_caller(model, v1_sample_sigmas(info, rflow_options).to(device)),
-        [v1_text(model, positive, negative, device, dtype, loop) for loop in range(loops)],
+        v1_texts(model, positive, negative, device, dtype, loops),
         rflow_options,
         latent_shape=samples.shape,
         num_loops=loops,

@@ -41,23 +41,31 @@ def text_of(conditioning: list, what: str, version: str) -> tuple[torch.Tensor |
     return tensor, meta
 
 
-def v1_text(model, positive: list, negative: list, device, dtype, loop: int = 0) -> rflow.RFlowText:
-    """Positive T5 states + mask (of generation loop `loop`: Encode Prompt's "|k|" segments); negative prompt, or the
-    learned null caption (masked by the positive, Q1)."""
+def v1_texts(model, positive: list, negative: list, device, dtype, loops: int = 1) -> list[rflow.RFlowText]:
+    """One RFlowText per generation loop: the positive T5 states + mask of that loop (Encode Prompt's "|k|"
+    segments); the negative prompt, or the learned null caption (masked by the positive, Q1), for all of them."""
     version = model_version(model)
     y, meta = text_of(positive, "positive", version)
-    loop_texts = current_loop_texts(y, meta)
-    if loop > 0 and loop_texts:
-        entry = loop_texts[min(loop, len(loop_texts) - 1)]
-        y, meta = entry["cond"], entry
-        check_v1_text(y, meta["attention_mask"], f"The positive conditioning's loop {loop} text")
+    loop_texts = current_loop_texts(y, meta) or [{"cond": y, "attention_mask": meta["attention_mask"]}]
+    if len(loop_texts) > loops:
+        log.info(
+            "OpenSora: the prompt has texts for %d loops; the Sampler runs %d (the rest unused)", len(loop_texts), loops
+        )
     y_null = model.model.diffusion_model.null_caption().to(device, dtype)[None]
-    text = rflow.RFlowText(y=y.to(device, dtype)[:, None], mask=meta["attention_mask"].to(device), y_null=y_null)
     negative_y, negative_meta = text_of(negative, "negative", version)
-    if negative_y is not None:
-        text.negative_y = negative_y.to(device, dtype)[:, None]
-        text.negative_mask = negative_meta["attention_mask"].to(device)
-    return text
+    texts = []
+    for loop in range(loops):
+        entry = loop_texts[min(loop, len(loop_texts) - 1)]
+        if loop > 0:
+            check_v1_text(entry["cond"], entry["attention_mask"], f"The positive conditioning's loop {loop} text")
+        text = rflow.RFlowText(
+            y=entry["cond"].to(device, dtype)[:, None], mask=entry["attention_mask"].to(device), y_null=y_null
+        )
+        if negative_y is not None:
+            text.negative_y = negative_y.to(device, dtype)[:, None]
+            text.negative_mask = negative_meta["attention_mask"].to(device)
+        texts.append(text)
+    return texts
 
 
 def current_loop_texts(y: torch.Tensor, meta: dict) -> list[dict]:

@@ -191,20 +191,21 @@ class OpenSoraEncodePrompt:
                 text_encoder, prompts.prompt_text_v2(prompt, fps=fps, motion_score=motion_score_v2)
             )
             return (positive, text_conditioning(text_encoder, negative_prompt))
+        loop_count = prompts.loop_count_v1(prompt)
         texts = prompts.prompt_loops_v1(
             prompt,
             version,
             aes=None if aesthetic_score < 0 else aesthetic_score,
             flow=None if motion_score < 0 else motion_score,
             camera_motion=None if camera_motion == "none" else camera_motion,
-            loops=min(prompts.loop_count_v1(prompt), MAX_LOOPS),
+            loops=min(loop_count, MAX_LOOPS),
         )
         for unused in prompts.unused_prompt_parts_v1(prompt):
             log.warning("OpenSora: Encode Prompt does not use %s", unused)
         positive = text_conditioning(text_encoder, texts[0])
         if len(texts) > 1:
             positive[0][1]["opensora_loop_texts"] = loop_texts(text_encoder, texts, positive[0])
-            if prompts.loop_count_v1(prompt) > MAX_LOOPS:
+            if loop_count > MAX_LOOPS:
                 log.warning(
                     "OpenSora: Encode Prompt encodes loop segments up to loop %d (the Sampler's most)", MAX_LOOPS - 1
                 )
